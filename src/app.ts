@@ -1,0 +1,26 @@
+import { Hono } from "hono";
+import type { AppEnv } from "./http/env.js";
+import { requestContext } from "./http/middleware.js";
+import { errorHandler, problemResponse } from "./http/problems.js";
+import { apiKeyRoutes } from "./http/routes/api-keys.js";
+import { checkpointRoutes } from "./http/routes/checkpoints.js";
+import { serviceRoutes } from "./http/routes/service.js";
+import type { ServiceContext } from "./services/context.js";
+
+/** The HTTP API, composed from its dependencies; entry points only build those and serve it. */
+export function createApp(ctx: ServiceContext): Hono<AppEnv> {
+  const app = new Hono<AppEnv>();
+  app.use(requestContext(ctx.logger));
+  app.use(async (c, next) => {
+    c.set("ctx", ctx);
+    await next();
+  });
+  app.onError(errorHandler(ctx.logger));
+  app.notFound((c) =>
+    problemResponse(c, 404, "not-found", `no route for ${c.req.method} ${c.req.path}; see /openapi.yaml`),
+  );
+  serviceRoutes(app);
+  apiKeyRoutes(app);
+  checkpointRoutes(app);
+  return app;
+}

@@ -1,0 +1,128 @@
+import { z } from "zod";
+
+const booleanFlag = z
+  .enum(["true", "false", "1", "0"], { message: "must be true, false, 1 or 0" })
+  .transform((v) => v === "true" || v === "1");
+
+const byteCount = (fallback: number) =>
+  z.coerce
+    .number({ message: "must be a number of bytes" })
+    .int("must be a whole number of bytes")
+    .positive("must be positive")
+    .max(Number.MAX_SAFE_INTEGER)
+    .default(fallback);
+
+const emptyAsUndefined = (value: unknown) => (value === "" ? undefined : value);
+
+const schema = z.object({
+  PORT: z.coerce.number().int().min(0).max(65535).default(8080),
+  HOST: z.string().min(1).default("0.0.0.0"),
+  PAPA_DATA_DIR: z.string().min(1).default("./.papa"),
+  PAPA_API_KEY: z.preprocess(
+    emptyAsUndefined,
+    z.string().min(20, "must be at least 20 characters").max(200).optional(),
+  ),
+  DATABASE_URL: z.preprocess(
+    emptyAsUndefined,
+    z
+      .string()
+      .regex(/^postgres(ql)?:\/\//, "must be a postgres:// URL")
+      .optional(),
+  ),
+  S3_BUCKET: z.preprocess(emptyAsUndefined, z.string().min(3).optional()),
+  S3_REGION: z.string().min(1).default("us-east-1"),
+  S3_ENDPOINT: z.preprocess(emptyAsUndefined, z.url().optional()),
+  S3_ACCESS_KEY_ID: z.preprocess(emptyAsUndefined, z.string().optional()),
+  S3_SECRET_ACCESS_KEY: z.preprocess(emptyAsUndefined, z.string().optional()),
+  S3_FORCE_PATH_STYLE: z.preprocess(emptyAsUndefined, booleanFlag.optional()),
+  PAPA_MAX_UPLOAD_BYTES: byteCount(20 * 1024 ** 3),
+  PAPA_MAX_SAFETENSORS_HEADER_BYTES: byteCount(25_000_000),
+  PAPA_MAX_HTTP_HEADER_BYTES: byteCount(16 * 1024),
+  PAPA_PRESIGN_EXPIRES_SECONDS: z.coerce.number().int().min(1).max(604800).default(900),
+  PAPA_LOG_LEVEL: z.enum(["debug", "info", "warn", "error"]).default("info"),
+});
+
+export interface S3Config {
+  bucket: string;
+  region: string;
+  endpoint: string | undefined;
+  forcePathStyle: boolean;
+  credentials: { accessKeyId: string; secretAccessKey: string } | undefined;
+}
+
+export interface Limits {
+  /** Largest checkpoint upload, in bytes. */
+  maxUploadBytes: number;
+  /** Largest safetensors JSON header, in bytes. */
+  maxSafetensorsHeaderBytes: number;
+  /** Largest HTTP request head (request line plus headers), in bytes. */
+  maxHttpHeaderBytes: number;
+}
+
+export interface Config {
+  port: number;
+  host: string;
+  dataDir: string;
+  bootstrapApiKey: string | undefined;
+  databaseUrl: string | undefined;
+  s3: S3Config | undefined;
+  limits: Limits;
+  presignExpiresSeconds: number;
+  logLevel: "debug" | "info" | "warn" | "error";
+}
+
+export class ConfigError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "ConfigError";
+  }
+}
+
+/**
+ * Reads the configuration once, from the environment. Throws a `ConfigError` naming every bad
+ * variable. Absent `DATABASE_URL` means PGlite under the data dir; absent `S3_BUCKET` means the
+ * filesystem store under the data dir.
+ */
+export function loadConfig(env: Record<string, string | undefined> = process.env): Config {
+  const parsed = schema.safeParse(env);
+  if (!parsed.success) {
+    const problems = parsed.error.issues.map((issue) => `${issue.path.join(".")}: ${issue.message}`);
+    throw new ConfigError(`invalid configuration: ${problems.join("; ")}`);
+  }
+  const e = parsed.data;
+  const s3Settings = [e.S3_ENDPOINT, e.S3_ACCESS_KEY_ID, e.S3_SECRET_ACCESS_KEY, e.S3_FORCE_PATH_STYLE];
+  if (!e.S3_BUCKET && s3Settings.some((v) => v !== undefined)) {
+    throw new ConfigError("invalid configuration: S3_BUCKET: required when any other S3_* variable is set");
+  }
+  if ((e.S3_ACCESS_KEY_ID === undefined) !== (e.S3_SECRET_ACCESS_KEY === undefined)) {
+    throw new ConfigError(
+      "invalid configuration: S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY must be set together",
+    );
+  }
+  return {
+    port: e.PORT,
+    host: e.HOST,
+    dataDir: e.PAPA_DATA_DIR,
+    bootstrapApiKey: e.PAPA_API_KEY,
+    databaseUrl: e.DATABASE_URL,
+    s3: e.S3_BUCKET
+      ? {
+          bucket: e.S3_BUCKET,
+          region: e.S3_REGION,
+          endpoint: e.S3_ENDPOINT,
+          forcePathStyle: e.S3_FORCE_PATH_STYLE ?? false,
+          credentials:
+            e.S3_ACCESS_KEY_ID && e.S3_SECRET_ACCESS_KEY
+              ? { accessKeyId: e.S3_ACCESS_KEY_ID, secretAccessKey: e.S3_SECRET_ACCESS_KEY }
+              : undefined,
+        }
+      : undefined,
+    limits: {
+      maxUploadBytes: e.PAPA_MAX_UPLOAD_BYTES,
+      maxSafetensorsHeaderBytes: e.PAPA_MAX_SAFETENSORS_HEADER_BYTES,
+      maxHttpHeaderBytes: e.PAPA_MAX_HTTP_HEADER_BYTES,
+    },
+    presignExpiresSeconds: e.PAPA_PRESIGN_EXPIRES_SECONDS,
+    logLevel: e.PAPA_LOG_LEVEL,
+  };
+}

@@ -1,0 +1,55 @@
+import { mkdir } from "node:fs/promises";
+import { fileURLToPath } from "node:url";
+import { PGlite } from "@electric-sql/pglite";
+import { drizzle as drizzlePg } from "drizzle-orm/node-postgres";
+import { migrate as migratePg } from "drizzle-orm/node-postgres/migrator";
+import type { PgDatabase, PgQueryResultHKT } from "drizzle-orm/pg-core";
+import { drizzle as drizzlePglite } from "drizzle-orm/pglite";
+import { migrate as migratePglite } from "drizzle-orm/pglite/migrator";
+import pg from "pg";
+import * as schema from "./schema.js";
+
+export { schema };
+
+/** The one database type services use: node-postgres and PGlite both satisfy it. */
+export type Database = PgDatabase<PgQueryResultHKT, typeof schema>;
+/** A database or a transaction on it. */
+export type Executor = Parameters<Parameters<Database["transaction"]>[0]>[0] | Database;
+
+export interface DatabaseHandle {
+  db: Database;
+  kind: "postgres" | "pglite";
+  close(): Promise<void>;
+}
+
+const migrationsFolder = fileURLToPath(new URL("../../drizzle", import.meta.url));
+/** Serialises migrations when several processes start at once on one Postgres. */
+const MIGRATION_LOCK = 7_243_911;
+
+export type DatabaseTarget = { url: string } | { pgliteDir: string | null };
+
+/**
+ * Opens the database and applies pending migrations: node-postgres for a `postgres://` URL,
+ * PGlite otherwise (in `pgliteDir`, or in memory when it is null).
+ */
+export async function openDatabase(target: DatabaseTarget): Promise<DatabaseHandle> {
+  if ("url" in target) {
+    const pool = new pg.Pool({ connectionString: target.url, max: 10 });
+    const client = await pool.connect();
+    try {
+      await client.query("select pg_advisory_lock($1)", [MIGRATION_LOCK]);
+      await migratePg(drizzlePg({ client }), { migrationsFolder });
+    } finally {
+      await client.query("select pg_advisory_unlock($1)", [MIGRATION_LOCK]).catch(() => undefined);
+      client.release();
+    }
+    const db = drizzlePg({ client: pool, schema }) as unknown as Database;
+    return { db, kind: "postgres", close: () => pool.end() };
+  }
+  if (target.pgliteDir) await mkdir(target.pgliteDir, { recursive: true });
+  const client = new PGlite(target.pgliteDir ?? "memory://");
+  const pglite = drizzlePglite({ client, schema });
+  await migratePglite(pglite, { migrationsFolder });
+  const db = pglite as unknown as Database;
+  return { db, kind: "pglite", close: () => client.close() };
+}

@@ -1,0 +1,137 @@
+import { sql } from "drizzle-orm";
+import {
+  bigint,
+  doublePrecision,
+  index,
+  integer,
+  jsonb,
+  pgEnum,
+  pgTable,
+  primaryKey,
+  real,
+  text,
+  timestamp,
+  uniqueIndex,
+  uuid,
+} from "drizzle-orm/pg-core";
+
+const createdAt = () => timestamp("created_at", { withTimezone: true }).notNull().defaultNow();
+
+export const tenants = pgTable("tenants", {
+  id: uuid("id").primaryKey(),
+  name: text("name").notNull(),
+  createdAt: createdAt(),
+});
+
+/** Only the sha256 of each key is stored; the key itself is shown once, at creation. */
+export const apiKeys = pgTable(
+  "api_keys",
+  {
+    id: uuid("id").primaryKey(),
+    tenantId: uuid("tenant_id")
+      .notNull()
+      .references(() => tenants.id),
+    name: text("name"),
+    prefix: text("prefix").notNull(),
+    keyHash: text("key_hash").notNull(),
+    createdAt: createdAt(),
+    revokedAt: timestamp("revoked_at", { withTimezone: true }),
+  },
+  (t) => [
+    uniqueIndex("api_keys_key_hash_idx").on(t.keyHash),
+    index("api_keys_tenant_idx").on(t.tenantId, t.id),
+  ],
+);
+
+export const jobKind = pgEnum("job_kind", ["merge", "train"]);
+export const jobStatus = pgEnum("job_status", ["queued", "running", "succeeded", "failed", "canceled"]);
+
+export const jobs = pgTable(
+  "jobs",
+  {
+    id: uuid("id").primaryKey(),
+    tenantId: uuid("tenant_id")
+      .notNull()
+      .references(() => tenants.id),
+    kind: jobKind("kind").notNull(),
+    status: jobStatus("status").notNull().default("queued"),
+    progress: real("progress").notNull().default(0),
+    params: jsonb("params").notNull(),
+    result: jsonb("result"),
+    problem: jsonb("problem"),
+    idempotencyKey: text("idempotency_key"),
+    createdAt: createdAt(),
+    startedAt: timestamp("started_at", { withTimezone: true }),
+    finishedAt: timestamp("finished_at", { withTimezone: true }),
+    updatedAt: timestamp("updated_at", { withTimezone: true }).notNull().defaultNow(),
+  },
+  (t) => [
+    uniqueIndex("jobs_idempotency_idx")
+      .on(t.tenantId, t.idempotencyKey)
+      .where(sql`${t.idempotencyKey} is not null`),
+    index("jobs_tenant_idx").on(t.tenantId, t.id),
+  ],
+);
+
+export const checkpoints = pgTable(
+  "checkpoints",
+  {
+    id: uuid("id").primaryKey(),
+    tenantId: uuid("tenant_id")
+      .notNull()
+      .references(() => tenants.id),
+    name: text("name").notNull(),
+    format: text("format").notNull().default("safetensors"),
+    sizeBytes: bigint("size_bytes", { mode: "number" }).notNull(),
+    sha256: text("sha256").notNull(),
+    tensorCount: integer("tensor_count").notNull(),
+    parameterCount: bigint("parameter_count", { mode: "number" }).notNull(),
+    dtypes: text("dtypes").array().notNull(),
+    metadata: jsonb("metadata").$type<Record<string, string>>(),
+    /** TF.js model topology, for models this service trained. */
+    topology: jsonb("topology"),
+    storageKey: text("storage_key").notNull(),
+    jobId: uuid("job_id").references(() => jobs.id),
+    createdAt: createdAt(),
+    deletedAt: timestamp("deleted_at", { withTimezone: true }),
+  },
+  (t) => [
+    index("checkpoints_tenant_idx").on(t.tenantId, t.id),
+    index("checkpoints_name_idx").on(t.tenantId, t.name),
+  ],
+);
+
+/** child = sum over parents of coefficient x parent, produced by `method` in `job`. */
+export const lineageEdges = pgTable(
+  "lineage_edges",
+  {
+    parentId: uuid("parent_id")
+      .notNull()
+      .references(() => checkpoints.id),
+    childId: uuid("child_id")
+      .notNull()
+      .references(() => checkpoints.id),
+    coefficient: doublePrecision("coefficient").notNull(),
+    method: text("method").notNull(),
+    jobId: uuid("job_id").references(() => jobs.id),
+    createdAt: createdAt(),
+  },
+  (t) => [primaryKey({ columns: [t.parentId, t.childId] }), index("lineage_child_idx").on(t.childId)],
+);
+
+export const metrics = pgTable(
+  "metrics",
+  {
+    id: uuid("id").primaryKey(),
+    checkpointId: uuid("checkpoint_id")
+      .notNull()
+      .references(() => checkpoints.id),
+    dataset: text("dataset").notNull(),
+    split: text("split").notNull(),
+    name: text("name").notNull(),
+    value: doublePrecision("value").notNull(),
+    jobId: uuid("job_id").references(() => jobs.id),
+    createdAt: createdAt(),
+  },
+  (t) => [index("metrics_checkpoint_idx").on(t.checkpointId)],
+);

@@ -1,0 +1,221 @@
+import { readFileSync } from "node:fs";
+import { Ajv2020, type ErrorObject, type ValidateFunction } from "ajv/dist/2020.js";
+import addFormatsPlugin from "ajv-formats";
+import type { Context, Hono, MiddlewareHandler } from "hono";
+import { parse } from "yaml";
+import type { operations } from "../generated/openapi.js";
+import { authenticate } from "./auth.js";
+import type { AppEnv } from "./env.js";
+import { HttpProblem, type RequestMismatch } from "./problems.js";
+
+/** openapi.yaml, the contract: routes, auth and request validation all derive from it. */
+const COMPONENTS_ID = "openapi.yaml";
+
+export const openApiText = readFileSync(new URL("../../openapi.yaml", import.meta.url), "utf8");
+
+interface Parameter {
+  name: string;
+  in: "path" | "query" | "header";
+  required?: boolean;
+  schema: object;
+}
+interface Operation {
+  operationId: string;
+  parameters?: Array<Parameter | { $ref: string }>;
+  requestBody?: { required?: boolean; content: Record<string, { schema?: object }> };
+  security?: unknown[];
+}
+interface Document {
+  components: { parameters: Record<string, Parameter>; schemas?: object };
+  paths: Record<string, Record<string, Operation> & { parameters?: Operation["parameters"] }>;
+  security?: unknown[];
+}
+
+// ajv-formats is CommonJS; under NodeNext its default export is the module object.
+const addFormats = addFormatsPlugin as unknown as typeof addFormatsPlugin.default;
+const document = parse(openApiText) as Document;
+const ajv = new Ajv2020({ allErrors: true, coerceTypes: true, useDefaults: true, strict: true });
+addFormats(ajv);
+ajv.addSchema(componentSchemas(document), COMPONENTS_ID);
+
+/**
+ * The document's component schemas as one JSON Schema (2020-12) with `$defs`, so Ajv can
+ * resolve `$ref`s; tests validate responses with the same schemas.
+ */
+export function componentSchemas(doc: { components: { schemas?: object } } = document): object {
+  return { $id: COMPONENTS_ID, $defs: absolute(doc.components.schemas ?? {}) };
+}
+
+const METHODS = ["get", "put", "post", "delete", "patch", "head", "options"] as const;
+
+export type OperationId = keyof operations;
+type Parameters<K extends OperationId> = operations[K]["parameters"];
+type JsonBody<K extends OperationId> = operations[K]["requestBody"] extends
+  | { content: { "application/json": infer B } }
+  | undefined
+  ? B | undefined
+  : undefined;
+
+/** A request after validation: coerced parameters with defaults applied, and the parsed JSON body. */
+export interface ValidRequest<K extends OperationId> {
+  path: Parameters<K>["path"];
+  query: Parameters<K>["query"];
+  body: JsonBody<K>;
+}
+
+interface CompiledOperation {
+  method: string;
+  honoPath: string;
+  public: boolean;
+  mediaTypes: string[];
+  bodyRequired: boolean;
+  path: ValidateFunction;
+  query: ValidateFunction;
+  header: ValidateFunction;
+  headerNames: string[];
+  json: ValidateFunction | null;
+}
+
+function resolveParameter(p: Parameter | { $ref: string }): Parameter {
+  if (!("$ref" in p)) return p;
+  const name = p.$ref.replace("#/components/parameters/", "");
+  const resolved = document.components.parameters[name];
+  if (!resolved) throw new Error(`openapi.yaml: unresolved ${p.$ref}`);
+  return resolved;
+}
+
+/** `$ref`s inside parameter schemas point into the component schemas registered with Ajv. */
+function absolute(schema: object): object {
+  return JSON.parse(
+    JSON.stringify(schema).replaceAll('"$ref":"#/components/schemas/', `"$ref":"${COMPONENTS_ID}#/$defs/`),
+  );
+}
+
+function compileParameters(
+  params: Parameter[],
+  location: Parameter["in"],
+  closed: boolean,
+): ValidateFunction {
+  const own = params.filter((p) => p.in === location);
+  const key = (p: Parameter) => (location === "header" ? p.name.toLowerCase() : p.name);
+  return ajv.compile({
+    type: "object",
+    properties: Object.fromEntries(own.map((p) => [key(p), absolute(p.schema)])),
+    required: own.filter((p) => p.required).map(key),
+    additionalProperties: !closed,
+  });
+}
+
+const compiled = new Map<string, CompiledOperation>();
+for (const [path, item] of Object.entries(document.paths)) {
+  for (const method of METHODS) {
+    const op = item[method];
+    if (!op) continue;
+    const params = [...(item.parameters ?? []), ...(op.parameters ?? [])].map(resolveParameter);
+    const content = op.requestBody?.content ?? {};
+    const jsonSchema = content["application/json"]?.schema;
+    compiled.set(op.operationId, {
+      method: method.toUpperCase(),
+      honoPath: path.replace(/\{([^}]+)\}/g, ":$1"),
+      public: (op.security ?? document.security ?? []).length === 0,
+      mediaTypes: Object.keys(content),
+      bodyRequired: op.requestBody?.required ?? false,
+      path: compileParameters(params, "path", true),
+      query: compileParameters(params, "query", true),
+      header: compileParameters(params, "header", false),
+      headerNames: params.filter((p) => p.in === "header").map((p) => p.name.toLowerCase()),
+      json: jsonSchema ? ajv.compile(absolute(jsonSchema)) : null,
+    });
+  }
+}
+
+function mismatches(
+  where: RequestMismatch["in"],
+  errors: ErrorObject[] | null | undefined,
+): RequestMismatch[] {
+  return (errors ?? []).map((e) => {
+    const name =
+      e.keyword === "required"
+        ? String(e.params.missingProperty)
+        : e.keyword === "additionalProperties"
+          ? String(e.params.additionalProperty)
+          : e.instancePath.split("/")[1];
+    const message =
+      e.keyword === "additionalProperties"
+        ? `unknown ${where} ${where === "body" ? "property" : "parameter"}`
+        : `${e.instancePath.split("/").slice(2).join(".") || ""} ${e.message ?? "is invalid"}`.trim();
+    return name === undefined ? { in: where, message } : { in: where, name, message };
+  });
+}
+
+function hasBody(c: Context): boolean {
+  const length = c.req.header("content-length");
+  return (length !== undefined && length !== "0") || c.req.header("transfer-encoding") !== undefined;
+}
+
+function validator(id: string, op: CompiledOperation): MiddlewareHandler<AppEnv> {
+  return async (c, next) => {
+    const errors: RequestMismatch[] = [];
+    const path = { ...c.req.param() };
+    if (!op.path(path)) errors.push(...mismatches("path", op.path.errors));
+    const query: Record<string, string | string[]> = {};
+    for (const [name, values] of Object.entries(c.req.queries()))
+      query[name] = values.length === 1 ? (values[0] ?? "") : values;
+    if (!op.query(query)) errors.push(...mismatches("query", op.query.errors));
+    const headers = Object.fromEntries(
+      op.headerNames.flatMap((h) => (c.req.header(h) === undefined ? [] : [[h, c.req.header(h)]])),
+    );
+    if (!op.header(headers)) errors.push(...mismatches("header", op.header.errors));
+
+    let body: unknown;
+    if (op.mediaTypes.length > 0 && (op.bodyRequired || hasBody(c))) {
+      const mediaType = (c.req.header("content-type") ?? "").split(";")[0]?.trim().toLowerCase() ?? "";
+      if (!op.mediaTypes.includes(mediaType)) {
+        throw new HttpProblem(
+          415,
+          "unsupported-media-type",
+          `${id} takes ${op.mediaTypes.join(" or ")}, not ${mediaType === "" ? "a body without Content-Type" : mediaType}`,
+        );
+      }
+      if (op.json && mediaType === "application/json") {
+        try {
+          body = await c.req.json();
+        } catch {
+          throw new HttpProblem(400, "invalid-request", "the request body is not valid JSON");
+        }
+        if (!op.json(body)) errors.push(...mismatches("body", op.json.errors));
+      }
+    }
+    if (errors.length > 0) {
+      throw new HttpProblem(
+        400,
+        "invalid-request",
+        `the request does not match ${id} in openapi.yaml`,
+        errors,
+      );
+    }
+    c.set("validated", { path, query, body });
+    await next();
+  };
+}
+
+/**
+ * Registers the handler of an operation of openapi.yaml: method and path come from the
+ * document, the request is validated against it, and the API key is required unless the
+ * operation declares `security: []`.
+ */
+export function operation<K extends OperationId>(
+  app: Hono<AppEnv>,
+  id: K,
+  handler: (c: Context<AppEnv>, request: ValidRequest<K>) => Response | Promise<Response>,
+): void {
+  const op = compiled.get(id);
+  if (!op) throw new Error(`openapi.yaml has no operation ${id}`);
+  const guard: MiddlewareHandler<AppEnv> = op.public ? (_c, next) => next() : authenticate;
+  app.on(op.method, op.honoPath, guard, validator(id, op), (c) =>
+    handler(c, c.get("validated") as ValidRequest<K>),
+  );
+}
+
+/** Every operation id in openapi.yaml. */
+export const operationIds = [...compiled.keys()];

@@ -1,0 +1,96 @@
+import { Readable } from "node:stream";
+import type { ReadableStream as WebReadableStream } from "node:stream/web";
+import type { Hono } from "hono";
+import {
+  assertCheckpointAvailable,
+  createCheckpoint,
+  deleteCheckpoint,
+  getCheckpoint,
+  listCheckpoints,
+  openCheckpointWeights,
+  presignCheckpointWeights,
+} from "../../services/checkpoints/checkpoints.js";
+import type { AppEnv } from "../env.js";
+import { operation } from "../openapi.js";
+import { checkpointBody } from "../presenters.js";
+import { resolveRange } from "../range.js";
+
+export function checkpointRoutes(app: Hono<AppEnv>): void {
+  operation(app, "createCheckpoint", async (c, req) => {
+    const length = c.req.header("content-length");
+    const raw = c.req.raw.body;
+    const checkpoint = await createCheckpoint({
+      ctx: c.get("ctx"),
+      principal: c.get("principal"),
+      input: {
+        name: req.query.name,
+        body: raw ? Readable.fromWeb(raw as WebReadableStream<Uint8Array>) : Readable.from([]),
+        declaredBytes: length === undefined ? undefined : Number(length),
+      },
+    });
+    c.header("Location", `/v1/checkpoints/${checkpoint.id}`);
+    return c.json(checkpointBody(checkpoint), 201);
+  });
+
+  operation(app, "listCheckpoints", async (c, req) => {
+    const page = await listCheckpoints({
+      ctx: c.get("ctx"),
+      principal: c.get("principal"),
+      input: { limit: req.query?.limit ?? 50, cursor: req.query?.cursor, name: req.query?.name },
+    });
+    return c.json({ items: page.items.map(checkpointBody), next_cursor: page.nextCursor });
+  });
+
+  operation(app, "getCheckpoint", async (c, req) => {
+    const checkpoint = await getCheckpoint({
+      ctx: c.get("ctx"),
+      principal: c.get("principal"),
+      input: req.path,
+    });
+    return c.json(checkpointBody(checkpoint));
+  });
+
+  operation(app, "deleteCheckpoint", async (c, req) => {
+    await deleteCheckpoint({ ctx: c.get("ctx"), principal: c.get("principal"), input: req.path });
+    return c.body(null, 204);
+  });
+
+  operation(app, "getCheckpointWeights", async (c, req) => {
+    const ctx = c.get("ctx");
+    const checkpoint = await getCheckpoint({ ctx, principal: c.get("principal"), input: req.path });
+    assertCheckpointAvailable(checkpoint);
+    const etag = `"${checkpoint.sha256}"`;
+    c.header("ETag", etag);
+    c.header("Cache-Control", "private, max-age=31536000, immutable");
+    if (req.query?.redirect) {
+      const url = await presignCheckpointWeights({ ctx, input: { checkpoint } });
+      if (url) return c.redirect(url, 302);
+    }
+    if (ifNoneMatch(c.req.header("if-none-match"), etag)) return c.body(null, 304);
+    const ifRange = c.req.header("if-range");
+    const range =
+      ifRange === undefined || ifRange === etag
+        ? resolveRange(c.req.header("range"), checkpoint.sizeBytes)
+        : null;
+    const stream = await openCheckpointWeights({ ctx, input: { checkpoint, range: range ?? undefined } });
+    c.header("Accept-Ranges", "bytes");
+    c.header("Content-Type", "application/octet-stream");
+    c.header(
+      "Content-Disposition",
+      `attachment; filename="${checkpoint.name.replace(/["\\]/g, "_")}.safetensors"`,
+    );
+    const body = Readable.toWeb(stream) as ReadableStream<Uint8Array>;
+    if (range) {
+      c.header("Content-Range", `bytes ${range.start}-${range.end - 1}/${checkpoint.sizeBytes}`);
+      c.header("Content-Length", String(range.end - range.start));
+      return c.body(body, 206);
+    }
+    c.header("Content-Length", String(checkpoint.sizeBytes));
+    return c.body(body, 200);
+  });
+}
+
+function ifNoneMatch(header: string | undefined, etag: string): boolean {
+  if (header === undefined) return false;
+  return header.trim() === "*" || header.split(",").some((tag) => tag.trim().replace(/^W\//, "") === etag);
+}

@@ -1,0 +1,14 @@
+import type { Hono } from "hono";
+import { checkReadiness } from "../../services/readiness.js";
+import type { AppEnv } from "../env.js";
+import { openApiText, operation } from "../openapi.js";
+
+export function serviceRoutes(app: Hono<AppEnv>): void {
+  operation(app, "getHealth", (c) => c.json({ status: "ok" as const }));
+
+  operation(app, "getReadiness", async (c) => c.json(await checkReadiness({ ctx: c.get("ctx") })));
+
+  operation(app, "getOpenApiDocument", (c) =>
+    c.body(openApiText, 200, { "Content-Type": "application/yaml; charset=utf-8" }),
+  );
+}

@@ -1,0 +1,44 @@
+import { join, resolve } from "node:path";
+import type { Config } from "./config.js";
+import { openDatabase } from "./db/client.js";
+import { createJsonLogger, type Logger } from "./logger.js";
+import type { ServiceContext } from "./services/context.js";
+import { FilesystemStore } from "./storage/fs-store.js";
+import type { ObjectStore } from "./storage/object-store.js";
+import { S3Store } from "./storage/s3-store.js";
+
+export interface Runtime {
+  ctx: ServiceContext;
+  close(): Promise<void>;
+}
+
+/**
+ * Builds the dependencies the configuration names: Postgres or PGlite (migrated), S3 or the
+ * filesystem store. Embedded defaults keep everything under the data dir.
+ */
+export async function openRuntime(
+  config: Config,
+  logger: Logger = createJsonLogger(config.logLevel),
+): Promise<Runtime> {
+  const dataDir = resolve(config.dataDir);
+  const database = await openDatabase(
+    config.databaseUrl ? { url: config.databaseUrl } : { pgliteDir: join(dataDir, "pglite") },
+  );
+  const s3 = config.s3 ? new S3Store(config.s3) : null;
+  const store: ObjectStore = s3 ?? new FilesystemStore(join(dataDir, "objects"));
+  const ctx: ServiceContext = {
+    db: database.db,
+    databaseKind: database.kind,
+    store,
+    limits: config.limits,
+    presignExpiresSeconds: config.presignExpiresSeconds,
+    logger,
+  };
+  return {
+    ctx,
+    close: async () => {
+      s3?.close();
+      await database.close();
+    },
+  };
+}

@@ -1,0 +1,297 @@
+import type { Readable } from "node:stream";
+import { pipeline } from "node:stream/promises";
+import { and, desc, eq, inArray, isNull, lt } from "drizzle-orm";
+import { schema } from "../../db/client.js";
+import { newId } from "../../ids.js";
+import type { ByteRange } from "../../storage/object-store.js";
+import { SafetensorsError, SafetensorsValidator } from "../../tensors/safetensors.js";
+import type { Principal, ServiceContext } from "../context.js";
+import { GoneError, InvalidInputError, NotFoundError, PayloadTooLargeError } from "../errors.js";
+
+export interface CheckpointParent {
+  checkpointId: string;
+  coefficient: number;
+  method: string;
+  jobId: string | null;
+}
+
+export interface Checkpoint {
+  id: string;
+  name: string;
+  format: string;
+  sizeBytes: number;
+  sha256: string;
+  tensorCount: number;
+  parameterCount: number;
+  dtypes: string[];
+  metadata: Record<string, string> | null;
+  hasTopology: boolean;
+  jobId: string | null;
+  parents: CheckpointParent[];
+  createdAt: Date;
+  deletedAt: Date | null;
+  /** Where the bytes are in the object store; never shown to clients. */
+  storageKey: string;
+}
+
+/** Object-store key of a checkpoint's bytes; derived from ids so a retried write lands in one place. */
+export function checkpointKey(tenantId: string, checkpointId: string): string {
+  return `tenants/${tenantId}/checkpoints/${checkpointId}.safetensors`;
+}
+
+type Row = typeof schema.checkpoints.$inferSelect;
+
+function toCheckpoint(row: Row, parents: CheckpointParent[]): Checkpoint {
+  return {
+    id: row.id,
+    name: row.name,
+    format: row.format,
+    sizeBytes: row.sizeBytes,
+    sha256: row.sha256,
+    tensorCount: row.tensorCount,
+    parameterCount: row.parameterCount,
+    dtypes: row.dtypes,
+    metadata: row.metadata ?? null,
+    hasTopology: row.topology !== null,
+    jobId: row.jobId,
+    parents,
+    createdAt: row.createdAt,
+    deletedAt: row.deletedAt,
+    storageKey: row.storageKey,
+  };
+}
+
+async function withParents(ctx: ServiceContext, rows: Row[]): Promise<Checkpoint[]> {
+  if (rows.length === 0) return [];
+  const edges = await ctx.db
+    .select()
+    .from(schema.lineageEdges)
+    .where(
+      inArray(
+        schema.lineageEdges.childId,
+        rows.map((r) => r.id),
+      ),
+    )
+    .orderBy(schema.lineageEdges.parentId);
+  return rows.map((row) =>
+    toCheckpoint(
+      row,
+      edges
+        .filter((e) => e.childId === row.id)
+        .map((e) => ({
+          checkpointId: e.parentId,
+          coefficient: e.coefficient,
+          method: e.method,
+          jobId: e.jobId,
+        })),
+    ),
+  );
+}
+
+/**
+ * Streams an upload into the object store while validating it as safetensors and hashing it,
+ * then registers it. Memory stays constant (the header plus a chunk). On any failure - invalid
+ * bytes, size limit, client gone, database error - nothing remains: no blob, no row.
+ */
+export async function createCheckpoint({
+  ctx,
+  principal,
+  input,
+}: {
+  ctx: ServiceContext;
+  principal: Principal;
+  input: { name: string; body: Readable; declaredBytes?: number | undefined };
+}): Promise<Checkpoint> {
+  const { maxUploadBytes, maxSafetensorsHeaderBytes } = ctx.limits;
+  if (input.declaredBytes !== undefined && input.declaredBytes > maxUploadBytes) {
+    input.body.destroy();
+    throw new PayloadTooLargeError(
+      `the upload is ${input.declaredBytes} bytes; the limit is ${maxUploadBytes} bytes`,
+      { limit_bytes: maxUploadBytes },
+    );
+  }
+  const id = newId();
+  const key = checkpointKey(principal.tenantId, id);
+  const validator = new SafetensorsValidator({
+    maxHeaderBytes: maxSafetensorsHeaderBytes,
+    maxBytes: maxUploadBytes,
+  });
+  const [piped, stored] = await Promise.allSettled([
+    pipeline(input.body, validator),
+    ctx.store.put(key, validator),
+  ]);
+  if (piped.status === "rejected" || stored.status === "rejected") {
+    const reason = piped.status === "rejected" ? piped.reason : (stored as PromiseRejectedResult).reason;
+    throw asUploadError(reason, ctx.limits.maxUploadBytes, maxSafetensorsHeaderBytes);
+  }
+  const summary = validator.summary();
+  try {
+    if (stored.value.sizeBytes !== summary.sizeBytes) {
+      throw new Error(`store holds ${stored.value.sizeBytes} bytes, ${summary.sizeBytes} were uploaded`);
+    }
+    const [row] = await ctx.db
+      .insert(schema.checkpoints)
+      .values({
+        id,
+        tenantId: principal.tenantId,
+        name: input.name,
+        sizeBytes: summary.sizeBytes,
+        sha256: summary.sha256,
+        tensorCount: summary.tensorCount,
+        parameterCount: summary.parameterCount,
+        dtypes: summary.dtypes,
+        metadata: summary.metadata,
+        storageKey: key,
+      })
+      .returning();
+    if (!row) throw new Error("checkpoint insert returned no row");
+    return toCheckpoint(row, []);
+  } catch (err) {
+    await ctx.store.delete(key);
+    throw err;
+  }
+}
+
+function asUploadError(reason: unknown, maxUploadBytes: number, maxHeaderBytes: number): unknown {
+  if (!(reason instanceof SafetensorsError)) return reason;
+  switch (reason.problem) {
+    case "too_large":
+      return new PayloadTooLargeError(reason.message, { limit_bytes: maxUploadBytes });
+    case "header_too_large":
+      return new PayloadTooLargeError(reason.message, { limit_bytes: maxHeaderBytes });
+    default:
+      return new InvalidInputError(`not a valid safetensors file: ${reason.message}`, {
+        safetensors_error: reason.problem,
+      });
+  }
+}
+
+export interface CheckpointPage {
+  items: Checkpoint[];
+  nextCursor: string | null;
+}
+
+/** Newest first; deleted checkpoints are left out. `cursor` is the previous page's `nextCursor`. */
+export async function listCheckpoints({
+  ctx,
+  principal,
+  input,
+}: {
+  ctx: ServiceContext;
+  principal: Principal;
+  input: { limit: number; cursor?: string | undefined; name?: string | undefined };
+}): Promise<CheckpointPage> {
+  const after = input.cursor === undefined ? undefined : decodeCursor(input.cursor);
+  const rows = await ctx.db
+    .select()
+    .from(schema.checkpoints)
+    .where(
+      and(
+        eq(schema.checkpoints.tenantId, principal.tenantId),
+        isNull(schema.checkpoints.deletedAt),
+        input.name === undefined ? undefined : eq(schema.checkpoints.name, input.name),
+        after === undefined ? undefined : lt(schema.checkpoints.id, after),
+      ),
+    )
+    .orderBy(desc(schema.checkpoints.id))
+    .limit(input.limit + 1);
+  const page = rows.slice(0, input.limit);
+  const last = page.at(-1);
+  return {
+    items: await withParents(ctx, page),
+    nextCursor: rows.length > input.limit && last ? Buffer.from(last.id).toString("base64url") : null,
+  };
+}
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+function decodeCursor(cursor: string): string {
+  const id = Buffer.from(cursor, "base64url").toString("utf8");
+  if (!UUID.test(id)) throw new InvalidInputError("cursor is not one this API returned");
+  return id;
+}
+
+/** A checkpoint of the caller's tenant, deleted ones included (their lineage stays meaningful). */
+export async function getCheckpoint({
+  ctx,
+  principal,
+  input,
+}: {
+  ctx: ServiceContext;
+  principal: Principal;
+  input: { id: string };
+}): Promise<Checkpoint> {
+  const rows = await ctx.db
+    .select()
+    .from(schema.checkpoints)
+    .where(and(eq(schema.checkpoints.id, input.id), eq(schema.checkpoints.tenantId, principal.tenantId)));
+  const [checkpoint] = await withParents(ctx, rows);
+  if (!checkpoint) throw new NotFoundError(`checkpoint ${input.id} not found`);
+  return checkpoint;
+}
+
+/**
+ * Removes a checkpoint's bytes and marks it deleted; its lineage edges and metrics stay.
+ * Deleting a deleted checkpoint is a no-op.
+ */
+export async function deleteCheckpoint({
+  ctx,
+  principal,
+  input,
+}: {
+  ctx: ServiceContext;
+  principal: Principal;
+  input: { id: string };
+}): Promise<void> {
+  const [marked] = await ctx.db
+    .update(schema.checkpoints)
+    .set({ deletedAt: new Date() })
+    .where(
+      and(
+        eq(schema.checkpoints.id, input.id),
+        eq(schema.checkpoints.tenantId, principal.tenantId),
+        isNull(schema.checkpoints.deletedAt),
+      ),
+    )
+    .returning({ storageKey: schema.checkpoints.storageKey });
+  if (marked) {
+    await ctx.store.delete(marked.storageKey);
+    return;
+  }
+  await getCheckpoint({ ctx, principal, input }); // 404 unless it exists and was already deleted
+}
+
+/** Throws `GoneError` for a deleted checkpoint: its record remains, its bytes do not. */
+export function assertCheckpointAvailable(checkpoint: Checkpoint): void {
+  if (checkpoint.deletedAt) {
+    throw new GoneError(`checkpoint ${checkpoint.id} was deleted at ${checkpoint.deletedAt.toISOString()}`);
+  }
+}
+
+/** Streams a checkpoint's bytes, or `range` of them (which the caller resolved against its size). */
+export async function openCheckpointWeights({
+  ctx,
+  input,
+}: {
+  ctx: ServiceContext;
+  input: { checkpoint: Checkpoint; range?: ByteRange | undefined };
+}): Promise<Readable> {
+  const { checkpoint, range } = input;
+  assertCheckpointAvailable(checkpoint);
+  return ctx.store.get(checkpoint.storageKey, range);
+}
+
+/** A presigned, time-limited URL to the bytes, or null when the store cannot make one. */
+export async function presignCheckpointWeights({
+  ctx,
+  input,
+}: {
+  ctx: ServiceContext;
+  input: { checkpoint: Checkpoint };
+}): Promise<string | null> {
+  assertCheckpointAvailable(input.checkpoint);
+  return ctx.store.presignGet(input.checkpoint.storageKey, {
+    expiresInSeconds: ctx.presignExpiresSeconds,
+    fileName: `${input.checkpoint.name}.safetensors`,
+  });
+}

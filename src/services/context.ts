@@ -1,0 +1,20 @@
+import type { Limits } from "../config.js";
+import type { Database } from "../db/client.js";
+import type { Logger } from "../logger.js";
+import type { ObjectStore } from "../storage/object-store.js";
+
+/** Everything a service needs, built once at start and passed in. */
+export interface ServiceContext {
+  db: Database;
+  databaseKind: "postgres" | "pglite";
+  store: ObjectStore;
+  limits: Limits;
+  presignExpiresSeconds: number;
+  logger: Logger;
+}
+
+/** Who is calling: resolved from the API key by the HTTP layer. */
+export interface Principal {
+  tenantId: string;
+  apiKeyId: string;
+}

@@ -1,0 +1,22 @@
+import { schema } from "../../db/client.js";
+import { newId } from "../../ids.js";
+import type { ServiceContext } from "../context.js";
+
+export interface Tenant {
+  id: string;
+  name: string;
+  createdAt: Date;
+}
+
+/** Creates a tenant. Tenants are made by operators (bootstrap, admin tooling), not over the API. */
+export async function createTenant({
+  ctx,
+  input,
+}: {
+  ctx: ServiceContext;
+  input: { name: string };
+}): Promise<Tenant> {
+  const [row] = await ctx.db.insert(schema.tenants).values({ id: newId(), name: input.name }).returning();
+  if (!row) throw new Error("tenant insert returned no row");
+  return row;
+}

@@ -1,0 +1,51 @@
+import type { Readable } from "node:stream";
+
+/** Bytes [start, end) of an object; `end` is exclusive. */
+export interface ByteRange {
+  start: number;
+  end: number;
+}
+
+/**
+ * Where checkpoint bytes live. Keys are `/`-separated relative paths without `.` or `..` segments.
+ * Two implementations: S3 (production) and the filesystem (embedded); one contract test suite
+ * runs against both.
+ */
+export interface ObjectStore {
+  readonly kind: "filesystem" | "s3";
+  /**
+   * Stores the stream under `key`, atomically: afterwards either the whole object exists or
+   * nothing does. If `body` errors, the returned promise rejects with that error and nothing is
+   * left behind (no temp file, no incomplete multipart upload).
+   */
+  put(key: string, body: Readable): Promise<{ sizeBytes: number }>;
+  /** Streams the object, or a byte range of it. Rejects with `ObjectNotFoundError`. */
+  get(key: string, range?: ByteRange): Promise<Readable>;
+  /** The object's size, or null when it does not exist. */
+  stat(key: string): Promise<{ sizeBytes: number } | null>;
+  /** Removes the object; removing a missing object is not an error. */
+  delete(key: string): Promise<void>;
+  /** Every key under a prefix, sorted. */
+  list(prefix: string): Promise<string[]>;
+  /** A time-limited URL a client can GET directly, or null when the store cannot make one. */
+  presignGet(key: string, options: { expiresInSeconds: number; fileName: string }): Promise<string | null>;
+  /** Throws when the store cannot be reached. */
+  ping(): Promise<void>;
+}
+
+export class ObjectNotFoundError extends Error {
+  constructor(readonly key: string) {
+    super(`object ${key} not found`);
+    this.name = "ObjectNotFoundError";
+  }
+}
+
+const SEGMENT = /^[A-Za-z0-9_][A-Za-z0-9._=-]*$/;
+
+/** Throws unless `key` is a safe relative path (no traversal, no absolute paths). */
+export function assertValidKey(key: string): void {
+  const segments = key.split("/");
+  if (key.length > 512 || segments.some((s) => !SEGMENT.test(s))) {
+    throw new Error(`invalid object key ${JSON.stringify(key)}`);
+  }
+}

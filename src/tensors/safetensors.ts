@@ -1,0 +1,276 @@
+import { createHash, type Hash } from "node:crypto";
+import { Transform, type TransformCallback } from "node:stream";
+import { DTYPE_BITS, type Dtype, isDtype } from "./dtypes.js";
+import { type Json, JsonSyntaxError, parseStrictJson } from "./strict-json.js";
+
+/** Default cap on the JSON header; the reference parser allows 100 MB, we allow less. */
+export const DEFAULT_MAX_HEADER_BYTES = 25_000_000;
+const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
+
+export type SafetensorsProblem =
+  | "truncated"
+  | "header_too_large"
+  | "invalid_header"
+  | "invalid_tensor"
+  | "invalid_offsets"
+  | "length_mismatch"
+  | "too_large";
+
+/** A file that is not valid safetensors, with the first problem found. */
+export class SafetensorsError extends Error {
+  constructor(
+    readonly problem: SafetensorsProblem,
+    message: string,
+  ) {
+    super(message);
+    this.name = "SafetensorsError";
+  }
+}
+
+export interface TensorEntry {
+  name: string;
+  dtype: Dtype;
+  shape: number[];
+  /** Byte offsets relative to the start of the data section, end exclusive. */
+  begin: number;
+  end: number;
+}
+
+export interface SafetensorsHeader {
+  /** Tensors in file order (sorted by offset). */
+  tensors: TensorEntry[];
+  metadata: Record<string, string> | null;
+  /** Bytes before the data section: 8 + header length. */
+  dataStart: number;
+  /** Bytes in the data section. */
+  dataBytes: number;
+}
+
+/**
+ * Parses and checks a safetensors JSON header with every check of the reference parser
+ * (UTF-8, starts with '{', `__metadata__` a string map, known dtypes, offsets contiguous from 0,
+ * byte size = elements x dtype size, no arithmetic overflow) and more: duplicate keys, unknown
+ * entry fields and integers beyond 2^53 are rejected. The file length is checked by the caller.
+ */
+export function parseSafetensorsHeader(headerBytes: Uint8Array): SafetensorsHeader {
+  let text: string;
+  try {
+    text = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(headerBytes);
+  } catch {
+    throw new SafetensorsError("invalid_header", "header is not valid UTF-8");
+  }
+  if (!text.startsWith("{")) throw new SafetensorsError("invalid_header", "header does not start with '{'");
+  let root: Json;
+  try {
+    root = parseStrictJson(text, 8);
+  } catch (err) {
+    if (err instanceof JsonSyntaxError) {
+      throw new SafetensorsError("invalid_header", `header is not valid JSON: ${err.message}`);
+    }
+    throw err;
+  }
+  if (!(root instanceof Map)) throw new SafetensorsError("invalid_header", "header is not a JSON object");
+
+  let metadata: Record<string, string> | null = null;
+  const tensors: TensorEntry[] = [];
+  for (const [name, entry] of root) {
+    if (name === "__metadata__") {
+      metadata = parseMetadata(entry);
+    } else {
+      tensors.push(parseEntry(name, entry));
+    }
+  }
+
+  tensors.sort((a, b) => a.begin - b.begin || a.end - b.end);
+  let offset = 0;
+  for (const t of tensors) {
+    if (t.begin !== offset || t.end < t.begin) {
+      throw new SafetensorsError(
+        "invalid_offsets",
+        `tensor ${JSON.stringify(t.name)} has data_offsets [${t.begin}, ${t.end}] but the previous tensor ends at ${offset}: offsets must be contiguous from 0, without gaps or overlaps`,
+      );
+    }
+    offset = t.end;
+  }
+  return { tensors, metadata, dataStart: 8 + headerBytes.length, dataBytes: offset };
+}
+
+function parseMetadata(entry: Json): Record<string, string> {
+  if (!(entry instanceof Map)) throw new SafetensorsError("invalid_header", "__metadata__ must be an object");
+  const out: Record<string, string> = Object.create(null);
+  for (const [key, value] of entry) {
+    if (typeof value !== "string") {
+      throw new SafetensorsError("invalid_header", `__metadata__.${key} must be a string`);
+    }
+    out[key] = value;
+  }
+  return out;
+}
+
+function parseEntry(name: string, entry: Json): TensorEntry {
+  const where = `tensor ${JSON.stringify(name)}`;
+  const bad = (message: string) => new SafetensorsError("invalid_tensor", `${where}: ${message}`);
+  if (!(entry instanceof Map)) throw bad("entry must be an object");
+  for (const key of entry.keys()) {
+    if (key !== "dtype" && key !== "shape" && key !== "data_offsets")
+      throw bad(`unknown field ${JSON.stringify(key)}`);
+  }
+  const dtype = entry.get("dtype");
+  const shape = entry.get("shape");
+  const offsets = entry.get("data_offsets");
+  if (typeof dtype !== "string") throw bad("dtype must be a string");
+  if (!isDtype(dtype)) throw bad(`unknown dtype ${JSON.stringify(dtype)}`);
+  if (!Array.isArray(shape)) throw bad("shape must be an array of non-negative integers");
+  if (!Array.isArray(offsets) || offsets.length !== 2) throw bad("data_offsets must be [begin, end]");
+
+  const dims = shape.map((d) => safeInteger(d, "shape", bad));
+  const [begin, end] = offsets.map((o) => safeInteger(o, "data_offsets", bad)) as [number, number];
+
+  let bits = BigInt(DTYPE_BITS[dtype]);
+  for (const d of dims) {
+    bits *= BigInt(d);
+    if (bits > MAX_SAFE * 8n) throw bad("shape x dtype size overflows 2^53 bytes");
+  }
+  if (bits % 8n !== 0n) throw bad(`${dims.join("x")} elements of ${dtype} do not fill whole bytes`);
+  const bytes = Number(bits / 8n);
+  if (end >= begin && end - begin !== bytes) {
+    throw bad(
+      `data_offsets cover ${end - begin} bytes but shape [${dims.join(", ")}] of ${dtype} needs ${bytes}`,
+    );
+  }
+  return { name, dtype, shape: dims, begin, end };
+}
+
+function safeInteger(value: Json | undefined, field: string, bad: (m: string) => SafetensorsError): number {
+  if (typeof value !== "bigint" || value < 0n) throw bad(`${field} must hold non-negative integers`);
+  if (value > MAX_SAFE) throw bad(`${field} value ${value} is beyond 2^53`);
+  return Number(value);
+}
+
+/** What an upload pass learns about a valid file. */
+export interface SafetensorsSummary {
+  sha256: string;
+  sizeBytes: number;
+  tensorCount: number;
+  parameterCount: number;
+  dtypes: Dtype[];
+  metadata: Record<string, string> | null;
+  header: SafetensorsHeader;
+}
+
+export interface ValidatorOptions {
+  maxHeaderBytes?: number;
+  /** Whole-file cap; exceeding it fails with problem `too_large`. */
+  maxBytes?: number;
+}
+
+/**
+ * A pass-through stream that validates safetensors bytes as they flow and hashes them (sha256)
+ * in the same pass. It errors with a `SafetensorsError` as soon as the bytes cannot be valid
+ * (so a store consuming it aborts early); `summary()` is available once the stream has ended.
+ * Memory: the header (at most `maxHeaderBytes`) plus one chunk.
+ */
+export class SafetensorsValidator extends Transform {
+  private readonly maxHeaderBytes: number;
+  private readonly maxBytes: number;
+  private readonly hash: Hash = createHash("sha256");
+  private prefix = Buffer.alloc(0);
+  private headerBuffer: Buffer | null = null;
+  private headerFilled = 0;
+  private header: SafetensorsHeader | null = null;
+  private dataSeen = 0;
+  private total = 0;
+  private result: SafetensorsSummary | null = null;
+
+  constructor(options: ValidatorOptions = {}) {
+    super();
+    this.maxHeaderBytes = options.maxHeaderBytes ?? DEFAULT_MAX_HEADER_BYTES;
+    this.maxBytes = options.maxBytes ?? Number.MAX_SAFE_INTEGER;
+  }
+
+  /** The summary of a completely validated file; throws if the stream has not ended cleanly. */
+  summary(): SafetensorsSummary {
+    if (!this.result) throw new Error("safetensors stream has not been fully validated");
+    return this.result;
+  }
+
+  override _transform(chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
+    try {
+      this.total += chunk.length;
+      if (this.total > this.maxBytes) {
+        throw new SafetensorsError("too_large", `file is larger than the limit of ${this.maxBytes} bytes`);
+      }
+      this.consume(chunk);
+      this.hash.update(chunk);
+      callback(null, chunk);
+    } catch (err) {
+      callback(err as Error);
+    }
+  }
+
+  override _flush(callback: TransformCallback): void {
+    try {
+      if (!this.header) {
+        throw new SafetensorsError(
+          "truncated",
+          this.headerBuffer
+            ? `file ends inside the ${this.headerBuffer.length}-byte header`
+            : `file is ${this.total} bytes, shorter than the 8-byte header length`,
+        );
+      }
+      if (this.dataSeen < this.header.dataBytes) {
+        throw new SafetensorsError(
+          "truncated",
+          `file ends after ${this.dataSeen} of ${this.header.dataBytes} data bytes the header describes`,
+        );
+      }
+      const { tensors, metadata } = this.header;
+      this.result = {
+        sha256: this.hash.digest("hex"),
+        sizeBytes: this.total,
+        tensorCount: tensors.length,
+        parameterCount: tensors.reduce((n, t) => n + t.shape.reduce((a, b) => a * b, 1), 0),
+        dtypes: [...new Set(tensors.map((t) => t.dtype))].sort(),
+        metadata,
+        header: this.header,
+      };
+      callback();
+    } catch (err) {
+      callback(err as Error);
+    }
+  }
+
+  private consume(chunk: Buffer): void {
+    let rest = chunk;
+    if (!this.headerBuffer) {
+      const need = 8 - this.prefix.length;
+      this.prefix = Buffer.concat([this.prefix, rest.subarray(0, need)]);
+      rest = rest.subarray(need);
+      if (this.prefix.length < 8) return;
+      const length = this.prefix.readBigUInt64LE(0);
+      if (length > BigInt(this.maxHeaderBytes)) {
+        throw new SafetensorsError(
+          "header_too_large",
+          `header length ${length} exceeds the limit of ${this.maxHeaderBytes} bytes`,
+        );
+      }
+      if (length < 2n) throw new SafetensorsError("invalid_header", `header length ${length} is too small`);
+      this.headerBuffer = Buffer.allocUnsafe(Number(length));
+    }
+    if (!this.header) {
+      const take = Math.min(rest.length, this.headerBuffer.length - this.headerFilled);
+      rest.copy(this.headerBuffer, this.headerFilled, 0, take);
+      this.headerFilled += take;
+      rest = rest.subarray(take);
+      if (this.headerFilled < this.headerBuffer.length) return;
+      this.header = parseSafetensorsHeader(this.headerBuffer);
+    }
+    this.dataSeen += rest.length;
+    if (this.dataSeen > this.header.dataBytes) {
+      throw new SafetensorsError(
+        "length_mismatch",
+        `file has more than the ${this.header.dataBytes} data bytes the header describes`,
+      );
+    }
+  }
+}
