@@ -43,7 +43,7 @@ ajv.addSchema(componentSchemas(document), COMPONENTS_ID);
  * resolve `$ref`s; tests validate responses with the same schemas.
  */
 export function componentSchemas(doc: { components: { schemas?: object } } = document): object {
-  return { $id: COMPONENTS_ID, $defs: absolute(doc.components.schemas ?? {}) };
+  return { $id: COMPONENTS_ID, $defs: withComponentRefs(doc.components.schemas ?? {}) };
 }
 
 const METHODS = ["get", "put", "post", "delete", "patch", "head", "options"] as const;
@@ -85,7 +85,7 @@ function resolveParameter(p: Parameter | { $ref: string }): Parameter {
 }
 
 /** `$ref`s inside parameter schemas point into the component schemas registered with Ajv. */
-function absolute(schema: object): object {
+export function withComponentRefs(schema: object): object {
   return JSON.parse(
     JSON.stringify(schema).replaceAll('"$ref":"#/components/schemas/', `"$ref":"${COMPONENTS_ID}#/$defs/`),
   );
@@ -100,7 +100,7 @@ function compileParameters(
   const key = (p: Parameter) => (location === "header" ? p.name.toLowerCase() : p.name);
   return ajv.compile({
     type: "object",
-    properties: Object.fromEntries(own.map((p) => [key(p), absolute(p.schema)])),
+    properties: Object.fromEntries(own.map((p) => [key(p), withComponentRefs(p.schema)])),
     required: own.filter((p) => p.required).map(key),
     additionalProperties: !closed,
   });
@@ -124,7 +124,7 @@ for (const [path, item] of Object.entries(document.paths)) {
       query: compileParameters(params, "query", true),
       header: compileParameters(params, "header", false),
       headerNames: params.filter((p) => p.in === "header").map((p) => p.name.toLowerCase()),
-      json: jsonSchema ? ajv.compile(absolute(jsonSchema)) : null,
+      json: jsonSchema ? ajv.compile(withComponentRefs(jsonSchema)) : null,
     });
   }
 }
@@ -148,11 +148,6 @@ function mismatches(
   });
 }
 
-function hasBody(c: Context): boolean {
-  const length = c.req.header("content-length");
-  return (length !== undefined && length !== "0") || c.req.header("transfer-encoding") !== undefined;
-}
-
 function validator(id: string, op: CompiledOperation): MiddlewareHandler<AppEnv> {
   return async (c, next) => {
     const errors: RequestMismatch[] = [];
@@ -168,7 +163,7 @@ function validator(id: string, op: CompiledOperation): MiddlewareHandler<AppEnv>
     if (!op.header(headers)) errors.push(...mismatches("header", op.header.errors));
 
     let body: unknown;
-    if (op.mediaTypes.length > 0 && (op.bodyRequired || hasBody(c))) {
+    if (op.mediaTypes.length > 0 && (op.bodyRequired || c.req.raw.body !== null)) {
       const mediaType = (c.req.header("content-type") ?? "").split(";")[0]?.trim().toLowerCase() ?? "";
       if (!op.mediaTypes.includes(mediaType)) {
         throw new HttpProblem(

@@ -49,6 +49,11 @@ export class S3Store implements ObjectStore {
 
   async put(key: string, body: Readable): Promise<{ sizeBytes: number }> {
     assertValidKey(key);
+    // The body's own error is the cause worth reporting, even when aborting the upload also fails.
+    let bodyError: unknown;
+    body.once("error", (err) => {
+      bodyError = err;
+    });
     const upload = new Upload({
       client: this.client,
       params: { Bucket: this.bucket, Key: key, Body: body, ContentType: "application/octet-stream" },
@@ -60,7 +65,7 @@ export class S3Store implements ObjectStore {
       await upload.done();
     } catch (err) {
       body.destroy();
-      throw err;
+      throw bodyError ?? err;
     }
     const stored = await this.stat(key);
     if (!stored) throw new Error(`S3 object ${key} missing right after upload`);

@@ -97,14 +97,13 @@ export function parseSafetensorsHeader(headerBytes: Uint8Array): SafetensorsHead
 
 function parseMetadata(entry: Json): Record<string, string> {
   if (!(entry instanceof Map)) throw new SafetensorsError("invalid_header", "__metadata__ must be an object");
-  const out: Record<string, string> = Object.create(null);
   for (const [key, value] of entry) {
     if (typeof value !== "string") {
       throw new SafetensorsError("invalid_header", `__metadata__.${key} must be a string`);
     }
-    out[key] = value;
   }
-  return out;
+  // fromEntries defines own properties, so a "__proto__" key stays plain data.
+  return Object.fromEntries(entry) as Record<string, string>;
 }
 
 function parseEntry(name: string, entry: Json): TensorEntry {

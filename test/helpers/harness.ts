@@ -1,0 +1,85 @@
+import { count } from "drizzle-orm";
+import { createApp } from "../../src/app.js";
+import { schema } from "../../src/db/client.js";
+import { createJsonLogger } from "../../src/logger.js";
+import { createApiKey } from "../../src/services/api-keys/api-keys.js";
+import type { ServiceContext } from "../../src/services/context.js";
+import { createTenant } from "../../src/services/tenants/create-tenant.js";
+import { type DatabaseKind, type StoreKind, testDatabase, testStore } from "./backends.js";
+
+export const TEST_LIMITS = {
+  maxUploadBytes: 64 * 1024,
+  maxSafetensorsHeaderBytes: 4096,
+  maxHttpHeaderBytes: 16 * 1024,
+};
+
+export interface Harness {
+  app: ReturnType<typeof createApp>;
+  ctx: ServiceContext;
+  /** Every JSON log line the app wrote. */
+  logs: string[];
+  /** Two tenants, each with a key. */
+  keyA: string;
+  keyB: string;
+  tenantA: string;
+  request(path: string, init?: RequestInit & { key?: string | null }): Promise<Response>;
+  /** Objects and temp files in the store, and rows in each table that uploads touch. */
+  leftovers(): Promise<{ objects: string[]; checkpoints: number }>;
+  close(): Promise<void>;
+}
+
+/** The app on real backends: PGlite or a fresh Postgres database, and a filesystem or s3rver store. */
+export async function startHarness(db: DatabaseKind, store: StoreKind): Promise<Harness> {
+  const database = await testDatabase(db);
+  const objects = await testStore(store);
+  const logs: string[] = [];
+  const ctx: ServiceContext = {
+    db: database.value.db,
+    databaseKind: database.value.kind,
+    store: objects.value.store,
+    limits: TEST_LIMITS,
+    presignExpiresSeconds: 60,
+    logger: createJsonLogger("debug", (line) => logs.push(line)),
+  };
+  const app = createApp(ctx);
+  const tenantA = (await createTenant({ ctx, input: { name: "a" } })).id;
+  const tenantB = (await createTenant({ ctx, input: { name: "b" } })).id;
+  const keyA = (await createApiKey({ ctx, principal: { tenantId: tenantA }, input: {} })).secret;
+  const keyB = (await createApiKey({ ctx, principal: { tenantId: tenantB }, input: {} })).secret;
+  return {
+    app,
+    ctx,
+    logs,
+    keyA,
+    keyB,
+    tenantA,
+    request: async (path, init = {}) => {
+      const { key = keyA, ...rest } = init;
+      const headers = new Headers(rest.headers);
+      if (key !== null) headers.set("Authorization", `Bearer ${key}`);
+      return app.request(path, { ...rest, headers });
+    },
+    leftovers: async () => {
+      const [rows] = await ctx.db.select({ n: count() }).from(schema.checkpoints);
+      return { objects: await objects.value.everything(), checkpoints: rows?.n ?? -1 };
+    },
+    close: async () => {
+      await database.close();
+      await objects.close();
+    },
+  };
+}
+
+export function upload(
+  h: Harness,
+  body: RequestInit["body"],
+  name = "model",
+  init: RequestInit & { key?: string } = {},
+) {
+  return h.request(`/v1/checkpoints?name=${encodeURIComponent(name)}`, {
+    method: "POST",
+    body,
+    ...init,
+    headers: { "Content-Type": "application/octet-stream", ...(init.headers as Record<string, string>) },
+  });
+}

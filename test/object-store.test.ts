@@ -1,0 +1,109 @@
+import { Readable } from "node:stream";
+import { text } from "node:stream/consumers";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ObjectNotFoundError } from "../src/storage/object-store.js";
+import { type StoreKind, type TestResource, type TestStore, testStore } from "./helpers/backends.js";
+
+async function bytesOf(stream: Readable): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks);
+}
+
+/** A stream that yields `good` bytes and then fails, like a client that disconnects. */
+function failingStream(good: Buffer): Readable {
+  return Readable.from(
+    (async function* () {
+      yield good;
+      await new Promise((r) => setTimeout(r, 10));
+      throw new Error("client went away");
+    })(),
+  );
+}
+
+describe.each<StoreKind>(["filesystem", "s3"])("ObjectStore contract: %s", (kind) => {
+  let resource: TestResource<TestStore>;
+  beforeAll(async () => {
+    resource = await testStore(kind);
+  });
+  afterAll(() => resource.close());
+
+  it("puts, stats, gets whole and by range, lists and deletes", async () => {
+    const { store } = resource.value;
+    const bytes = Buffer.from("0123456789abcdef");
+    expect(await store.put("a/b/one.bin", Readable.from([bytes.subarray(0, 5), bytes.subarray(5)]))).toEqual({
+      sizeBytes: 16,
+    });
+    await store.put("a/two.bin", Readable.from([Buffer.from("x")]));
+    expect(await store.stat("a/b/one.bin")).toEqual({ sizeBytes: 16 });
+    expect(await store.stat("a/missing.bin")).toBeNull();
+    expect((await bytesOf(await store.get("a/b/one.bin"))).toString()).toBe("0123456789abcdef");
+    expect(await text(await store.get("a/b/one.bin", { start: 3, end: 7 }))).toBe("3456");
+    expect(await text(await store.get("a/b/one.bin", { start: 15, end: 16 }))).toBe("f");
+    expect(await store.list("a/")).toEqual(["a/b/one.bin", "a/two.bin"]);
+    expect(await store.list("a/b/")).toEqual(["a/b/one.bin"]);
+    await store.delete("a/b/one.bin");
+    await store.delete("a/b/one.bin");
+    expect(await store.list("a/")).toEqual(["a/two.bin"]);
+    await expect(store.get("a/b/one.bin")).rejects.toBeInstanceOf(ObjectNotFoundError);
+    await store.delete("a/two.bin");
+  });
+
+  it("overwrites a key atomically", async () => {
+    const { store } = resource.value;
+    await store.put("k.bin", Readable.from([Buffer.from("first")]));
+    await store.put("k.bin", Readable.from([Buffer.from("second")]));
+    expect(await text(await store.get("k.bin"))).toBe("second");
+    await store.delete("k.bin");
+  });
+
+  it.each([
+    ["a small body", 1024],
+    ["a body past the first multipart part", 7 * 1024 * 1024],
+  ])("leaves nothing behind when %s fails midway", async (_case, goodBytes) => {
+    const { store, everything } = resource.value;
+    await expect(store.put("fail/x.bin", failingStream(Buffer.alloc(goodBytes, 1)))).rejects.toThrow(
+      "client went away",
+    );
+    expect(await store.stat("fail/x.bin")).toBeNull();
+    expect(await everything()).toEqual([]);
+  });
+
+  it("streams a multi-part object of several MiB intact", async () => {
+    const { store } = resource.value;
+    const big = Buffer.alloc(12 * 1024 * 1024);
+    for (let i = 0; i < big.length; i += 4) big.writeUInt32LE(i, i);
+    const chunks = [];
+    for (let i = 0; i < big.length; i += 1 << 20) chunks.push(big.subarray(i, i + (1 << 20)));
+    expect(await store.put("big.bin", Readable.from(chunks))).toEqual({ sizeBytes: big.length });
+    expect((await bytesOf(await store.get("big.bin"))).equals(big)).toBe(true);
+    const slice = await bytesOf(await store.get("big.bin", { start: 6_000_000, end: 6_000_016 }));
+    expect(slice.equals(big.subarray(6_000_000, 6_000_016))).toBe(true);
+    await store.delete("big.bin");
+  });
+
+  it("refuses keys that could escape the store", async () => {
+    const { store } = resource.value;
+    for (const key of ["../x", "/abs", "a//b", "a/./b", ""]) {
+      await expect(store.put(key, Readable.from([Buffer.from("x")]))).rejects.toThrow("invalid object key");
+    }
+  });
+
+  it("presigns GET URLs where the store can", async () => {
+    const { store } = resource.value;
+    await store.put("p.bin", Readable.from([Buffer.from("presigned")]));
+    const url = await store.presignGet("p.bin", { expiresInSeconds: 60, fileName: "p.safetensors" });
+    if (kind === "filesystem") {
+      expect(url).toBeNull();
+    } else {
+      const res = await fetch(url ?? "");
+      expect(res.status).toBe(200);
+      expect(await res.text()).toBe("presigned");
+    }
+    await store.delete("p.bin");
+  });
+
+  it("answers ping", async () => {
+    await expect(resource.value.store.ping()).resolves.toBeUndefined();
+  });
+});
