@@ -6,5 +6,8 @@ export default defineConfig({
     testTimeout: 60_000,
     hookTimeout: 60_000,
     pool: "forks",
+    // CI reads the totals from the JSON report (.ci/run prints them).
+    reporters: process.env.CI ? ["default", "json"] : ["default"],
+    outputFile: { json: ".ci/vitest-report.json" },
   },
 });
