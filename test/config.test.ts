@@ -10,7 +10,11 @@ describe("configuration", () => {
       databaseUrl: undefined,
       s3: undefined,
       bootstrapApiKey: undefined,
-      limits: { maxUploadBytes: 20 * 1024 ** 3, maxSafetensorsHeaderBytes: 25_000_000, maxHttpHeaderBytes: 16384 },
+      limits: {
+        maxUploadBytes: 20 * 1024 ** 3,
+        maxSafetensorsHeaderBytes: 25_000_000,
+        maxHttpHeaderBytes: 16384,
+      },
     });
   });
 

@@ -1,5 +1,5 @@
-import { parse } from "yaml";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { parse } from "yaml";
 import { openApiText, operationIds } from "../src/http/openapi.js";
 import { type Harness, startHarness } from "./helpers/harness.js";
 
