@@ -1,6 +1,7 @@
 import { Readable } from "node:stream";
 import type { ReadableStream as WebReadableStream } from "node:stream/web";
-import type { Hono } from "hono";
+import { IncomingMessage } from "node:http";
+import type { Context, Hono } from "hono";
 import {
   assertCheckpointAvailable,
   createCheckpoint,
@@ -18,13 +19,12 @@ import { resolveRange } from "../range.js";
 export function checkpointRoutes(app: Hono<AppEnv>): void {
   operation(app, "createCheckpoint", async (c, req) => {
     const length = c.req.header("content-length");
-    const raw = c.req.raw.body;
     const checkpoint = await createCheckpoint({
       ctx: c.get("ctx"),
       principal: c.get("principal"),
       input: {
         name: req.query.name,
-        body: raw ? Readable.fromWeb(raw as WebReadableStream<Uint8Array>) : Readable.from([]),
+        body: requestBodyStream(c),
         declaredBytes: length === undefined ? undefined : Number(length),
       },
     });
@@ -88,6 +88,18 @@ export function checkpointRoutes(app: Hono<AppEnv>): void {
     c.header("Content-Length", String(checkpoint.sizeBytes));
     return c.body(body, 200);
   });
+}
+
+/**
+ * The request body as a Node stream. Under the Node server this is the socket's own
+ * IncomingMessage: converting it to a web stream and back costs a third of upload throughput.
+ * Other runtimes (tests' app.request, Lambda) hand over a web stream.
+ */
+function requestBodyStream(c: Context<AppEnv>): Readable {
+  const incoming = (c.env as { incoming?: unknown } | undefined)?.incoming;
+  if (incoming instanceof IncomingMessage) return incoming;
+  const body = c.req.raw.body;
+  return body ? Readable.fromWeb(body as WebReadableStream<Uint8Array>) : Readable.from([]);
 }
 
 function ifNoneMatch(header: string | undefined, etag: string): boolean {

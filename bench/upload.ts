@@ -1,0 +1,144 @@
+/**
+ * Upload benchmark: a 1 GiB safetensors checkpoint through the API into the filesystem store.
+ * Starts the built server (`dist/server.js`) on embedded defaults in a temp dir, streams the
+ * file over HTTP with curl three times, and samples the server's RSS every 20 ms throughout.
+ * The disk's write speed varies run to run on shared machines: read all three numbers.
+ * Targets (issue 2): at least 200 MB/s, server peak RSS rise under 100 MB.
+ *
+ * usage: npm run bench:upload [-- SIZE_MIB]
+ */
+import { spawn } from "node:child_process";
+import { once } from "node:events";
+import { createWriteStream } from "node:fs";
+import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+const sizeMiB = Number(process.argv[2] ?? 1024);
+const RUNS = 3;
+const KEY = "papa_bench-key-0123456789abcdefghijklmnop";
+
+async function writeCheckpoint(path: string): Promise<number> {
+  const tensorBytes = 64 * 1024 * 1024;
+  const count = Math.max(1, Math.round((sizeMiB * 1024 * 1024) / tensorBytes));
+  const header: Record<string, unknown> = { __metadata__: { bench: "upload" } };
+  for (let i = 0; i < count; i++) {
+    header[`layers.${i}.weight`] = {
+      dtype: "F32",
+      shape: [tensorBytes / 4 / 1024, 1024],
+      data_offsets: [i * tensorBytes, (i + 1) * tensorBytes],
+    };
+  }
+  let text = JSON.stringify(header);
+  text += " ".repeat((8 - (text.length % 8)) % 8);
+  const prefix = Buffer.alloc(8);
+  prefix.writeBigUInt64LE(BigInt(Buffer.byteLength(text)));
+  const out = createWriteStream(path);
+  out.write(prefix);
+  out.write(text);
+  const block = Buffer.alloc(4 * 1024 * 1024);
+  for (let i = 0; i < block.length; i += 4) block.writeFloatLE(Math.sin(i), i);
+  for (let written = 0; written < count * tensorBytes; written += block.length) {
+    if (!out.write(block)) await once(out, "drain");
+  }
+  out.end();
+  await once(out, "finish");
+  return (await stat(path)).size;
+}
+
+/** curl as the client: a user's tool, and light enough not to starve the server of CPU. */
+async function curlUpload(base: string, file: string): Promise<string> {
+  const curl = spawn("curl", [
+    "-s",
+    "-o",
+    "/dev/null",
+    "-w",
+    "%{http_code}",
+    "-X",
+    "POST",
+    "-H",
+    `Authorization: Bearer ${KEY}`,
+    "-H",
+    "Content-Type: application/octet-stream",
+    "-T",
+    file,
+    `${base}/v1/checkpoints?name=bench`,
+  ]);
+  let out = "";
+  curl.stdout.on("data", (d: Buffer) => {
+    out += d.toString();
+  });
+  const [code] = await once(curl, "exit");
+  if (code !== 0) throw new Error(`curl exited with ${code}`);
+  return out;
+}
+
+async function rssMiB(pid: number): Promise<number> {
+  const status = await readFile(`/proc/${pid}/status`, "utf8");
+  return Number(status.match(/VmRSS:\s+(\d+) kB/)?.[1] ?? 0) / 1024;
+}
+
+async function main(): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), "papa-bench-"));
+  try {
+    const file = join(dir, "bench.safetensors");
+    const size = await writeCheckpoint(file);
+    const server = spawn(
+      process.execPath,
+      [...(process.env.BENCH_NODE_ARGS ?? "").split(" ").filter(Boolean), "dist/server.js"],
+      {
+        env: {
+          PATH: process.env.PATH,
+          PORT: "0",
+          HOST: "127.0.0.1",
+          PAPA_DATA_DIR: join(dir, "data"),
+          PAPA_API_KEY: KEY,
+        },
+        stdio: ["ignore", "pipe", "inherit"],
+      },
+    );
+    const base = await new Promise<string>((resolve, reject) => {
+      let out = "";
+      server.stdout.on("data", (d: Buffer) => {
+        out += d.toString();
+        const url = out.match(/"msg":"listening","url":"([^"]+)"/)?.[1];
+        if (url) resolve(url);
+      });
+      server.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
+    });
+    const pid = server.pid ?? 0;
+    await new Promise((r) => setTimeout(r, 500));
+    const before = await rssMiB(pid);
+    let peak = before;
+    const sampler = setInterval(() => {
+      rssMiB(pid).then(
+        (v) => {
+          peak = Math.max(peak, v);
+        },
+        () => undefined,
+      );
+    }, 20);
+
+    const runs: number[] = [];
+    for (let run = 0; run < RUNS; run++) {
+      const started = performance.now();
+      const status = await curlUpload(base, file);
+      if (status !== "201") throw new Error(`upload answered ${status}`);
+      runs.push(size / 1e6 / ((performance.now() - started) / 1000));
+    }
+    clearInterval(sampler);
+    peak = Math.max(peak, await rssMiB(pid));
+    server.kill("SIGTERM");
+    await once(server, "exit");
+    const sorted = [...runs].sort((a, b) => a - b);
+    console.log(
+      `upload size_mib=${(size / 1048576).toFixed(0)} runs_MB/s=${runs.map((r) => r.toFixed(0)).join(",")} ` +
+        `median_MB/s=${(sorted[Math.floor(sorted.length / 2)] ?? 0).toFixed(0)} ` +
+        `server_rss_before_mib=${before.toFixed(0)} server_rss_peak_mib=${peak.toFixed(0)} rss_rise_mib=${(peak - before).toFixed(0)}`,
+    );
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+await main();
