@@ -13,8 +13,6 @@ export { schema };
 
 /** The one database type services use: node-postgres and PGlite both satisfy it. */
 export type Database = PgDatabase<PgQueryResultHKT, typeof schema>;
-/** A database or a transaction on it. */
-export type Executor = Parameters<Parameters<Database["transaction"]>[0]>[0] | Database;
 
 export interface DatabaseHandle {
   db: Database;
@@ -43,13 +41,13 @@ export async function openDatabase(target: DatabaseTarget): Promise<DatabaseHand
       await client.query("select pg_advisory_unlock($1)", [MIGRATION_LOCK]).catch(() => undefined);
       client.release();
     }
-    const db = drizzlePg({ client: pool, schema }) as unknown as Database;
+    const db: Database = drizzlePg({ client: pool, schema });
     return { db, kind: "postgres", close: () => pool.end() };
   }
   if (target.pgliteDir) await mkdir(target.pgliteDir, { recursive: true });
   const client = new PGlite(target.pgliteDir ?? "memory://");
   const pglite = drizzlePglite({ client, schema });
   await migratePglite(pglite, { migrationsFolder });
-  const db = pglite as unknown as Database;
+  const db: Database = pglite;
   return { db, kind: "pglite", close: () => client.close() };
 }
