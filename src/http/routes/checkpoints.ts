@@ -1,6 +1,6 @@
+import { IncomingMessage } from "node:http";
 import { Readable } from "node:stream";
 import type { ReadableStream as WebReadableStream } from "node:stream/web";
-import { IncomingMessage } from "node:http";
 import type { Context, Hono } from "hono";
 import {
   assertCheckpointAvailable,
