@@ -18,3 +18,16 @@ export interface Principal {
   tenantId: string;
   apiKeyId: string;
 }
+
+/** The arguments of a service call made on behalf of a tenant. */
+export interface TenantCall<Input = undefined> {
+  ctx: ServiceContext;
+  principal: Pick<Principal, "tenantId">;
+  input: Input;
+}
+
+/** The arguments of a service call not scoped by a caller: authentication, bootstrap, or work on a resource already loaded for its tenant. */
+export interface SystemCall<Input> {
+  ctx: ServiceContext;
+  input: Input;
+}

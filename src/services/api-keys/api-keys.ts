@@ -2,7 +2,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { and, desc, eq, isNull, sql } from "drizzle-orm";
 import { schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
-import type { Principal, ServiceContext } from "../context.js";
+import type { Principal, ServiceContext, SystemCall, TenantCall } from "../context.js";
 import { NotFoundError, UnauthenticatedError } from "../errors.js";
 import { createTenant } from "../tenants/create-tenant.js";
 
@@ -54,23 +54,13 @@ export async function createApiKey({
   ctx,
   principal,
   input,
-}: {
-  ctx: ServiceContext;
-  principal: Pick<Principal, "tenantId">;
-  input: { name?: string | undefined };
-}): Promise<{ apiKey: ApiKey; secret: string }> {
+}: TenantCall<{ name?: string | undefined }>): Promise<{ apiKey: ApiKey; secret: string }> {
   const secret = KEY_PREFIX + randomBytes(32).toString("base64url");
   const apiKey = await insertKey(ctx, principal.tenantId, input.name ?? null, secret);
   return { apiKey, secret };
 }
 
-export async function listApiKeys({
-  ctx,
-  principal,
-}: {
-  ctx: ServiceContext;
-  principal: Principal;
-}): Promise<ApiKey[]> {
+export async function listApiKeys({ ctx, principal }: Omit<TenantCall, "input">): Promise<ApiKey[]> {
   const rows = await ctx.db
     .select()
     .from(schema.apiKeys)
@@ -80,15 +70,7 @@ export async function listApiKeys({
 }
 
 /** Revokes a key of the caller's tenant; revoking twice is a no-op. Another tenant's key is a 404. */
-export async function revokeApiKey({
-  ctx,
-  principal,
-  input,
-}: {
-  ctx: ServiceContext;
-  principal: Principal;
-  input: { id: string };
-}): Promise<void> {
+export async function revokeApiKey({ ctx, principal, input }: TenantCall<{ id: string }>): Promise<void> {
   const [row] = await ctx.db
     .select({ id: schema.apiKeys.id, revokedAt: schema.apiKeys.revokedAt })
     .from(schema.apiKeys)
@@ -99,13 +81,7 @@ export async function revokeApiKey({
 }
 
 /** Resolves a bearer secret to its tenant; unknown and revoked keys are the same error. */
-export async function authenticateApiKey({
-  ctx,
-  input,
-}: {
-  ctx: ServiceContext;
-  input: { secret: string };
-}): Promise<Principal> {
+export async function authenticateApiKey({ ctx, input }: SystemCall<{ secret: string }>): Promise<Principal> {
   const [row] = await ctx.db
     .select({ id: schema.apiKeys.id, tenantId: schema.apiKeys.tenantId })
     .from(schema.apiKeys)
@@ -123,10 +99,7 @@ export async function authenticateApiKey({
 export async function bootstrapApiKey({
   ctx,
   input,
-}: {
-  ctx: ServiceContext;
-  input: { configuredKey: string | undefined };
-}): Promise<{ createdSecret: string | null }> {
+}: SystemCall<{ configuredKey: string | undefined }>): Promise<{ createdSecret: string | null }> {
   return ctx.db.transaction(async (tx) => {
     // One starter at a time: concurrent first starts must not create two default tenants.
     await tx.execute(sqlLock);

@@ -5,7 +5,7 @@ import { schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
 import type { ByteRange } from "../../storage/object-store.js";
 import { SafetensorsError, SafetensorsValidator } from "../../tensors/safetensors.js";
-import type { Principal, ServiceContext } from "../context.js";
+import type { ServiceContext, SystemCall, TenantCall } from "../context.js";
 import { GoneError, InvalidInputError, NotFoundError, PayloadTooLargeError } from "../errors.js";
 
 export interface CheckpointParent {
@@ -97,11 +97,7 @@ export async function createCheckpoint({
   ctx,
   principal,
   input,
-}: {
-  ctx: ServiceContext;
-  principal: Principal;
-  input: { name: string; body: Readable; declaredBytes?: number | undefined };
-}): Promise<Checkpoint> {
+}: TenantCall<{ name: string; body: Readable; declaredBytes?: number | undefined }>): Promise<Checkpoint> {
   const { maxUploadBytes, maxSafetensorsHeaderBytes } = ctx.limits;
   if (input.declaredBytes !== undefined && input.declaredBytes > maxUploadBytes) {
     input.body.destroy();
@@ -176,11 +172,11 @@ export async function listCheckpoints({
   ctx,
   principal,
   input,
-}: {
-  ctx: ServiceContext;
-  principal: Principal;
-  input: { limit: number; cursor?: string | undefined; name?: string | undefined };
-}): Promise<CheckpointPage> {
+}: TenantCall<{
+  limit: number;
+  cursor?: string | undefined;
+  name?: string | undefined;
+}>): Promise<CheckpointPage> {
   const after = input.cursor === undefined ? undefined : decodeCursor(input.cursor);
   const rows = await ctx.db
     .select()
@@ -216,11 +212,7 @@ export async function getCheckpoint({
   ctx,
   principal,
   input,
-}: {
-  ctx: ServiceContext;
-  principal: Principal;
-  input: { id: string };
-}): Promise<Checkpoint> {
+}: TenantCall<{ id: string }>): Promise<Checkpoint> {
   const rows = await ctx.db
     .select()
     .from(schema.checkpoints)
@@ -234,15 +226,7 @@ export async function getCheckpoint({
  * Removes a checkpoint's bytes and marks it deleted; its lineage edges and metrics stay.
  * Deleting a deleted checkpoint is a no-op.
  */
-export async function deleteCheckpoint({
-  ctx,
-  principal,
-  input,
-}: {
-  ctx: ServiceContext;
-  principal: Principal;
-  input: { id: string };
-}): Promise<void> {
+export async function deleteCheckpoint({ ctx, principal, input }: TenantCall<{ id: string }>): Promise<void> {
   const [marked] = await ctx.db
     .update(schema.checkpoints)
     .set({ deletedAt: new Date() })
@@ -272,10 +256,7 @@ export function assertCheckpointAvailable(checkpoint: Checkpoint): void {
 export async function openCheckpointWeights({
   ctx,
   input,
-}: {
-  ctx: ServiceContext;
-  input: { checkpoint: Checkpoint; range?: ByteRange | undefined };
-}): Promise<Readable> {
+}: SystemCall<{ checkpoint: Checkpoint; range?: ByteRange | undefined }>): Promise<Readable> {
   const { checkpoint, range } = input;
   assertCheckpointAvailable(checkpoint);
   return ctx.store.get(checkpoint.storageKey, range);
@@ -285,10 +266,7 @@ export async function openCheckpointWeights({
 export async function presignCheckpointWeights({
   ctx,
   input,
-}: {
-  ctx: ServiceContext;
-  input: { checkpoint: Checkpoint };
-}): Promise<string | null> {
+}: SystemCall<{ checkpoint: Checkpoint }>): Promise<string | null> {
   assertCheckpointAvailable(input.checkpoint);
   return ctx.store.presignGet(input.checkpoint.storageKey, {
     expiresInSeconds: ctx.presignExpiresSeconds,

@@ -1,6 +1,6 @@
 import { schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
-import type { ServiceContext } from "../context.js";
+import type { SystemCall } from "../context.js";
 
 export interface Tenant {
   id: string;
@@ -9,13 +9,7 @@ export interface Tenant {
 }
 
 /** Creates a tenant. Tenants are made by operators (bootstrap, admin tooling), not over the API. */
-export async function createTenant({
-  ctx,
-  input,
-}: {
-  ctx: ServiceContext;
-  input: { name: string };
-}): Promise<Tenant> {
+export async function createTenant({ ctx, input }: SystemCall<{ name: string }>): Promise<Tenant> {
   const [row] = await ctx.db.insert(schema.tenants).values({ id: newId(), name: input.name }).returning();
   if (!row) throw new Error("tenant insert returned no row");
   return row;
