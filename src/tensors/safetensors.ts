@@ -146,6 +146,55 @@ function safeInteger(value: Json | undefined, field: string, bad: (m: string) =>
   return Number(value);
 }
 
+/**
+ * The header length in the 8-byte little-endian prefix, checked against the cap and the
+ * 2-byte minimum ("{}").
+ */
+export function headerLengthOf(prefix: Uint8Array, maxHeaderBytes: number): number {
+  const length = Buffer.from(prefix.buffer, prefix.byteOffset, 8).readBigUInt64LE(0);
+  if (length > BigInt(maxHeaderBytes)) {
+    throw new SafetensorsError(
+      "header_too_large",
+      `header length ${length} exceeds the limit of ${maxHeaderBytes} bytes`,
+    );
+  }
+  if (length < 2n) throw new SafetensorsError("invalid_header", `header length ${length} is too small`);
+  return Number(length);
+}
+
+/** A tensor to lay out in a new file. */
+export interface TensorLayout {
+  name: string;
+  dtype: Dtype;
+  shape: number[];
+}
+
+/**
+ * Encodes a header for tensors stored back to back in the given order, padded with spaces so
+ * the data section starts 8-byte aligned. Returns the prefix+header bytes and the entries.
+ */
+export function encodeSafetensorsHeader(
+  tensors: TensorLayout[],
+  metadata: Record<string, string> | null,
+): { bytes: Buffer; header: SafetensorsHeader } {
+  const json: Record<string, unknown> = metadata ? { __metadata__: metadata } : {};
+  const entries: TensorEntry[] = [];
+  let offset = 0;
+  for (const t of tensors) {
+    const bytes = (t.shape.reduce((a, b) => a * b, 1) * DTYPE_BITS[t.dtype]) / 8;
+    if (!Number.isInteger(bytes)) throw new Error(`tensor ${t.name} does not fill whole bytes`);
+    entries.push({ ...t, begin: offset, end: offset + bytes });
+    json[t.name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + bytes] };
+    offset += bytes;
+  }
+  let text = JSON.stringify(json);
+  text += " ".repeat((8 - ((Buffer.byteLength(text) + 8) % 8)) % 8);
+  const bytes = Buffer.alloc(8 + Buffer.byteLength(text));
+  bytes.writeBigUInt64LE(BigInt(bytes.length - 8));
+  bytes.write(text, 8, "utf8");
+  return { bytes, header: { tensors: entries, metadata, dataStart: bytes.length, dataBytes: offset } };
+}
+
 /** What an upload pass learns about a valid file. */
 export interface SafetensorsSummary {
   sha256: string;
@@ -246,15 +295,7 @@ export class SafetensorsValidator extends Transform {
       this.prefix = Buffer.concat([this.prefix, rest.subarray(0, need)]);
       rest = rest.subarray(need);
       if (this.prefix.length < 8) return;
-      const length = this.prefix.readBigUInt64LE(0);
-      if (length > BigInt(this.maxHeaderBytes)) {
-        throw new SafetensorsError(
-          "header_too_large",
-          `header length ${length} exceeds the limit of ${this.maxHeaderBytes} bytes`,
-        );
-      }
-      if (length < 2n) throw new SafetensorsError("invalid_header", `header length ${length} is too small`);
-      this.headerBuffer = Buffer.allocUnsafe(Number(length));
+      this.headerBuffer = Buffer.allocUnsafe(headerLengthOf(this.prefix, this.maxHeaderBytes));
     }
     if (!this.header) {
       const take = Math.min(rest.length, this.headerBuffer.length - this.headerFilled);

@@ -1,0 +1,140 @@
+/**
+ * Merge benchmark (issue 3): 4 checkpoints of ~100M F32 parameters (~407 MB each), uniform
+ * average (papa-all). Runs, in one go on files in page cache, `papa merge` (the built CLI) and
+ * a numpy baseline (bench/numpy_merge.py), each under /usr/bin/time for wall time and peak RSS,
+ * checks that the outputs agree, and prints the ratio.
+ * Targets: at most 1.0 s and 300 MB peak RSS.
+ *
+ * usage: npm run bench:merge [-- MILLION_PARAMS]
+ */
+import { execFileSync, spawnSync } from "node:child_process";
+import { once } from "node:events";
+import { createWriteStream, existsSync } from "node:fs";
+import { readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { openFileSource, readBytes, readSafetensorsHeader } from "../src/tensors/source.js";
+
+const millions = Number(process.argv[2] ?? 100);
+const INPUTS = 4;
+const dir = join(tmpdir(), `papa-bench-merge-${millions}m`);
+
+/** Tensors like a conv net plus transformer blocks, with BatchNorm buffers and an I64 counter. */
+function layout(totalParams: number): { name: string; dtype: "F32" | "I64"; shape: number[] }[] {
+  const tensors: { name: string; dtype: "F32" | "I64"; shape: number[] }[] = [];
+  let params = 0;
+  for (let i = 0; params < totalParams; i++) {
+    const d = 512 + 128 * (i % 4);
+    for (const [name, shape] of [
+      [`blocks.${i}.attn.qkv.weight`, [3 * d, d]],
+      [`blocks.${i}.mlp.fc1.weight`, [4 * d, d]],
+      [`blocks.${i}.mlp.fc2.weight`, [d, 4 * d]],
+      [`blocks.${i}.conv.weight`, [d, 64, 3, 3]],
+      [`blocks.${i}.bn.running_mean`, [d]],
+      [`blocks.${i}.bn.running_var`, [d]],
+    ] as const) {
+      tensors.push({ name, dtype: "F32", shape: [...shape] });
+      params += shape.reduce((a, b) => a * b, 1);
+    }
+    tensors.push({ name: `blocks.${i}.bn.num_batches_tracked`, dtype: "I64", shape: [] });
+  }
+  return tensors;
+}
+
+async function generate(path: string, seed: number): Promise<void> {
+  const tensors = layout(millions * 1e6);
+  const header: Record<string, unknown> = {};
+  let offset = 0;
+  for (const t of tensors) {
+    const bytes = t.shape.reduce((a, b) => a * b, 1) * (t.dtype === "F32" ? 4 : 8);
+    header[t.name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + bytes] };
+    offset += bytes;
+  }
+  let text = JSON.stringify(header);
+  text += " ".repeat((8 - ((text.length + 8) % 8)) % 8);
+  const prefix = Buffer.alloc(8);
+  prefix.writeBigUInt64LE(BigInt(text.length));
+  const out = createWriteStream(path);
+  out.write(prefix);
+  out.write(text);
+  let state = (seed * 2654435761) >>> 0 || 1;
+  for (const t of tensors) {
+    const n = t.shape.reduce((a, b) => a * b, 1);
+    if (t.dtype === "I64") {
+      const counter = Buffer.alloc(8);
+      counter.writeBigInt64LE(BigInt(1000 + seed));
+      out.write(counter);
+      continue;
+    }
+    for (let done = 0; done < n; done += 1 << 20) {
+      const chunk = new Float32Array(Math.min(1 << 20, n - done));
+      for (let i = 0; i < chunk.length; i++) {
+        state ^= state << 13;
+        state ^= state >>> 17;
+        state ^= state << 5;
+        chunk[i] = ((state >>> 0) / 4294967296 - 0.5) * 2;
+      }
+      if (!out.write(Buffer.from(chunk.buffer))) await once(out, "drain");
+    }
+  }
+  out.end();
+  await once(out, "finish");
+}
+
+function timed(command: string, args: string[]): { seconds: number; rssMb: number } {
+  const run = spawnSync("/usr/bin/time", ["-f", "%e %M", command, ...args], { encoding: "utf8" });
+  if (run.status !== 0) throw new Error(`${command} failed: ${run.stderr}`);
+  const [seconds, kb] = (run.stderr.trim().split("\n").at(-1) ?? "").split(" ").map(Number);
+  return { seconds: seconds ?? Number.NaN, rssMb: (kb ?? Number.NaN) / 1024 };
+}
+
+/** Largest |a - b| over all F32 tensors, relative to the largest |a|. */
+async function worstDifference(a: string, b: string): Promise<number> {
+  const [sa, sb] = await Promise.all([openFileSource(a), openFileSource(b)]);
+  const [ha, hb] = await Promise.all([readSafetensorsHeader(sa, 1e8), readSafetensorsHeader(sb, 1e8)]);
+  const byName = new Map(hb.tensors.map((t) => [t.name, t]));
+  let worst = 0;
+  let scale = 0;
+  for (const t of ha.tensors) {
+    const u = byName.get(t.name);
+    if (!u || t.dtype !== "F32") continue;
+    const x = new Float32Array((await readBytes(sa, ha.dataStart + t.begin, t.end - t.begin)).buffer);
+    const y = new Float32Array((await readBytes(sb, hb.dataStart + u.begin, u.end - u.begin)).buffer);
+    for (let i = 0; i < x.length; i++) {
+      worst = Math.max(worst, Math.abs((x[i] as number) - (y[i] as number)));
+      scale = Math.max(scale, Math.abs(x[i] as number));
+    }
+  }
+  await Promise.all([sa.close(), sb.close()]);
+  return worst / (scale || 1);
+}
+
+async function main(): Promise<void> {
+  execFileSync("mkdir", ["-p", dir]);
+  const inputs = Array.from({ length: INPUTS }, (_, k) => join(dir, `member${k}.safetensors`));
+  for (const [k, path] of inputs.entries()) if (!existsSync(path)) await generate(path, k + 1);
+  for (const path of inputs) await readFile(path); // into page cache
+  const ours = join(dir, "ours.safetensors");
+  const theirs = join(dir, "numpy.safetensors");
+  const numpy = timed("python3", ["bench/numpy_merge.py", theirs, ...inputs]);
+  const papa = timed(process.execPath, [
+    "dist/cli.js",
+    "merge",
+    "--method",
+    "papa-all",
+    "--out",
+    ours,
+    ...inputs,
+  ]);
+  const worst = await worstDifference(theirs, ours);
+  const size = (await openFileSource(inputs[0] ?? "")).size;
+  console.log(
+    `merge papa-all inputs=${INPUTS}x${(size / 1e6).toFixed(0)}MB ours_s=${papa.seconds.toFixed(2)} ours_peak_rss_mb=${papa.rssMb.toFixed(0)} ` +
+      `numpy_s=${numpy.seconds.toFixed(2)} numpy_peak_rss_mb=${numpy.rssMb.toFixed(0)} ` +
+      `speedup=${(numpy.seconds / papa.seconds).toFixed(2)}x rss_ratio=${(numpy.rssMb / papa.rssMb).toFixed(2)}x worst_rel_diff=${worst.toExponential(2)}`,
+  );
+  await rm(ours, { force: true });
+  await rm(theirs, { force: true });
+}
+
+await main();

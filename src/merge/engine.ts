@@ -1,0 +1,163 @@
+import { once } from "node:events";
+import { open, rename, rm } from "node:fs/promises";
+import { PassThrough } from "node:stream";
+import { DTYPE_BITS } from "../tensors/dtypes.js";
+import { FLOAT_BYTES, isFloatDtype } from "../tensors/floats.js";
+import { type ByteSource, readBytes } from "../tensors/source.js";
+import type { Block, MergePlan, PlannedTensor } from "./plan.js";
+import type { MergePool } from "./pool.js";
+
+/** Where one output goes, written strictly in order: header, then every block. */
+export interface OutputSink {
+  /** `data` may be reused once the promise resolves: a sink that keeps it must copy it. */
+  write(data: Uint8Array): Promise<void>;
+}
+
+export interface RunMergeOptions {
+  plan: MergePlan;
+  /** One per input, in the order of the plan's coefficient columns. */
+  sources: ByteSource[];
+  /** One per output, in the order of the plan's coefficient rows. */
+  sinks: OutputSink[];
+  pool: MergePool;
+  signal?: AbortSignal | undefined;
+  onProgress?: ((doneBytes: number, totalBytes: number) => void) | undefined;
+}
+
+/** Shared memory for one block in flight: an input buffer per input, an output buffer per output. */
+interface Slot {
+  inputs: Uint8Array[];
+  outputs: Uint8Array[];
+}
+
+/** Bytes of shared memory all slots together may use; the block size is derived from it. */
+export const SLOT_MEMORY_BYTES = 128 * 1024 * 1024;
+
+/** How many blocks may be in flight with a pool of this size. */
+export function slotCount(pool: MergePool): number {
+  return Math.max(2, pool.size * 2);
+}
+
+/**
+ * Elements per block so that `slots` blocks of `inputs` inputs and `outputs` outputs (8 bytes
+ * an element at most) fit in SLOT_MEMORY_BYTES; between 64 Ki and 1 Mi elements.
+ */
+export function blockElementsFor(inputs: number, outputs: number, slots: number): number {
+  const fit = Math.floor(SLOT_MEMORY_BYTES / (slots * (inputs + outputs) * 8));
+  return Math.max(1 << 16, Math.min(1 << 20, fit));
+}
+
+function allocateSlots(plan: MergePlan, inputs: number, outputs: number, count: number): Slot[] {
+  let inBytes = 0;
+  let outBytes = 0;
+  for (const block of plan.blocks) {
+    const t = plan.tensors[block.tensor] as PlannedTensor;
+    if (!t.averaged || !isFloatDtype(t.dtype) || !isFloatDtype(t.outDtype)) continue;
+    inBytes = Math.max(inBytes, block.count * FLOAT_BYTES[t.dtype]);
+    outBytes = Math.max(outBytes, block.count * FLOAT_BYTES[t.outDtype]);
+  }
+  const shared = (bytes: number) => new Uint8Array(new SharedArrayBuffer(bytes));
+  return Array.from({ length: count }, () => ({
+    inputs: Array.from({ length: inputs }, () => shared(inBytes)),
+    outputs: Array.from({ length: outputs }, () => shared(outBytes)),
+  }));
+}
+
+/**
+ * Streams a planned merge: block by block, reads the block from every input into shared
+ * memory, merges it on the pool (or copies it from the first input for integer, bool and
+ * excluded tensors) and writes it to every output, in order. A fixed ring of slots is reused,
+ * so memory does not grow with the size or the number of blocks, and nothing is allocated per
+ * block on the hot path.
+ */
+export async function runMerge(options: RunMergeOptions): Promise<void> {
+  const { plan, sources, sinks, pool, signal } = options;
+  for (const sink of sinks) await sink.write(plan.headerBytes);
+  const slots = allocateSlots(plan, sources.length, sinks.length, slotCount(pool));
+  const pending: Promise<Uint8Array[]>[] = [];
+  const total = plan.outputBytes - plan.headerBytes.length;
+  let started = 0;
+  let done = 0;
+  for (let i = 0; i < plan.blocks.length; i++) {
+    // Block `started` reuses the slot of block `started - slots.length`, already written.
+    while (started < plan.blocks.length && started < i + slots.length) {
+      const block = plan.blocks[started] as Block;
+      const work = processBlock(
+        plan,
+        block,
+        sources,
+        pool,
+        slots[started % slots.length] as Slot,
+        sinks.length,
+      );
+      work.catch(() => undefined); // awaited in order below; no unhandled rejection meanwhile
+      pending.push(work);
+      started++;
+    }
+    const outputs = (await pending.shift()) ?? [];
+    signal?.throwIfAborted();
+    for (const [j, sink] of sinks.entries()) await sink.write(outputs[j] ?? new Uint8Array(0));
+    done += outputs[0]?.byteLength ?? 0;
+    options.onProgress?.(done, total);
+  }
+}
+
+async function processBlock(
+  plan: MergePlan,
+  block: Block,
+  sources: ByteSource[],
+  pool: MergePool,
+  slot: Slot,
+  outputCount: number,
+): Promise<Uint8Array[]> {
+  const tensor = plan.tensors[block.tensor] as PlannedTensor;
+  const { dtype, outDtype } = tensor;
+  const start = (block.start * DTYPE_BITS[dtype]) / 8;
+  const length = (block.count * DTYPE_BITS[dtype]) / 8;
+  if (!tensor.averaged || !isFloatDtype(dtype) || !isFloatDtype(outDtype)) {
+    const bytes = await readBytes(sources[0] as ByteSource, (tensor.inputOffsets[0] ?? 0) + start, length);
+    return Array.from({ length: outputCount }, () => bytes);
+  }
+  const inputs = slot.inputs.map((b) => b.subarray(0, length));
+  await Promise.all(
+    sources.map((source, k) => source.read((tensor.inputOffsets[k] ?? 0) + start, inputs[k] as Uint8Array)),
+  );
+  const outputs = slot.outputs.map((b) => b.subarray(0, block.count * FLOAT_BYTES[outDtype]));
+  await pool.run({ dtype, outDtype, count: block.count, inputs, outputs, coefficients: plan.coefficients });
+  return outputs;
+}
+
+/** A local output file, written to a temp name and renamed into place by `commit`. */
+export async function openFileSink(
+  path: string,
+): Promise<OutputSink & { commit(): Promise<void>; abort(): Promise<void> }> {
+  const tmp = `${path}.partial-${process.pid}`;
+  const handle = await open(tmp, "w");
+  return {
+    write: async (data) => {
+      let written = 0;
+      while (written < data.byteLength) {
+        written += (await handle.write(data, written, data.byteLength - written)).bytesWritten;
+      }
+    },
+    commit: async () => {
+      await handle.close();
+      await rename(tmp, path);
+    },
+    abort: async () => {
+      await handle.close().catch(() => undefined);
+      await rm(tmp, { force: true });
+    },
+  };
+}
+
+/** An output as a readable stream (for `ObjectStore.put`), with backpressure. Copies each block. */
+export function streamSink(): OutputSink & { stream: PassThrough } {
+  const stream = new PassThrough({ highWaterMark: 8 << 20 });
+  return {
+    stream,
+    write: async (data) => {
+      if (!stream.write(Buffer.from(data))) await once(stream, "drain");
+    },
+  };
+}

@@ -1,0 +1,71 @@
+import { randomInt, seededRandom } from "../random.js";
+
+/** How to combine N inputs; each method is a matrix of coefficients, one row per output. */
+export type MergeMethod =
+  | { method: "papa-all" }
+  | { method: "papa-2"; seed: number }
+  | { method: "weighted"; coefficients: number[] }
+  | { method: "papa-pull"; beta: number };
+
+export class MergeSpecError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "MergeSpecError";
+  }
+}
+
+/** The i-th of the n(n-1)/2 unordered pairs (a < b) in lexicographic order. */
+export function unrankPair(index: number, n: number): [number, number] {
+  let a = 0;
+  let remaining = index;
+  while (remaining >= n - 1 - a) {
+    remaining -= n - 1 - a;
+    a++;
+  }
+  return [a, a + 1 + remaining];
+}
+
+/**
+ * PAPA-2 pairs: for each of the n output slots, a pair drawn uniformly from all n(n-1)/2 pairs.
+ * (The authors' code draws only from the first n pairs in lexicographic order; we do not.)
+ */
+export function papa2Pairs(n: number, seed: number): [number, number][] {
+  const random = seededRandom(seed);
+  const pairs = (n * (n - 1)) / 2;
+  return Array.from({ length: n }, () => unrankPair(randomInt(random, pairs), n));
+}
+
+/**
+ * The coefficient matrix of a merge of n inputs: `rows[j][k]` is input k's weight in output j.
+ * Every row sums to 1. Throws `MergeSpecError` for a spec that cannot apply to n inputs.
+ */
+export function mergeCoefficients(spec: MergeMethod, n: number): number[][] {
+  if (n < 1) throw new MergeSpecError("a merge needs at least one input");
+  switch (spec.method) {
+    case "papa-all":
+      if (n < 2) throw new MergeSpecError("papa-all needs at least 2 inputs");
+      return [Array.from({ length: n }, () => 1 / n)];
+    case "papa-2":
+      if (n < 2) throw new MergeSpecError("papa-2 needs at least 2 inputs");
+      return papa2Pairs(n, spec.seed).map(([a, b]) =>
+        Array.from({ length: n }, (_, k) => (k === a || k === b ? 0.5 : 0)),
+      );
+    case "weighted": {
+      const c = spec.coefficients;
+      if (c.length !== n)
+        throw new MergeSpecError(`weighted needs one coefficient per input: got ${c.length} for ${n}`);
+      if (c.some((v) => !Number.isFinite(v))) throw new MergeSpecError("coefficients must be finite numbers");
+      const sum = c.reduce((a, b) => a + b, 0);
+      if (Math.abs(sum - 1) > 1e-9) throw new MergeSpecError(`coefficients must sum to 1, not ${sum}`);
+      return [[...c]];
+    }
+    case "papa-pull": {
+      const { beta } = spec;
+      if (!(beta > 0 && beta <= 1)) throw new MergeSpecError(`beta must be in (0, 1], not ${beta}`);
+      if (n < 2) throw new MergeSpecError("papa-pull needs at least 2 inputs");
+      return Array.from({ length: n }, (_, j) =>
+        Array.from({ length: n }, (_, k) => beta / n + (j === k ? 1 - beta : 0)),
+      );
+    }
+  }
+}

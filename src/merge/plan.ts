@@ -1,0 +1,153 @@
+import { DTYPE_BITS, type Dtype } from "../tensors/dtypes.js";
+import { type FloatDtype, isFloatDtype } from "../tensors/floats.js";
+import { encodeSafetensorsHeader, type SafetensorsHeader } from "../tensors/safetensors.js";
+
+/** Inputs whose tensors do not line up; the message names the first offending tensor. */
+export class MergeMismatchError extends Error {
+  constructor(
+    message: string,
+    readonly tensor: string,
+  ) {
+    super(message);
+    this.name = "MergeMismatchError";
+  }
+}
+
+export interface PlannedTensor {
+  name: string;
+  dtype: Dtype;
+  outDtype: Dtype;
+  elements: number;
+  /** Averaged with the coefficients (floats), or copied from the first input (integers, bool, excluded). */
+  averaged: boolean;
+  /** Absolute byte offset of the tensor's data in each input (only the first, when copied). */
+  inputOffsets: number[];
+  /** Absolute byte offset of the tensor's data in every output. */
+  outputOffset: number;
+}
+
+/** A slice of one tensor, the unit of work: small enough that a few fit in memory. */
+export interface Block {
+  tensor: number;
+  /** First element and element count. */
+  start: number;
+  count: number;
+}
+
+export interface MergePlan {
+  /** rows[j][k]: input k's weight in output j. */
+  coefficients: number[][];
+  tensors: PlannedTensor[];
+  blocks: Block[];
+  /** Prefix and header of every output file (they share one layout). */
+  headerBytes: Buffer;
+  outputBytes: number;
+}
+
+/** `*` matches any run of characters; everything else is literal. */
+export function globToRegExp(pattern: string): RegExp {
+  return new RegExp(
+    `^${pattern
+      .split("*")
+      .map((p) => p.replace(/[.+?^${}()|[\]\\]/g, "\\$&"))
+      .join(".*")}$`,
+  );
+}
+
+export interface PlanOptions {
+  headers: SafetensorsHeader[];
+  coefficients: number[][];
+  /** How to name input k in messages (a checkpoint id, a file name). */
+  labels: string[];
+  /** Tensor name patterns copied from the first input instead of averaged (and not compared). */
+  exclude?: string[];
+  /** Float dtype of averaged tensors in the outputs (default: the inputs' dtype). */
+  outputDtype?: FloatDtype | undefined;
+  metadata?: Record<string, string>;
+  /** Elements per block (see `blockElementsFor`). */
+  blockElements: number;
+}
+
+/**
+ * Checks that the inputs agree (every tensor name, shape and dtype, except excluded names) and
+ * lays out the outputs: the first input's tensor order, the output dtype for averaged tensors.
+ */
+export function planMerge(options: PlanOptions): MergePlan {
+  const { headers, labels, coefficients } = options;
+  const [first, ...rest] = headers;
+  if (!first) throw new Error("a merge needs at least one input");
+  const excluded = (options.exclude ?? []).map(globToRegExp);
+  const isExcluded = (name: string) => excluded.some((r) => r.test(name));
+  const byName = headers.map((h) => new Map(h.tensors.map((t) => [t.name, t])));
+
+  for (const t of first.tensors) {
+    if (isExcluded(t.name)) continue;
+    rest.forEach((_, i) => {
+      const other = byName[i + 1]?.get(t.name);
+      const where = `tensor ${JSON.stringify(t.name)}`;
+      if (!other)
+        throw new MergeMismatchError(`${where} is in ${labels[0]} but not in ${labels[i + 1]}`, t.name);
+      if (other.dtype !== t.dtype) {
+        throw new MergeMismatchError(
+          `${where} is ${t.dtype} in ${labels[0]} but ${other.dtype} in ${labels[i + 1]}`,
+          t.name,
+        );
+      }
+      if (other.shape.join(",") !== t.shape.join(",")) {
+        throw new MergeMismatchError(
+          `${where} has shape [${t.shape}] in ${labels[0]} but [${other.shape}] in ${labels[i + 1]}`,
+          t.name,
+        );
+      }
+    });
+  }
+  rest.forEach((h, i) => {
+    const extra = h.tensors.find((t) => !isExcluded(t.name) && !byName[0]?.has(t.name));
+    if (extra) {
+      throw new MergeMismatchError(
+        `tensor ${JSON.stringify(extra.name)} is in ${labels[i + 1]} but not in ${labels[0]}`,
+        extra.name,
+      );
+    }
+  });
+
+  const layout = first.tensors.map((t) => {
+    const averaged = !isExcluded(t.name) && isFloatDtype(t.dtype);
+    return { t, averaged, outDtype: averaged && options.outputDtype ? options.outputDtype : t.dtype };
+  });
+  const encoded = encodeSafetensorsHeader(
+    layout.map(({ t, outDtype }) => ({ name: t.name, dtype: outDtype, shape: t.shape })),
+    options.metadata ?? null,
+  );
+  const { blockElements } = options;
+  const tensors: PlannedTensor[] = [];
+  const blocks: Block[] = [];
+  layout.forEach(({ t, averaged, outDtype }, index) => {
+    const elements = t.shape.reduce((a, b) => a * b, 1);
+    const out = encoded.header.tensors[index];
+    if (!out) throw new Error("header layout lost a tensor");
+    tensors.push({
+      name: t.name,
+      dtype: t.dtype,
+      outDtype,
+      elements,
+      averaged,
+      inputOffsets: averaged
+        ? headers.map((h, k) => h.dataStart + (byName[k]?.get(t.name)?.begin ?? 0))
+        : [first.dataStart + t.begin],
+      outputOffset: encoded.header.dataStart + out.begin,
+    });
+    // Copies of sub-byte dtypes go whole; everything else in element blocks.
+    const step = DTYPE_BITS[t.dtype] % 8 === 0 ? blockElements : Math.max(elements, 1);
+    for (let start = 0; start < elements; start += step) {
+      blocks.push({ tensor: index, start, count: Math.min(step, elements - start) });
+    }
+  });
+  return {
+    coefficients,
+    tensors,
+    blocks,
+    headerBytes: encoded.bytes,
+    outputBytes: encoded.header.dataStart + encoded.header.dataBytes,
+  };
+}
