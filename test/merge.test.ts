@@ -1,0 +1,380 @@
+import { spawnSync } from "node:child_process";
+import { createReadStream } from "node:fs";
+import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Writable } from "node:stream";
+import { pipeline } from "node:stream/promises";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { mergeFiles } from "../src/merge/local.js";
+import { type MergeMethod, mergeCoefficients, papa2Pairs } from "../src/merge/methods.js";
+import { MergeMismatchError } from "../src/merge/plan.js";
+import { SafetensorsValidator } from "../src/tensors/safetensors.js";
+import { buildSafetensors, type TestTensor } from "./helpers/safetensors.js";
+
+// ---- an independent reference: float encodings written from their definitions ----
+
+/** Round-half-even of v to the float format with `mantissaBits` and minimum normal exponent `minExp`. */
+function roundToFormat(v: number, mantissaBits: number, minExp: number): number {
+  if (v === 0 || !Number.isFinite(v)) return v;
+  const exponent = Math.max(Math.floor(Math.log2(Math.abs(v))), minExp);
+  const quantum = 2 ** (exponent - mantissaBits);
+  const scaled = v / quantum;
+  const floor = Math.floor(scaled);
+  const diff = scaled - floor;
+  const rounded = diff > 0.5 || (diff === 0.5 && floor % 2 !== 0) ? floor + 1 : floor;
+  return rounded * quantum;
+}
+
+function encodeRef(values: number[], dtype: string): Uint8Array {
+  const out = Buffer.alloc(values.length * (dtype === "F64" ? 8 : dtype === "F32" ? 4 : 2));
+  values.forEach((v, i) => {
+    if (dtype === "F64") out.writeDoubleLE(v, i * 8);
+    else if (dtype === "F32") out.writeFloatLE(v, i * 4);
+    else if (dtype === "BF16")
+      out.writeUInt16LE(
+        Buffer.from(new Float32Array([roundToFormat(v, 7, -126)]).buffer).readUInt16LE(2),
+        i * 2,
+      );
+    else {
+      const r = roundToFormat(v, 10, -14);
+      out.writeUInt16LE(halfBits(Math.abs(r) > 65504 ? Math.sign(r) * Number.POSITIVE_INFINITY : r), i * 2);
+    }
+  });
+  return out;
+}
+
+/** Bits of a value already representable as float16. */
+function halfBits(v: number): number {
+  const sign = v < 0 || Object.is(v, -0) ? 0x8000 : 0;
+  const a = Math.abs(v);
+  if (a === 0) return sign;
+  if (a === Number.POSITIVE_INFINITY) return sign | 0x7c00;
+  if (a < 2 ** -14) return sign | Math.round(a / 2 ** -24);
+  const e = Math.floor(Math.log2(a));
+  return sign | ((e + 15) << 10) | Math.round((a / 2 ** e - 1) * 1024);
+}
+
+function decodeRef(bytes: Buffer, dtype: string): number[] {
+  const size = dtype === "F64" ? 8 : dtype === "F32" ? 4 : 2;
+  return Array.from({ length: bytes.length / size }, (_, i) => {
+    if (dtype === "F64") return bytes.readDoubleLE(i * 8);
+    if (dtype === "F32") return bytes.readFloatLE(i * 4);
+    const h = bytes.readUInt16LE(i * 2);
+    if (dtype === "BF16") return new Float32Array(new Uint32Array([h << 16]).buffer)[0] as number;
+    const e = (h >> 10) & 0x1f;
+    const m = h & 0x3ff;
+    const s = h & 0x8000 ? -1 : 1;
+    if (e === 31) return m ? Number.NaN : s * Number.POSITIVE_INFINITY;
+    return e === 0 ? s * m * 2 ** -24 : s * (1 + m / 1024) * 2 ** (e - 15);
+  });
+}
+
+/** Reads a merged file back: tensors by name, after checking it with the strict validator. */
+async function readMerged(
+  path: string,
+): Promise<Map<string, { dtype: string; shape: number[]; values: number[]; raw: Buffer }>> {
+  const validator = new SafetensorsValidator();
+  await pipeline(createReadStream(path), validator, new Writable({ write: (_c, _e, cb) => cb() }));
+  const { header } = validator.summary();
+  const bytes = await readFile(path);
+  return new Map(
+    header.tensors.map((t) => {
+      const raw = bytes.subarray(header.dataStart + t.begin, header.dataStart + t.end);
+      const float = ["F64", "F32", "F16", "BF16"].includes(t.dtype);
+      return [t.name, { dtype: t.dtype, shape: t.shape, raw, values: float ? decodeRef(raw, t.dtype) : [] }];
+    }),
+  );
+}
+
+let dir: string;
+beforeAll(async () => {
+  dir = await mkdtemp(join(tmpdir(), "papa-merge-"));
+});
+afterAll(() => rm(dir, { recursive: true, force: true }));
+
+/** Input k: w = [k+1, -2(k+1), 0.5k, 3], plus an int64 counter 100+k. All exact in every float dtype. */
+const weights = (k: number) => [k + 1, -2 * (k + 1), 0.5 * k, 3];
+async function writeInputs(
+  n: number,
+  dtype: string,
+  extra: (k: number) => TestTensor[] = () => [],
+): Promise<string[]> {
+  const paths: string[] = [];
+  for (let k = 0; k < n; k++) {
+    const path = join(dir, `${dtype}-${n}-${k}-${Math.random().toString(36).slice(2)}.safetensors`);
+    const counter = Buffer.alloc(8);
+    counter.writeBigInt64LE(BigInt(100 + k));
+    await writeFile(
+      path,
+      buildSafetensors([
+        { name: "layer.weight", dtype, shape: [2, 2], data: encodeRef(weights(k), dtype) },
+        { name: "bn.num_batches_tracked", dtype: "I64", shape: [], data: counter },
+        ...extra(k),
+      ]),
+    );
+    paths.push(path);
+  }
+  return paths;
+}
+
+/** The expected outputs: sum_k c[j][k] * weights(k), written out by hand from each method's definition. */
+function expected(spec: MergeMethod, n: number): number[][] {
+  const w = Array.from({ length: n }, (_, k) => weights(k));
+  const combine = (c: number[]) =>
+    [0, 1, 2, 3].map((i) => c.reduce((s, ck, k) => s + ck * (w[k]?.[i] ?? 0), 0));
+  switch (spec.method) {
+    case "papa-all":
+      return [combine(Array(n).fill(1 / n))];
+    case "weighted":
+      return [combine(spec.coefficients)];
+    case "papa-pull":
+      return w.map((wj) => {
+        const mean = combine(Array(n).fill(1 / n));
+        return wj.map((x, i) => (1 - spec.beta) * x + spec.beta * (mean[i] ?? 0));
+      });
+    case "papa-2":
+      return papa2Pairs(n, spec.seed).map(([a, b]) =>
+        (w[a] ?? []).map((x, i) => 0.5 * x + 0.5 * (w[b]?.[i] ?? 0)),
+      );
+  }
+}
+
+describe("merge methods", () => {
+  it.each([
+    [{ method: "papa-all" } as MergeMethod],
+    [{ method: "papa-2", seed: 7 } as MergeMethod],
+    [{ method: "weighted", coefficients: [0.1, 0.2, 0.3, 0.4] } as MergeMethod],
+    [{ method: "papa-pull", beta: 0.25 } as MergeMethod],
+  ])("%j: every output's coefficients sum to 1", (spec) => {
+    for (const row of mergeCoefficients(spec, 4)) {
+      expect(row.reduce((a, b) => a + b, 0)).toBeCloseTo(1, 12);
+      expect(row.every((c) => c >= 0)).toBe(true);
+    }
+  });
+
+  it("papa-pull moves each input beta toward the mean", () => {
+    const rows = mergeCoefficients({ method: "papa-pull", beta: 0.2 }, 4);
+    expect(rows[1]).toEqual([0.05, 0.85, 0.05, 0.05].map((v, k) => (k === 1 ? 0.8 + 0.05 : 0.05)));
+  });
+
+  it("papa-2 draws every one of the n(n-1)/2 pairs, uniformly, not just the first n", () => {
+    const n = 5;
+    const counts = new Map<string, number>();
+    const seeds = 2000;
+    for (let seed = 0; seed < seeds; seed++) {
+      for (const [a, b] of papa2Pairs(n, seed)) {
+        expect(a).toBeLessThan(b);
+        counts.set(`${a}-${b}`, (counts.get(`${a}-${b}`) ?? 0) + 1);
+      }
+    }
+    expect(counts.size).toBe(10);
+    const expectedCount = (seeds * n) / 10;
+    for (const c of counts.values()) expect(Math.abs(c - expectedCount) / expectedCount).toBeLessThan(0.1);
+    expect(papa2Pairs(n, 3)).toEqual(papa2Pairs(n, 3));
+  });
+
+  it.each([
+    [{ method: "weighted", coefficients: [0.5, 0.6] }, "sum to 1"],
+    [{ method: "weighted", coefficients: [1] }, "one coefficient per input"],
+    [{ method: "weighted", coefficients: [Number.NaN, 1] }, "finite"],
+    [{ method: "papa-pull", beta: 0 }, "beta"],
+    [{ method: "papa-pull", beta: 1.5 }, "beta"],
+  ] as [MergeMethod, string][])("rejects %j", (spec, message) => {
+    expect(() => mergeCoefficients(spec, 2)).toThrow(message);
+  });
+});
+
+describe("merge engine on files", () => {
+  const specs: MergeMethod[] = [
+    { method: "papa-all" },
+    { method: "papa-2", seed: 11 },
+    { method: "weighted", coefficients: [0.5, 0.25, 0.125, 0.125] },
+    { method: "papa-pull", beta: 0.5 },
+  ];
+  for (const dtype of ["F32", "F16", "BF16", "F64"]) {
+    it.each(specs)(
+      `$method on ${dtype} matches the closed form, integers copied from the first input`,
+      async (spec) => {
+        const inputs = await writeInputs(4, dtype);
+        const paths = await mergeFiles({
+          inputs,
+          out: join(dir, `out-${dtype}-${spec.method}.safetensors`),
+          spec,
+          threads: 2,
+        });
+        const want = expected(spec, 4);
+        expect(paths).toHaveLength(want.length);
+        for (const [j, path] of paths.entries()) {
+          const merged = await readMerged(path);
+          const w = merged.get("layer.weight");
+          expect(w?.dtype).toBe(dtype);
+          expect(w?.shape).toEqual([2, 2]);
+          expect(w?.values).toEqual(decodeRef(Buffer.from(encodeRef(want[j] ?? [], dtype)), dtype));
+          expect(merged.get("bn.num_batches_tracked")?.raw.readBigInt64LE(0)).toBe(100n);
+        }
+      },
+    );
+  }
+
+  it("narrows to the output dtype with round-to-nearest-even", async () => {
+    // 1 + 2^-11 lies halfway between two float16 values; 1 + 3 * 2^-11 too: ties go to even.
+    const values = [1 + 2 ** -11, 1 + 3 * 2 ** -11, 1 + 2 ** -8 + 2 ** -9, 70000, -3.14159, 1e-6];
+    const make = async (scale: number) => {
+      const path = join(dir, `round-${scale}.safetensors`);
+      await writeFile(
+        path,
+        buildSafetensors([
+          {
+            name: "x",
+            dtype: "F32",
+            shape: [6],
+            data: encodeRef(
+              values.map((v) => v * scale),
+              "F32",
+            ),
+          },
+        ]),
+      );
+      return path;
+    };
+    const inputs = [await make(1), await make(1)];
+    for (const outputDtype of ["F16", "BF16"] as const) {
+      const [path] = await mergeFiles({
+        inputs,
+        out: join(dir, `round-${outputDtype}.safetensors`),
+        spec: { method: "papa-all" },
+        outputDtype,
+      });
+      const x = (await readMerged(path ?? "")).get("x");
+      expect(x?.dtype).toBe(outputDtype);
+      const f32 = values.map((v) => Math.fround(v));
+      expect(x?.raw.equals(Buffer.from(encodeRef(f32, outputDtype)))).toBe(true);
+    }
+    const [f16] = await mergeFiles({
+      inputs,
+      out: join(dir, "round-ties.safetensors"),
+      spec: { method: "papa-all" },
+      outputDtype: "F16",
+    });
+    const ties = (await readMerged(f16 ?? "")).get("x")?.values;
+    expect(ties?.slice(0, 2)).toEqual([1, 1 + 2 * 2 ** -10]);
+    expect(ties?.[3]).toBe(Number.POSITIVE_INFINITY);
+  });
+
+  it("streams tensors larger than a block, on threads and inline alike", async () => {
+    const n = 300_000;
+    const make = async (k: number) => {
+      const path = join(dir, `big-${k}.safetensors`);
+      const values = Array.from({ length: n }, (_, i) => ((i % 1000) - 500) / 8 + k);
+      await writeFile(
+        path,
+        buildSafetensors([{ name: "big", dtype: "F16", shape: [n], data: encodeRef(values, "F16") }]),
+      );
+      return path;
+    };
+    const inputs = [await make(0), await make(2)];
+    const want = Array.from({ length: n }, (_, i) => ((i % 1000) - 500) / 8 + 1);
+    for (const threads of [0, 2]) {
+      const [path] = await mergeFiles({
+        inputs,
+        out: join(dir, `big-out-${threads}.safetensors`),
+        spec: { method: "papa-all" },
+        threads,
+      });
+      expect((await readMerged(path ?? "")).get("big")?.values).toEqual(want);
+    }
+  });
+
+  it("copies excluded tensors from the first input without comparing them", async () => {
+    const inputs = await writeInputs(2, "F32", (k) => [
+      { name: "head.weight", dtype: "F32", shape: [k + 1], data: encodeRef(Array(k + 1).fill(k + 7), "F32") },
+    ]);
+    const [path] = await mergeFiles({
+      inputs,
+      out: join(dir, "excluded.safetensors"),
+      spec: { method: "papa-all" },
+      exclude: ["head.*"],
+    });
+    const merged = await readMerged(path ?? "");
+    expect(merged.get("head.weight")?.values).toEqual([7]);
+    expect(merged.get("layer.weight")?.values).toEqual([1.5, -3, 0.25, 3]);
+  });
+
+  it.each([
+    [
+      "a different shape",
+      { name: "extra", dtype: "F32", shape: [2] },
+      { name: "extra", dtype: "F32", shape: [3] },
+      'tensor "extra" has shape',
+    ],
+    [
+      "a different dtype",
+      { name: "extra", dtype: "F32", shape: [2] },
+      { name: "extra", dtype: "F16", shape: [2] },
+      'tensor "extra" is F32',
+    ],
+    ["a missing tensor", { name: "extra", dtype: "F32", shape: [2] }, null, 'tensor "extra" is in'],
+    ["an extra tensor", null, { name: "extra", dtype: "F32", shape: [2] }, 'tensor "extra" is in'],
+  ] as const)("refuses inputs with %s, naming the tensor, leaving no file", async (_case, a, b, message) => {
+    const tensor = (t: { name: string; dtype: string; shape: readonly number[] } | null): TestTensor[] =>
+      t
+        ? [
+            {
+              name: t.name,
+              dtype: t.dtype,
+              shape: [...t.shape],
+              data: encodeRef(Array(t.shape[0]).fill(1), t.dtype),
+            },
+          ]
+        : [];
+    const inputs = await writeInputs(2, "F32", (k) => tensor(k === 0 ? a : b));
+    const out = join(dir, "mismatch", "never.safetensors");
+    await rm(join(dir, "mismatch"), { recursive: true, force: true });
+    await import("node:fs/promises").then((fs) => fs.mkdir(join(dir, "mismatch")));
+    const err = await mergeFiles({ inputs, out, spec: { method: "papa-all" } }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(MergeMismatchError);
+    expect((err as Error).message).toContain(message);
+    expect(await readdir(join(dir, "mismatch"))).toEqual([]);
+  });
+});
+
+describe("papa merge (the CLI)", () => {
+  const cli = (args: string[]) =>
+    spawnSync(process.execPath, ["--import", "tsx", "src/cli.ts", ...args], { encoding: "utf8" });
+
+  it("merges local files", async () => {
+    const inputs = await writeInputs(3, "F32");
+    const out = join(dir, "cli.safetensors");
+    const run = cli([
+      "merge",
+      "--method",
+      "weighted",
+      "--coefficients",
+      "0.5,0.25,0.25",
+      "--out",
+      out,
+      ...inputs,
+    ]);
+    expect(run.stderr).toBe("");
+    expect(run.status).toBe(0);
+    expect(run.stdout).toContain(out);
+    expect((await readMerged(out)).get("layer.weight")?.values).toEqual([1.75, -3.5, 0.375, 3]);
+  });
+
+  it("exits 2 on a bad command line and 1 when the merge fails", async () => {
+    expect(cli(["merge", "--method", "papa-all"]).status).toBe(2);
+    expect(cli(["frobnicate"]).status).toBe(2);
+    const run = cli([
+      "merge",
+      "--method",
+      "papa-all",
+      "--out",
+      join(dir, "x.safetensors"),
+      join(dir, "missing.safetensors"),
+      join(dir, "missing2.safetensors"),
+    ]);
+    expect(run.status).toBe(1);
+    expect(run.stderr).toContain("missing.safetensors");
+  });
+});
