@@ -1,3 +1,4 @@
+import { availableParallelism } from "node:os";
 import { z } from "zod";
 
 const booleanFlag = z
@@ -38,8 +39,20 @@ const schema = z.object({
   PAPA_MAX_UPLOAD_BYTES: byteCount(20 * 1024 ** 3),
   PAPA_MAX_SAFETENSORS_HEADER_BYTES: byteCount(25_000_000),
   PAPA_MAX_HTTP_HEADER_BYTES: byteCount(16 * 1024),
+  PAPA_MAX_MERGE_INPUT_BYTES: byteCount(256 * 1024 ** 3),
   PAPA_PRESIGN_EXPIRES_SECONDS: z.coerce.number().int().min(1).max(604800).default(900),
   PAPA_LOG_LEVEL: z.enum(["debug", "info", "warn", "error"]).default("info"),
+  PAPA_IN_PROCESS_WORKER: z.preprocess(emptyAsUndefined, booleanFlag.optional()),
+  PAPA_WORKER_QUEUES: z
+    .string()
+    .regex(/^(merge)(,(merge))*$/, "must list queues among: merge")
+    .default("merge"),
+  PAPA_MERGE_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(1),
+  PAPA_MERGE_THREADS: z.coerce.number().int().min(0).max(256).default(availableParallelism()),
+  PAPA_JOB_RETRY_LIMIT: z.coerce.number().int().min(0).max(100).default(3),
+  PAPA_JOB_RETRY_DELAY_SECONDS: z.coerce.number().int().min(1).max(86400).default(5),
+  PAPA_MERGE_EXPIRE_SECONDS: z.coerce.number().int().min(1).max(86400).default(3600),
+  PAPA_WORKER_DRAIN_SECONDS: z.coerce.number().min(0).max(3600).default(30),
 });
 
 export interface S3Config {
@@ -57,6 +70,20 @@ export interface Limits {
   maxSafetensorsHeaderBytes: number;
   /** Largest HTTP request head (request line plus headers), in bytes. */
   maxHttpHeaderBytes: number;
+  /** Most bytes a merge may read, all inputs together. */
+  maxMergeInputBytes: number;
+}
+
+export interface WorkerConfig {
+  /** Run a worker inside the API process (the embedded default). */
+  inProcess: boolean;
+  queues: "merge"[];
+  mergeConcurrency: number;
+  mergeThreads: number;
+  retryLimit: number;
+  retryDelaySeconds: number;
+  mergeExpireSeconds: number;
+  drainSeconds: number;
 }
 
 export interface Config {
@@ -69,6 +96,7 @@ export interface Config {
   limits: Limits;
   presignExpiresSeconds: number;
   logLevel: "debug" | "info" | "warn" | "error";
+  worker: WorkerConfig;
 }
 
 export class ConfigError extends Error {
@@ -121,8 +149,19 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       maxUploadBytes: e.PAPA_MAX_UPLOAD_BYTES,
       maxSafetensorsHeaderBytes: e.PAPA_MAX_SAFETENSORS_HEADER_BYTES,
       maxHttpHeaderBytes: e.PAPA_MAX_HTTP_HEADER_BYTES,
+      maxMergeInputBytes: e.PAPA_MAX_MERGE_INPUT_BYTES,
     },
     presignExpiresSeconds: e.PAPA_PRESIGN_EXPIRES_SECONDS,
     logLevel: e.PAPA_LOG_LEVEL,
+    worker: {
+      inProcess: e.PAPA_IN_PROCESS_WORKER ?? true,
+      queues: [...new Set(e.PAPA_WORKER_QUEUES.split(","))] as "merge"[],
+      mergeConcurrency: e.PAPA_MERGE_CONCURRENCY,
+      mergeThreads: e.PAPA_MERGE_THREADS,
+      retryLimit: e.PAPA_JOB_RETRY_LIMIT,
+      retryDelaySeconds: e.PAPA_JOB_RETRY_DELAY_SECONDS,
+      mergeExpireSeconds: e.PAPA_MERGE_EXPIRE_SECONDS,
+      drainSeconds: e.PAPA_WORKER_DRAIN_SECONDS,
+    },
   };
 }

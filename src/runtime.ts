@@ -1,6 +1,7 @@
 import { join, resolve } from "node:path";
 import type { Config } from "./config.js";
 import { openDatabase } from "./db/client.js";
+import { JobQueue } from "./jobs/queue.js";
 import { createJsonLogger, type Logger } from "./logger.js";
 import type { ServiceContext } from "./services/context.js";
 import { FilesystemStore } from "./storage/fs-store.js";
@@ -14,7 +15,8 @@ export interface Runtime {
 
 /**
  * Builds the dependencies the configuration names: Postgres or PGlite (migrated), S3 or the
- * filesystem store. Embedded defaults keep everything under the data dir.
+ * filesystem store, the job queue on the same database. Embedded defaults keep everything
+ * under the data dir. `close` drains the queue's workers first.
  */
 export async function openRuntime(
   config: Config,
@@ -26,10 +28,25 @@ export async function openRuntime(
   );
   const s3 = config.s3 ? new S3Store(config.s3) : null;
   const store: ObjectStore = s3 ?? new FilesystemStore(join(dataDir, "objects"));
+  const w = config.worker;
+  const queue = new JobQueue(
+    database,
+    {
+      merge: {
+        retryLimit: w.retryLimit,
+        retryDelaySeconds: w.retryDelaySeconds,
+        expireInSeconds: w.mergeExpireSeconds,
+      },
+      train: { retryLimit: w.retryLimit, retryDelaySeconds: w.retryDelaySeconds, expireInSeconds: 24 * 3600 },
+    },
+    logger,
+  );
+  await queue.start();
   const ctx: ServiceContext = {
     db: database.db,
     databaseKind: database.kind,
     store,
+    queue,
     limits: config.limits,
     presignExpiresSeconds: config.presignExpiresSeconds,
     logger,
@@ -37,6 +54,7 @@ export async function openRuntime(
   return {
     ctx,
     close: async () => {
+      await queue.stop(w.drainSeconds * 1000);
       s3?.close();
       await database.close();
     },

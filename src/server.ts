@@ -1,11 +1,14 @@
 #!/usr/bin/env node
 import { serve } from "@hono/node-server";
 import { createApp } from "./app.js";
-import { ConfigError, loadConfig } from "./config.js";
+import { loadConfig } from "./config.js";
+import { startWorker } from "./jobs/worker.js";
+import { exitOnStartupError, stopOnSignals } from "./lifecycle.js";
 import { createJsonLogger } from "./logger.js";
 import { openRuntime } from "./runtime.js";
 import { bootstrapApiKey } from "./services/api-keys/api-keys.js";
 
+/** The API server; with the embedded default (PAPA_IN_PROCESS_WORKER) also a worker. */
 async function main(): Promise<void> {
   const config = loadConfig();
   const logger = createJsonLogger(config.logLevel);
@@ -20,6 +23,7 @@ async function main(): Promise<void> {
       `\nNo API key existed, so one was created. It is shown only now; keep it:\n\n  ${createdSecret}\n\n`,
     );
   }
+  if (config.worker.inProcess) await startWorker(runtime.ctx, config.worker);
   const server = serve(
     {
       fetch: createApp(runtime.ctx).fetch,
@@ -32,32 +36,14 @@ async function main(): Promise<void> {
         url: `http://${config.host === "0.0.0.0" ? "127.0.0.1" : config.host}:${info.port}`,
         database: runtime.ctx.databaseKind,
         store: runtime.ctx.store.kind,
+        worker: config.worker.inProcess,
       });
     },
   );
-  let stopping = false;
-  const stop = (signal: string) => {
-    if (stopping) return;
-    stopping = true;
-    logger.info("stopping", { signal });
-    server.close(() => {
-      runtime.close().then(
-        () => process.exit(0),
-        (err: unknown) => {
-          logger.error("shutdown failed", { error: err });
-          process.exit(1);
-        },
-      );
-    });
-    setTimeout(() => process.exit(1), 10_000).unref();
-  };
-  process.on("SIGTERM", () => stop("SIGTERM"));
-  process.on("SIGINT", () => stop("SIGINT"));
+  stopOnSignals(logger, async () => {
+    await new Promise((resolve) => server.close(resolve));
+    await runtime.close();
+  });
 }
 
-main().catch((err: unknown) => {
-  process.stderr.write(
-    `${err instanceof ConfigError ? err.message : ((err as Error).stack ?? String(err))}\n`,
-  );
-  process.exit(1);
-});
+main().catch(exitOnStartupError);

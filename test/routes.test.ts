@@ -51,10 +51,18 @@ describe("every operation in openapi.yaml", () => {
     }
   });
 
+  /** Valid bodies, so that the id, not the body, is what the route rejects. */
+  const bodies: Record<string, object> = {
+    createCheckpointMetric: { dataset: "mnist", split: "test", name: "accuracy", value: 0.9 },
+  };
   it.each(secured.filter((o) => o.path.includes("01a21c82")))(
     "$operationId answers 404 problem+json for an id that is not the tenant's",
     async (op) => {
-      const res = await h.request(op.path, { method: op.method });
+      const body = bodies[op.operationId];
+      const res = await h.request(op.path, {
+        method: op.method,
+        ...(body ? { body: JSON.stringify(body), headers: { "Content-Type": "application/json" } } : {}),
+      });
       expect(res.status).toBe(404);
       expect(((await res.json()) as { type: string }).type).toBe("urn:papa:problem:not-found");
     },

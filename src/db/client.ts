@@ -17,6 +17,11 @@ export type Database = PgDatabase<PgQueryResultHKT, typeof schema>;
 export interface DatabaseHandle {
   db: Database;
   kind: "postgres" | "pglite";
+  /**
+   * Raw SQL with positional parameters, for libraries that bring their own SQL (pg-boss).
+   * Without parameters the text may hold several statements.
+   */
+  executeSql(text: string, values?: unknown[]): Promise<{ rows: unknown[] }>;
   close(): Promise<void>;
 }
 
@@ -42,12 +47,24 @@ export async function openDatabase(target: DatabaseTarget): Promise<DatabaseHand
       client.release();
     }
     const db: Database = drizzlePg({ client: pool, schema });
-    return { db, kind: "postgres", close: () => pool.end() };
+    return {
+      db,
+      kind: "postgres",
+      executeSql: (text, values = []) => pool.query(text, values),
+      close: () => pool.end(),
+    };
   }
   if (target.pgliteDir) await mkdir(target.pgliteDir, { recursive: true });
   const client = new PGlite(target.pgliteDir ?? "memory://");
   const pglite = drizzlePglite({ client, schema });
   await migratePglite(pglite, { migrationsFolder });
   const db: Database = pglite;
-  return { db, kind: "pglite", close: () => client.close() };
+  return {
+    db,
+    kind: "pglite",
+    // PGlite's extended protocol takes one statement; `exec` takes many but no parameters.
+    executeSql: async (text, values = []) =>
+      values.length > 0 ? client.query(text, values) : { rows: (await client.exec(text)).at(-1)?.rows ?? [] },
+    close: () => client.close(),
+  };
 }

@@ -130,6 +130,154 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/checkpoints/{id}/lineage": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        /**
+         * The checkpoint's ancestors or descendants, with coefficients and metrics.
+         * @description Walks lineage edges up (`ancestors`: what this model was averaged from) or down
+         *     (`descendants`: what was averaged from it) to `depth` levels. For ancestors,
+         *     `contributions` gives each root checkpoint's effective weight in this one: the sum over
+         *     all paths of the product of the coefficients along the path.
+         */
+        get: operations["getCheckpointLineage"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/checkpoints/{id}/metrics": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Record a metric (e.g. accuracy) measured elsewhere for this checkpoint. */
+        post: operations["createCheckpointMetric"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/merges": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Merge checkpoints (PAPA-all, PAPA-2, weighted, PAPA pull) as a job.
+         * @description The inputs' headers are checked before the job is created: every tensor name, shape
+         *     and dtype must agree (except `exclude`d names), or the answer is 422 naming the first
+         *     offending tensor. The job streams the merge tensor by tensor; when it succeeds,
+         *     `result.checkpoints` lists the outputs, each with lineage edges to its inputs carrying
+         *     the coefficients. Float tensors are averaged in float32 (float64 for F64) and rounded
+         *     to nearest even; integer and bool tensors are copied from the first input.
+         */
+        post: operations["createMerge"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/jobs": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** List jobs, newest first. */
+        get: operations["listJobs"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/jobs/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        /** A job's status, progress, and result or problem. */
+        get: operations["getJob"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/jobs/{id}/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        /**
+         * Server-sent events with the job's progress, then its final state.
+         * @description A `text/event-stream`: a `job` event with the job (as `GET /v1/jobs/{id}`) now and
+         *     whenever its status or progress changes; the stream ends after the event that shows a
+         *     finished status (succeeded, failed, canceled).
+         */
+        get: operations["getJobEvents"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/jobs/{id}/cancel": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Cancel a queued or running job; it then registers no output. */
+        post: operations["cancelJob"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/api-keys": {
         parameters: {
             query?: never;
@@ -213,6 +361,8 @@ export interface components {
             job_id: null | components["schemas"]["Id"];
             /** @description Empty for uploads; for merged or trained models, what they were averaged from. */
             parents: components["schemas"]["CheckpointParent"][];
+            /** @description Metrics recorded for this checkpoint (by training jobs or `POST .../metrics`). */
+            metrics: components["schemas"]["Metric"][];
             created_at: components["schemas"]["Timestamp"];
             deleted_at: null | components["schemas"]["Timestamp"];
             /** @description Relative URL of the bytes. */
@@ -227,6 +377,133 @@ export interface components {
         CheckpointList: {
             items: components["schemas"]["Checkpoint"][];
             /** @description Pass as `cursor` for the next page; null on the last page. */
+            next_cursor: null | string;
+        };
+        Metric: {
+            id: components["schemas"]["Id"];
+            dataset: string;
+            split: string;
+            name: string;
+            value: number;
+            job_id: null | components["schemas"]["Id"];
+            created_at: components["schemas"]["Timestamp"];
+        };
+        MetricCreate: {
+            /** @example cifar10 */
+            dataset: string;
+            /** @example test */
+            split: string;
+            /** @example accuracy */
+            name: string;
+            /** @example 0.9412 */
+            value: number;
+        };
+        LineageNode: {
+            id: components["schemas"]["Id"];
+            name: string;
+            /** @enum {string} */
+            status: "available" | "deleted";
+            job_id: null | components["schemas"]["Id"];
+            created_at: components["schemas"]["Timestamp"];
+            /** @description Steps from the requested checkpoint (0 for itself). */
+            depth: number;
+            metrics: components["schemas"]["Metric"][];
+        };
+        LineageEdge: {
+            parent_id: components["schemas"]["Id"];
+            child_id: components["schemas"]["Id"];
+            coefficient: number;
+            method: string;
+            job_id: null | components["schemas"]["Id"];
+        };
+        Lineage: {
+            checkpoint_id: components["schemas"]["Id"];
+            /** @enum {string} */
+            direction: "ancestors" | "descendants";
+            depth: number;
+            nodes: components["schemas"]["LineageNode"][];
+            edges: components["schemas"]["LineageEdge"][];
+            /**
+             * @description Ancestors only (empty for descendants): every root within `depth` (a checkpoint
+             *     with no parents) and its weight in this checkpoint, the sum over paths of the
+             *     products of coefficients.
+             */
+            contributions: {
+                checkpoint_id: components["schemas"]["Id"];
+                weight: number;
+            }[];
+        };
+        /**
+         * @example {
+         *       "method": "papa-all",
+         *       "inputs": [
+         *         "0193c1d2-7a1b-7c3d-8e4f-5a6b7c8d9e0f",
+         *         "0193c1d2-7a1b-7c3d-8e4f-5a6b7c8d9e10"
+         *       ],
+         *       "name": "soup"
+         *     }
+         */
+        MergeRequest: {
+            /**
+             * @description `papa-all`: one output, the uniform average. `papa-2`: one output per input, each
+             *     the 0.5/0.5 average of a pair drawn uniformly from all n(n-1)/2 pairs (with `seed`).
+             *     `weighted`: one output, sum of `coefficients` x inputs. `papa-pull`: one output per
+             *     input, (1 - beta) x input + beta x mean.
+             * @enum {string}
+             */
+            method: "papa-all" | "papa-2" | "weighted" | "papa-pull";
+            inputs: components["schemas"]["Id"][];
+            name?: components["schemas"]["CheckpointName"];
+            /** @description `papa-2`: seed of the pair draws (default 0). */
+            seed?: number;
+            /** @description `weighted`: one per input, finite, summing to 1. */
+            coefficients?: number[];
+            /** @description `papa-pull`: the fraction each input moves toward the mean (default 0.5). */
+            beta?: number;
+            /** @description Tensor name patterns (`*` matches anything) copied from the first input, not averaged or compared. */
+            exclude?: string[];
+            /**
+             * @description Dtype of the averaged tensors in the outputs (default, the inputs' dtype).
+             * @enum {string}
+             */
+            output_dtype?: "F32" | "F16" | "BF16" | "F64";
+        };
+        /** @enum {string} */
+        JobStatus: "queued" | "running" | "succeeded" | "failed" | "canceled";
+        /** @enum {string} */
+        JobKind: "merge" | "train";
+        Job: {
+            id: components["schemas"]["Id"];
+            kind: components["schemas"]["JobKind"];
+            status: components["schemas"]["JobStatus"];
+            progress: number;
+            /** @description The request that created the job. */
+            params: {
+                [key: string]: unknown;
+            };
+            /** @description Set when the job succeeded; for merges, `checkpoints` lists the outputs. */
+            result: null | components["schemas"]["JobResult"];
+            /** @description Why the job failed (or why its last attempt did, while it waits for a retry). */
+            problem: null | {
+                type: string;
+                title: string;
+                detail: string;
+            };
+            created_at: components["schemas"]["Timestamp"];
+            started_at: null | components["schemas"]["Timestamp"];
+            finished_at: null | components["schemas"]["Timestamp"];
+            events_url: string;
+        };
+        JobResult: {
+            checkpoints: {
+                id: components["schemas"]["Id"];
+                name: string;
+                size_bytes: number;
+                sha256: string;
+            }[];
+        };
+        JobList: {
+            items: components["schemas"]["Job"][];
             next_cursor: null | string;
         };
         ApiKeyCreate: {
@@ -282,6 +559,8 @@ export interface components {
             }[];
             limit_bytes?: number;
             safetensors_error?: string;
+            /** @description For merges of inputs that do not agree, the first offending tensor. */
+            tensor?: string;
         };
     };
     responses: {
@@ -306,6 +585,15 @@ export interface components {
         };
         /** @description No such resource for this tenant. */
         NotFound: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/problem+json": components["schemas"]["Problem"];
+            };
+        };
+        /** @description The request conflicts with the resource's state. */
+        Conflict: {
             headers: {
                 [name: string]: unknown;
             };
@@ -376,6 +664,12 @@ export interface components {
         Limit: number;
         /** @description The `next_cursor` of the previous page. */
         Cursor: string;
+        /**
+         * @description Makes the request safe to retry: a second request with the same key returns the job
+         *     the first one created (200) instead of creating another; the same key with a
+         *     different body is a 409.
+         */
+        IdempotencyKey: string;
     };
     requestBodies: never;
     headers: {
@@ -621,6 +915,218 @@ export interface operations {
             404: components["responses"]["NotFound"];
             410: components["responses"]["Gone"];
             416: components["responses"]["RangeNotSatisfiable"];
+        };
+    };
+    getCheckpointLineage: {
+        parameters: {
+            query?: {
+                direction?: "ancestors" | "descendants";
+                depth?: number;
+            };
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The lineage graph. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Lineage"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+        };
+    };
+    createCheckpointMetric: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["MetricCreate"];
+            };
+        };
+        responses: {
+            /** @description The recorded metric. */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Metric"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            415: components["responses"]["UnsupportedMediaType"];
+        };
+    };
+    createMerge: {
+        parameters: {
+            query?: never;
+            header?: {
+                /**
+                 * @description Makes the request safe to retry: a second request with the same key returns the job
+                 *     the first one created (200) instead of creating another; the same key with a
+                 *     different body is a 409.
+                 */
+                "Idempotency-Key"?: components["parameters"]["IdempotencyKey"];
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["MergeRequest"];
+            };
+        };
+        responses: {
+            /** @description The job an earlier request with the same Idempotency-Key created. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            /** @description The merge job was created. */
+            202: {
+                headers: {
+                    /** @description The job's URL. */
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            409: components["responses"]["Conflict"];
+            413: components["responses"]["PayloadTooLarge"];
+            415: components["responses"]["UnsupportedMediaType"];
+            422: components["responses"]["UnprocessableContent"];
+        };
+    };
+    listJobs: {
+        parameters: {
+            query?: {
+                /** @description Page size. */
+                limit?: components["parameters"]["Limit"];
+                /** @description The `next_cursor` of the previous page. */
+                cursor?: components["parameters"]["Cursor"];
+                /** @description Only jobs in these states (repeat the parameter for several). */
+                status?: components["schemas"]["JobStatus"][];
+                kind?: components["schemas"]["JobKind"];
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description One page of jobs. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobList"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+        };
+    };
+    getJob: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The job. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+        };
+    };
+    getJobEvents: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The event stream. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": string;
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+        };
+    };
+    cancelJob: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The canceled job. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            409: components["responses"]["Conflict"];
         };
     };
     listApiKeys: {

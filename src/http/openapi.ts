@@ -50,11 +50,13 @@ const METHODS = ["get", "put", "post", "delete", "patch", "head", "options"] as 
 
 export type OperationId = keyof operations;
 type Parameters<K extends OperationId> = operations[K]["parameters"];
-type JsonBody<K extends OperationId> = operations[K]["requestBody"] extends
-  | { content: { "application/json": infer B } }
-  | undefined
-  ? B | undefined
-  : undefined;
+type JsonBody<K extends OperationId> = operations[K] extends {
+  requestBody: { content: { "application/json": infer B } };
+}
+  ? B
+  : operations[K] extends { requestBody?: { content: { "application/json": infer B } } }
+    ? B | undefined
+    : undefined;
 
 /** A request after validation: coerced parameters with defaults applied, and the parsed JSON body. */
 export interface ValidRequest<K extends OperationId> {

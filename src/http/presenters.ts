@@ -1,6 +1,8 @@
 import type { components } from "../generated/openapi.js";
 import type { ApiKey } from "../services/api-keys/api-keys.js";
-import type { Checkpoint } from "../services/checkpoints/checkpoints.js";
+import type { Checkpoint, Metric } from "../services/checkpoints/checkpoints.js";
+import type { Job } from "../services/jobs/jobs.js";
+import type { Lineage } from "../services/lineage/lineage.js";
 
 type Schemas = components["schemas"];
 
@@ -24,6 +26,7 @@ export function checkpointBody(c: Checkpoint): Schemas["Checkpoint"] {
       method: p.method,
       job_id: p.jobId,
     })),
+    metrics: c.metrics.map(metricBody),
     created_at: c.createdAt.toISOString(),
     deleted_at: c.deletedAt ? c.deletedAt.toISOString() : null,
     weights_url: `/v1/checkpoints/${c.id}/weights`,
@@ -37,5 +40,65 @@ export function apiKeyBody(k: ApiKey): Schemas["ApiKey"] {
     prefix: k.prefix,
     created_at: k.createdAt.toISOString(),
     revoked_at: k.revokedAt ? k.revokedAt.toISOString() : null,
+  };
+}
+
+export function metricBody(m: Metric): Schemas["Metric"] {
+  return {
+    id: m.id,
+    dataset: m.dataset,
+    split: m.split,
+    name: m.name,
+    value: m.value,
+    job_id: m.jobId,
+    created_at: m.createdAt.toISOString(),
+  };
+}
+
+const iso = (d: Date | null) => (d ? d.toISOString() : null);
+
+export function jobBody(j: Job): Schemas["Job"] {
+  return {
+    id: j.id,
+    kind: j.kind,
+    status: j.status,
+    progress: j.progress,
+    params: j.params as Record<string, unknown>,
+    result: j.result as Schemas["Job"]["result"],
+    problem: j.problem as Schemas["Job"]["problem"],
+    created_at: j.createdAt.toISOString(),
+    started_at: iso(j.startedAt),
+    finished_at: iso(j.finishedAt),
+    events_url: `/v1/jobs/${j.id}/events`,
+  };
+}
+
+export function lineageBody(
+  id: string,
+  direction: "ancestors" | "descendants",
+  depth: number,
+  l: Lineage,
+): Schemas["Lineage"] {
+  return {
+    checkpoint_id: id,
+    direction,
+    depth,
+    nodes: l.nodes.map((n) => ({
+      id: n.id,
+      name: n.name,
+      status: n.deleted ? "deleted" : "available",
+      job_id: n.jobId,
+      created_at: n.createdAt.toISOString(),
+      depth: n.depth,
+      metrics: n.metrics.map(metricBody),
+    })),
+    edges: l.edges.map((e) => ({
+      parent_id: e.parentId,
+      child_id: e.childId,
+      coefficient: e.coefficient,
+      method: e.method,
+      job_id: e.jobId,
+    })),
+    contributions: l.contributions.map((c) => ({ checkpoint_id: c.checkpointId, weight: c.weight })),
   };
 }

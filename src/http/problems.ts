@@ -28,6 +28,7 @@ export class HttpProblem extends Error {
 const SERVICE_STATUS: Record<string, ContentfulStatusCode> = {
   "not-found": 404,
   "invalid-input": 422,
+  conflict: 409,
   "payload-too-large": 413,
   gone: 410,
   "range-not-satisfiable": 416,
@@ -39,6 +40,7 @@ const TITLES: Record<number, string> = {
   400: "Bad Request",
   401: "Unauthorized",
   404: "Not Found",
+  409: "Conflict",
   410: "Gone",
   413: "Content Too Large",
   415: "Unsupported Media Type",

@@ -1,5 +1,6 @@
 import type { Limits } from "../config.js";
 import type { Database } from "../db/client.js";
+import type { JobQueue } from "../jobs/queue.js";
 import type { Logger } from "../logger.js";
 import type { ObjectStore } from "../storage/object-store.js";
 
@@ -8,6 +9,7 @@ export interface ServiceContext {
   db: Database;
   databaseKind: "postgres" | "pglite";
   store: ObjectStore;
+  queue: JobQueue;
   limits: Limits;
   presignExpiresSeconds: number;
   logger: Logger;

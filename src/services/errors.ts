@@ -26,6 +26,11 @@ export class InvalidInputError extends ServiceError {
   readonly code = "invalid-input";
 }
 
+/** The request conflicts with the resource's current state. */
+export class ConflictError extends ServiceError {
+  readonly code = "conflict";
+}
+
 /** A size limit was exceeded. */
 export class PayloadTooLargeError extends ServiceError {
   readonly code = "payload-too-large";

@@ -1,4 +1,5 @@
 import { open } from "node:fs/promises";
+import type { ObjectStore } from "../storage/object-store.js";
 import {
   headerLengthOf,
   parseSafetensorsHeader,
@@ -59,4 +60,22 @@ export async function readSafetensorsHeader(
     );
   }
   return header;
+}
+
+/** An object in the store, read with ranged GETs. */
+export function storeSource(store: ObjectStore, key: string, size: number): ByteSource {
+  return {
+    size,
+    read: async (offset, target) => {
+      let filled = 0;
+      for await (const chunk of await store.get(key, { start: offset, end: offset + target.byteLength })) {
+        const bytes = chunk as Uint8Array;
+        target.set(bytes.subarray(0, target.byteLength - filled), filled);
+        filled += bytes.byteLength;
+      }
+      if (filled < target.byteLength)
+        throw new Error(`object ${key} ends before byte ${offset + target.byteLength}`);
+    },
+    close: async () => undefined,
+  };
 }

@@ -1,6 +1,9 @@
 import { count } from "drizzle-orm";
 import { createApp } from "../../src/app.js";
+import type { WorkerConfig } from "../../src/config.js";
 import { schema } from "../../src/db/client.js";
+import { JobQueue } from "../../src/jobs/queue.js";
+import { startWorker } from "../../src/jobs/worker.js";
 import { createJsonLogger } from "../../src/logger.js";
 import { createApiKey } from "../../src/services/api-keys/api-keys.js";
 import type { ServiceContext } from "../../src/services/context.js";
@@ -11,6 +14,18 @@ export const TEST_LIMITS = {
   maxUploadBytes: 64 * 1024,
   maxSafetensorsHeaderBytes: 4096,
   maxHttpHeaderBytes: 16 * 1024,
+  maxMergeInputBytes: 1024 * 1024,
+};
+
+export const TEST_WORKER: WorkerConfig = {
+  inProcess: true,
+  queues: ["merge"],
+  mergeConcurrency: 2,
+  mergeThreads: 1,
+  retryLimit: 2,
+  retryDelaySeconds: 1,
+  mergeExpireSeconds: 30,
+  drainSeconds: 5,
 };
 
 export interface Harness {
@@ -28,19 +43,36 @@ export interface Harness {
   close(): Promise<void>;
 }
 
-/** The app on real backends: PGlite or a fresh Postgres database, and a filesystem or s3rver store. */
-export async function startHarness(db: DatabaseKind, store: StoreKind): Promise<Harness> {
+/**
+ * The app on real backends: PGlite or a fresh Postgres database, a filesystem or s3rver store,
+ * the pg-boss queue on that database, and (with `worker`) a worker in the same process.
+ */
+export async function startHarness(
+  db: DatabaseKind,
+  store: StoreKind,
+  options: { worker?: boolean } = {},
+): Promise<Harness> {
   const database = await testDatabase(db);
   const objects = await testStore(store);
   const logs: string[] = [];
+  const logger = createJsonLogger("debug", (line) => logs.push(line));
+  const policy = {
+    retryLimit: TEST_WORKER.retryLimit,
+    retryDelaySeconds: 1,
+    expireInSeconds: TEST_WORKER.mergeExpireSeconds,
+  };
+  const queue = new JobQueue(database.value, { merge: policy, train: policy }, logger);
+  await queue.start();
   const ctx: ServiceContext = {
     db: database.value.db,
     databaseKind: database.value.kind,
     store: objects.value.store,
+    queue,
     limits: TEST_LIMITS,
     presignExpiresSeconds: 60,
-    logger: createJsonLogger("debug", (line) => logs.push(line)),
+    logger,
   };
+  if (options.worker) await startWorker(ctx, TEST_WORKER);
   const app = createApp(ctx);
   const tenantA = (await createTenant({ ctx, input: { name: "a" } })).id;
   const tenantB = (await createTenant({ ctx, input: { name: "b" } })).id;
@@ -64,6 +96,7 @@ export async function startHarness(db: DatabaseKind, store: StoreKind): Promise<
       return { objects: await objects.value.everything(), checkpoints: rows?.n ?? -1 };
     },
     close: async () => {
+      await queue.stop(TEST_WORKER.drainSeconds * 1000);
       await database.close();
       await objects.close();
     },

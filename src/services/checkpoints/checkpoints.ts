@@ -7,12 +7,23 @@ import type { ByteRange } from "../../storage/object-store.js";
 import { SafetensorsError, SafetensorsValidator } from "../../tensors/safetensors.js";
 import type { ServiceContext, SystemCall, TenantCall } from "../context.js";
 import { GoneError, InvalidInputError, NotFoundError, PayloadTooLargeError } from "../errors.js";
+import { decodeIdCursor, encodeIdCursor } from "../pagination.js";
 
 export interface CheckpointParent {
   checkpointId: string;
   coefficient: number;
   method: string;
   jobId: string | null;
+}
+
+export interface Metric {
+  id: string;
+  dataset: string;
+  split: string;
+  name: string;
+  value: number;
+  jobId: string | null;
+  createdAt: Date;
 }
 
 export interface Checkpoint {
@@ -28,6 +39,7 @@ export interface Checkpoint {
   hasTopology: boolean;
   jobId: string | null;
   parents: CheckpointParent[];
+  metrics: Metric[];
   createdAt: Date;
   deletedAt: Date | null;
   /** Where the bytes are in the object store; never shown to clients. */
@@ -41,7 +53,7 @@ export function checkpointKey(tenantId: string, checkpointId: string): string {
 
 type Row = typeof schema.checkpoints.$inferSelect;
 
-function toCheckpoint(row: Row, parents: CheckpointParent[]): Checkpoint {
+function toCheckpoint(row: Row, parents: CheckpointParent[], metrics: Metric[]): Checkpoint {
   return {
     id: row.id,
     name: row.name,
@@ -55,24 +67,37 @@ function toCheckpoint(row: Row, parents: CheckpointParent[]): Checkpoint {
     hasTopology: row.topology !== null,
     jobId: row.jobId,
     parents,
+    metrics,
     createdAt: row.createdAt,
     deletedAt: row.deletedAt,
     storageKey: row.storageKey,
   };
 }
 
-async function withParents(ctx: ServiceContext, rows: Row[]): Promise<Checkpoint[]> {
+/** Metrics of these checkpoints, oldest first. */
+export async function metricsOf(ctx: ServiceContext, ids: string[]): Promise<Map<string, Metric[]>> {
+  const byCheckpoint = new Map<string, Metric[]>();
+  if (ids.length === 0) return byCheckpoint;
+  const rows = await ctx.db
+    .select()
+    .from(schema.metrics)
+    .where(inArray(schema.metrics.checkpointId, ids))
+    .orderBy(schema.metrics.id);
+  for (const { checkpointId, ...metric } of rows) {
+    byCheckpoint.set(checkpointId, [...(byCheckpoint.get(checkpointId) ?? []), metric]);
+  }
+  return byCheckpoint;
+}
+
+async function withRelations(ctx: ServiceContext, rows: Row[]): Promise<Checkpoint[]> {
   if (rows.length === 0) return [];
+  const ids = rows.map((r) => r.id);
   const edges = await ctx.db
     .select()
     .from(schema.lineageEdges)
-    .where(
-      inArray(
-        schema.lineageEdges.childId,
-        rows.map((r) => r.id),
-      ),
-    )
+    .where(inArray(schema.lineageEdges.childId, ids))
     .orderBy(schema.lineageEdges.parentId);
+  const metrics = await metricsOf(ctx, ids);
   return rows.map((row) =>
     toCheckpoint(
       row,
@@ -84,6 +109,7 @@ async function withParents(ctx: ServiceContext, rows: Row[]): Promise<Checkpoint
           method: e.method,
           jobId: e.jobId,
         })),
+      metrics.get(row.id) ?? [],
     ),
   );
 }
@@ -141,7 +167,7 @@ export async function createCheckpoint({
       })
       .returning();
     if (!row) throw new Error("checkpoint insert returned no row");
-    return toCheckpoint(row, []);
+    return toCheckpoint(row, [], []);
   } catch (err) {
     await ctx.store.delete(key);
     throw err;
@@ -177,7 +203,7 @@ export async function listCheckpoints({
   cursor?: string | undefined;
   name?: string | undefined;
 }>): Promise<CheckpointPage> {
-  const after = input.cursor === undefined ? undefined : decodeCursor(input.cursor);
+  const after = input.cursor === undefined ? undefined : decodeIdCursor(input.cursor);
   const rows = await ctx.db
     .select()
     .from(schema.checkpoints)
@@ -194,17 +220,9 @@ export async function listCheckpoints({
   const page = rows.slice(0, input.limit);
   const last = page.at(-1);
   return {
-    items: await withParents(ctx, page),
-    nextCursor: rows.length > input.limit && last ? Buffer.from(last.id).toString("base64url") : null,
+    items: await withRelations(ctx, page),
+    nextCursor: rows.length > input.limit && last ? encodeIdCursor(last.id) : null,
   };
-}
-
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
-
-function decodeCursor(cursor: string): string {
-  const id = Buffer.from(cursor, "base64url").toString("utf8");
-  if (!UUID.test(id)) throw new InvalidInputError("cursor is not one this API returned");
-  return id;
 }
 
 /** A checkpoint of the caller's tenant, deleted ones included (their lineage stays meaningful). */
@@ -217,7 +235,7 @@ export async function getCheckpoint({
     .select()
     .from(schema.checkpoints)
     .where(and(eq(schema.checkpoints.id, input.id), eq(schema.checkpoints.tenantId, principal.tenantId)));
-  const [checkpoint] = await withParents(ctx, rows);
+  const [checkpoint] = await withRelations(ctx, rows);
   if (!checkpoint) throw new NotFoundError(`checkpoint ${input.id} not found`);
   return checkpoint;
 }
@@ -272,4 +290,33 @@ export async function presignCheckpointWeights({
     expiresInSeconds: ctx.presignExpiresSeconds,
     fileName: `${input.checkpoint.name}.safetensors`,
   });
+}
+
+/** Records a metric measured elsewhere for a checkpoint of the caller's tenant. */
+export async function recordMetric({
+  ctx,
+  principal,
+  input,
+}: TenantCall<{
+  checkpointId: string;
+  dataset: string;
+  split: string;
+  name: string;
+  value: number;
+}>): Promise<Metric> {
+  await getCheckpoint({ ctx, principal, input: { id: input.checkpointId } });
+  const [row] = await ctx.db
+    .insert(schema.metrics)
+    .values({
+      id: newId(),
+      checkpointId: input.checkpointId,
+      dataset: input.dataset,
+      split: input.split,
+      name: input.name,
+      value: input.value,
+    })
+    .returning();
+  if (!row) throw new Error("metric insert returned no row");
+  const { checkpointId: _, ...metric } = row;
+  return metric;
 }

@@ -1,0 +1,141 @@
+import PgBoss from "pg-boss";
+import type { Database, DatabaseHandle } from "../db/client.js";
+import type { Logger } from "../logger.js";
+import { positionalSql } from "./sql.js";
+
+export type QueueName = "merge" | "train";
+export const QUEUE_NAMES: QueueName[] = ["merge", "train"];
+
+/** Retry and expiry are queue options, applied by pg-boss; handlers hold no retry logic. */
+export interface QueuePolicy {
+  retryLimit: number;
+  retryDelaySeconds: number;
+  /** An active job not finished by then (its worker died) is failed and retried. */
+  expireInSeconds: number;
+}
+
+export interface QueuedJob {
+  id: string;
+  /** Attempts before this one. */
+  retryCount: number;
+  retryLimit: number;
+  /** Fired when the worker stops before the job finishes. */
+  signal: AbortSignal;
+}
+
+export type JobHandler = (job: QueuedJob) => Promise<void>;
+
+/**
+ * The job queue: pg-boss on the service's own database (Postgres, or PGlite through the same
+ * SQL adapter), so a job can be enqueued in the transaction that records it.
+ */
+export class JobQueue {
+  private readonly boss: PgBoss;
+  private readonly active = new Map<string, { queue: QueueName; controller: AbortController }>();
+  private started: Promise<void> | null = null;
+  private stopped = false;
+
+  constructor(
+    database: DatabaseHandle,
+    private readonly policies: Record<QueueName, QueuePolicy>,
+    private readonly logger: Logger,
+  ) {
+    this.boss = new PgBoss({
+      db: { executeSql: (text, values) => database.executeSql(text, values) },
+      supervise: true,
+      schedule: false,
+      maintenanceIntervalSeconds: 30,
+      monitorStateIntervalSeconds: 60,
+    });
+    this.boss.on("error", (err) => logger.error("job queue error", { error: err }));
+  }
+
+  /** Creates the pg-boss schema and the queues; idempotent. */
+  start(): Promise<void> {
+    this.started ??= (async () => {
+      await this.boss.start();
+      for (const name of QUEUE_NAMES) {
+        const p = this.policies[name];
+        const options = {
+          name,
+          retryLimit: p.retryLimit,
+          retryDelay: p.retryDelaySeconds,
+          retryBackoff: true,
+          expireInSeconds: p.expireInSeconds,
+        };
+        if (await this.boss.getQueue(name)) await this.boss.updateQueue(name, options);
+        else await this.boss.createQueue(name, options);
+      }
+    })();
+    return this.started;
+  }
+
+  /** Enqueues job `jobId` inside the caller's transaction: it commits or rolls back with it. */
+  async enqueue(tx: Database, queue: QueueName, jobId: string): Promise<void> {
+    await this.start();
+    await this.boss.send(
+      queue,
+      { jobId },
+      {
+        id: jobId,
+        db: {
+          executeSql: async (text, values) => {
+            const result = (await tx.execute(positionalSql(text, values))) as unknown as { rows: unknown[] };
+            return { rows: result.rows };
+          },
+        },
+      },
+    );
+  }
+
+  /** Removes a job that no worker has picked up yet (no-op otherwise). */
+  async cancel(queue: QueueName, jobId: string): Promise<void> {
+    await this.start();
+    await this.boss.cancel(queue, jobId);
+  }
+
+  /** Runs `handler` for the queue's jobs, `concurrency` at a time in this process. */
+  async work(queue: QueueName, concurrency: number, handler: JobHandler): Promise<void> {
+    await this.start();
+    for (let i = 0; i < concurrency; i++) {
+      await this.boss.work<{ jobId: string }>(
+        queue,
+        { batchSize: 1, pollingIntervalSeconds: 0.5, includeMetadata: true },
+        async ([job]) => {
+          if (!job) return;
+          const controller = new AbortController();
+          this.active.set(job.id, { queue, controller });
+          try {
+            await handler({
+              id: job.id,
+              retryCount: job.retryCount,
+              retryLimit: job.retryLimit,
+              signal: controller.signal,
+            });
+          } finally {
+            this.active.delete(job.id);
+          }
+        },
+      );
+    }
+  }
+
+  /**
+   * Stops fetching, lets running jobs finish for up to `drainMs`, then aborts the rest and
+   * fails them so that another worker retries them at once. Idempotent.
+   */
+  async stop(drainMs: number): Promise<void> {
+    if (this.stopped || !this.started) return;
+    this.stopped = true;
+    await this.started;
+    for (const queue of QUEUE_NAMES) await this.boss.offWork(queue);
+    const deadline = Date.now() + drainMs;
+    while (this.active.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    for (const [id, { queue, controller }] of this.active) {
+      this.logger.warn("job interrupted by shutdown; it will be retried", { job_id: id });
+      controller.abort(new Error("worker shutting down"));
+      await this.boss.fail(queue, id, { message: "worker shut down" }).catch(() => undefined);
+    }
+    await this.boss.stop({ graceful: false, close: false, wait: true });
+  }
+}

@@ -1,0 +1,15 @@
+import type { WorkerConfig } from "../config.js";
+import type { ServiceContext } from "../services/context.js";
+import { runMergeJob } from "../services/merges/merges.js";
+
+/** Consumes the configured queues in this process until `ctx.queue.stop()`. */
+export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Promise<void> {
+  for (const queue of config.queues) {
+    if (queue === "merge") {
+      await ctx.queue.work("merge", config.mergeConcurrency, (job) =>
+        runMergeJob(ctx, job, config.mergeThreads),
+      );
+    }
+  }
+  ctx.logger.info("worker started", { queues: config.queues });
+}

@@ -1,0 +1,195 @@
+import { and, desc, eq, inArray, lt } from "drizzle-orm";
+import { type Database, schema } from "../../db/client.js";
+import { newId } from "../../ids.js";
+import type { QueueName } from "../../jobs/queue.js";
+import type { ServiceContext, TenantCall } from "../context.js";
+import { ConflictError, NotFoundError } from "../errors.js";
+import { decodeIdCursor, encodeIdCursor } from "../pagination.js";
+
+export type JobStatus = (typeof schema.jobStatus.enumValues)[number];
+export type JobKind = (typeof schema.jobKind.enumValues)[number];
+export const FINISHED: JobStatus[] = ["succeeded", "failed", "canceled"];
+
+/** An RFC 9457-style description of why a job failed. */
+export interface JobProblem {
+  type: string;
+  title: string;
+  detail: string;
+}
+
+export type Job = typeof schema.jobs.$inferSelect;
+
+/**
+ * Records a job and enqueues it in one transaction: the job exists if and only if its row
+ * committed. With an idempotency key, a repeated request returns the first job (`created`
+ * false); the same key with different parameters is a conflict.
+ */
+export async function createJob({
+  ctx,
+  principal,
+  input,
+}: TenantCall<{ kind: JobKind; params: object; idempotencyKey?: string | undefined }>): Promise<{
+  job: Job;
+  created: boolean;
+}> {
+  const { kind, params, idempotencyKey } = input;
+  const replay = async (): Promise<{ job: Job; created: boolean } | null> => {
+    if (idempotencyKey === undefined) return null;
+    const [existing] = await ctx.db
+      .select()
+      .from(schema.jobs)
+      .where(
+        and(eq(schema.jobs.tenantId, principal.tenantId), eq(schema.jobs.idempotencyKey, idempotencyKey)),
+      );
+    if (!existing) return null;
+    if (existing.kind !== kind || JSON.stringify(existing.params) !== JSON.stringify(params)) {
+      throw new ConflictError(
+        `Idempotency-Key ${idempotencyKey} was used for a different request (job ${existing.id})`,
+      );
+    }
+    return { job: existing, created: false };
+  };
+  const earlier = await replay();
+  if (earlier) return earlier;
+  try {
+    const job = await ctx.db.transaction(async (tx) => {
+      const [row] = await tx
+        .insert(schema.jobs)
+        .values({ id: newId(), tenantId: principal.tenantId, kind, params, idempotencyKey })
+        .returning();
+      if (!row) throw new Error("job insert returned no row");
+      await ctx.queue.enqueue(tx, kind as QueueName, row.id);
+      return row;
+    });
+    return { job, created: true };
+  } catch (err) {
+    // Two requests with one key raced; the unique index let one in.
+    const raced = await replay();
+    if (raced) return raced;
+    throw err;
+  }
+}
+
+export async function getJob({ ctx, principal, input }: TenantCall<{ id: string }>): Promise<Job> {
+  const [job] = await ctx.db
+    .select()
+    .from(schema.jobs)
+    .where(and(eq(schema.jobs.id, input.id), eq(schema.jobs.tenantId, principal.tenantId)));
+  if (!job) throw new NotFoundError(`job ${input.id} not found`);
+  return job;
+}
+
+export async function listJobs({
+  ctx,
+  principal,
+  input,
+}: TenantCall<{
+  limit: number;
+  cursor?: string | undefined;
+  status?: JobStatus[] | undefined;
+  kind?: JobKind | undefined;
+}>): Promise<{
+  items: Job[];
+  nextCursor: string | null;
+}> {
+  const after = input.cursor === undefined ? undefined : decodeIdCursor(input.cursor);
+  const rows = await ctx.db
+    .select()
+    .from(schema.jobs)
+    .where(
+      and(
+        eq(schema.jobs.tenantId, principal.tenantId),
+        input.status?.length ? inArray(schema.jobs.status, input.status) : undefined,
+        input.kind ? eq(schema.jobs.kind, input.kind) : undefined,
+        after ? lt(schema.jobs.id, after) : undefined,
+      ),
+    )
+    .orderBy(desc(schema.jobs.id))
+    .limit(input.limit + 1);
+  const items = rows.slice(0, input.limit);
+  const last = items.at(-1);
+  return { items, nextCursor: rows.length > input.limit && last ? encodeIdCursor(last.id) : null };
+}
+
+/**
+ * Cancels a job. A queued job is removed from the queue; a running one is marked canceled and
+ * its worker stops at its next progress check, registering nothing. Finished jobs cannot be
+ * canceled (409); canceling a canceled job is a no-op.
+ */
+export async function cancelJob({ ctx, principal, input }: TenantCall<{ id: string }>): Promise<Job> {
+  const job = await getJob({ ctx, principal, input });
+  if (job.status === "canceled") return job;
+  if (FINISHED.includes(job.status)) throw new ConflictError(`job ${job.id} already ${job.status}`);
+  const [updated] = await ctx.db
+    .update(schema.jobs)
+    .set({ status: "canceled", finishedAt: new Date(), updatedAt: new Date() })
+    .where(and(eq(schema.jobs.id, job.id), inArray(schema.jobs.status, ["queued", "running"])))
+    .returning();
+  if (!updated)
+    return getJob({ ctx, principal, input }).then((j) =>
+      j.status === "canceled" ? j : cancelJob({ ctx, principal, input }),
+    );
+  await ctx.queue.cancel(job.kind as QueueName, job.id);
+  return updated;
+}
+
+// ---- for workers ----
+
+/**
+ * Marks a job running for an attempt. Returns null when there is nothing to do: the job was
+ * canceled, or an earlier attempt already finished it (a retry after a crash).
+ */
+export async function startJobAttempt(ctx: ServiceContext, id: string): Promise<Job | null> {
+  const [job] = await ctx.db
+    .update(schema.jobs)
+    .set({ status: "running", startedAt: new Date(), updatedAt: new Date() })
+    .where(and(eq(schema.jobs.id, id), inArray(schema.jobs.status, ["queued", "running"])))
+    .returning();
+  return job ?? null;
+}
+
+/** The job's status now (a worker checks it to notice a cancel). */
+export async function jobStatus(ctx: ServiceContext, id: string): Promise<JobStatus> {
+  const [row] = await ctx.db
+    .select({ status: schema.jobs.status })
+    .from(schema.jobs)
+    .where(eq(schema.jobs.id, id));
+  return row?.status ?? "canceled";
+}
+
+/** Records progress (0..1) and returns the job's status, so a worker notices a cancel. */
+export async function reportProgress(ctx: ServiceContext, id: string, progress: number): Promise<JobStatus> {
+  const [row] = await ctx.db
+    .update(schema.jobs)
+    .set({ progress, updatedAt: new Date() })
+    .where(and(eq(schema.jobs.id, id), eq(schema.jobs.status, "running")))
+    .returning({ status: schema.jobs.status });
+  return row ? row.status : jobStatus(ctx, id);
+}
+
+/**
+ * Finishes a running job inside `tx` (with whatever else must commit with it). Returns false,
+ * changing nothing, when the job is no longer running (canceled meanwhile).
+ */
+export async function finishJob(
+  tx: Database,
+  id: string,
+  outcome:
+    | { status: "succeeded"; result: object }
+    | { status: "failed"; problem: JobProblem }
+    | { status: "queued"; problem: JobProblem },
+): Promise<boolean> {
+  const [row] = await tx
+    .update(schema.jobs)
+    .set({
+      status: outcome.status,
+      progress: outcome.status === "succeeded" ? 1 : undefined,
+      result: outcome.status === "succeeded" ? outcome.result : null,
+      problem: outcome.status === "succeeded" ? null : outcome.problem,
+      finishedAt: outcome.status === "queued" ? null : new Date(),
+      updatedAt: new Date(),
+    })
+    .where(and(eq(schema.jobs.id, id), eq(schema.jobs.status, "running")))
+    .returning({ id: schema.jobs.id });
+  return row !== undefined;
+}
