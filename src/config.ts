@@ -51,7 +51,7 @@ const schema = z.object({
   PAPA_MERGE_THREADS: z.coerce.number().int().min(0).max(256).default(availableParallelism()),
   PAPA_JOB_RETRY_LIMIT: z.coerce.number().int().min(0).max(100).default(3),
   PAPA_JOB_RETRY_DELAY_SECONDS: z.coerce.number().int().min(1).max(86400).default(5),
-  PAPA_MERGE_EXPIRE_SECONDS: z.coerce.number().int().min(1).max(86400).default(3600),
+  PAPA_MERGE_EXPIRE_SECONDS: z.coerce.number().int().min(1).max(82800).default(3600),
   PAPA_WORKER_DRAIN_SECONDS: z.coerce.number().min(0).max(3600).default(30),
 });
 

@@ -37,7 +37,8 @@ export async function openRuntime(
         retryDelaySeconds: w.retryDelaySeconds,
         expireInSeconds: w.mergeExpireSeconds,
       },
-      train: { retryLimit: w.retryLimit, retryDelaySeconds: w.retryDelaySeconds, expireInSeconds: 24 * 3600 },
+      // pg-boss caps expiry below 24 h.
+      train: { retryLimit: w.retryLimit, retryDelaySeconds: w.retryDelaySeconds, expireInSeconds: 23 * 3600 },
     },
     logger,
   );

@@ -34,7 +34,8 @@ interface Document {
 // ajv-formats is CommonJS; under NodeNext its default export is the module object.
 const addFormats = addFormatsPlugin as unknown as typeof addFormatsPlugin.default;
 const document = parse(openApiText) as Document;
-const ajv = new Ajv2020({ allErrors: true, coerceTypes: true, useDefaults: true, strict: true });
+// "array": a query parameter given once still satisfies an array schema.
+const ajv = new Ajv2020({ allErrors: true, coerceTypes: "array", useDefaults: true, strict: true });
 addFormats(ajv);
 ajv.addSchema(componentSchemas(document), COMPONENTS_ID);
 

@@ -19,6 +19,15 @@ export interface JobProblem {
 
 export type Job = typeof schema.jobs.$inferSelect;
 
+/** JSON with object keys sorted at every level: jsonb does not keep key order. */
+function canonicalJson(value: unknown): string {
+  return JSON.stringify(value, (_key, v: unknown) =>
+    v && typeof v === "object" && !Array.isArray(v)
+      ? Object.fromEntries(Object.entries(v).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)))
+      : v,
+  );
+}
+
 /**
  * Records a job and enqueues it in one transaction: the job exists if and only if its row
  * committed. With an idempotency key, a repeated request returns the first job (`created`
@@ -42,7 +51,7 @@ export async function createJob({
         and(eq(schema.jobs.tenantId, principal.tenantId), eq(schema.jobs.idempotencyKey, idempotencyKey)),
       );
     if (!existing) return null;
-    if (existing.kind !== kind || JSON.stringify(existing.params) !== JSON.stringify(params)) {
+    if (existing.kind !== kind || canonicalJson(existing.params) !== canonicalJson(params)) {
       throw new ConflictError(
         `Idempotency-Key ${idempotencyKey} was used for a different request (job ${existing.id})`,
       );

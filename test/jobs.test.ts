@@ -1,0 +1,255 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { startWorker } from "../src/jobs/worker.js";
+import type { DatabaseKind, StoreKind } from "./helpers/backends.js";
+import { expectDocumented } from "./helpers/contract.js";
+import { type Harness, startHarness, TEST_WORKER, upload } from "./helpers/harness.js";
+import { type JobBody, mergeAndWait, postMerge, waitForJob } from "./helpers/jobs.js";
+import { buildSafetensors, f32 } from "./helpers/safetensors.js";
+
+/** Checkpoint k: w = [k, 2k, -k, 1] (F32) and an I64 counter 10 + k. */
+function member(k: number, extra: { name: string; shape: number[] } | null = null): Buffer {
+  const counter = Buffer.alloc(8);
+  counter.writeBigInt64LE(BigInt(10 + k));
+  return buildSafetensors([
+    { name: "w", dtype: "F32", shape: [4], data: f32([k, 2 * k, -k, 1]) },
+    { name: "steps", dtype: "I64", shape: [], data: counter },
+    ...(extra
+      ? [{ name: extra.name, dtype: "F32", shape: extra.shape, data: f32(Array(extra.shape[0]).fill(k)) }]
+      : []),
+  ]);
+}
+
+async function weightsOf(h: Harness, id: string): Promise<{ w: number[]; steps: bigint }> {
+  const bytes = Buffer.from(await (await h.request(`/v1/checkpoints/${id}/weights`)).arrayBuffer());
+  const n = Number(bytes.readBigUInt64LE(0));
+  const header = JSON.parse(bytes.subarray(8, 8 + n).toString()) as Record<
+    string,
+    { data_offsets: [number, number] }
+  >;
+  const at = (name: string) =>
+    bytes.subarray(
+      8 + n + (header[name]?.data_offsets[0] ?? 0),
+      8 + n + (header[name]?.data_offsets[1] ?? 0),
+    );
+  const w = at("w");
+  return { w: [0, 1, 2, 3].map((i) => w.readFloatLE(i * 4)), steps: at("steps").readBigInt64LE(0) };
+}
+
+interface Lineage {
+  nodes: { id: string; depth: number; metrics: { name: string; value: number }[] }[];
+  edges: { parent_id: string; child_id: string; coefficient: number; method: string; job_id: string }[];
+  contributions: { checkpoint_id: string; weight: number }[];
+}
+
+describe.each<[DatabaseKind, StoreKind]>([
+  ["pglite", "filesystem"],
+  ["postgres", "s3"],
+])("merge jobs on %s + %s", (db, store) => {
+  let h: Harness;
+  let inputs: string[];
+  beforeAll(async () => {
+    h = await startHarness(db, store, { worker: true });
+    inputs = [];
+    for (const k of [1, 2, 3])
+      inputs.push(((await (await upload(h, member(k), `member-${k}`)).json()) as { id: string }).id);
+  });
+  afterAll(() => h.close());
+
+  it("papa-all: one uniform average, integers from the first input, edges of 1/3, a documented job", async () => {
+    const res = await postMerge(h, { method: "papa-all", inputs, name: "soup" });
+    expect(res.status).toBe(202);
+    const created = (await expectDocumented("createMerge", res)) as JobBody;
+    expect(res.headers.get("location")).toBe(`/v1/jobs/${created.id}`);
+    const job = await waitForJob(h, created.id);
+    await expectDocumented("getJob", await h.request(`/v1/jobs/${created.id}`));
+    expect(job.status).toBe("succeeded");
+    expect(job.progress).toBe(1);
+    const [out] = job.result?.checkpoints ?? [];
+    expect(out?.name).toBe("soup");
+    expect(await weightsOf(h, out?.id ?? "")).toEqual({ w: [2, 4, -2, 1], steps: 11n });
+    const shown = (await (await h.request(`/v1/checkpoints/${out?.id}`)).json()) as {
+      job_id: string;
+      parents: { checkpoint_id: string; coefficient: number }[];
+    };
+    expect(shown.job_id).toBe(job.id);
+    expect(shown.parents.map((p) => p.checkpoint_id).sort()).toEqual([...inputs].sort());
+    for (const p of shown.parents) expect(p.coefficient).toBeCloseTo(1 / 3, 15);
+  });
+
+  it("papa-2, weighted and papa-pull: outputs and edge coefficients match the definitions", async () => {
+    const pairs = await mergeAndWait(h, { method: "papa-2", inputs, seed: 5, name: "pairs" });
+    expect(pairs.result?.checkpoints).toHaveLength(3);
+    for (const out of pairs.result?.checkpoints ?? []) {
+      const lineage = (await (await h.request(`/v1/checkpoints/${out.id}/lineage`)).json()) as Lineage;
+      expect(lineage.edges.map((e) => e.coefficient)).toEqual([0.5, 0.5]);
+      const [a, b] = lineage.edges.map((e) => inputs.indexOf(e.parent_id) + 1);
+      const mean = ((a ?? 0) + (b ?? 0)) / 2;
+      expect((await weightsOf(h, out.id)).w).toEqual([mean, 2 * mean, -mean, 1]);
+    }
+
+    const weighted = await mergeAndWait(h, { method: "weighted", inputs, coefficients: [0.5, 0.25, 0.25] });
+    expect((await weightsOf(h, weighted.result?.checkpoints[0]?.id ?? "")).w).toEqual([1.75, 3.5, -1.75, 1]);
+
+    const pulled = await mergeAndWait(h, { method: "papa-pull", inputs, beta: 0.5 });
+    const outs = pulled.result?.checkpoints ?? [];
+    expect(outs).toHaveLength(3);
+    for (const [j, out] of outs.entries()) {
+      const k = j + 1;
+      const x = 0.5 * k + 0.5 * 2; // (1 - beta) * input_k + beta * mean, mean = 2
+      expect((await weightsOf(h, out.id)).w).toEqual([x, 2 * x, -x, 1]);
+      const { edges } = (await (await h.request(`/v1/checkpoints/${out.id}/lineage`)).json()) as Lineage;
+      expect(edges.reduce((s, e) => s + e.coefficient, 0)).toBeCloseTo(1, 12);
+      expect(edges.find((e) => e.parent_id === inputs[j])?.coefficient).toBeCloseTo(0.5 + 0.5 / 3, 12);
+    }
+  });
+
+  it("lineage: ancestors with each root's contribution, descendants, metrics on nodes", async () => {
+    const pulled = await mergeAndWait(h, { method: "papa-pull", inputs, beta: 0.25 });
+    const ids = (pulled.result?.checkpoints ?? []).map((c) => c.id);
+    const soup = await mergeAndWait(h, { method: "weighted", inputs: ids, coefficients: [0.5, 0.3, 0.2] });
+    const soupId = soup.result?.checkpoints[0]?.id ?? "";
+    const metric = await h.request(`/v1/checkpoints/${soupId}/metrics`, {
+      method: "POST",
+      body: JSON.stringify({ dataset: "mnist", split: "test", name: "accuracy", value: 0.93 }),
+      headers: { "Content-Type": "application/json" },
+    });
+    expect(metric.status).toBe(201);
+    await expectDocumented("createCheckpointMetric", metric);
+
+    const res = await h.request(`/v1/checkpoints/${soupId}/lineage?direction=ancestors`);
+    const lineage = (await expectDocumented("getCheckpointLineage", res)) as Lineage;
+    expect(lineage.nodes.map((n) => n.depth)).toEqual([0, 1, 1, 1, 2, 2, 2]);
+    expect(lineage.nodes[0]?.metrics).toMatchObject([{ name: "accuracy", value: 0.93 }]);
+    expect(lineage.edges).toHaveLength(3 + 9);
+    // weight of root r = sum_j c_soup[j] * pull[j][r], pull[j][r] = beta/3 + (j == r) * (1 - beta)
+    const c = [0.5, 0.3, 0.2];
+    const want = inputs.map((_, r) => c.reduce((s, cj, j) => s + cj * (0.25 / 3 + (j === r ? 0.75 : 0)), 0));
+    const got = inputs.map(
+      (id) => lineage.contributions.find((x) => x.checkpoint_id === id)?.weight ?? Number.NaN,
+    );
+    got.forEach((g, r) => expect(g).toBeCloseTo(want[r] ?? 0, 12));
+    expect(got.reduce((a, b) => a + b, 0)).toBeCloseTo(1, 12);
+
+    const shallow = (await (await h.request(`/v1/checkpoints/${soupId}/lineage?depth=1`)).json()) as Lineage;
+    expect(shallow.nodes).toHaveLength(4);
+    const down = (await (
+      await h.request(`/v1/checkpoints/${inputs[0]}/lineage?direction=descendants`)
+    ).json()) as Lineage;
+    expect(down.nodes.map((n) => n.id)).toContain(soupId);
+    expect(down.contributions).toEqual([]);
+  });
+
+  it("refuses inputs that do not agree, naming the tensor, creating no job and no blob", async () => {
+    const odd = ((await (await upload(h, member(4, { name: "head", shape: [2] }))).json()) as { id: string })
+      .id;
+    const before = await h.leftovers();
+    const jobsBefore = ((await (await h.request("/v1/jobs?limit=200")).json()) as { items: unknown[] }).items
+      .length;
+    const res = await postMerge(h, { method: "papa-all", inputs: [inputs[0], odd] });
+    expect(res.status).toBe(422);
+    const problem = (await expectDocumented("createMerge", res)) as { detail: string; tensor: string };
+    expect(problem.tensor).toBe("head");
+    expect(problem.detail).toContain('"head"');
+    expect(await h.leftovers()).toEqual(before);
+    expect(
+      ((await (await h.request("/v1/jobs?limit=200")).json()) as { items: unknown[] }).items,
+    ).toHaveLength(jobsBefore);
+  });
+
+  it.each([
+    [{ method: "weighted", coefficients: [0.5, 0.6, 0.1] }, 422, "sum to 1"],
+    [{ method: "papa-pull", beta: 0 }, 400, "beta"],
+    [{ method: "blend" }, 400, "method"],
+    [{ method: "papa-all", extra: 1 }, 400, "extra"],
+  ])("rejects %j", async (body, status, text) => {
+    const res = await postMerge(h, { inputs, ...body });
+    expect(res.status).toBe(status);
+    expect(JSON.stringify(await res.json())).toContain(text);
+  });
+
+  it("refuses another tenant's or a deleted input", async () => {
+    const other = await postMerge(h, { method: "papa-all", inputs }, {});
+    expect(other.status).toBe(202);
+    const res = await h.request("/v1/merges", {
+      method: "POST",
+      key: h.keyB,
+      body: JSON.stringify({ method: "papa-all", inputs }),
+      headers: { "Content-Type": "application/json" },
+    });
+    expect(res.status).toBe(422);
+    expect(((await res.json()) as { detail: string }).detail).toContain("not found");
+  });
+
+  it("replays an Idempotency-Key and refuses its reuse for another request", async () => {
+    const body = { method: "papa-all", inputs, name: "once" };
+    const first = await postMerge(h, body, { "Idempotency-Key": "merge-once" });
+    const second = await postMerge(h, body, { "Idempotency-Key": "merge-once" });
+    expect(first.status).toBe(202);
+    expect(second.status).toBe(200);
+    const [a, b] = [(await first.json()) as JobBody, (await second.json()) as JobBody];
+    expect(b.id).toBe(a.id);
+    const other = await postMerge(h, { ...body, name: "twice" }, { "Idempotency-Key": "merge-once" });
+    expect(other.status).toBe(409);
+    await waitForJob(h, a.id);
+  });
+
+  it("streams progress and the final state as server-sent events", async () => {
+    const res = await postMerge(h, { method: "papa-all", inputs });
+    const { id, events_url } = (await res.json()) as JobBody;
+    const events = await h.request(events_url);
+    expect(events.status).toBe(200);
+    expect(events.headers.get("content-type")).toContain("text/event-stream");
+    const text = await events.text();
+    const states = [...text.matchAll(/^data: (.*)$/gm)].map((m) => JSON.parse(m[1] ?? "{}") as JobBody);
+    expect(states.at(-1)?.status).toBe("succeeded");
+    expect(states.at(-1)?.id).toBe(id);
+    expect(text).toContain("event: job");
+  });
+
+  it("lists jobs by status and kind", async () => {
+    const res = await h.request("/v1/jobs?status=succeeded&kind=merge&limit=2");
+    const page = (await expectDocumented("listJobs", res)) as {
+      items: JobBody[];
+      next_cursor: string | null;
+    };
+    expect(page.items).toHaveLength(2);
+    expect(page.items.every((j) => j.status === "succeeded")).toBe(true);
+    expect(page.next_cursor).not.toBeNull();
+    const none = (await (await h.request("/v1/jobs?status=running&status=queued&kind=train")).json()) as {
+      items: unknown[];
+    };
+    expect(none.items).toEqual([]);
+  });
+});
+
+describe("jobs before a worker picks them up", () => {
+  let h: Harness;
+  let inputs: string[];
+  beforeAll(async () => {
+    h = await startHarness("pglite", "filesystem");
+    inputs = [];
+    for (const k of [1, 2]) inputs.push(((await (await upload(h, member(k))).json()) as { id: string }).id);
+  });
+  afterAll(() => h.close());
+
+  it("a canceled job produces nothing; an input deleted before the job runs fails it clearly", async () => {
+    const canceled = (await (await postMerge(h, { method: "papa-all", inputs })).json()) as JobBody;
+    const cancel = await h.request(`/v1/jobs/${canceled.id}/cancel`, { method: "POST" });
+    expect(cancel.status).toBe(200);
+    expect(((await expectDocumented("cancelJob", cancel)) as JobBody).status).toBe("canceled");
+    expect((await h.request(`/v1/jobs/${canceled.id}/cancel`, { method: "POST" })).status).toBe(200);
+
+    const orphaned = (await (await postMerge(h, { method: "papa-all", inputs })).json()) as JobBody;
+    expect((await h.request(`/v1/checkpoints/${inputs[1]}`, { method: "DELETE" })).status).toBe(204);
+    const before = await h.leftovers();
+
+    await startWorker(h.ctx, TEST_WORKER);
+    const failed = await waitForJob(h, orphaned.id);
+    expect(failed.status).toBe("failed");
+    expect(failed.problem?.detail).toContain(`input checkpoint ${inputs[1]} was deleted`);
+    expect((await waitForJob(h, canceled.id)).status).toBe("canceled");
+    expect(await h.leftovers()).toEqual(before);
+    const conflict = await h.request(`/v1/jobs/${failed.id}/cancel`, { method: "POST" });
+    expect(conflict.status).toBe(409);
+  });
+});
