@@ -127,7 +127,7 @@ describe.each<[DatabaseKind, StoreKind]>([
     const got = inputs.map(
       (id) => lineage.contributions.find((x) => x.checkpoint_id === id)?.weight ?? Number.NaN,
     );
-    got.forEach((g, r) => expect(g).toBeCloseTo(want[r] ?? 0, 12));
+    for (const [r, g] of got.entries()) expect(g).toBeCloseTo(want[r] ?? 0, 12);
     expect(got.reduce((a, b) => a + b, 0)).toBeCloseTo(1, 12);
 
     const shallow = (await (await h.request(`/v1/checkpoints/${soupId}/lineage?depth=1`)).json()) as Lineage;

@@ -155,7 +155,7 @@ describe("merge methods", () => {
 
   it("papa-pull moves each input beta toward the mean", () => {
     const rows = mergeCoefficients({ method: "papa-pull", beta: 0.2 }, 4);
-    [0.05, 0.85, 0.05, 0.05].forEach((c, k) => expect(rows[1]?.[k]).toBeCloseTo(c, 15));
+    for (const [k, c] of [0.05, 0.85, 0.05, 0.05].entries()) expect(rows[1]?.[k]).toBeCloseTo(c, 15);
   });
 
   it("papa-2 draws every one of the n(n-1)/2 pairs, uniformly, not just the first n", () => {
