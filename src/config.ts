@@ -53,6 +53,7 @@ const schema = z.object({
   PAPA_JOB_RETRY_DELAY_SECONDS: z.coerce.number().int().min(1).max(86400).default(5),
   PAPA_MERGE_EXPIRE_SECONDS: z.coerce.number().int().min(1).max(82800).default(3600),
   PAPA_WORKER_DRAIN_SECONDS: z.coerce.number().min(0).max(3600).default(30),
+  PAPA_QUEUE_MAINTENANCE_SECONDS: z.coerce.number().int().min(1).max(3600).default(30),
 });
 
 export interface S3Config {
@@ -84,6 +85,8 @@ export interface WorkerConfig {
   retryDelaySeconds: number;
   mergeExpireSeconds: number;
   drainSeconds: number;
+  /** How often expired jobs (of dead workers) are failed so that they retry. */
+  maintenanceSeconds: number;
 }
 
 export interface Config {
@@ -162,6 +165,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       retryDelaySeconds: e.PAPA_JOB_RETRY_DELAY_SECONDS,
       mergeExpireSeconds: e.PAPA_MERGE_EXPIRE_SECONDS,
       drainSeconds: e.PAPA_WORKER_DRAIN_SECONDS,
+      maintenanceSeconds: e.PAPA_QUEUE_MAINTENANCE_SECONDS,
     },
   };
 }

@@ -29,16 +29,16 @@ export async function openRuntime(
   const s3 = config.s3 ? new S3Store(config.s3) : null;
   const store: ObjectStore = s3 ?? new FilesystemStore(join(dataDir, "objects"));
   const w = config.worker;
+  const policy = { retryLimit: w.retryLimit, retryDelaySeconds: w.retryDelaySeconds };
   const queue = new JobQueue(
     database,
     {
-      merge: {
-        retryLimit: w.retryLimit,
-        retryDelaySeconds: w.retryDelaySeconds,
-        expireInSeconds: w.mergeExpireSeconds,
+      policies: {
+        merge: { ...policy, expireInSeconds: w.mergeExpireSeconds },
+        // pg-boss caps expiry below 24 h.
+        train: { ...policy, expireInSeconds: 23 * 3600 },
       },
-      // pg-boss caps expiry below 24 h.
-      train: { retryLimit: w.retryLimit, retryDelaySeconds: w.retryDelaySeconds, expireInSeconds: 23 * 3600 },
+      maintenanceIntervalSeconds: w.maintenanceSeconds,
     },
     logger,
   );

@@ -35,16 +35,23 @@ export class JobQueue {
   private started: Promise<void> | null = null;
   private stopped = false;
 
+  private readonly policies: Record<QueueName, QueuePolicy>;
+
   constructor(
     database: DatabaseHandle,
-    private readonly policies: Record<QueueName, QueuePolicy>,
+    options: {
+      policies: Record<QueueName, QueuePolicy>;
+      /** How often expired jobs are failed (and so retried) and old ones archived. */
+      maintenanceIntervalSeconds: number;
+    },
     private readonly logger: Logger,
   ) {
+    this.policies = options.policies;
     this.boss = new PgBoss({
       db: { executeSql: (text, values) => database.executeSql(text, values) },
       supervise: true,
       schedule: false,
-      maintenanceIntervalSeconds: 30,
+      maintenanceIntervalSeconds: options.maintenanceIntervalSeconds,
       monitorStateIntervalSeconds: 60,
     });
     this.boss.on("error", (err) => logger.error("job queue error", { error: err }));

@@ -1,4 +1,4 @@
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, readdir, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pg from "pg";
@@ -16,6 +16,8 @@ export type StoreKind = "filesystem" | "s3";
 
 export interface TestResource<T> {
   value: T;
+  /** For Postgres: the database's URL, for processes the test starts. */
+  url?: string;
   close(): Promise<void>;
 }
 
@@ -48,6 +50,7 @@ export async function testDatabase(kind: DatabaseKind): Promise<TestResource<Dat
   const handle = await openDatabase({ url: empty.value });
   return {
     value: handle,
+    url: empty.value,
     close: async () => {
       await handle.close();
       await empty.close();
@@ -63,25 +66,33 @@ export interface TestStore {
   everything(): Promise<string[]>;
 }
 
-/** A fresh object store: a temp directory, or a bucket on an s3rver started on a free port. */
-export async function testStore(kind: StoreKind): Promise<TestResource<TestStore>> {
-  const dir = await mkdtemp(join(tmpdir(), `papa-${kind}-`));
-  if (kind === "filesystem") {
-    const store = new FilesystemStore(dir);
-    const { readdir } = await import("node:fs/promises");
-    return {
-      value: {
-        store,
-        everything: async () => {
-          const entries = await readdir(dir, { recursive: true, withFileTypes: true });
-          return entries
-            .filter((e) => e.isFile())
-            .map((e) => join(e.parentPath, e.name).slice(dir.length + 1));
-        },
+/**
+ * A fresh object store: a temp directory (or `dir`, which the caller owns and keeps), or a
+ * bucket on an s3rver started on a free port.
+ */
+export async function testStore(kind: StoreKind, dir?: string): Promise<TestResource<TestStore>> {
+  const own = dir ? null : await mkdtemp(join(tmpdir(), `papa-${kind}-`));
+  const root = dir ?? own ?? "";
+  if (kind === "s3") return s3rverStore(root);
+  const store = new FilesystemStore(root);
+  return {
+    value: {
+      store,
+      // Temp files included: an aborted write must not leave one behind either.
+      everything: async () => {
+        const entries = await readdir(root, { recursive: true, withFileTypes: true }).catch(() => []);
+        return entries
+          .filter((e) => e.isFile())
+          .map((e) => join(e.parentPath, e.name).slice(root.length + 1));
       },
-      close: () => rm(dir, { recursive: true, force: true }),
-    };
-  }
+    },
+    close: async () => {
+      if (own) await rm(own, { recursive: true, force: true });
+    },
+  };
+}
+
+async function s3rverStore(dir: string): Promise<TestResource<TestStore>> {
   const bucket = "papa-test";
   const server = new S3rver({
     port: 0,

@@ -1,6 +1,6 @@
 import { count } from "drizzle-orm";
 import { createApp } from "../../src/app.js";
-import type { WorkerConfig } from "../../src/config.js";
+import type { Limits, WorkerConfig } from "../../src/config.js";
 import { schema } from "../../src/db/client.js";
 import { JobQueue } from "../../src/jobs/queue.js";
 import { startWorker } from "../../src/jobs/worker.js";
@@ -26,10 +26,13 @@ export const TEST_WORKER: WorkerConfig = {
   retryDelaySeconds: 1,
   mergeExpireSeconds: 30,
   drainSeconds: 5,
+  maintenanceSeconds: 1,
 };
 
 export interface Harness {
   app: ReturnType<typeof createApp>;
+  /** The Postgres database's URL (Postgres harnesses only), for worker processes. */
+  databaseUrl: string | undefined;
   ctx: ServiceContext;
   /** Every JSON log line the app wrote. */
   logs: string[];
@@ -50,10 +53,10 @@ export interface Harness {
 export async function startHarness(
   db: DatabaseKind,
   store: StoreKind,
-  options: { worker?: boolean } = {},
+  options: { worker?: boolean; storeDir?: string; limits?: Partial<Limits> } = {},
 ): Promise<Harness> {
   const database = await testDatabase(db);
-  const objects = await testStore(store);
+  const objects = await testStore(store, options.storeDir);
   const logs: string[] = [];
   const logger = createJsonLogger("debug", (line) => logs.push(line));
   const policy = {
@@ -61,14 +64,21 @@ export async function startHarness(
     retryDelaySeconds: 1,
     expireInSeconds: TEST_WORKER.mergeExpireSeconds,
   };
-  const queue = new JobQueue(database.value, { merge: policy, train: policy }, logger);
+  const queue = new JobQueue(
+    database.value,
+    {
+      policies: { merge: policy, train: policy },
+      maintenanceIntervalSeconds: TEST_WORKER.maintenanceSeconds,
+    },
+    logger,
+  );
   await queue.start();
   const ctx: ServiceContext = {
     db: database.value.db,
     databaseKind: database.value.kind,
     store: objects.value.store,
     queue,
-    limits: TEST_LIMITS,
+    limits: { ...TEST_LIMITS, ...options.limits },
     presignExpiresSeconds: 60,
     logger,
   };
@@ -80,6 +90,7 @@ export async function startHarness(
   const keyB = (await createApiKey({ ctx, principal: { tenantId: tenantB }, input: {} })).secret;
   return {
     app,
+    databaseUrl: database.url,
     ctx,
     logs,
     keyA,

@@ -1,0 +1,169 @@
+import { type ChildProcess, spawn } from "node:child_process";
+import { once } from "node:events";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Readable } from "node:stream";
+import { eq, inArray } from "drizzle-orm";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { schema } from "../src/db/client.js";
+import { createCheckpoint } from "../src/services/checkpoints/checkpoints.js";
+import { type Harness, startHarness } from "./helpers/harness.js";
+import { type JobBody, postMerge, waitForJob } from "./helpers/jobs.js";
+import { buildSafetensors, f32 } from "./helpers/safetensors.js";
+
+/** Merges the test can catch midway: 4 inputs of 8M float32 parameters (32 MB each). */
+const BIG_PARAMS = 8 * 1024 * 1024;
+
+function bigMember(k: number): Buffer {
+  const values = new Float32Array(BIG_PARAMS);
+  for (let i = 0; i < values.length; i++) values[i] = ((i % 977) - 488) / 64 + k;
+  return buildSafetensors([
+    { name: "w", dtype: "F32", shape: [BIG_PARAMS], data: new Uint8Array(values.buffer) },
+  ]);
+}
+
+describe("merge workers as separate processes", () => {
+  let h: Harness;
+  let dataDir: string;
+  const workers: ChildProcess[] = [];
+
+  /** `npm run start:worker` as a deployment runs it, on the test's Postgres database and store. */
+  async function startWorkerProcess(env: Record<string, string> = {}): Promise<ChildProcess> {
+    const child = spawn(process.execPath, ["--import", "tsx", "src/worker.ts"], {
+      env: {
+        PATH: process.env.PATH ?? "",
+        DATABASE_URL: h.databaseUrl ?? "",
+        PAPA_DATA_DIR: dataDir,
+        PAPA_MERGE_EXPIRE_SECONDS: "4",
+        PAPA_QUEUE_MAINTENANCE_SECONDS: "1",
+        PAPA_JOB_RETRY_DELAY_SECONDS: "1",
+        PAPA_JOB_RETRY_LIMIT: "3",
+        PAPA_MERGE_THREADS: "1",
+        PAPA_MERGE_CONCURRENCY: "4",
+        PAPA_MAX_UPLOAD_BYTES: String(1 << 30),
+        ...env,
+      },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    workers.push(child);
+    let out = "";
+    await new Promise<void>((resolve, reject) => {
+      child.stdout?.on("data", (d: Buffer) => {
+        out += d.toString();
+        if (out.includes('"msg":"worker started"')) resolve();
+      });
+      child.on("exit", (code) => reject(new Error(`worker exited with ${code}`)));
+    });
+    return child;
+  }
+
+  async function upload(bytes: Buffer, name: string): Promise<string> {
+    const principal = { tenantId: h.tenantA };
+    const c = await createCheckpoint({
+      ctx: h.ctx,
+      principal,
+      input: { name, body: Readable.from([bytes]) },
+    });
+    return c.id;
+  }
+
+  async function createdJob(response: Promise<Response>): Promise<JobBody> {
+    const res = await response;
+    const body = (await res.json()) as JobBody;
+    expect(res.status, JSON.stringify(body)).toBe(202);
+    return body;
+  }
+
+  async function outputsOf(jobIds: string[]) {
+    return h.ctx.db.select().from(schema.checkpoints).where(inArray(schema.checkpoints.jobId, jobIds));
+  }
+
+  beforeAll(async () => {
+    dataDir = await mkdtemp(join(tmpdir(), "papa-workers-"));
+    h = await startHarness("postgres", "filesystem", {
+      storeDir: join(dataDir, "objects"),
+      limits: { maxUploadBytes: 2 ** 30, maxMergeInputBytes: 2 ** 31 },
+    });
+  });
+  afterAll(async () => {
+    for (const w of workers) if (w.exitCode === null) w.kill("SIGKILL");
+    await h.close();
+    await rm(dataDir, { recursive: true, force: true });
+  });
+
+  it("retries a merge whose worker was killed (SIGKILL) and registers exactly one set of outputs", async () => {
+    const inputs: string[] = [];
+    for (const k of [0, 1, 2, 3]) inputs.push(await upload(bigMember(k), `big-${k}`));
+    const first = await startWorkerProcess({ PAPA_MERGE_THREADS: "0" });
+    const { id } = await createdJob(postMerge(h, { method: "papa-pull", inputs, beta: 0.5 }));
+    for (;;) {
+      const job = (await (await h.request(`/v1/jobs/${id}`)).json()) as JobBody;
+      if (job.status === "running" && job.progress > 0) break;
+      expect(job.status).not.toBe("succeeded");
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    first.kill("SIGKILL");
+    await once(first, "exit");
+    expect(((await (await h.request(`/v1/jobs/${id}`)).json()) as JobBody).status).toBe("running");
+
+    await startWorkerProcess();
+    const job = await waitForJob(h, id, 60_000);
+    expect(job.status, JSON.stringify(job.problem)).toBe("succeeded");
+    const outputs = await outputsOf([id]);
+    expect(outputs).toHaveLength(4);
+    expect(outputs.map((o) => o.id).sort()).toEqual((job.result?.checkpoints ?? []).map((c) => c.id).sort());
+    const objects = await h.ctx.store.list(`tenants/${h.tenantA}/`);
+    expect(objects).toHaveLength(8);
+    const edges = await h.ctx.db.select().from(schema.lineageEdges).where(eq(schema.lineageEdges.jobId, id));
+    expect(edges).toHaveLength(16);
+  });
+
+  it("fails a running merge on SIGTERM after the drain timeout, and another worker finishes it", async () => {
+    const inputs: string[] = [];
+    for (const k of [4, 5, 6, 7]) inputs.push(await upload(bigMember(k), `big-${k}`));
+    const survivor = workers.find((w) => w.exitCode === null);
+    survivor?.kill("SIGSTOP"); // only the worker under test may take the job
+    const draining = await startWorkerProcess({ PAPA_MERGE_THREADS: "0", PAPA_WORKER_DRAIN_SECONDS: "0" });
+    const { id } = await createdJob(postMerge(h, { method: "papa-pull", inputs, beta: 0.5 }));
+    for (;;) {
+      const job = (await (await h.request(`/v1/jobs/${id}`)).json()) as JobBody;
+      if (job.status === "running") break;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    draining.kill("SIGTERM");
+    const [code] = await once(draining, "exit");
+    expect(code).toBe(0);
+    survivor?.kill("SIGCONT");
+    const job = await waitForJob(h, id, 60_000);
+    expect(job.status, JSON.stringify(job.problem)).toBe("succeeded");
+    expect(await outputsOf([id])).toHaveLength(4);
+  });
+
+  it("runs 20 concurrent merge jobs on two workers, each exactly once", async () => {
+    await startWorkerProcess();
+    const inputs: string[] = [];
+    for (const k of [1, 2, 3]) {
+      inputs.push(
+        await upload(
+          buildSafetensors([{ name: "w", dtype: "F32", shape: [4], data: f32([k, k, k, k]) }]),
+          `small-${k}`,
+        ),
+      );
+    }
+    const created = await Promise.all(
+      Array.from({ length: 20 }, (_, seed) =>
+        postMerge(h, { method: "papa-2", inputs, seed, name: `pairs-${seed}` }),
+      ),
+    );
+    const ids = await Promise.all(created.map(async (r) => (await createdJob(Promise.resolve(r))).id));
+    const jobs = await Promise.all(ids.map((id) => waitForJob(h, id, 60_000)));
+    expect(jobs.map((j) => j.status)).toEqual(Array(20).fill("succeeded"));
+    const outputs = await outputsOf(ids);
+    expect(outputs).toHaveLength(60);
+    expect(new Set(outputs.map((o) => o.storageKey)).size).toBe(60);
+    const stored = await h.ctx.store.list(`tenants/${h.tenantA}/`);
+    expect(new Set(stored).size).toBe(stored.length);
+    for (const o of outputs) expect(stored).toContain(o.storageKey);
+  });
+});
