@@ -4,15 +4,30 @@
  * a numpy baseline (bench/numpy_merge.py), each under /usr/bin/time for wall time and peak RSS,
  * checks that the outputs agree, and prints the ratio.
  * Targets: at most 1.0 s and 300 MB peak RSS.
+ * Then the same merge as a job through the API (PGlite, in-process worker), on the filesystem
+ * store and on s3rver: seconds from POST /v1/merges to the job's success (uploads not timed).
  *
  * usage: npm run bench:merge [-- MILLION_PARAMS]
  */
 import { execFileSync, spawnSync } from "node:child_process";
 import { once } from "node:events";
-import { createWriteStream, existsSync } from "node:fs";
-import { readFile, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { createReadStream, createWriteStream, existsSync } from "node:fs";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
+import S3rver from "s3rver";
+import { createApp } from "../src/app.js";
+import { openDatabase } from "../src/db/client.js";
+import { JobQueue } from "../src/jobs/queue.js";
+import { startWorker } from "../src/jobs/worker.js";
+import { createJsonLogger } from "../src/logger.js";
+import { createApiKey } from "../src/services/api-keys/api-keys.js";
+import { createCheckpoint } from "../src/services/checkpoints/checkpoints.js";
+import type { ServiceContext } from "../src/services/context.js";
+import { createTenant } from "../src/services/tenants/create-tenant.js";
+import { FilesystemStore } from "../src/storage/fs-store.js";
+import type { ObjectStore } from "../src/storage/object-store.js";
+import { S3Store } from "../src/storage/s3-store.js";
 import { openFileSource, readBytes, readSafetensorsHeader } from "../src/tensors/source.js";
 
 const millions = Number(process.argv[2] ?? 100);
@@ -109,6 +124,97 @@ async function worstDifference(a: string, b: string): Promise<number> {
   return worst / (scale || 1);
 }
 
+/** POST /v1/merges on a fresh service with the given store; seconds until the job succeeded. */
+async function mergeThroughApi(kind: "filesystem" | "s3", inputs: string[]): Promise<number> {
+  const dir = await mkdtemp(join(tmpdir(), "papa-bench-api-"));
+  const database = await openDatabase({ pgliteDir: null });
+  let server: S3rver | null = null;
+  let store: ObjectStore;
+  if (kind === "s3") {
+    server = new S3rver({
+      port: 0,
+      address: "127.0.0.1",
+      silent: true,
+      directory: dir,
+      configureBuckets: [{ name: "bench", configs: [] }],
+    });
+    const { port } = (await server.run()) as { port: number };
+    store = new S3Store({
+      bucket: "bench",
+      region: "us-east-1",
+      endpoint: `http://127.0.0.1:${port}`,
+      forcePathStyle: true,
+      credentials: { accessKeyId: "S3RVER", secretAccessKey: "S3RVER" },
+    });
+  } else {
+    store = new FilesystemStore(dir);
+  }
+  const logger = createJsonLogger("warn");
+  const policy = { retryLimit: 0, retryDelaySeconds: 1, expireInSeconds: 3600 };
+  const queue = new JobQueue(
+    database,
+    { policies: { merge: policy, train: policy }, maintenanceIntervalSeconds: 30 },
+    logger,
+  );
+  await queue.start();
+  const limits = {
+    maxUploadBytes: 2 ** 34,
+    maxSafetensorsHeaderBytes: 25e6,
+    maxHttpHeaderBytes: 16384,
+    maxMergeInputBytes: 2 ** 36,
+  };
+  const ctx: ServiceContext = {
+    db: database.db,
+    databaseKind: database.kind,
+    store,
+    queue,
+    limits,
+    presignExpiresSeconds: 60,
+    logger,
+  };
+  const tenantId = (await createTenant({ ctx, input: { name: "bench" } })).id;
+  const { secret } = await createApiKey({ ctx, principal: { tenantId }, input: {} });
+  const ids: string[] = [];
+  for (const [k, path] of inputs.entries()) {
+    const body = createReadStream(path, { highWaterMark: 1 << 20 });
+    ids.push(
+      (await createCheckpoint({ ctx, principal: { tenantId }, input: { name: `member-${k}`, body } })).id,
+    );
+  }
+  await startWorker(ctx, {
+    inProcess: true,
+    queues: ["merge"],
+    mergeConcurrency: 1,
+    mergeThreads: availableParallelism(),
+    retryLimit: 0,
+    retryDelaySeconds: 1,
+    mergeExpireSeconds: 3600,
+    drainSeconds: 1,
+    maintenanceSeconds: 30,
+  });
+  const app = createApp(ctx);
+  const started = performance.now();
+  const res = await app.request("/v1/merges", {
+    method: "POST",
+    headers: { Authorization: `Bearer ${secret}`, "Content-Type": "application/json" },
+    body: JSON.stringify({ method: "papa-all", inputs: ids }),
+  });
+  const { id } = (await res.json()) as { id: string };
+  let status = "queued";
+  while (!["succeeded", "failed", "canceled"].includes(status)) {
+    await new Promise((r) => setTimeout(r, 20));
+    const job = await app.request(`/v1/jobs/${id}`, { headers: { Authorization: `Bearer ${secret}` } });
+    status = ((await job.json()) as { status: string }).status;
+  }
+  const seconds = (performance.now() - started) / 1000;
+  if (status !== "succeeded") throw new Error(`merge job ${status}`);
+  await queue.stop(1000);
+  await database.close();
+  if (server) await server.close();
+  await rm(dir, { recursive: true, force: true });
+  return seconds;
+}
+
 async function main(): Promise<void> {
   execFileSync("mkdir", ["-p", dir]);
   const inputs = Array.from({ length: INPUTS }, (_, k) => join(dir, `member${k}.safetensors`));
@@ -135,6 +241,12 @@ async function main(): Promise<void> {
   );
   await rm(ours, { force: true });
   await rm(theirs, { force: true });
+  for (const kind of ["filesystem", "s3"] as const) {
+    const seconds = await mergeThroughApi(kind, inputs);
+    console.log(
+      `merge-job papa-all store=${kind} seconds=${seconds.toFixed(2)} (POST /v1/merges to succeeded)`,
+    );
+  }
 }
 
 await main();
