@@ -7,7 +7,7 @@ import type { ByteRange } from "../../storage/object-store.js";
 import { SafetensorsError, SafetensorsValidator } from "../../tensors/safetensors.js";
 import type { ServiceContext, SystemCall, TenantCall } from "../context.js";
 import { GoneError, InvalidInputError, NotFoundError, PayloadTooLargeError } from "../errors.js";
-import { decodeIdCursor, encodeIdCursor } from "../pagination.js";
+import { type Page, pageByIdDesc } from "../pagination.js";
 
 export interface CheckpointParent {
   checkpointId: string;
@@ -188,41 +188,30 @@ function asUploadError(reason: unknown, maxUploadBytes: number, maxHeaderBytes: 
   }
 }
 
-export interface CheckpointPage {
-  items: Checkpoint[];
-  nextCursor: string | null;
-}
-
 /** Newest first; deleted checkpoints are left out. `cursor` is the previous page's `nextCursor`. */
 export async function listCheckpoints({
   ctx,
   principal,
   input,
-}: TenantCall<{
-  limit: number;
-  cursor?: string | undefined;
-  name?: string | undefined;
-}>): Promise<CheckpointPage> {
-  const after = input.cursor === undefined ? undefined : decodeIdCursor(input.cursor);
-  const rows = await ctx.db
-    .select()
-    .from(schema.checkpoints)
-    .where(
-      and(
-        eq(schema.checkpoints.tenantId, principal.tenantId),
-        isNull(schema.checkpoints.deletedAt),
-        input.name === undefined ? undefined : eq(schema.checkpoints.name, input.name),
-        after === undefined ? undefined : lt(schema.checkpoints.id, after),
-      ),
-    )
-    .orderBy(desc(schema.checkpoints.id))
-    .limit(input.limit + 1);
-  const page = rows.slice(0, input.limit);
-  const last = page.at(-1);
-  return {
-    items: await withRelations(ctx, page),
-    nextCursor: rows.length > input.limit && last ? encodeIdCursor(last.id) : null,
-  };
+}: TenantCall<{ limit: number; cursor?: string | undefined; name?: string | undefined }>): Promise<
+  Page<Checkpoint>
+> {
+  const page = await pageByIdDesc(input, (before, take) =>
+    ctx.db
+      .select()
+      .from(schema.checkpoints)
+      .where(
+        and(
+          eq(schema.checkpoints.tenantId, principal.tenantId),
+          isNull(schema.checkpoints.deletedAt),
+          input.name === undefined ? undefined : eq(schema.checkpoints.name, input.name),
+          before === undefined ? undefined : lt(schema.checkpoints.id, before),
+        ),
+      )
+      .orderBy(desc(schema.checkpoints.id))
+      .limit(take),
+  );
+  return { items: await withRelations(ctx, page.items), nextCursor: page.nextCursor };
 }
 
 /** A checkpoint of the caller's tenant, deleted ones included (their lineage stays meaningful). */

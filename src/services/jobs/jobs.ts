@@ -4,7 +4,7 @@ import { newId } from "../../ids.js";
 import type { QueueName } from "../../jobs/queue.js";
 import type { ServiceContext, TenantCall } from "../context.js";
 import { ConflictError, NotFoundError } from "../errors.js";
-import { decodeIdCursor, encodeIdCursor } from "../pagination.js";
+import { type Page, pageByIdDesc } from "../pagination.js";
 
 export type JobStatus = (typeof schema.jobStatus.enumValues)[number];
 export type JobKind = (typeof schema.jobKind.enumValues)[number];
@@ -97,27 +97,22 @@ export async function listJobs({
   cursor?: string | undefined;
   status?: JobStatus[] | undefined;
   kind?: JobKind | undefined;
-}>): Promise<{
-  items: Job[];
-  nextCursor: string | null;
-}> {
-  const after = input.cursor === undefined ? undefined : decodeIdCursor(input.cursor);
-  const rows = await ctx.db
-    .select()
-    .from(schema.jobs)
-    .where(
-      and(
-        eq(schema.jobs.tenantId, principal.tenantId),
-        input.status?.length ? inArray(schema.jobs.status, input.status) : undefined,
-        input.kind ? eq(schema.jobs.kind, input.kind) : undefined,
-        after ? lt(schema.jobs.id, after) : undefined,
-      ),
-    )
-    .orderBy(desc(schema.jobs.id))
-    .limit(input.limit + 1);
-  const items = rows.slice(0, input.limit);
-  const last = items.at(-1);
-  return { items, nextCursor: rows.length > input.limit && last ? encodeIdCursor(last.id) : null };
+}>): Promise<Page<Job>> {
+  return pageByIdDesc(input, (before, take) =>
+    ctx.db
+      .select()
+      .from(schema.jobs)
+      .where(
+        and(
+          eq(schema.jobs.tenantId, principal.tenantId),
+          input.status?.length ? inArray(schema.jobs.status, input.status) : undefined,
+          input.kind ? eq(schema.jobs.kind, input.kind) : undefined,
+          before ? lt(schema.jobs.id, before) : undefined,
+        ),
+      )
+      .orderBy(desc(schema.jobs.id))
+      .limit(take),
+  );
 }
 
 /**
