@@ -140,6 +140,31 @@ describe("merge workers as separate processes", () => {
     expect(await outputsOf([id])).toHaveLength(4);
   });
 
+  it("cancels a running merge: no output registered, no blob left", async () => {
+    const sources: string[] = [];
+    for (const name of ["big-0", "big-1", "big-2", "big-3"]) {
+      const [row] = await h.ctx.db.select().from(schema.checkpoints).where(eq(schema.checkpoints.name, name));
+      sources.push(row?.id ?? "");
+    }
+    const before = await h.ctx.store.list(`tenants/${h.tenantA}/`);
+    const { id } = await createdJob(postMerge(h, { method: "papa-pull", inputs: sources, beta: 0.25 }));
+    for (;;) {
+      const job = (await (await h.request(`/v1/jobs/${id}`)).json()) as JobBody;
+      if (job.status === "running") break;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    expect((await h.request(`/v1/jobs/${id}/cancel`, { method: "POST" })).status).toBe(200);
+    // The worker notices at its next progress report, stops, and deletes what it wrote.
+    const until = Date.now() + 15_000;
+    while (Date.now() < until && (await h.ctx.store.list(`tenants/${h.tenantA}/`)).length !== before.length) {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    await new Promise((r) => setTimeout(r, 1000));
+    expect(((await (await h.request(`/v1/jobs/${id}`)).json()) as JobBody).status).toBe("canceled");
+    expect(await outputsOf([id])).toEqual([]);
+    expect(await h.ctx.store.list(`tenants/${h.tenantA}/`)).toEqual(before);
+  });
+
   it("runs 20 concurrent merge jobs on two workers, each exactly once", async () => {
     await startWorkerProcess();
     const inputs: string[] = [];
