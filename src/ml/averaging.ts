@@ -1,0 +1,74 @@
+import * as tf from "@tensorflow/tfjs";
+import { mergeCoefficients } from "../merge/methods.js";
+import { namedWeights } from "./models.js";
+
+/**
+ * Replaces every member's float weights by a combination of all members' weights, with the same
+ * coefficient matrices as the merge engine (`mergeCoefficients`): rows[j][k] is member k's weight
+ * in member j's new value; a single row (PAPA-all) is given to every member. All new values are
+ * computed before any member changes, as tf ops, then assigned in place. Non-float weights are
+ * never averaged.
+ */
+export function averageMembers(members: tf.LayersModel[], rows: number[][]): void {
+  const weights = members.map((m) => namedWeights(m).map((w) => w.variable));
+  const count = weights[0]?.length ?? 0;
+  for (let i = 0; i < count; i++) {
+    const column = weights.map((w) => w[i] as tf.LayerVariable);
+    if (column[0]?.dtype !== "float32") continue;
+    const updated = tf.tidy(() => {
+      const stacked = tf.stack(column.map((v) => v.read())); // [p, ...shape]
+      return rows.map((row) => {
+        const c = tf.tensor1d(row).reshape([row.length, ...Array(stacked.rank - 1).fill(1)]);
+        return tf.keep(tf.sum(tf.mul(stacked, c), 0));
+      });
+    });
+    for (const [j, v] of column.entries()) v.write(updated[rows.length === 1 ? 0 : j] as tf.Tensor);
+    for (const t of updated) t.dispose();
+  }
+}
+
+/**
+ * The PAPA pull: every member moves `beta` of the way to the population mean,
+ * theta_j <- (1 - beta) theta_j + beta mean, with the mean taken before any member moves.
+ */
+export function papaPull(members: tf.LayersModel[], beta: number): void {
+  averageMembers(members, mergeCoefficients({ method: "papa-pull", beta }, members.length));
+}
+
+/**
+ * Re-estimates every BatchNorm layer's moving mean and variance from `batches` (no augmentation),
+ * layer after layer, as exact averages over all examples (not an exponential average): reset,
+ * then for each layer the statistics of its input, computed with the earlier layers already
+ * re-estimated. Weights other than the statistics are unchanged.
+ */
+export function reestimateBatchNorm(model: tf.LayersModel, batches: tf.Tensor[]): void {
+  const layers = model.layers.filter((l) => l.getClassName() === "BatchNormalization");
+  for (const layer of layers) {
+    const probe = tf.model({ inputs: model.inputs, outputs: layer.input as tf.SymbolicTensor });
+    const [meanVar, varVar] = layer.weights.filter((w) => !w.trainable) as [
+      tf.LayerVariable,
+      tf.LayerVariable,
+    ];
+    const { mean, variance } = tf.tidy(() => {
+      let sum: tf.Tensor | null = null;
+      let sumSq: tf.Tensor | null = null;
+      let n = 0;
+      for (const batch of batches) {
+        const h = probe.predict(batch) as tf.Tensor;
+        const axes = Array.from({ length: h.rank - 1 }, (_, i) => i);
+        const s = tf.sum(h, axes);
+        const sq = tf.sum(tf.square(h), axes);
+        sum = sum ? tf.add(sum, s) : s;
+        sumSq = sumSq ? tf.add(sumSq, sq) : sq;
+        n += h.size / (h.shape.at(-1) ?? 1);
+      }
+      if (!sum || !sumSq) throw new Error("no batches to re-estimate BatchNorm statistics");
+      const m = tf.div(sum, n);
+      return { mean: m, variance: tf.sub(tf.div(sumSq, n), tf.square(m)) };
+    });
+    meanVar.write(mean);
+    varVar.write(variance);
+    mean.dispose();
+    variance.dispose();
+  }
+}

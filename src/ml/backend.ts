@@ -1,0 +1,59 @@
+import * as tf from "@tensorflow/tfjs";
+
+export type BackendName = "tensorflow" | "wasm" | "cpu";
+export const BACKENDS: BackendName[] = ["tensorflow", "wasm", "cpu"];
+
+export class BackendError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "BackendError";
+  }
+}
+
+/** Native TensorFlow through tfjs-node-gpu, then tfjs-node (optional dependencies). */
+async function loadNative(): Promise<boolean> {
+  for (const pkg of ["@tensorflow/tfjs-node-gpu", "@tensorflow/tfjs-node"]) {
+    try {
+      await import(pkg);
+      if (await tf.setBackend("tensorflow")) return true;
+    } catch {
+      // not installed, or its native library is missing: try the next one
+    }
+  }
+  return false;
+}
+
+async function load(name: BackendName): Promise<boolean> {
+  if (name === "tensorflow") return loadNative();
+  if (name === "wasm") await import("@tensorflow/tfjs-backend-wasm");
+  return tf.setBackend(name).catch(() => false);
+}
+
+/**
+ * Selects the TensorFlow.js backend: `forced` (PAPA_BACKEND) or it fails naming why; otherwise the
+ * fastest that loads: native TensorFlow, then wasm, then cpu. `needsConvGradients` rules out wasm,
+ * which has no Conv2DBackpropFilter kernel.
+ */
+export async function selectBackend(
+  options: { forced?: BackendName | undefined; needsConvGradients?: boolean } = {},
+): Promise<BackendName> {
+  const { forced, needsConvGradients = false } = options;
+  if (forced) {
+    if (forced === "wasm" && needsConvGradients) {
+      throw new BackendError(
+        "the wasm backend cannot train convolutional models (no Conv2DBackpropFilter kernel)",
+      );
+    }
+    if (!(await load(forced))) throw new BackendError(`the ${forced} backend could not be loaded`);
+    await tf.ready();
+    return forced;
+  }
+  for (const name of BACKENDS) {
+    if (name === "wasm" && needsConvGradients) continue;
+    if (await load(name)) {
+      await tf.ready();
+      return name;
+    }
+  }
+  throw new BackendError("no TensorFlow.js backend could be loaded");
+}

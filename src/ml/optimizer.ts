@@ -1,0 +1,65 @@
+import * as tf from "@tensorflow/tfjs";
+
+export interface OptimizerSpec {
+  kind: "sgd" | "adamw";
+  lr: number;
+  momentum: number;
+  nesterov: boolean;
+  weightDecay: number;
+  schedule: "cosine" | "constant";
+  minLr: number;
+}
+
+/**
+ * SGD with momentum (PyTorch semantics: weight decay added to the gradient, optional Nesterov)
+ * and AdamW (decoupled weight decay), as tf ops on explicit state variables: the state is the
+ * member's own, can be saved and restored, and is disposed with `dispose`.
+ */
+export class MemberOptimizer {
+  private readonly first: tf.Variable[];
+  private readonly second: tf.Variable[];
+  private steps = 0;
+
+  constructor(
+    private readonly spec: OptimizerSpec,
+    private readonly params: tf.Variable[],
+  ) {
+    const zeros = () => params.map((p) => tf.tidy(() => tf.variable(tf.zerosLike(p), false)));
+    this.first = zeros();
+    this.second = spec.kind === "adamw" ? zeros() : [];
+  }
+
+  /** Applies one update with learning rate `lr`; `grads` are in the order of the params. */
+  step(grads: tf.Tensor[], lr: number): void {
+    this.steps++;
+    const { momentum: mu, weightDecay: wd } = this.spec;
+    tf.tidy(() => {
+      this.params.forEach((p, i) => {
+        const g = grads[i] as tf.Tensor;
+        const first = this.first[i] as tf.Variable;
+        if (this.spec.kind === "sgd") {
+          const d = wd > 0 ? tf.add(g, tf.mul(p, wd)) : g;
+          const buf = tf.add(tf.mul(first, mu), d);
+          first.assign(buf);
+          const direction = this.spec.nesterov ? tf.add(d, tf.mul(buf, mu)) : buf;
+          p.assign(tf.sub(p, tf.mul(direction, lr)));
+        } else {
+          const [b1, b2, eps] = [0.9, 0.999, 1e-8];
+          const second = this.second[i] as tf.Variable;
+          const m = tf.add(tf.mul(first, b1), tf.mul(g, 1 - b1));
+          const v = tf.add(tf.mul(second, b2), tf.mul(tf.square(g), 1 - b2));
+          first.assign(m);
+          second.assign(v);
+          const mHat = tf.div(m, 1 - b1 ** this.steps);
+          const vHat = tf.div(v, 1 - b2 ** this.steps);
+          const decayed = wd > 0 ? tf.mul(p, 1 - lr * wd) : p;
+          p.assign(tf.sub(decayed, tf.mul(tf.div(mHat, tf.add(tf.sqrt(vHat), eps)), lr)));
+        }
+      });
+    });
+  }
+
+  dispose(): void {
+    for (const v of [...this.first, ...this.second]) v.dispose();
+  }
+}

@@ -1,0 +1,253 @@
+import { gzipSync } from "node:zlib";
+import * as tf from "@tensorflow/tfjs";
+import { beforeAll, describe, expect, it } from "vitest";
+import { mergeCoefficients } from "../src/merge/methods.js";
+import { averageMembers, papaPull, reestimateBatchNorm } from "../src/ml/averaging.js";
+import { BackendError, selectBackend } from "../src/ml/backend.js";
+import { DatasetError, idxSplit, loadBuiltInDataset, parseIdx } from "../src/ml/datasets.js";
+import { buildModel, namedWeights } from "../src/ml/models.js";
+import { MemberOptimizer } from "../src/ml/optimizer.js";
+import {
+  drawDiversity,
+  greedySoupIngredients,
+  learningRate,
+  type OptimizerSpec,
+  type PopulationSpec,
+  papaBeta,
+  trainPopulation,
+} from "../src/ml/train.js";
+
+const SHAPE: [number, number, number] = [4, 4, 1];
+
+/** Every weight of every member, as plain arrays. */
+function snapshot(models: tf.LayersModel[]): number[][][] {
+  return models.map((m) => namedWeights(m).map((w) => Array.from(w.variable.read().dataSync())));
+}
+
+function tinyPopulation(n: number, kind: "mlp" | "cnn" = "mlp"): tf.LayersModel[] {
+  const spec = kind === "mlp" ? { kind, hidden: [3] } : { kind, channels: [2] };
+  return Array.from({ length: n }, (_, j) => buildModel(spec as never, SHAPE, 2, j + 1));
+}
+
+function expectClose(a: number[], b: number[]): void {
+  expect(a.length).toBe(b.length);
+  for (const [i, x] of a.entries()) expect(x).toBeCloseTo(b[i] ?? Number.NaN, 5);
+}
+
+beforeAll(async () => {
+  await selectBackend({ forced: "cpu" });
+});
+
+describe("averaging members in place", () => {
+  it("a PAPA event moves every member beta toward the mean taken before anyone moved", () => {
+    const members = tinyPopulation(3);
+    const before = snapshot(members);
+    papaPull(members, 0.3);
+    const after = snapshot(members);
+    before[0]?.forEach((_, w) => {
+      const mean = (before[0]?.[w] ?? []).map((_, i) => before.reduce((s, m) => s + (m[w]?.[i] ?? 0), 0) / 3);
+      for (let j = 0; j < 3; j++) {
+        expectClose(
+          after[j]?.[w] ?? [],
+          (before[j]?.[w] ?? []).map((x, i) => 0.7 * x + 0.3 * (mean[i] ?? 0)),
+        );
+      }
+    });
+  });
+
+  it("PAPA-all leaves all members equal to the mean; PAPA-2 children are pair means", () => {
+    const members = tinyPopulation(4);
+    const before = snapshot(members);
+    averageMembers(members, mergeCoefficients({ method: "papa-all" }, 4));
+    const all = snapshot(members);
+    for (let j = 1; j < 4; j++) expect(all[j]).toEqual(all[0]);
+    expectClose(
+      all[0]?.[0] ?? [],
+      (before[0]?.[0] ?? []).map((_, i) => before.reduce((s, m) => s + (m[0]?.[i] ?? 0), 0) / 4),
+    );
+
+    const pairs = tinyPopulation(4);
+    const start = snapshot(pairs);
+    const rows = mergeCoefficients({ method: "papa-2", seed: 9 }, 4);
+    averageMembers(pairs, rows);
+    const end = snapshot(pairs);
+    rows.forEach((row, j) => {
+      const [a, b] = row.flatMap((c, k) => (c === 0.5 ? [k] : []));
+      expectClose(
+        end[j]?.[1] ?? [],
+        (start[a ?? 0]?.[1] ?? []).map((x, i) => 0.5 * x + 0.5 * (start[b ?? 0]?.[1]?.[i] ?? 0)),
+      );
+    });
+  });
+
+  it("re-estimates BatchNorm statistics as exact averages over the batches", () => {
+    const [model] = tinyPopulation(1, "cnn");
+    if (!model) throw new Error("no model");
+    const batches = [0, 1].map((b) =>
+      tf.tensor4d(
+        Array.from({ length: 3 * 16 }, (_, i) => Math.sin(i + 7 * b)),
+        [3, 4, 4, 1],
+      ),
+    );
+    reestimateBatchNorm(model, batches);
+    // By hand: the conv output (BN input) of every example, per channel.
+    const probe = tf.model({
+      inputs: model.inputs,
+      outputs: model.getLayer("conv_0").output as tf.SymbolicTensor,
+    });
+    const values = batches.flatMap((b) => Array.from((probe.predict(b) as tf.Tensor).dataSync()));
+    const channel = (c: number) => values.filter((_, i) => i % 2 === c);
+    const mean = [0, 1].map((c) => channel(c).reduce((a, b) => a + b, 0) / channel(c).length);
+    const variance = [0, 1].map(
+      (c) => channel(c).reduce((a, b) => a + (b - (mean[c] ?? 0)) ** 2, 0) / channel(c).length,
+    );
+    const bn = model.getLayer("bn_0");
+    const [movingMean, movingVariance] = bn.getWeights().slice(2);
+    expectClose(Array.from(movingMean?.dataSync() ?? []), mean);
+    expectClose(Array.from(movingVariance?.dataSync() ?? []), variance);
+  });
+});
+
+describe("population training rules", () => {
+  const o: OptimizerSpec = {
+    kind: "sgd",
+    lr: 0.1,
+    momentum: 0.9,
+    nesterov: true,
+    weightDecay: 0,
+    schedule: "cosine",
+    minLr: 0.001,
+  };
+  const p: PopulationSpec = {
+    size: 2,
+    variant: "papa",
+    seed: 1,
+    alpha: 0.99,
+    everyKSteps: 10,
+    lrScaling: "linear",
+    everyKEpochs: 1,
+  };
+
+  it("steps the cosine schedule per iteration and scales beta by lr_t / lr_0", () => {
+    expect(learningRate(o, 0, 100)).toBeCloseTo(0.1, 12);
+    expect(learningRate(o, 50, 100)).toBeCloseTo(0.0505, 12);
+    expect(learningRate(o, 100, 100)).toBeCloseTo(0.001, 12);
+    expect(papaBeta(p, o, 50, 100)).toBeCloseTo(0.01 * 0.505, 12);
+    expect(papaBeta({ ...p, lrScaling: "none" }, o, 50, 100)).toBeCloseTo(0.01, 12);
+  });
+
+  it("draws diversity combinations without replacement", () => {
+    const sets = { mixup: [0, 0.5], labelSmoothing: [0, 0.1], cutmix: [0], randomErasing: [0] };
+    const drawn = drawDiversity(sets, 4, 3);
+    expect(new Set(drawn.map((d) => JSON.stringify(d))).size).toBe(4);
+    expect(drawDiversity(sets, 4, 3)).toEqual(drawn);
+  });
+
+  it("greedy soup adds a member only if held-out accuracy strictly improves", () => {
+    const soupAcc: Record<string, number> = { "1,2": 0.91, "1,2,0": 0.91, "1,2,3": 0.95 };
+    const calls: string[] = [];
+    const chosen = greedySoupIngredients([0.5, 0.9, 0.7, 0.6], (ingredients) => {
+      calls.push(ingredients.join(","));
+      return soupAcc[ingredients.join(",")] ?? 0;
+    });
+    expect(calls).toEqual(["1,2", "1,2,3", "1,2,3,0"]);
+    expect(chosen).toEqual([1, 2, 3]);
+  });
+
+  it("trains a population end to end on real MNIST digits without leaking tensors", async () => {
+    const data = await loadBuiltInDataset("mnist", {
+      fashionMnistDir: "/nowhere",
+      maxTrain: 400,
+      maxTest: 200,
+    });
+    expect(data.train.count).toBe(400);
+    const before = tf.memory().numTensors;
+    const tensorsAtProgress: number[] = [];
+    const outcome = await trainPopulation(
+      {
+        model: { kind: "mlp", hidden: [32] },
+        population: { ...p, size: 2, everyKSteps: 2 },
+        diversity: { mixup: [0, 0.5], labelSmoothing: [0.1], cutmix: [0, 0.5], randomErasing: [0.2] },
+        optimizer: { ...o, weightDecay: 5e-4 },
+        epochs: 2,
+        batchSize: 32,
+      },
+      data,
+      { onProgress: () => tensorsAtProgress.push(tf.memory().numTensors) },
+    );
+    // Flat across batches: every progress report sees the same number of live tensors.
+    expect(tensorsAtProgress.length).toBeGreaterThan(2);
+    expect(new Set(tensorsAtProgress).size).toBe(1);
+    for (const m of outcome.members) expect(m.accuracy).toBeGreaterThan(0.5);
+    expect(outcome.ensembleAccuracy).toBeGreaterThan(0.5);
+    expect(outcome.uniformSoup.accuracy).toBeGreaterThan(0.3);
+    expect(outcome.greedySoup.ingredients.length).toBeGreaterThanOrEqual(1);
+    for (const m of [
+      ...outcome.members.map((x) => x.model),
+      outcome.uniformSoup.model,
+      outcome.greedySoup.model,
+    ]) {
+      m.dispose();
+    }
+    expect(tf.memory().numTensors).toBe(before);
+  });
+});
+
+describe("member optimizers", () => {
+  it("SGD with Nesterov momentum and weight decay, and AdamW, match their definitions", () => {
+    const sgd = {
+      kind: "sgd",
+      lr: 0.1,
+      momentum: 0.9,
+      nesterov: true,
+      weightDecay: 0.1,
+      schedule: "constant",
+      minLr: 0,
+    } as const;
+    const p = tf.variable(tf.tensor1d([1, 2]));
+    const opt = new MemberOptimizer(sgd, [p]);
+    opt.step([tf.tensor1d([0.5, -1])], 0.1);
+    // d = g + wd p = [0.6, -0.8]; buf = d; direction = d + 0.9 buf = 1.9 d; p -= 0.1 x 1.9 d
+    expectClose(Array.from(p.dataSync()), [1 - 0.114, 2 + 0.152]);
+    opt.dispose();
+
+    const q = tf.variable(tf.tensor1d([1, 2]));
+    const adamw = new MemberOptimizer({ ...sgd, kind: "adamw", weightDecay: 0.01 }, [q]);
+    adamw.step([tf.tensor1d([0.5, -1])], 0.1);
+    // first step: m_hat = g, v_hat = g^2, update = g / |g| = sign(g); decoupled decay first
+    expectClose(Array.from(q.dataSync()), [1 * (1 - 0.001) - 0.1, 2 * (1 - 0.001) + 0.1]);
+    adamw.dispose();
+  });
+});
+
+describe("backends and datasets", () => {
+  it("refuses wasm for convolutional training, and an unavailable forced backend", async () => {
+    await expect(selectBackend({ forced: "wasm", needsConvGradients: true })).rejects.toThrow(BackendError);
+    expect(await selectBackend({ needsConvGradients: true })).not.toBe("wasm");
+    expect(await selectBackend({ forced: "cpu" })).toBe("cpu");
+  });
+
+  it("parses IDX files, plain or gzipped, and refuses malformed ones", () => {
+    const images = Buffer.concat([
+      Buffer.from([0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 2]),
+      Buffer.from([0, 255, 51, 102, 1, 2, 3, 4]),
+    ]);
+    const labels = Buffer.concat([Buffer.from([0, 0, 8, 1, 0, 0, 0, 2]), Buffer.from([7, 3])]);
+    const { split, shape } = idxSplit(gzipSync(images), labels);
+    expect(shape).toEqual([2, 2, 1]);
+    expect(Array.from(split.y)).toEqual([7, 3]);
+    expect(split.x[1]).toBe(1);
+    expect(split.x[2]).toBeCloseTo(0.2, 6);
+    expect(() => parseIdx(Buffer.from([1, 2, 3, 4]))).toThrow(DatasetError);
+    expect(() => parseIdx(images.subarray(0, images.length - 1))).toThrow("dimensions say");
+    expect(() => idxSplit(images, Buffer.from([0, 0, 8, 1, 0, 0, 0, 3, 1, 2, 3]))).toThrow(
+      "2 images but 3 labels",
+    );
+  });
+
+  it("names the missing files of a dataset that is not installed", async () => {
+    await expect(loadBuiltInDataset("fashion-mnist", { fashionMnistDir: "/nowhere" })).rejects.toThrow(
+      "/nowhere/train-images-idx3-ubyte",
+    );
+  });
+});
