@@ -1,4 +1,3 @@
-import { pipeline } from "node:stream/promises";
 import { and, eq, inArray } from "drizzle-orm";
 import { schema } from "../../db/client.js";
 import { derivedId } from "../../ids.js";
@@ -8,9 +7,9 @@ import { type MergeMethod, MergeSpecError, mergeCoefficients } from "../../merge
 import { MergeMismatchError, type MergePlan, planMerge } from "../../merge/plan.js";
 import { MergePool } from "../../merge/pool.js";
 import type { FloatDtype } from "../../tensors/floats.js";
-import { SafetensorsError, SafetensorsValidator } from "../../tensors/safetensors.js";
+import { SafetensorsError, type SafetensorsSummary } from "../../tensors/safetensors.js";
 import { readSafetensorsHeader, storeSource } from "../../tensors/source.js";
-import { checkpointKey } from "../checkpoints/checkpoints.js";
+import { deleteOutputs, outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { ServiceContext, TenantCall } from "../context.js";
 import { InvalidInputError, PayloadTooLargeError } from "../errors.js";
 import {
@@ -151,7 +150,7 @@ export async function runMergeJob(ctx: ServiceContext, queued: QueuedJob, thread
   const job = await startJobAttempt(ctx, queued.id);
   if (!job) return;
   const params = job.params as MergeParams;
-  const keys: string[] = [];
+  const written: string[] = [];
   const abort = new AbortController();
   const onStop = () => abort.abort(queued.signal.reason);
   queued.signal.addEventListener("abort", onStop);
@@ -171,22 +170,15 @@ export async function runMergeJob(ctx: ServiceContext, queued: QueuedJob, thread
       throw err instanceof InvalidInputError ? new PermanentMergeError(err.message) : err;
     }
     const outputs = plan.coefficients.length;
-    const ids = Array.from({ length: outputs }, (_, j) => derivedId(job.id, `output-${j}`));
-    keys.push(...ids.map((id) => checkpointKey(job.tenantId, id)));
-    const sinks = ids.map(() => streamSink());
-    const validators = ids.map(
-      () => new SafetensorsValidator({ maxHeaderBytes: ctx.limits.maxSafetensorsHeaderBytes }),
-    );
+    written.push(...Array.from({ length: outputs }, (_, j) => derivedId(job.id, `output-${j}`)));
+    const sinks = written.map(() => streamSink());
     const stored = sinks.map((sink, j) => {
-      const validator = validators[j] as SafetensorsValidator;
-      const done = Promise.all([
-        pipeline(sink.stream, validator),
-        ctx.store.put(keys[j] as string, validator),
-      ]);
+      const done = storeOutput(ctx, job.tenantId, written[j] as string, sink.stream);
       done.catch((err: unknown) => abort.abort(err));
       return done;
     });
     let lastReport = 0;
+    let summaries: SafetensorsSummary[];
     try {
       await runMerge({
         plan,
@@ -204,46 +196,28 @@ export async function runMergeJob(ctx: ServiceContext, queued: QueuedJob, thread
         },
       });
       for (const sink of sinks) sink.stream.end();
-      await Promise.all(stored);
+      summaries = await Promise.all(stored);
     } catch (err) {
       for (const sink of sinks) sink.stream.destroy(err as Error);
       await Promise.allSettled(stored);
       throw err;
     }
-    const summaries = validators.map((v) => v.summary());
-    const result = {
-      checkpoints: ids.map((id, j) => ({
+    const rows = written.map((id, j) =>
+      outputRow({
         id,
+        tenantId: job.tenantId,
         name: outputName(params, j, outputs),
-        size_bytes: summaries[j]?.sizeBytes ?? 0,
-        sha256: summaries[j]?.sha256 ?? "",
-      })),
+        jobId: job.id,
+        summary: summaries[j] as SafetensorsSummary,
+      }),
+    );
+    const result = {
+      checkpoints: rows.map((r) => ({ id: r.id, name: r.name, size_bytes: r.sizeBytes, sha256: r.sha256 })),
     };
     const committed = await ctx.db.transaction(async (tx) => {
       if (!(await finishJob(tx, job.id, { status: "succeeded", result }))) return false;
-      await tx
-        .insert(schema.checkpoints)
-        .values(
-          ids.map((id, j) => {
-            const s = summaries[j];
-            if (!s) throw new Error("missing output summary");
-            return {
-              id,
-              tenantId: job.tenantId,
-              name: outputName(params, j, outputs),
-              sizeBytes: s.sizeBytes,
-              sha256: s.sha256,
-              tensorCount: s.tensorCount,
-              parameterCount: s.parameterCount,
-              dtypes: s.dtypes,
-              metadata: s.metadata,
-              storageKey: keys[j] as string,
-              jobId: job.id,
-            };
-          }),
-        )
-        .onConflictDoNothing();
-      const edges = ids.flatMap((childId, j) =>
+      await tx.insert(schema.checkpoints).values(rows).onConflictDoNothing();
+      const edges = written.flatMap((childId, j) =>
         inputs.flatMap((parent, k) => {
           const coefficient = plan.coefficients[j]?.[k] ?? 0;
           return coefficient === 0
@@ -254,9 +228,9 @@ export async function runMergeJob(ctx: ServiceContext, queued: QueuedJob, thread
       await tx.insert(schema.lineageEdges).values(edges).onConflictDoNothing();
       return true;
     });
-    if (!committed) await deleteAll(ctx, keys); // canceled while we wrote
+    if (!committed) await deleteOutputs(ctx, job.tenantId, written); // canceled while we wrote
   } catch (err) {
-    await deleteAll(ctx, keys);
+    await deleteOutputs(ctx, job.tenantId, written);
     if ((await jobStatus(ctx, job.id)) === "canceled") return;
     const problem: JobProblem = {
       type: "urn:papa:problem:merge-failed",
@@ -276,8 +250,4 @@ export async function runMergeJob(ctx: ServiceContext, queued: QueuedJob, thread
     queued.signal.removeEventListener("abort", onStop);
     await pool.close();
   }
-}
-
-async function deleteAll(ctx: ServiceContext, keys: string[]): Promise<void> {
-  await Promise.all(keys.map((k) => ctx.store.delete(k).catch(() => undefined)));
 }
