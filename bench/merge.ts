@@ -184,6 +184,8 @@ async function mergeThroughApi(kind: "filesystem" | "s3", inputs: string[]): Pro
   await startWorker(ctx, {
     inProcess: true,
     queues: ["merge"],
+    backend: undefined,
+    fashionMnistDir: "",
     mergeConcurrency: 1,
     mergeThreads: availableParallelism(),
     retryLimit: 0,

@@ -3,7 +3,7 @@ import type { AppEnv } from "./http/env.js";
 import { requestContext } from "./http/middleware.js";
 import { errorHandler, problemResponse } from "./http/problems.js";
 import { apiKeyRoutes } from "./http/routes/api-keys.js";
-import { checkpointRoutes } from "./http/routes/checkpoints.js";
+import { checkpointRoutes, tfjsRoutes } from "./http/routes/checkpoints.js";
 import { jobRoutes } from "./http/routes/jobs.js";
 import { lineageRoutes } from "./http/routes/lineage.js";
 import { serviceRoutes } from "./http/routes/service.js";
@@ -24,6 +24,7 @@ export function createApp(ctx: ServiceContext): Hono<AppEnv> {
   serviceRoutes(app);
   apiKeyRoutes(app);
   checkpointRoutes(app);
+  tfjsRoutes(app);
   lineageRoutes(app);
   jobRoutes(app);
   return app;

@@ -45,8 +45,10 @@ const schema = z.object({
   PAPA_IN_PROCESS_WORKER: z.preprocess(emptyAsUndefined, booleanFlag.optional()),
   PAPA_WORKER_QUEUES: z
     .string()
-    .regex(/^(merge)(,(merge))*$/, "must list queues among: merge")
-    .default("merge"),
+    .regex(/^(merge|train)(,(merge|train))*$/, "must list queues among: merge, train")
+    .default("merge,train"),
+  PAPA_BACKEND: z.preprocess(emptyAsUndefined, z.enum(["tensorflow", "wasm", "cpu"]).optional()),
+  PAPA_FASHION_MNIST_DIR: z.string().min(1).default("/usr/share/datasets/fashion-mnist"),
   PAPA_MERGE_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(1),
   PAPA_MERGE_THREADS: z.coerce.number().int().min(0).max(256).default(availableParallelism()),
   PAPA_JOB_RETRY_LIMIT: z.coerce.number().int().min(0).max(100).default(3),
@@ -78,7 +80,10 @@ export interface Limits {
 export interface WorkerConfig {
   /** Run a worker inside the API process (the embedded default). */
   inProcess: boolean;
-  queues: "merge"[];
+  queues: ("merge" | "train")[];
+  /** Forced TensorFlow.js backend; unset: the fastest that loads. */
+  backend: "tensorflow" | "wasm" | "cpu" | undefined;
+  fashionMnistDir: string;
   mergeConcurrency: number;
   mergeThreads: number;
   retryLimit: number;
@@ -158,7 +163,9 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     logLevel: e.PAPA_LOG_LEVEL,
     worker: {
       inProcess: e.PAPA_IN_PROCESS_WORKER ?? true,
-      queues: [...new Set(e.PAPA_WORKER_QUEUES.split(","))] as "merge"[],
+      queues: [...new Set(e.PAPA_WORKER_QUEUES.split(","))] as ("merge" | "train")[],
+      backend: e.PAPA_BACKEND,
+      fashionMnistDir: e.PAPA_FASHION_MNIST_DIR,
       mergeConcurrency: e.PAPA_MERGE_CONCURRENCY,
       mergeThreads: e.PAPA_MERGE_THREADS,
       retryLimit: e.PAPA_JOB_RETRY_LIMIT,

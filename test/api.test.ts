@@ -374,7 +374,7 @@ describe.each<[DatabaseKind, StoreKind]>([
       body: JSON.stringify({ name: "", extra: 1 }),
       headers: { "Content-Type": "application/json" },
     });
-    expect(badBody.status).toBe(400);
+    expect(badBody.status).toBe(422);
     expect(((await badBody.json()) as Problem).errors?.map((e) => e.name).sort()).toEqual(["extra", "name"]);
     const noBody = await h.request("/v1/api-keys", { method: "POST" });
     expect(noBody.status).toBe(201);

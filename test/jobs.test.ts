@@ -158,9 +158,9 @@ describe.each<[DatabaseKind, StoreKind]>([
 
   it.each([
     [{ method: "weighted", coefficients: [0.5, 0.6, 0.1] }, 422, "sum to 1"],
-    [{ method: "papa-pull", beta: 0 }, 400, "beta"],
-    [{ method: "blend" }, 400, "method"],
-    [{ method: "papa-all", extra: 1 }, 400, "extra"],
+    [{ method: "papa-pull", beta: 0 }, 422, "beta"],
+    [{ method: "blend" }, 422, "method"],
+    [{ method: "papa-all", extra: 1 }, 422, "extra"],
   ])("rejects %j", async (body, status, text) => {
     const res = await postMerge(h, { inputs, ...body });
     expect(res.status).toBe(status);

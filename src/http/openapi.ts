@@ -181,7 +181,15 @@ function validator(id: string, op: CompiledOperation): MiddlewareHandler<AppEnv>
         } catch {
           throw new HttpProblem(400, "invalid-request", "the request body is not valid JSON");
         }
-        if (!op.json(body)) errors.push(...mismatches("body", op.json.errors));
+        if (!op.json(body)) {
+          // The body parsed but its content is wrong: 422, with every mismatch.
+          throw new HttpProblem(
+            422,
+            "invalid-body",
+            `the request body does not match ${id} in openapi.yaml`,
+            [...errors, ...mismatches("body", op.json.errors)],
+          );
+        }
       }
     }
     if (errors.length > 0) {

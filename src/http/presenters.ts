@@ -63,6 +63,7 @@ export function jobBody(j: Job): Schemas["Job"] {
     kind: j.kind,
     status: j.status,
     progress: j.progress,
+    progress_detail: (j.progressDetail ?? null) as Schemas["Job"]["progress_detail"],
     params: j.params as Record<string, unknown>,
     result: j.result as Schemas["Job"]["result"],
     problem: j.problem as Schemas["Job"]["problem"],

@@ -15,7 +15,7 @@ export interface RequestMismatch {
 /** Errors only the HTTP layer can detect: the request does not match the contract. */
 export class HttpProblem extends Error {
   constructor(
-    readonly status: 400 | 401 | 404 | 415,
+    readonly status: 400 | 401 | 404 | 415 | 422,
     readonly code: string,
     message: string,
     readonly errors?: RequestMismatch[],

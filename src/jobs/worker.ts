@@ -1,6 +1,7 @@
 import type { WorkerConfig } from "../config.js";
 import type { ServiceContext } from "../services/context.js";
 import { runMergeJob } from "../services/merges/merges.js";
+import { runTrainingJob } from "../services/trainings/trainings.js";
 
 /** Consumes the configured queues in this process until `ctx.queue.stop()`. */
 export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Promise<void> {
@@ -8,6 +9,11 @@ export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Pr
     if (queue === "merge") {
       await ctx.queue.work("merge", config.mergeConcurrency, (job) =>
         runMergeJob(ctx, job, config.mergeThreads),
+      );
+    } else {
+      // TensorFlow.js has one backend and one memory per process: one training at a time.
+      await ctx.queue.work("train", 1, (job) =>
+        runTrainingJob(ctx, job, { backend: config.backend, fashionMnistDir: config.fashionMnistDir }),
       );
     }
   }

@@ -398,6 +398,9 @@ export async function trainPopulation(
       greedySoup: { model: greedy, accuracy: evaluate(greedy, data.test, data.shape), ingredients },
       seconds: { train: trainSeconds, evaluate: (performance.now() - evalStart) / 1000 },
     };
+  } catch (err) {
+    for (const m of members) m.dispose();
+    throw err;
   } finally {
     for (const b of calibration) b.dispose();
     for (const opt of optimizers) opt.dispose();

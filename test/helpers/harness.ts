@@ -19,7 +19,9 @@ export const TEST_LIMITS = {
 
 export const TEST_WORKER: WorkerConfig = {
   inProcess: true,
-  queues: ["merge"],
+  queues: ["merge", "train"],
+  backend: "cpu",
+  fashionMnistDir: "/nonexistent/fashion-mnist",
   mergeConcurrency: 2,
   mergeThreads: 1,
   retryLimit: 2,

@@ -9,7 +9,9 @@ import {
   getCheckpoint,
   listCheckpoints,
   openCheckpointWeights,
+  openTfjsWeights,
   presignCheckpointWeights,
+  tfjsModelJson,
 } from "../../services/checkpoints/checkpoints.js";
 import type { AppEnv } from "../env.js";
 import { operation } from "../openapi.js";
@@ -95,6 +97,27 @@ export function checkpointRoutes(app: Hono<AppEnv>): void {
  * IncomingMessage: converting it to a web stream and back costs a third of upload throughput.
  * Other runtimes (tests' app.request, Lambda) hand over a web stream.
  */
+export function tfjsRoutes(app: Hono<AppEnv>): void {
+  operation(app, "getCheckpointTfjsModel", async (c, req) => {
+    const checkpoint = await getCheckpoint({
+      ctx: c.get("ctx"),
+      principal: c.get("principal"),
+      input: req.path,
+    });
+    return c.json(tfjsModelJson(checkpoint));
+  });
+
+  operation(app, "getCheckpointTfjsWeights", async (c, req) => {
+    const ctx = c.get("ctx");
+    const checkpoint = await getCheckpoint({ ctx, principal: c.get("principal"), input: req.path });
+    const { body, sizeBytes } = await openTfjsWeights({ ctx, input: { checkpoint } });
+    c.header("Content-Type", "application/octet-stream");
+    c.header("Content-Length", String(sizeBytes));
+    c.header("ETag", `"${checkpoint.sha256}"`);
+    return c.body(Readable.toWeb(body) as ReadableStream<Uint8Array>, 200);
+  });
+}
+
 function requestBodyStream(c: Context<AppEnv>): Readable {
   const incoming = (c.env as { incoming?: unknown } | undefined)?.incoming;
   if (incoming instanceof IncomingMessage) return incoming;

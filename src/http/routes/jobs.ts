@@ -2,6 +2,7 @@ import type { Hono } from "hono";
 import { streamSSE } from "hono/streaming";
 import { cancelJob, FINISHED, getJob, listJobs } from "../../services/jobs/jobs.js";
 import { createMergeJob } from "../../services/merges/merges.js";
+import { createTrainingJob } from "../../services/trainings/trainings.js";
 import type { AppEnv } from "../env.js";
 import { operation } from "../openapi.js";
 import { jobBody } from "../presenters.js";
@@ -13,6 +14,16 @@ const EVENTS_MAX_MS = 60 * 60 * 1000;
 export function jobRoutes(app: Hono<AppEnv>): void {
   operation(app, "createMerge", async (c, req) => {
     const { job, created } = await createMergeJob({
+      ctx: c.get("ctx"),
+      principal: c.get("principal"),
+      input: { params: req.body, idempotencyKey: c.req.header("idempotency-key") },
+    });
+    c.header("Location", `/v1/jobs/${job.id}`);
+    return c.json(jobBody(job), created ? 202 : 200);
+  });
+
+  operation(app, "createTraining", async (c, req) => {
+    const { job, created } = await createTrainingJob({
       ctx: c.get("ctx"),
       principal: c.get("principal"),
       input: { params: req.body, idempotencyKey: c.req.header("idempotency-key") },

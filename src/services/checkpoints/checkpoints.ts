@@ -5,6 +5,7 @@ import { schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
 import type { ByteRange } from "../../storage/object-store.js";
 import { SafetensorsError, SafetensorsValidator } from "../../tensors/safetensors.js";
+import { readBytes, storeSource } from "../../tensors/source.js";
 import type { ServiceContext, SystemCall, TenantCall } from "../context.js";
 import { GoneError, InvalidInputError, NotFoundError, PayloadTooLargeError } from "../errors.js";
 import { type Page, pageByIdDesc } from "../pagination.js";
@@ -37,6 +38,8 @@ export interface Checkpoint {
   dtypes: string[];
   metadata: Record<string, string> | null;
   hasTopology: boolean;
+  /** TF.js topology and weight manifest, for models this service trained. */
+  topology: { modelTopology: unknown; weights: { name: string; shape: number[]; dtype: string }[] } | null;
   jobId: string | null;
   parents: CheckpointParent[];
   metrics: Metric[];
@@ -65,6 +68,7 @@ function toCheckpoint(row: Row, parents: CheckpointParent[], metrics: Metric[]):
     dtypes: row.dtypes,
     metadata: row.metadata ?? null,
     hasTopology: row.topology !== null,
+    topology: row.topology as Checkpoint["topology"],
     jobId: row.jobId,
     parents,
     metrics,
@@ -308,4 +312,46 @@ export async function recordMetric({
   if (!row) throw new Error("metric insert returned no row");
   const { checkpointId: _, ...metric } = row;
   return metric;
+}
+
+function assertTfjs(checkpoint: Checkpoint): NonNullable<Checkpoint["topology"]> {
+  assertCheckpointAvailable(checkpoint);
+  if (!checkpoint.topology) {
+    throw new NotFoundError(
+      `checkpoint ${checkpoint.id} has no TF.js topology (only models this service trained do)`,
+    );
+  }
+  return checkpoint.topology;
+}
+
+/**
+ * The checkpoint as a TF.js layers-model `model.json`. The weights manifest's path is relative
+ * (`weights.bin`), so the model loads from the URL it was fetched from (a presigned model.json
+ * would break the shard URLs).
+ */
+export function tfjsModelJson(checkpoint: Checkpoint): object {
+  const topology = assertTfjs(checkpoint);
+  return {
+    format: "layers-model",
+    generatedBy: "papa-service",
+    convertedBy: null,
+    modelTopology: topology.modelTopology,
+    weightsManifest: [{ paths: ["weights.bin"], weights: topology.weights }],
+  };
+}
+
+/**
+ * The TF.js weights file: the safetensors data section, which this service writes in manifest
+ * order as float32.
+ */
+export async function openTfjsWeights({
+  ctx,
+  input,
+}: SystemCall<{ checkpoint: Checkpoint }>): Promise<{ body: Readable; sizeBytes: number }> {
+  assertTfjs(input.checkpoint);
+  const { checkpoint } = input;
+  const prefix = await readBytes(storeSource(ctx.store, checkpoint.storageKey, checkpoint.sizeBytes), 0, 8);
+  const dataStart = 8 + Number(Buffer.from(prefix).readBigUInt64LE(0));
+  const range = { start: dataStart, end: checkpoint.sizeBytes };
+  return { body: await ctx.store.get(checkpoint.storageKey, range), sizeBytes: range.end - range.start };
 }

@@ -1,7 +1,7 @@
 import { and, desc, eq, inArray, lt } from "drizzle-orm";
 import { type Database, schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
-import type { QueueName } from "../../jobs/queue.js";
+import type { QueuedJob, QueueName } from "../../jobs/queue.js";
 import type { ServiceContext, TenantCall } from "../context.js";
 import { ConflictError, NotFoundError } from "../errors.js";
 import { type Page, pageByIdDesc } from "../pagination.js";
@@ -161,11 +161,16 @@ export async function jobStatus(ctx: ServiceContext, id: string): Promise<JobSta
   return row?.status ?? "canceled";
 }
 
-/** Records progress (0..1) and returns the job's status, so a worker notices a cancel. */
-export async function reportProgress(ctx: ServiceContext, id: string, progress: number): Promise<JobStatus> {
+/** Records progress (0..1, and optional details) and returns the job's status, so a worker notices a cancel. */
+export async function reportProgress(
+  ctx: ServiceContext,
+  id: string,
+  progress: number,
+  detail?: Record<string, number>,
+): Promise<JobStatus> {
   const [row] = await ctx.db
     .update(schema.jobs)
-    .set({ progress, updatedAt: new Date() })
+    .set({ progress, ...(detail ? { progressDetail: detail } : {}), updatedAt: new Date() })
     .where(and(eq(schema.jobs.id, id), eq(schema.jobs.status, "running")))
     .returning({ status: schema.jobs.status });
   return row ? row.status : jobStatus(ctx, id);
@@ -196,4 +201,31 @@ export async function finishJob(
     .where(and(eq(schema.jobs.id, id), eq(schema.jobs.status, "running")))
     .returning({ id: schema.jobs.id });
   return row !== undefined;
+}
+
+/**
+ * Settles an attempt that threw: a canceled job stays canceled; a permanent failure fails the job
+ * (no retry); anything else marks it queued for the queue's retry, or failed on the last attempt,
+ * and rethrows so that pg-boss retries it.
+ */
+export async function settleFailedAttempt(
+  ctx: ServiceContext,
+  queued: QueuedJob,
+  err: unknown,
+  failure: { permanent: boolean; title: string },
+): Promise<void> {
+  if ((await jobStatus(ctx, queued.id)) === "canceled") return;
+  const problem: JobProblem = {
+    type: `urn:papa:problem:${failure.title.toLowerCase().replaceAll(" ", "-")}`,
+    title: failure.title,
+    detail: failure.permanent ? (err as Error).message : "the attempt failed; it is retried as configured",
+  };
+  if (failure.permanent) {
+    await finishJob(ctx.db, queued.id, { status: "failed", problem });
+    return;
+  }
+  ctx.logger.error("job attempt failed", { job_id: queued.id, attempt: queued.retryCount + 1, error: err });
+  const last = queued.retryCount >= queued.retryLimit;
+  await finishJob(ctx.db, queued.id, last ? { status: "failed", problem } : { status: "queued", problem });
+  throw err;
 }

@@ -16,9 +16,8 @@ import {
   createJob,
   finishJob,
   type Job,
-  type JobProblem,
-  jobStatus,
   reportProgress,
+  settleFailedAttempt,
   startJobAttempt,
 } from "../jobs/jobs.js";
 
@@ -231,21 +230,10 @@ export async function runMergeJob(ctx: ServiceContext, queued: QueuedJob, thread
     if (!committed) await deleteOutputs(ctx, job.tenantId, written); // canceled while we wrote
   } catch (err) {
     await deleteOutputs(ctx, job.tenantId, written);
-    if ((await jobStatus(ctx, job.id)) === "canceled") return;
-    const problem: JobProblem = {
-      type: "urn:papa:problem:merge-failed",
+    await settleFailedAttempt(ctx, queued, err, {
+      permanent: err instanceof PermanentMergeError,
       title: "Merge failed",
-      detail:
-        err instanceof PermanentMergeError ? err.message : "the merge failed; it was retried as configured",
-    };
-    if (err instanceof PermanentMergeError) {
-      await finishJob(ctx.db, job.id, { status: "failed", problem });
-      return;
-    }
-    ctx.logger.error("merge attempt failed", { job_id: job.id, attempt: queued.retryCount + 1, error: err });
-    const last = queued.retryCount >= queued.retryLimit;
-    await finishJob(ctx.db, job.id, last ? { status: "failed", problem } : { status: "queued", problem });
-    throw err;
+    });
   } finally {
     queued.signal.removeEventListener("abort", onStop);
     await pool.close();

@@ -1,0 +1,272 @@
+import { Readable } from "node:stream";
+import type * as tf from "@tensorflow/tfjs";
+import { schema } from "../../db/client.js";
+import { derivedId } from "../../ids.js";
+import type { QueuedJob } from "../../jobs/queue.js";
+import { BackendError, type BackendName, selectBackend } from "../../ml/backend.js";
+import { type BuiltInDataset, DatasetError, loadBuiltInDataset } from "../../ml/datasets.js";
+import { modelToSafetensors } from "../../ml/export.js";
+import { type ModelSpec, usesConvolutions } from "../../ml/models.js";
+import { type TrainingSpec, trainPopulation, type Variant } from "../../ml/train.js";
+import { deleteOutputs, outputRow, storeOutput } from "../checkpoints/outputs.js";
+import type { ServiceContext, TenantCall } from "../context.js";
+import { InvalidInputError } from "../errors.js";
+import {
+  createJob,
+  finishJob,
+  type Job,
+  reportProgress,
+  settleFailedAttempt,
+  startJobAttempt,
+} from "../jobs/jobs.js";
+
+/** A training request as stored in the job's params (the API's field names). */
+export interface TrainingParams {
+  dataset: BuiltInDataset;
+  max_train_examples?: number | undefined;
+  max_test_examples?: number | undefined;
+  model: ModelSpec;
+  population: {
+    size: number;
+    variant: Variant;
+    seed?: number | undefined;
+    alpha?: number | undefined;
+    every_k_steps?: number | undefined;
+    lr_scaling?: "linear" | "none" | undefined;
+    every_k_epochs?: number | undefined;
+  };
+  diversity?:
+    | {
+        mixup?: number[] | undefined;
+        label_smoothing?: number[] | undefined;
+        cutmix?: number[] | undefined;
+        random_erasing?: number[] | undefined;
+      }
+    | undefined;
+  optimizer?:
+    | {
+        kind?: "sgd" | "adamw" | undefined;
+        lr?: number | undefined;
+        momentum?: number | undefined;
+        nesterov?: boolean | undefined;
+        weight_decay?: number | undefined;
+        schedule?: "cosine" | "constant" | undefined;
+        min_lr?: number | undefined;
+      }
+    | undefined;
+  epochs: number;
+  batch_size?: number | undefined;
+  name?: string | undefined;
+}
+
+/** The request with PAPA.md's defaults filled in (alpha 0.99 from scratch, every 10 steps, ...). */
+export function trainingSpecOf(p: TrainingParams): TrainingSpec {
+  const pop = p.population;
+  const d = p.diversity ?? {};
+  const o = p.optimizer ?? {};
+  const kind = o.kind ?? "sgd";
+  return {
+    model: p.model,
+    population: {
+      size: pop.size,
+      variant: pop.variant,
+      seed: pop.seed ?? 0,
+      alpha: pop.alpha ?? 0.99,
+      everyKSteps: pop.every_k_steps ?? 10,
+      lrScaling: pop.lr_scaling ?? "linear",
+      everyKEpochs: pop.every_k_epochs ?? 5,
+    },
+    diversity: {
+      mixup: d.mixup ?? [0],
+      labelSmoothing: d.label_smoothing ?? [0],
+      cutmix: d.cutmix ?? [0],
+      randomErasing: d.random_erasing ?? [0],
+    },
+    optimizer: {
+      kind,
+      lr: o.lr ?? (kind === "sgd" ? 0.05 : 1e-3),
+      momentum: o.momentum ?? 0.9,
+      nesterov: o.nesterov ?? true,
+      weightDecay: o.weight_decay ?? 5e-4,
+      schedule: o.schedule ?? "cosine",
+      minLr: o.min_lr ?? 1e-4,
+    },
+    epochs: p.epochs,
+    batchSize: p.batch_size ?? 128,
+  };
+}
+
+/** Creates a training job after checking what the schema cannot (the sets' sizes, the schedule). */
+export async function createTrainingJob({
+  ctx,
+  principal,
+  input,
+}: TenantCall<{ params: TrainingParams; idempotencyKey?: string | undefined }>): Promise<{
+  job: Job;
+  created: boolean;
+}> {
+  const spec = trainingSpecOf(input.params);
+  if (spec.optimizer.minLr > spec.optimizer.lr) {
+    throw new InvalidInputError(
+      `optimizer.min_lr (${spec.optimizer.minLr}) exceeds optimizer.lr (${spec.optimizer.lr})`,
+    );
+  }
+  return createJob({
+    ctx,
+    principal,
+    input: { kind: "train", params: input.params, idempotencyKey: input.idempotencyKey },
+  });
+}
+
+export interface TrainingWorkerOptions {
+  backend?: BackendName | undefined;
+  fashionMnistDir: string;
+}
+
+/**
+ * The train queue's handler: trains the population, then stores every member, the uniform soup
+ * and the greedy soup as safetensors with their TF.js topology, and registers them with their
+ * test accuracy (metrics), the soups' lineage edges to the members, and the job's result, in one
+ * transaction. A canceled or failed attempt deletes what it stored.
+ */
+export async function runTrainingJob(
+  ctx: ServiceContext,
+  queued: QueuedJob,
+  options: TrainingWorkerOptions,
+): Promise<void> {
+  const job = await startJobAttempt(ctx, queued.id);
+  if (!job) return;
+  const params = job.params as TrainingParams;
+  const spec = trainingSpecOf(params);
+  const written: string[] = [];
+  const abort = new AbortController();
+  const onStop = () => abort.abort(queued.signal.reason);
+  queued.signal.addEventListener("abort", onStop);
+  const models: tf.LayersModel[] = [];
+  const started = performance.now();
+  try {
+    const backend = await selectBackend({
+      forced: options.backend,
+      needsConvGradients: usesConvolutions(spec.model),
+    });
+    const data = await loadBuiltInDataset(params.dataset, {
+      fashionMnistDir: options.fashionMnistDir,
+      maxTrain: params.max_train_examples,
+      maxTest: params.max_test_examples,
+    });
+    const loadSeconds = (performance.now() - started) / 1000;
+    let lastReport = 0;
+    const outcome = await trainPopulation(spec, data, {
+      signal: abort.signal,
+      onProgress: (p) => {
+        if (Date.now() - lastReport < 500) return;
+        lastReport = Date.now();
+        const detail = {
+          epoch: p.epoch,
+          step: p.step,
+          steps: p.steps,
+          loss: p.loss,
+          examples_per_second: p.examplesPerSecond,
+        };
+        reportProgress(ctx, job.id, (0.95 * p.step) / p.steps, detail).then(
+          (status) => status === "canceled" && abort.abort(new Error("canceled")),
+          () => undefined,
+        );
+      },
+    });
+    models.push(...outcome.members.map((m) => m.model), outcome.uniformSoup.model, outcome.greedySoup.model);
+
+    const base = params.name ?? `${spec.population.variant}-${params.dataset}`;
+    const outputs = [
+      ...outcome.members.map((m, j) => ({
+        label: `member-${j}`,
+        name: `${base}-member-${j}`,
+        model: m.model,
+        accuracy: m.accuracy,
+      })),
+      { label: "uniform-soup", name: `${base}-uniform-soup`, ...outcome.uniformSoup },
+      { label: "greedy-soup", name: `${base}-greedy-soup`, ...outcome.greedySoup },
+    ].map((o) => ({ ...o, id: derivedId(job.id, o.label) }));
+    const rows: ReturnType<typeof outputRow>[] = [];
+    for (const o of outputs) {
+      written.push(o.id);
+      const { bytes, topology } = modelToSafetensors(o.model, { "papa.role": o.label, "papa.job": job.id });
+      const summary = await storeOutput(ctx, job.tenantId, o.id, Readable.from([bytes]));
+      rows.push(
+        outputRow({ id: o.id, tenantId: job.tenantId, name: o.name, jobId: job.id, summary, topology }),
+      );
+    }
+    const memberIds = outputs.slice(0, outcome.members.length).map((o) => o.id);
+    const [uniformId, greedyId] = [outputs.at(-2)?.id ?? "", outputs.at(-1)?.id ?? ""];
+    const edges = [
+      ...memberIds.map((parentId) => ({
+        parentId,
+        childId: uniformId,
+        coefficient: 1 / memberIds.length,
+        method: "uniform-soup",
+      })),
+      ...outcome.greedySoup.ingredients.map((i) => ({
+        parentId: memberIds[i] ?? "",
+        childId: greedyId,
+        coefficient: 1 / outcome.greedySoup.ingredients.length,
+        method: "greedy-soup",
+      })),
+    ].map((e) => ({ ...e, jobId: job.id }));
+    const result = {
+      checkpoints: rows.map((r) => ({ id: r.id, name: r.name, size_bytes: r.sizeBytes, sha256: r.sha256 })),
+      backend,
+      members: outcome.members.map((m, j) => ({
+        checkpoint_id: memberIds[j],
+        accuracy: m.accuracy,
+        held_out_accuracy: m.heldOutAccuracy,
+        diversity: {
+          mixup: m.diversity.mixup,
+          label_smoothing: m.diversity.labelSmoothing,
+          cutmix: m.diversity.cutmix,
+          random_erasing: m.diversity.randomErasing,
+        },
+      })),
+      ensemble_accuracy: outcome.ensembleAccuracy,
+      uniform_soup: { checkpoint_id: uniformId, accuracy: outcome.uniformSoup.accuracy },
+      greedy_soup: {
+        checkpoint_id: greedyId,
+        accuracy: outcome.greedySoup.accuracy,
+        members: outcome.greedySoup.ingredients.map((i) => memberIds[i]),
+      },
+      seconds: {
+        load: loadSeconds,
+        train: outcome.seconds.train,
+        evaluate: outcome.seconds.evaluate,
+        total: (performance.now() - started) / 1000,
+      },
+    };
+    const committed = await ctx.db.transaction(async (tx) => {
+      if (!(await finishJob(tx, job.id, { status: "succeeded", result }))) return false;
+      await tx.insert(schema.checkpoints).values(rows).onConflictDoNothing();
+      await tx.insert(schema.lineageEdges).values(edges).onConflictDoNothing();
+      await tx
+        .insert(schema.metrics)
+        .values(
+          outputs.map((o) => ({
+            id: derivedId(job.id, `metric-${o.label}`),
+            checkpointId: o.id,
+            dataset: params.dataset,
+            split: "test",
+            name: "accuracy",
+            value: o.accuracy,
+            jobId: job.id,
+          })),
+        )
+        .onConflictDoNothing();
+      return true;
+    });
+    if (!committed) await deleteOutputs(ctx, job.tenantId, written);
+  } catch (err) {
+    await deleteOutputs(ctx, job.tenantId, written);
+    const permanent = err instanceof BackendError || err instanceof DatasetError;
+    await settleFailedAttempt(ctx, queued, err, { permanent, title: "Training failed" });
+  } finally {
+    queued.signal.removeEventListener("abort", onStop);
+    for (const m of models) m.dispose();
+  }
+}

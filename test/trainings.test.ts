@@ -1,0 +1,151 @@
+import * as tf from "@tensorflow/tfjs";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { expectDocumented } from "./helpers/contract.js";
+import { type Harness, startHarness, upload } from "./helpers/harness.js";
+import { type JobBody, waitForJob } from "./helpers/jobs.js";
+import { smallCheckpoint } from "./helpers/safetensors.js";
+
+interface TrainingResult {
+  checkpoints: { id: string; name: string }[];
+  backend: string;
+  members: {
+    checkpoint_id: string;
+    accuracy: number;
+    held_out_accuracy: number;
+    diversity: Record<string, number>;
+  }[];
+  ensemble_accuracy: number;
+  uniform_soup: { checkpoint_id: string; accuracy: number };
+  greedy_soup: { checkpoint_id: string; accuracy: number; members: string[] };
+  seconds: Record<string, number>;
+}
+
+const quick = {
+  dataset: "mnist",
+  max_train_examples: 300,
+  max_test_examples: 100,
+  model: { kind: "mlp", hidden: [32] },
+  population: { size: 2, variant: "papa", every_k_steps: 2, seed: 4 },
+  diversity: { label_smoothing: [0, 0.1] },
+  optimizer: { lr: 0.1 },
+  epochs: 1,
+  batch_size: 32,
+  name: "quick",
+};
+
+function postTraining(h: Harness, body: object) {
+  return h.request("/v1/trainings", {
+    method: "POST",
+    body: JSON.stringify(body),
+    headers: { "Content-Type": "application/json" },
+  });
+}
+
+describe("training jobs", () => {
+  let h: Harness;
+  beforeAll(async () => {
+    h = await startHarness("pglite", "filesystem", { worker: true });
+  });
+  afterAll(() => h.close());
+
+  it("trains a PAPA population on MNIST and registers members, soups, metrics and lineage", async () => {
+    const res = await postTraining(h, quick);
+    expect(res.status).toBe(202);
+    const created = (await expectDocumented("createTraining", res)) as JobBody;
+    const job = await waitForJob(h, created.id, 120_000);
+    expect(job.status, JSON.stringify(job.problem)).toBe("succeeded");
+    const documented = (await expectDocumented("getJob", await h.request(`/v1/jobs/${job.id}`))) as {
+      result: TrainingResult;
+      progress_detail: Record<string, number>;
+    };
+    const result = documented.result;
+    expect(result.backend).toBe("cpu");
+    expect(result.members).toHaveLength(2);
+    expect(new Set(result.members.map((m) => JSON.stringify(m.diversity))).size).toBe(2);
+    for (const m of result.members) expect(m.accuracy).toBeGreaterThan(0.3);
+    expect(result.ensemble_accuracy).toBeGreaterThan(0.3);
+    expect(result.checkpoints).toHaveLength(4);
+    expect(result.seconds.train).toBeGreaterThan(0);
+    expect(documented.progress_detail.steps).toBeGreaterThan(0);
+
+    const soup = (await (await h.request(`/v1/checkpoints/${result.uniform_soup.checkpoint_id}`)).json()) as {
+      name: string;
+      has_topology: boolean;
+      metrics: { dataset: string; split: string; name: string; value: number }[];
+      parents: { checkpoint_id: string; coefficient: number; method: string }[];
+    };
+    expect(soup.name).toBe("quick-uniform-soup");
+    expect(soup.has_topology).toBe(true);
+    expect(soup.metrics).toMatchObject([
+      { dataset: "mnist", split: "test", name: "accuracy", value: result.uniform_soup.accuracy },
+    ]);
+    expect(soup.parents.map((p) => [p.coefficient, p.method])).toEqual([
+      [0.5, "uniform-soup"],
+      [0.5, "uniform-soup"],
+    ]);
+    const greedy = (await (
+      await h.request(`/v1/checkpoints/${result.greedy_soup.checkpoint_id}/lineage`)
+    ).json()) as {
+      edges: { parent_id: string; coefficient: number }[];
+    };
+    expect(greedy.edges.map((e) => e.parent_id).sort()).toEqual([...result.greedy_soup.members].sort());
+
+    // Load the soup with TensorFlow.js from its URL; the weights are the safetensors data section.
+    const auth = { Authorization: `Bearer ${h.keyA}` };
+    const base = `http://papa.test/v1/checkpoints/${result.uniform_soup.checkpoint_id}`;
+    const fetchFunc = async (input: string | URL | Request, init?: RequestInit) =>
+      h.app.request(String(input).replace("http://papa.test", ""), { ...init, headers: { ...auth } });
+    const modelJson = await h.request(`/v1/checkpoints/${result.uniform_soup.checkpoint_id}/tfjs/model.json`);
+    await expectDocumented("getCheckpointTfjsModel", modelJson);
+    const model = await tf.loadLayersModel(tf.io.http(`${base}/tfjs/model.json`, { fetchFunc }));
+    const out = model.predict(tf.zeros([3, 28, 28, 1])) as tf.Tensor;
+    expect(out.shape).toEqual([3, 10]);
+    const weights = Buffer.from(
+      await (
+        await h.request(`/v1/checkpoints/${result.uniform_soup.checkpoint_id}/tfjs/weights.bin`)
+      ).arrayBuffer(),
+    );
+    const file = Buffer.from(
+      await (await h.request(`/v1/checkpoints/${result.uniform_soup.checkpoint_id}/weights`)).arrayBuffer(),
+    );
+    expect(weights.equals(file.subarray(file.length - weights.length))).toBe(true);
+    const kernel = model.getLayer("dense_0").getWeights()[0]?.dataSync() as Float32Array;
+    expect(
+      Buffer.from(kernel.buffer, kernel.byteOffset, kernel.byteLength).equals(
+        weights.subarray(0, kernel.byteLength),
+      ),
+    ).toBe(true);
+    model.dispose();
+    out.dispose();
+  });
+
+  it.each([
+    [{ dataset: "cifar-100" }, "dataset"],
+    [{ population: { size: 2, variant: "papa", alpha: 0 } }, "alpha"],
+    [{ population: { size: 2, variant: "papa", alpha: 1.5 } }, "alpha"],
+    [{ population: { size: 2, variant: "papa", every_k_steps: 0 } }, "every_k_steps"],
+    [{ population: { size: 2, variant: "papa-all", every_k_epochs: 0 } }, "every_k_epochs"],
+    [{ population: { size: 33, variant: "papa" } }, "size"],
+    [{ diversity: { mixup: [] } }, "mixup"],
+    [{ epochs: 0 }, "epochs"],
+    [{ optimizer: { lr: 0.01, min_lr: 0.1 } }, "min_lr"],
+  ])("rejects %j with 422", async (change, field) => {
+    const res = await postTraining(h, { ...quick, ...change });
+    expect(res.status).toBe(422);
+    expect(JSON.stringify(await expectDocumented("createTraining", res))).toContain(field);
+  });
+
+  it("fails clearly when the dataset is not installed", async () => {
+    const res = await postTraining(h, { ...quick, dataset: "fashion-mnist" });
+    const job = await waitForJob(h, ((await res.json()) as JobBody).id);
+    expect(job.status).toBe("failed");
+    expect(job.problem?.detail).toContain("/nonexistent/fashion-mnist/train-images-idx3-ubyte");
+  });
+
+  it("serves no TF.js model for an uploaded checkpoint", async () => {
+    const { id } = (await (await upload(h, smallCheckpoint(1))).json()) as { id: string };
+    const res = await h.request(`/v1/checkpoints/${id}/tfjs/model.json`);
+    expect(res.status).toBe(404);
+    expect(((await res.json()) as { detail: string }).detail).toContain("no TF.js topology");
+  });
+});
