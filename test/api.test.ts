@@ -384,7 +384,12 @@ describe.each<[DatabaseKind, StoreKind]>([
     const health = await h.request("/healthz", { key: null });
     expect(await expectDocumented("getHealth", health)).toEqual({ status: "ok" });
     const ready = await h.request("/readyz", { key: null });
-    expect(await expectDocumented("getReadiness", ready)).toEqual({ status: "ready", database: db, store });
+    expect(await expectDocumented("getReadiness", ready)).toEqual({
+      status: "ready",
+      database: db,
+      store,
+      training_backend: null,
+    });
     const spec = await h.request("/openapi.yaml", { key: null });
     expect(spec.status).toBe(200);
     expect(await spec.text()).toContain("openapi: 3.1.0");

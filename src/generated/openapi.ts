@@ -680,6 +680,8 @@ export interface components {
         Readiness: {
             /** @enum {string} */
             status: "ready";
+            /** @description The TensorFlow.js backend this process trains on; null when it runs no training worker. */
+            training_backend: null | ("tensorflow" | "wasm" | "cpu");
             /** @enum {string} */
             database: "postgres" | "pglite";
             /** @enum {string} */

@@ -1,4 +1,5 @@
 import type { WorkerConfig } from "../config.js";
+import { selectBackend } from "../ml/backend.js";
 import type { ServiceContext } from "../services/context.js";
 import { runMergeJob } from "../services/merges/merges.js";
 import { runTrainingJob } from "../services/trainings/trainings.js";
@@ -12,6 +13,9 @@ export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Pr
       );
     } else {
       // TensorFlow.js has one backend and one memory per process: one training at a time.
+      // Loaded now, so a missing forced backend stops the worker at start and /readyz shows it.
+      const backend = await selectBackend({ forced: config.backend });
+      ctx.logger.info("training backend", { backend });
       await ctx.queue.work("train", 1, (job) =>
         runTrainingJob(ctx, job, { backend: config.backend, fashionMnistDir: config.fashionMnistDir }),
       );

@@ -3,6 +3,13 @@ import * as tf from "@tensorflow/tfjs";
 export type BackendName = "tensorflow" | "wasm" | "cpu";
 export const BACKENDS: BackendName[] = ["tensorflow", "wasm", "cpu"];
 
+let selected: BackendName | null = null;
+
+/** The backend this process trains on, once `selectBackend` has run; null before. */
+export function activeBackend(): BackendName | null {
+  return selected;
+}
+
 export class BackendError extends Error {
   constructor(message: string) {
     super(message);
@@ -46,12 +53,14 @@ export async function selectBackend(
     }
     if (!(await load(forced))) throw new BackendError(`the ${forced} backend could not be loaded`);
     await tf.ready();
+    selected = forced;
     return forced;
   }
   for (const name of BACKENDS) {
     if (name === "wasm" && needsConvGradients) continue;
     if (await load(name)) {
       await tf.ready();
+      selected = name;
       return name;
     }
   }

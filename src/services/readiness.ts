@@ -1,4 +1,5 @@
 import { sql } from "drizzle-orm";
+import { activeBackend } from "../ml/backend.js";
 import type { ServiceContext } from "./context.js";
 import { UnavailableError } from "./errors.js";
 
@@ -16,5 +17,10 @@ export async function checkReadiness({ ctx }: { ctx: ServiceContext }) {
     ctx.logger.warn("readiness: object store unreachable", { error: err });
     throw new UnavailableError(`the ${ctx.store.kind} object store does not answer`);
   }
-  return { status: "ready" as const, database: ctx.databaseKind, store: ctx.store.kind };
+  return {
+    status: "ready" as const,
+    database: ctx.databaseKind,
+    store: ctx.store.kind,
+    training_backend: activeBackend(),
+  };
 }
