@@ -1,0 +1,86 @@
+/**
+ * Training benchmark (issue 4).
+ * 1. Overhead: seconds per epoch of a `papa` population (pull every 10 steps) against the same
+ *    population trained `independent`, same backend, same run. Goal: at most 3% overhead.
+ * 2. Does it work: the four variants with the same model and budget; members' mean/min/max test
+ *    accuracy, ensemble, uniform soup, greedy soup.
+ *
+ * usage: npm run bench:train [-- DATASET [MAX_TRAIN [EPOCHS]]]   (default: mnist 8000 4)
+ * DATASET fashion-mnist reads PAPA_FASHION_MNIST_DIR (default /usr/share/datasets/fashion-mnist).
+ */
+import { selectBackend } from "../src/ml/backend.js";
+import { type BuiltInDataset, loadBuiltInDataset } from "../src/ml/datasets.js";
+import { type TrainingSpec, trainPopulation, type Variant } from "../src/ml/train.js";
+
+const dataset = (process.argv[2] ?? "mnist") as BuiltInDataset;
+const maxTrain = Number(process.argv[3] ?? 8000);
+const epochs = Number(process.argv[4] ?? 4);
+
+function spec(variant: Variant, epochCount: number): TrainingSpec {
+  return {
+    model: { kind: "mlp", hidden: [256, 128] },
+    population: {
+      size: 4,
+      variant,
+      seed: 1,
+      alpha: 0.99,
+      everyKSteps: 10,
+      lrScaling: "linear",
+      everyKEpochs: 2,
+    },
+    diversity: { mixup: [0, 0.5], labelSmoothing: [0, 0.1], cutmix: [0], randomErasing: [0, 0.15] },
+    optimizer: {
+      kind: "sgd",
+      lr: 0.05,
+      momentum: 0.9,
+      nesterov: true,
+      weightDecay: 5e-4,
+      schedule: "cosine",
+      minLr: 1e-4,
+    },
+    epochs: epochCount,
+    batchSize: 128,
+  };
+}
+
+async function main(): Promise<void> {
+  const backend = await selectBackend();
+  const data = await loadBuiltInDataset(dataset, {
+    fashionMnistDir: process.env.PAPA_FASHION_MNIST_DIR ?? "/usr/share/datasets/fashion-mnist",
+    maxTrain,
+    maxTest: 5000,
+  });
+  console.log(
+    `# ${dataset}: ${data.train.count} train, ${data.test.count} test examples; backend ${backend}`,
+  );
+
+  const perEpoch: Record<string, number> = {};
+  for (const variant of ["independent", "papa", "independent", "papa"] as const) {
+    const outcome = await trainPopulation(spec(variant, 1), data);
+    perEpoch[variant] = Math.min(perEpoch[variant] ?? Number.POSITIVE_INFINITY, outcome.seconds.train);
+    for (const m of [
+      ...outcome.members.map((x) => x.model),
+      outcome.uniformSoup.model,
+      outcome.greedySoup.model,
+    ])
+      m.dispose();
+  }
+  const overhead = ((perEpoch.papa ?? 0) / (perEpoch.independent ?? 1) - 1) * 100;
+  console.log(
+    `train overhead papa_s_per_epoch=${perEpoch.papa?.toFixed(2)} independent_s_per_epoch=${perEpoch.independent?.toFixed(2)} overhead=${overhead.toFixed(1)}% (best of 2 each)`,
+  );
+
+  console.log(`| variant | members mean | min | max | ensemble | uniform soup | greedy soup | train s |`);
+  console.log(`|---|---|---|---|---|---|---|---|`);
+  for (const variant of ["independent", "papa", "papa-all", "papa-2"] as const) {
+    const o = await trainPopulation(spec(variant, epochs), data);
+    const acc = o.members.map((m) => m.accuracy);
+    const pct = (x: number) => (100 * x).toFixed(2);
+    console.log(
+      `| ${variant} | ${pct(acc.reduce((a, b) => a + b, 0) / acc.length)} | ${pct(Math.min(...acc))} | ${pct(Math.max(...acc))} | ${pct(o.ensembleAccuracy)} | ${pct(o.uniformSoup.accuracy)} | ${pct(o.greedySoup.accuracy)} (${o.greedySoup.ingredients.length} of ${acc.length}) | ${o.seconds.train.toFixed(1)} |`,
+    );
+    for (const m of [...o.members.map((x) => x.model), o.uniformSoup.model, o.greedySoup.model]) m.dispose();
+  }
+}
+
+await main();
