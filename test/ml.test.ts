@@ -193,6 +193,20 @@ describe("population training rules", () => {
   });
 });
 
+describe("model zoo", () => {
+  it("builds the CIFAR ResNet-20 (about 0.27M parameters) and serialises it to a TF.js topology", () => {
+    const model = buildModel({ kind: "resnet20" }, [32, 32, 3], 10, 1);
+    expect(model.countParams()).toBeGreaterThan(270_000);
+    expect(model.countParams()).toBeLessThan(280_000);
+    expect(model.layers.filter((l) => l.getClassName() === "Add")).toHaveLength(9);
+    const out = model.predict(tf.zeros([2, 32, 32, 3])) as tf.Tensor;
+    expect(out.shape).toEqual([2, 10]);
+    out.dispose();
+    expect(namedWeights(model).map((w) => w.name)).toContain("s2_b0_proj_conv/kernel");
+    model.dispose();
+  });
+});
+
 describe("member optimizers", () => {
   it("SGD with Nesterov momentum and weight decay, and AdamW, match their definitions", () => {
     const sgd = {

@@ -569,6 +569,9 @@ export interface components {
                 /** @constant */
                 kind: "cnn";
                 channels: number[];
+            } | {
+                /** @constant */
+                kind: "resnet20";
             };
             population: {
                 size: number;
