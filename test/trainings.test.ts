@@ -117,6 +117,44 @@ describe("training jobs", () => {
     ).toBe(true);
     model.dispose();
     out.dispose();
+
+    // An evaluated merge of the two members: BatchNorm re-estimated, accuracy recorded.
+    const merge = await h.request("/v1/merges", {
+      method: "POST",
+      body: JSON.stringify({
+        method: "papa-all",
+        inputs: result.members.map((m) => m.checkpoint_id),
+        name: "evaluated",
+        evaluate: { dataset: "mnist", max_train_examples: 300, max_test_examples: 100 },
+      }),
+      headers: { "Content-Type": "application/json" },
+    });
+    expect(merge.status).toBe(202);
+    const merged = await waitForJob(h, ((await merge.json()) as JobBody).id, 60_000);
+    expect(merged.status, JSON.stringify(merged.problem)).toBe("succeeded");
+    const [child] = merged.result?.checkpoints ?? [];
+    const shown = (await (await h.request(`/v1/checkpoints/${child?.id}`)).json()) as {
+      has_topology: boolean;
+      metrics: { name: string; value: number }[];
+      parents: { coefficient: number }[];
+    };
+    expect(shown.has_topology).toBe(true);
+    expect(shown.metrics[0]?.name).toBe("accuracy");
+    expect(shown.metrics[0]?.value).toBe((child as { accuracy?: number } | undefined)?.accuracy);
+    expect(shown.parents.map((p) => p.coefficient)).toEqual([0.5, 0.5]);
+  });
+
+  it("refuses to evaluate a merge of checkpoints it did not train", async () => {
+    const ids = [];
+    for (const k of [1, 2])
+      ids.push(((await (await upload(h, smallCheckpoint(k))).json()) as { id: string }).id);
+    const res = await h.request("/v1/merges", {
+      method: "POST",
+      body: JSON.stringify({ method: "papa-all", inputs: ids, evaluate: { dataset: "mnist" } }),
+      headers: { "Content-Type": "application/json" },
+    });
+    expect(res.status).toBe(422);
+    expect(((await res.json()) as { detail: string }).detail).toContain("no TF.js topology");
   });
 
   it.each([

@@ -534,6 +534,18 @@ export interface components {
              * @enum {string}
              */
             output_dtype?: "F32" | "F16" | "BF16" | "F64";
+            /**
+             * @description For inputs this service trained (they carry a TF.js topology): re-estimate every
+             *     output's BatchNorm statistics on training batches and record its test accuracy as a
+             *     metric, so every averaged model in the lineage has an accuracy. Not with `exclude`
+             *     or `output_dtype`.
+             */
+            evaluate?: {
+                /** @enum {string} */
+                dataset: "mnist" | "fashion-mnist";
+                max_train_examples?: number;
+                max_test_examples?: number;
+            };
         };
         /**
          * @example {
@@ -650,6 +662,8 @@ export interface components {
                 name: string;
                 size_bytes: number;
                 sha256: string;
+                /** @description Evaluated merges and trainings - the output's test accuracy. */
+                accuracy?: number;
             }[];
         };
         JobList: {

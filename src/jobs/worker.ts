@@ -8,9 +8,12 @@ import { runTrainingJob } from "../services/trainings/trainings.js";
 export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Promise<void> {
   for (const queue of config.queues) {
     if (queue === "merge") {
-      await ctx.queue.work("merge", config.mergeConcurrency, (job) =>
-        runMergeJob(ctx, job, config.mergeThreads),
-      );
+      const options = {
+        threads: config.mergeThreads,
+        backend: config.backend,
+        fashionMnistDir: config.fashionMnistDir,
+      };
+      await ctx.queue.work("merge", config.mergeConcurrency, (job) => runMergeJob(ctx, job, options));
     } else {
       // TensorFlow.js has one backend and one memory per process: one training at a time.
       // Loaded now, so a missing forced backend stops the worker at start and /readyz shows it.

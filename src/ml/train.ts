@@ -191,7 +191,7 @@ function makeBatch(
   return { x, y };
 }
 
-function batchesOf(
+export function batchesOf(
   split: Split,
   shape: [number, number, number],
   batchSize: number,

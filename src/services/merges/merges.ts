@@ -1,3 +1,5 @@
+import { Readable } from "node:stream";
+import type * as tf from "@tensorflow/tfjs";
 import { and, eq, inArray } from "drizzle-orm";
 import { schema } from "../../db/client.js";
 import { derivedId } from "../../ids.js";
@@ -6,6 +8,12 @@ import { blockElementsFor, runMerge, slotCount, streamSink } from "../../merge/e
 import { type MergeMethod, MergeSpecError, mergeCoefficients } from "../../merge/methods.js";
 import { MergeMismatchError, type MergePlan, planMerge } from "../../merge/plan.js";
 import { MergePool } from "../../merge/pool.js";
+import { averageMembers, reestimateBatchNorm } from "../../ml/averaging.js";
+import { BackendError, type BackendName, selectBackend } from "../../ml/backend.js";
+import { type BuiltInDataset, DatasetError, loadBuiltInDataset } from "../../ml/datasets.js";
+import { modelToSafetensors } from "../../ml/export.js";
+import { modelFromCheckpoint } from "../../ml/import.js";
+import { batchesOf, evaluate } from "../../ml/train.js";
 import type { FloatDtype } from "../../tensors/floats.js";
 import { SafetensorsError, type SafetensorsSummary } from "../../tensors/safetensors.js";
 import { readSafetensorsHeader, storeSource } from "../../tensors/source.js";
@@ -31,6 +39,14 @@ export interface MergeParams {
   beta?: number | undefined;
   exclude?: string[] | undefined;
   output_dtype?: FloatDtype | undefined;
+  /** Re-estimate BatchNorm and measure test accuracy of every output (models this service trained). */
+  evaluate?:
+    | {
+        dataset: BuiltInDataset;
+        max_train_examples?: number | undefined;
+        max_test_examples?: number | undefined;
+      }
+    | undefined;
 }
 
 function methodOf(p: MergeParams): MergeMethod {
@@ -117,6 +133,19 @@ export async function createMergeJob({
     throw new InvalidInputError("inputs must be distinct checkpoints");
   }
   const inputs = await loadInputs(ctx, principal.tenantId, params.inputs);
+  if (params.evaluate) {
+    const untrained = inputs.find((c) => c.topology === null);
+    if (untrained) {
+      throw new InvalidInputError(
+        `evaluate needs models this service trained; checkpoint ${untrained.id} has no TF.js topology`,
+      );
+    }
+    if (params.exclude?.length || params.output_dtype) {
+      throw new InvalidInputError(
+        "an evaluated merge averages whole float32 models: exclude and output_dtype do not apply",
+      );
+    }
+  }
   const total = inputs.reduce((n, c) => n + c.sizeBytes, 0);
   if (total > ctx.limits.maxMergeInputBytes) {
     throw new PayloadTooLargeError(
@@ -145,7 +174,24 @@ function outputName(params: MergeParams, j: number, outputs: number): string {
  * the outputs, their lineage edges and the job's success in one transaction. A canceled or
  * failed attempt deletes what it wrote; a retry after a crash rewrites the same keys.
  */
-export async function runMergeJob(ctx: ServiceContext, queued: QueuedJob, threads: number): Promise<void> {
+export interface MergeWorkerOptions {
+  threads: number;
+  backend?: BackendName | undefined;
+  fashionMnistDir: string;
+}
+
+/** What an attempt produced, ready to register. */
+interface MergeOutputs {
+  rows: ReturnType<typeof outputRow>[];
+  /** Test accuracy of each output (evaluated merges only). */
+  accuracies: number[] | null;
+}
+
+export async function runMergeJob(
+  ctx: ServiceContext,
+  queued: QueuedJob,
+  options: MergeWorkerOptions,
+): Promise<void> {
   const job = await startJobAttempt(ctx, queued.id);
   if (!job) return;
   const params = job.params as MergeParams;
@@ -153,30 +199,113 @@ export async function runMergeJob(ctx: ServiceContext, queued: QueuedJob, thread
   const abort = new AbortController();
   const onStop = () => abort.abort(queued.signal.reason);
   queued.signal.addEventListener("abort", onStop);
-  const pool = new MergePool(threads);
+  let lastReport = 0;
+  const progress = (fraction: number) => {
+    if (Date.now() - lastReport < 250) return;
+    lastReport = Date.now();
+    reportProgress(ctx, job.id, fraction).then(
+      (status) => status === "canceled" && abort.abort(new Error("canceled")),
+      () => undefined,
+    );
+  };
   try {
     let inputs: CheckpointRow[];
-    let plan: MergePlan;
+    let coefficients: number[][];
     try {
       inputs = await loadInputs(ctx, job.tenantId, params.inputs);
+      coefficients = mergeCoefficients(methodOf(params), inputs.length);
+    } catch (err) {
+      throw err instanceof InvalidInputError || err instanceof MergeSpecError
+        ? new PermanentMergeError(err.message)
+        : err;
+    }
+    written.push(...coefficients.map((_, j) => derivedId(job.id, `output-${j}`)));
+    const attempt = { ctx, job, params, inputs, coefficients, ids: written, signal: abort.signal, progress };
+    const outputs = params.evaluate
+      ? await evaluatedMerge(attempt, options)
+      : await streamedMerge(attempt, options.threads);
+    const result = {
+      checkpoints: outputs.rows.map((r, j) => ({
+        id: r.id,
+        name: r.name,
+        size_bytes: r.sizeBytes,
+        sha256: r.sha256,
+        ...(outputs.accuracies ? { accuracy: outputs.accuracies[j] } : {}),
+      })),
+    };
+    const committed = await ctx.db.transaction(async (tx) => {
+      if (!(await finishJob(tx, job.id, { status: "succeeded", result }))) return false;
+      await tx.insert(schema.checkpoints).values(outputs.rows).onConflictDoNothing();
+      const edges = written.flatMap((childId, j) =>
+        inputs.flatMap((parent, k) => {
+          const coefficient = coefficients[j]?.[k] ?? 0;
+          return coefficient === 0
+            ? []
+            : [{ parentId: parent.id, childId, coefficient, method: params.method, jobId: job.id }];
+        }),
+      );
+      await tx.insert(schema.lineageEdges).values(edges).onConflictDoNothing();
+      if (outputs.accuracies && params.evaluate) {
+        const dataset = params.evaluate.dataset;
+        const metrics = written.map((id, j) => ({
+          id: derivedId(job.id, `metric-${j}`),
+          checkpointId: id,
+          dataset,
+          split: "test",
+          name: "accuracy",
+          value: outputs.accuracies?.[j] ?? 0,
+          jobId: job.id,
+        }));
+        await tx.insert(schema.metrics).values(metrics).onConflictDoNothing();
+      }
+      return true;
+    });
+    if (!committed) await deleteOutputs(ctx, job.tenantId, written); // canceled while we wrote
+  } catch (err) {
+    await deleteOutputs(ctx, job.tenantId, written);
+    const permanent =
+      err instanceof PermanentMergeError || err instanceof DatasetError || err instanceof BackendError;
+    await settleFailedAttempt(ctx, queued, err, { permanent, title: "Merge failed" });
+  } finally {
+    queued.signal.removeEventListener("abort", onStop);
+  }
+}
+
+interface Attempt {
+  ctx: ServiceContext;
+  job: Job;
+  params: MergeParams;
+  inputs: CheckpointRow[];
+  coefficients: number[][];
+  ids: string[];
+  signal: AbortSignal;
+  progress(fraction: number): void;
+}
+
+/** The streamed merge of the bytes (any safetensors checkpoints), on worker threads. */
+async function streamedMerge(a: Attempt, threads: number): Promise<MergeOutputs> {
+  const { ctx, job, params, inputs, ids } = a;
+  const pool = new MergePool(threads);
+  try {
+    let plan: MergePlan;
+    try {
       plan = await preflight(
         ctx,
         params,
         inputs,
-        blockElementsFor(params.inputs.length, params.inputs.length, slotCount(pool)),
+        blockElementsFor(inputs.length, ids.length, slotCount(pool)),
       );
     } catch (err) {
       throw err instanceof InvalidInputError ? new PermanentMergeError(err.message) : err;
     }
-    const outputs = plan.coefficients.length;
-    written.push(...Array.from({ length: outputs }, (_, j) => derivedId(job.id, `output-${j}`)));
-    const sinks = written.map(() => streamSink());
+    const sinks = ids.map(() => streamSink());
+    const abort = new AbortController();
+    a.signal.addEventListener("abort", () => abort.abort(a.signal.reason));
     const stored = sinks.map((sink, j) => {
-      const done = storeOutput(ctx, job.tenantId, written[j] as string, sink.stream);
+      const done = storeOutput(ctx, job.tenantId, ids[j] as string, sink.stream);
       done.catch((err: unknown) => abort.abort(err));
       return done;
     });
-    let lastReport = 0;
     let summaries: SafetensorsSummary[];
     try {
       await runMerge({
@@ -185,14 +314,7 @@ export async function runMergeJob(ctx: ServiceContext, queued: QueuedJob, thread
         sinks,
         pool,
         signal: abort.signal,
-        onProgress: (done, total) => {
-          if (Date.now() - lastReport < 250) return;
-          lastReport = Date.now();
-          reportProgress(ctx, job.id, total === 0 ? 1 : done / total).then(
-            (status) => status === "canceled" && abort.abort(new Error("canceled")),
-            () => undefined,
-          );
-        },
+        onProgress: (done, total) => a.progress(total === 0 ? 1 : done / total),
       });
       for (const sink of sinks) sink.stream.end();
       summaries = await Promise.all(stored);
@@ -201,41 +323,82 @@ export async function runMergeJob(ctx: ServiceContext, queued: QueuedJob, thread
       await Promise.allSettled(stored);
       throw err;
     }
-    const rows = written.map((id, j) =>
-      outputRow({
-        id,
-        tenantId: job.tenantId,
-        name: outputName(params, j, outputs),
-        jobId: job.id,
-        summary: summaries[j] as SafetensorsSummary,
-      }),
-    );
-    const result = {
-      checkpoints: rows.map((r) => ({ id: r.id, name: r.name, size_bytes: r.sizeBytes, sha256: r.sha256 })),
+    return {
+      rows: ids.map((id, j) =>
+        outputRow({
+          id,
+          tenantId: job.tenantId,
+          name: outputName(params, j, ids.length),
+          jobId: job.id,
+          summary: summaries[j] as SafetensorsSummary,
+        }),
+      ),
+      accuracies: null,
     };
-    const committed = await ctx.db.transaction(async (tx) => {
-      if (!(await finishJob(tx, job.id, { status: "succeeded", result }))) return false;
-      await tx.insert(schema.checkpoints).values(rows).onConflictDoNothing();
-      const edges = written.flatMap((childId, j) =>
-        inputs.flatMap((parent, k) => {
-          const coefficient = plan.coefficients[j]?.[k] ?? 0;
-          return coefficient === 0
-            ? []
-            : [{ parentId: parent.id, childId, coefficient, method: params.method, jobId: job.id }];
+  } finally {
+    await pool.close();
+  }
+}
+
+/**
+ * The evaluated merge of models this service trained: the inputs are rebuilt as TF.js models,
+ * averaged in place with the same coefficient plan, each output's BatchNorm statistics are
+ * re-estimated on training batches and its test accuracy measured, then it is stored with its
+ * topology.
+ */
+async function evaluatedMerge(a: Attempt, options: MergeWorkerOptions): Promise<MergeOutputs> {
+  const { ctx, job, params, inputs, coefficients, ids } = a;
+  const evaluation = params.evaluate;
+  if (!evaluation) throw new Error("not an evaluated merge");
+  await selectBackend({ forced: options.backend });
+  const data = await loadBuiltInDataset(evaluation.dataset, {
+    fashionMnistDir: options.fashionMnistDir,
+    maxTrain: evaluation.max_train_examples,
+    maxTest: evaluation.max_test_examples,
+  });
+  const models: tf.LayersModel[] = [];
+  const calibration = batchesOf(data.train, data.shape, 128, 8);
+  try {
+    for (const c of inputs) {
+      const source = storeSource(ctx.store, c.storageKey, c.sizeBytes);
+      const header = await readSafetensorsHeader(source, ctx.limits.maxSafetensorsHeaderBytes);
+      models.push(await modelFromCheckpoint(c.topology as { modelTopology: unknown }, source, header));
+    }
+    const expected = models[0]?.inputs[0]?.shape.slice(1).join(",");
+    if (expected !== data.shape.join(",")) {
+      throw new PermanentMergeError(
+        `the models take inputs [${expected}], ${evaluation.dataset} has [${data.shape}]`,
+      );
+    }
+    a.progress(0.3);
+    averageMembers(models, coefficients);
+    const rows: ReturnType<typeof outputRow>[] = [];
+    const accuracies: number[] = [];
+    for (const [j, id] of ids.entries()) {
+      a.signal.throwIfAborted();
+      const child = models[j] as tf.LayersModel;
+      reestimateBatchNorm(child, calibration);
+      accuracies.push(evaluate(child, data.test, data.shape));
+      const { bytes, topology } = modelToSafetensors(child, {
+        "papa.method": params.method,
+        "papa.job": job.id,
+      });
+      const summary = await storeOutput(ctx, job.tenantId, id, Readable.from([bytes]));
+      rows.push(
+        outputRow({
+          id,
+          tenantId: job.tenantId,
+          name: outputName(params, j, ids.length),
+          jobId: job.id,
+          summary,
+          topology,
         }),
       );
-      await tx.insert(schema.lineageEdges).values(edges).onConflictDoNothing();
-      return true;
-    });
-    if (!committed) await deleteOutputs(ctx, job.tenantId, written); // canceled while we wrote
-  } catch (err) {
-    await deleteOutputs(ctx, job.tenantId, written);
-    await settleFailedAttempt(ctx, queued, err, {
-      permanent: err instanceof PermanentMergeError,
-      title: "Merge failed",
-    });
+      a.progress(0.3 + (0.7 * (j + 1)) / ids.length);
+    }
+    return { rows, accuracies };
   } finally {
-    queued.signal.removeEventListener("abort", onStop);
-    await pool.close();
+    for (const b of calibration) b.dispose();
+    for (const m of models) m.dispose();
   }
 }
