@@ -191,6 +191,7 @@ async function mergeThroughApi(kind: "filesystem" | "s3", inputs: string[]): Pro
     retryLimit: 0,
     retryDelaySeconds: 1,
     mergeExpireSeconds: 3600,
+    trainExpireSeconds: 3600,
     drainSeconds: 1,
     maintenanceSeconds: 30,
   });

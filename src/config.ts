@@ -54,6 +54,7 @@ const schema = z.object({
   PAPA_JOB_RETRY_LIMIT: z.coerce.number().int().min(0).max(100).default(3),
   PAPA_JOB_RETRY_DELAY_SECONDS: z.coerce.number().int().min(1).max(86400).default(5),
   PAPA_MERGE_EXPIRE_SECONDS: z.coerce.number().int().min(1).max(82800).default(3600),
+  PAPA_TRAIN_EXPIRE_SECONDS: z.coerce.number().int().min(1).max(82800).default(82800),
   PAPA_WORKER_DRAIN_SECONDS: z.coerce.number().min(0).max(3600).default(30),
   PAPA_QUEUE_MAINTENANCE_SECONDS: z.coerce.number().int().min(1).max(3600).default(30),
 });
@@ -89,6 +90,8 @@ export interface WorkerConfig {
   retryLimit: number;
   retryDelaySeconds: number;
   mergeExpireSeconds: number;
+  /** A training attempt running longer (its worker died) is failed and retried, resuming its last epoch. */
+  trainExpireSeconds: number;
   drainSeconds: number;
   /** How often expired jobs (of dead workers) are failed so that they retry. */
   maintenanceSeconds: number;
@@ -171,6 +174,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       retryLimit: e.PAPA_JOB_RETRY_LIMIT,
       retryDelaySeconds: e.PAPA_JOB_RETRY_DELAY_SECONDS,
       mergeExpireSeconds: e.PAPA_MERGE_EXPIRE_SECONDS,
+      trainExpireSeconds: e.PAPA_TRAIN_EXPIRE_SECONDS,
       drainSeconds: e.PAPA_WORKER_DRAIN_SECONDS,
       maintenanceSeconds: e.PAPA_QUEUE_MAINTENANCE_SECONDS,
     },

@@ -35,8 +35,7 @@ export async function openRuntime(
     {
       policies: {
         merge: { ...policy, expireInSeconds: w.mergeExpireSeconds },
-        // pg-boss caps expiry below 24 h.
-        train: { ...policy, expireInSeconds: 23 * 3600 },
+        train: { ...policy, expireInSeconds: w.trainExpireSeconds },
       },
       maintenanceIntervalSeconds: w.maintenanceSeconds,
     },

@@ -14,6 +14,7 @@ import {
   type OptimizerSpec,
   type PopulationSpec,
   papaBeta,
+  type TrainingState,
   trainPopulation,
 } from "../src/ml/train.js";
 
@@ -190,6 +191,59 @@ describe("population training rules", () => {
       m.dispose();
     }
     expect(tf.memory().numTensors).toBe(before);
+  });
+});
+
+describe("resuming a training run", () => {
+  it("continues from a saved epoch to exactly the weights of an uninterrupted run", async () => {
+    const data = await loadBuiltInDataset("mnist", {
+      fashionMnistDir: "/nowhere",
+      maxTrain: 200,
+      maxTest: 50,
+    });
+    const spec = {
+      model: { kind: "cnn" as const, channels: [2] },
+      population: {
+        size: 2,
+        variant: "papa" as const,
+        seed: 3,
+        alpha: 0.9,
+        everyKSteps: 3,
+        lrScaling: "linear" as const,
+        everyKEpochs: 1,
+      },
+      diversity: { mixup: [0, 0.4], labelSmoothing: [0.1], cutmix: [0], randomErasing: [0.3] },
+      optimizer: {
+        kind: "sgd" as const,
+        lr: 0.05,
+        momentum: 0.9,
+        nesterov: true,
+        weightDecay: 1e-4,
+        schedule: "cosine" as const,
+        minLr: 0,
+      },
+      epochs: 2,
+      batchSize: 32,
+    };
+    const straight = await trainPopulation(spec, data);
+    let saved: TrainingState | undefined;
+    const first = await trainPopulation(spec, data, {
+      onEpochEnd: async (state) => {
+        saved = state;
+        throw new Error("worker died");
+      },
+    }).catch((e: unknown) => e);
+    expect((first as Error).message).toBe("worker died");
+    expect(saved?.epochs).toBe(1);
+    const resumed = await trainPopulation(spec, data, { resume: saved });
+    expect(snapshot(resumed.members.map((m) => m.model))).toEqual(
+      snapshot(straight.members.map((m) => m.model)),
+    );
+    expect(resumed.members.map((m) => m.accuracy)).toEqual(straight.members.map((m) => m.accuracy));
+    for (const o of [straight, resumed]) {
+      for (const m of [...o.members.map((x) => x.model), o.uniformSoup.model, o.greedySoup.model])
+        m.dispose();
+    }
   });
 });
 

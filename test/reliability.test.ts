@@ -23,40 +23,52 @@ function bigMember(k: number): Buffer {
   ]);
 }
 
+/** `npm run start:worker` as a deployment runs it, on the test's Postgres database and store. */
+async function spawnWorker(
+  h: Harness,
+  dataDir: string,
+  env: Record<string, string> = {},
+): Promise<ChildProcess & { output(): string }> {
+  const child = spawn(process.execPath, ["--import", "tsx", "src/worker.ts"], {
+    env: {
+      PATH: process.env.PATH ?? "",
+      DATABASE_URL: h.databaseUrl ?? "",
+      PAPA_DATA_DIR: dataDir,
+      PAPA_WORKER_QUEUES: "merge",
+      PAPA_MERGE_EXPIRE_SECONDS: "4",
+      PAPA_TRAIN_EXPIRE_SECONDS: "4",
+      PAPA_QUEUE_MAINTENANCE_SECONDS: "1",
+      PAPA_JOB_RETRY_DELAY_SECONDS: "1",
+      PAPA_JOB_RETRY_LIMIT: "3",
+      PAPA_MERGE_THREADS: "1",
+      PAPA_MERGE_CONCURRENCY: "4",
+      PAPA_MAX_UPLOAD_BYTES: String(1 << 30),
+      ...env,
+    },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let out = "";
+  child.stderr?.resume();
+  await new Promise<void>((resolve, reject) => {
+    child.stdout?.on("data", (d: Buffer) => {
+      out += d.toString();
+      if (out.includes('"msg":"worker started"')) resolve();
+    });
+    child.on("exit", (code) => reject(new Error(`worker exited with ${code}`)));
+  });
+  return Object.assign(child, { output: () => out });
+}
+
 describe("merge workers as separate processes", () => {
   let h: Harness;
   let dataDir: string;
   const workers: ChildProcess[] = [];
 
-  /** `npm run start:worker` as a deployment runs it, on the test's Postgres database and store. */
-  async function startWorkerProcess(env: Record<string, string> = {}): Promise<ChildProcess> {
-    const child = spawn(process.execPath, ["--import", "tsx", "src/worker.ts"], {
-      env: {
-        PATH: process.env.PATH ?? "",
-        DATABASE_URL: h.databaseUrl ?? "",
-        PAPA_DATA_DIR: dataDir,
-        PAPA_MERGE_EXPIRE_SECONDS: "4",
-        PAPA_QUEUE_MAINTENANCE_SECONDS: "1",
-        PAPA_JOB_RETRY_DELAY_SECONDS: "1",
-        PAPA_JOB_RETRY_LIMIT: "3",
-        PAPA_MERGE_THREADS: "1",
-        PAPA_MERGE_CONCURRENCY: "4",
-        PAPA_MAX_UPLOAD_BYTES: String(1 << 30),
-        ...env,
-      },
-      stdio: ["ignore", "pipe", "pipe"],
-    });
+  const startWorkerProcess = async (env: Record<string, string> = {}) => {
+    const child = await spawnWorker(h, dataDir, env);
     workers.push(child);
-    let out = "";
-    await new Promise<void>((resolve, reject) => {
-      child.stdout?.on("data", (d: Buffer) => {
-        out += d.toString();
-        if (out.includes('"msg":"worker started"')) resolve();
-      });
-      child.on("exit", (code) => reject(new Error(`worker exited with ${code}`)));
-    });
     return child;
-  }
+  };
 
   async function upload(bytes: Buffer, name: string): Promise<string> {
     const principal = { tenantId: h.tenantA };
@@ -192,3 +204,66 @@ describe("merge workers as separate processes", () => {
     for (const o of outputs) expect(stored).toContain(o.storageKey);
   });
 });
+
+describe("a training worker that dies", () => {
+  let h: Harness;
+  let dataDir: string;
+  const workers: ChildProcess[] = [];
+  beforeAll(async () => {
+    dataDir = await mkdtemp(join(tmpdir(), "papa-trainers-"));
+    h = await startHarness("postgres", "filesystem", { storeDir: join(dataDir, "objects") });
+  });
+  afterAll(async () => {
+    for (const w of workers) if (w.exitCode === null) w.kill("SIGKILL");
+    await h.close();
+    await rm(dataDir, { recursive: true, force: true });
+  });
+
+  it("is retried and resumes from its last completed epoch", async () => {
+    const first = await spawnWorker(h, dataDir, { PAPA_WORKER_QUEUES: "train" });
+    workers.push(first);
+    const res = await h.request("/v1/trainings", {
+      method: "POST",
+      body: JSON.stringify({
+        dataset: "mnist",
+        max_train_examples: 1500,
+        max_test_examples: 100,
+        model: { kind: "mlp", hidden: [64] },
+        population: { size: 2, variant: "papa", every_k_steps: 5 },
+        epochs: 4,
+        batch_size: 16,
+      }),
+      headers: { "Content-Type": "application/json" },
+    });
+    const { id } = (await res.json()) as JobBody;
+    const stateKey = `tenants/${h.tenantA}/jobs/${id}/training-state.safetensors`;
+    for (;;) {
+      const job = (await (await h.request(`/v1/jobs/${id}`)).json()) as JobBody & {
+        progress_detail: { epoch?: number } | null;
+      };
+      expect(job.status).not.toBe("succeeded");
+      if ((job.progress_detail?.epoch ?? 0) >= 1 && (await h.ctx.store.stat(stateKey))) break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    first.kill("SIGKILL");
+    await once(first, "exit");
+
+    const second = await spawnWorker(h, dataDir, { PAPA_WORKER_QUEUES: "train" });
+    workers.push(second);
+    const job = await waitForJob(h, id, 120_000);
+    expect(job.status, JSON.stringify(job.problem)).toBe("succeeded");
+    const resumed = second
+      .output()
+      .split("\n")
+      .filter((l) => l.includes('"msg":"resuming training"'))
+      .map((l) => JSON.parse(l) as { completed_epochs: number });
+    expect(resumed).toHaveLength(1);
+    expect(resumed[0]?.completed_epochs).toBeGreaterThanOrEqual(1);
+    expect(await h.ctx.store.stat(stateKey)).toBeNull();
+    expect(await outputsOfJob(h, id)).toHaveLength(4);
+  });
+});
+
+async function outputsOfJob(h: Harness, jobId: string) {
+  return h.ctx.db.select().from(schema.checkpoints).where(eq(schema.checkpoints.jobId, jobId));
+}

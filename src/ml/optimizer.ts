@@ -10,6 +10,12 @@ export interface OptimizerSpec {
   minLr: number;
 }
 
+export interface OptimizerState {
+  steps: number;
+  first: Float32Array[];
+  second: Float32Array[];
+}
+
 /**
  * SGD with momentum (PyTorch semantics: weight decay added to the gradient, optional Nesterov)
  * and AdamW (decoupled weight decay), as tf ops on explicit state variables: the state is the
@@ -57,6 +63,28 @@ export class MemberOptimizer {
         }
       });
     });
+  }
+
+  /** The state, to save: moment buffers in param order and the step count. */
+  state(): OptimizerState {
+    return {
+      steps: this.steps,
+      first: this.first.map((v) => v.dataSync() as Float32Array),
+      second: this.second.map((v) => v.dataSync() as Float32Array),
+    };
+  }
+
+  restore(state: OptimizerState): void {
+    this.steps = state.steps;
+    const load = (vars: tf.Variable[], values: Float32Array[]) => {
+      vars.forEach((v, i) => {
+        const t = tf.tensor(values[i] ?? new Float32Array(0), v.shape);
+        v.assign(t);
+        t.dispose();
+      });
+    };
+    load(this.first, state.first);
+    load(this.second, state.second);
   }
 
   dispose(): void {

@@ -4,7 +4,7 @@ import { randomInt, seededRandom } from "../random.js";
 import { averageMembers, papaPull, reestimateBatchNorm } from "./averaging.js";
 import { type Dataset, type Split, shuffled, take } from "./datasets.js";
 import { buildModel, type ModelSpec, namedWeights } from "./models.js";
-import { MemberOptimizer, type OptimizerSpec } from "./optimizer.js";
+import { MemberOptimizer, type OptimizerSpec, type OptimizerState } from "./optimizer.js";
 
 export type { OptimizerSpec } from "./optimizer.js";
 
@@ -66,6 +66,47 @@ export interface TrainingOutcome {
   /** Indices of the members in the greedy soup (each with weight 1/count). */
   greedySoup: Evaluated & { ingredients: number[] };
   seconds: { train: number; evaluate: number };
+}
+
+/**
+ * Everything a population needs to continue after `epochs` completed epochs: every member's
+ * weights (in `namedWeights` order) and optimizer state. Data order, augmentation draws and
+ * diversity are functions of the seed and the epoch, so they need no saving.
+ */
+export interface TrainingState {
+  epochs: number;
+  step: number;
+  members: { weights: Float32Array[]; optimizer: OptimizerState }[];
+}
+
+function captureState(
+  members: tf.LayersModel[],
+  optimizers: MemberOptimizer[],
+  epochs: number,
+  step: number,
+): TrainingState {
+  return {
+    epochs,
+    step,
+    members: members.map((m, j) => ({
+      weights: namedWeights(m).map((w) => w.variable.read().dataSync() as Float32Array),
+      optimizer: (optimizers[j] as MemberOptimizer).state(),
+    })),
+  };
+}
+
+function restoreState(members: tf.LayersModel[], optimizers: MemberOptimizer[], state: TrainingState): void {
+  if (state.members.length !== members.length) throw new Error("saved state is of another population size");
+  members.forEach((m, j) => {
+    const saved = state.members[j];
+    if (!saved) return;
+    namedWeights(m).forEach(({ variable }, i) => {
+      const values = tf.tensor(saved.weights[i] ?? new Float32Array(0), variable.shape as number[]);
+      variable.write(values);
+      values.dispose();
+    });
+    (optimizers[j] as MemberOptimizer).restore(saved.optimizer);
+  });
 }
 
 /** Draws one combination per member, without replacement (cycling once the product is used up). */
@@ -279,7 +320,14 @@ export function greedySoupIngredients(
 export async function trainPopulation(
   spec: TrainingSpec,
   data: Dataset,
-  options: { onProgress?: (p: Progress) => void; signal?: AbortSignal } = {},
+  options: {
+    onProgress?: (p: Progress) => void;
+    signal?: AbortSignal;
+    /** Called after every epoch but the last with what `resume` needs to continue from there. */
+    onEpochEnd?: (state: TrainingState) => Promise<void>;
+    /** Continue a run from the state its `onEpochEnd` saved. */
+    resume?: TrainingState | undefined;
+  } = {},
 ): Promise<TrainingOutcome> {
   const { population: pop, optimizer: o } = spec;
   const heldCount = Math.max(1, Math.floor(data.train.count * 0.02));
@@ -293,15 +341,19 @@ export async function trainPopulation(
   );
   const trainables = members.map((m) => m.trainableWeights.map((w) => w.read() as tf.Variable));
   const optimizers = trainables.map((params) => new MemberOptimizer(o, params));
-  const randoms = members.map((_, j) => seededRandom(pop.seed * 7919 + j));
+  // Every random draw is a function of (seed, member, epoch): a resumed epoch replays exactly.
+  const randomsFor = (epoch: number) =>
+    members.map((_, j) => seededRandom(pop.seed * 7919 + j * 104729 + epoch));
   const stepsPerEpoch = Math.ceil(train.count / spec.batchSize);
   const total = stepsPerEpoch * spec.epochs;
   const calibration = batchesOf(train, data.shape, spec.batchSize, 8);
   const started = performance.now();
-  let step = 0;
+  let step = options.resume?.step ?? 0;
   try {
-    for (let epoch = 0; epoch < spec.epochs; epoch++) {
+    if (options.resume) restoreState(members, optimizers, options.resume);
+    for (let epoch = options.resume?.epochs ?? 0; epoch < spec.epochs; epoch++) {
       const orders = members.map((_, j) => shuffled(train.count, pop.seed * 1_000_003 + j * 7907 + epoch));
+      const randoms = randomsFor(epoch);
       for (let s = 0; s < stepsPerEpoch; s++) {
         options.signal?.throwIfAborted();
         const lr = learningRate(o, step, total);
@@ -357,6 +409,9 @@ export async function trainPopulation(
             : mergeCoefficients({ method: "papa-2", seed: pop.seed * 31 + epoch }, members.length);
         averageMembers(members, rows);
         for (const m of members) reestimateBatchNorm(m, calibration);
+      }
+      if (options.onEpochEnd && epoch + 1 < spec.epochs) {
+        await options.onEpochEnd(captureState(members, optimizers, epoch + 1, step));
       }
     }
     const trainSeconds = (performance.now() - started) / 1000;

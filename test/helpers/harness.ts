@@ -27,6 +27,7 @@ export const TEST_WORKER: WorkerConfig = {
   retryLimit: 2,
   retryDelaySeconds: 1,
   mergeExpireSeconds: 30,
+  trainExpireSeconds: 30,
   drainSeconds: 5,
   maintenanceSeconds: 1,
 };

@@ -19,6 +19,7 @@ import {
   settleFailedAttempt,
   startJobAttempt,
 } from "../jobs/jobs.js";
+import { loadTrainingState, saveTrainingState, trainingStateKey } from "./state.js";
 
 /** A training request as stored in the job's params (the API's field names). */
 export interface TrainingParams {
@@ -155,9 +156,14 @@ export async function runTrainingJob(
       maxTest: params.max_test_examples,
     });
     const loadSeconds = (performance.now() - started) / 1000;
+    const stateKey = trainingStateKey(job.tenantId, job.id);
+    const resume = await loadTrainingState(ctx, stateKey);
+    if (resume) ctx.logger.info("resuming training", { job_id: job.id, completed_epochs: resume.epochs });
     let lastReport = 0;
     const outcome = await trainPopulation(spec, data, {
       signal: abort.signal,
+      resume: resume ?? undefined,
+      onEpochEnd: (state) => saveTrainingState(ctx, stateKey, state),
       onProgress: (p) => {
         if (Date.now() - lastReport < 500) return;
         lastReport = Date.now();
@@ -261,9 +267,14 @@ export async function runTrainingJob(
       return true;
     });
     if (!committed) await deleteOutputs(ctx, job.tenantId, written);
+    await ctx.store.delete(stateKey);
   } catch (err) {
     await deleteOutputs(ctx, job.tenantId, written);
     const permanent = err instanceof BackendError || err instanceof DatasetError;
+    // A retry resumes from the saved epoch; a job that will not be retried needs no state.
+    if (permanent || queued.retryCount >= queued.retryLimit) {
+      await ctx.store.delete(trainingStateKey(job.tenantId, job.id));
+    }
     await settleFailedAttempt(ctx, queued, err, { permanent, title: "Training failed" });
   } finally {
     queued.signal.removeEventListener("abort", onStop);
