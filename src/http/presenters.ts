@@ -1,6 +1,7 @@
 import type { components } from "../generated/openapi.js";
 import type { ApiKey } from "../services/api-keys/api-keys.js";
 import type { Checkpoint, Metric } from "../services/checkpoints/checkpoints.js";
+import type { DatasetRecord } from "../services/datasets/datasets.js";
 import type { Job } from "../services/jobs/jobs.js";
 import type { Lineage } from "../services/lineage/lineage.js";
 
@@ -101,5 +102,19 @@ export function lineageBody(
       job_id: e.jobId,
     })),
     contributions: l.contributions.map((c) => ({ checkpoint_id: c.checkpointId, weight: c.weight })),
+  };
+}
+
+export function datasetBody(d: DatasetRecord): Schemas["Dataset"] {
+  return {
+    id: d.id,
+    name: d.name,
+    format: d.format as Schemas["Dataset"]["format"],
+    shape: d.shape,
+    classes: d.classes,
+    train_count: d.trainCount,
+    test_count: d.testCount,
+    size_bytes: d.sizeBytes,
+    created_at: d.createdAt.toISOString(),
   };
 }

@@ -66,6 +66,78 @@ export function idxSplit(
   return { split: { x, y: Int32Array.from(lab.data), count }, shape: [h, w, c] };
 }
 
+/**
+ * CIFAR-10 binary batches: records of 1 label byte and 3072 pixel bytes (32x32, red plane,
+ * green plane, blue plane), converted to HWC floats in [0, 1].
+ */
+export function cifar10Split(batches: Uint8Array[]): Split {
+  const record = 1 + 3072;
+  for (const [i, b] of batches.entries()) {
+    if (b.length === 0 || b.length % record !== 0) {
+      throw new DatasetError(
+        `CIFAR-10 file ${i + 1} is ${b.length} bytes, not a whole number of ${record}-byte records`,
+      );
+    }
+  }
+  const count = batches.reduce((n, b) => n + b.length / record, 0);
+  const x = new Float32Array(count * 3072);
+  const y = new Int32Array(count);
+  let n = 0;
+  for (const b of batches) {
+    for (let r = 0; r < b.length; r += record, n++) {
+      const label = b[r] ?? 0;
+      if (label > 9) throw new DatasetError(`CIFAR-10 record ${n} has label ${label}, not 0-9`);
+      y[n] = label;
+      for (let p = 0; p < 1024; p++) {
+        for (let c = 0; c < 3; c++) x[n * 3072 + p * 3 + c] = (b[r + 1 + c * 1024 + p] ?? 0) / 255;
+      }
+    }
+  }
+  return { x, y, count };
+}
+
+export type UploadFormat = "idx" | "cifar10";
+
+/** The files each format needs, by form field. */
+export const UPLOAD_FIELDS: Record<UploadFormat, string[]> = {
+  idx: ["train_images", "train_labels", "test_images", "test_labels"],
+  cifar10: ["train", "test"],
+};
+
+/** Parses and checks uploaded dataset files completely; the dataset, or a `DatasetError` naming the problem. */
+export function parseUploadedDataset(
+  name: string,
+  format: UploadFormat,
+  files: Record<string, Uint8Array[]>,
+): Dataset {
+  for (const field of UPLOAD_FIELDS[format]) {
+    if (!files[field]?.length) throw new DatasetError(`a ${format} dataset needs the file field ${field}`);
+  }
+  const one = (field: string) => {
+    const list = files[field] ?? [];
+    if (list.length !== 1) throw new DatasetError(`${field} takes exactly one file`);
+    return list[0] as Uint8Array;
+  };
+  if (format === "cifar10") {
+    return {
+      name,
+      shape: [32, 32, 3],
+      classes: 10,
+      train: cifar10Split(files.train ?? []),
+      test: cifar10Split(files.test ?? []),
+    };
+  }
+  const train = idxSplit(one("train_images"), one("train_labels"));
+  const test = idxSplit(one("test_images"), one("test_labels"));
+  if (train.shape.join(",") !== test.shape.join(",")) {
+    throw new DatasetError(`train images are [${train.shape}] but test images are [${test.shape}]`);
+  }
+  const classes = Math.max(...train.split.y, ...test.split.y) + 1;
+  if (classes < 2 || classes > 1000)
+    throw new DatasetError(`labels span ${classes} classes; 2 to 1000 are supported`);
+  return { name, shape: train.shape, classes, train: train.split, test: test.split };
+}
+
 /** The examples at `ids`, in that order, as a new split. */
 export function take(split: Split, ids: number[]): Split {
   const size = split.x.length / Math.max(1, split.count);
@@ -143,9 +215,17 @@ export interface LoadOptions {
 /** A built-in dataset, optionally cut to a seeded subset for quick runs. */
 export async function loadBuiltInDataset(name: BuiltInDataset, options: LoadOptions): Promise<Dataset> {
   const full = name === "mnist" ? await loadMnistPackage() : await loadIdxDir(name, options.fashionMnistDir);
+  return limitDataset(full, options);
+}
+
+/** The dataset cut to `maxTrain` / `maxTest` seeded subsets (the same every time). */
+export function limitDataset(
+  full: Dataset,
+  limits: { maxTrain?: number | undefined; maxTest?: number | undefined },
+): Dataset {
   return {
     ...full,
-    train: subset(full.train, options.maxTrain, 1),
-    test: subset(full.test, options.maxTest, 2),
+    train: subset(full.train, limits.maxTrain, 1),
+    test: subset(full.test, limits.maxTest, 2),
   };
 }

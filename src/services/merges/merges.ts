@@ -10,7 +10,7 @@ import { MergeMismatchError, type MergePlan, planMerge } from "../../merge/plan.
 import { MergePool } from "../../merge/pool.js";
 import { averageMembers, reestimateBatchNorm } from "../../ml/averaging.js";
 import { BackendError, type BackendName, selectBackend } from "../../ml/backend.js";
-import { type BuiltInDataset, DatasetError, loadBuiltInDataset } from "../../ml/datasets.js";
+import { DatasetError } from "../../ml/datasets.js";
 import { modelToSafetensors } from "../../ml/export.js";
 import { modelFromCheckpoint } from "../../ml/import.js";
 import { batchesOf, evaluate } from "../../ml/train.js";
@@ -28,6 +28,7 @@ import {
   settleFailedAttempt,
   startJobAttempt,
 } from "../jobs/jobs.js";
+import { loadTrainingData } from "../trainings/trainings.js";
 
 /** A merge request as stored in the job's params (the API's field names). */
 export interface MergeParams {
@@ -42,7 +43,7 @@ export interface MergeParams {
   /** Re-estimate BatchNorm and measure test accuracy of every output (models this service trained). */
   evaluate?:
     | {
-        dataset: BuiltInDataset;
+        dataset: string;
         max_train_examples?: number | undefined;
         max_test_examples?: number | undefined;
       }
@@ -351,7 +352,7 @@ async function evaluatedMerge(a: Attempt, options: MergeWorkerOptions): Promise<
   const evaluation = params.evaluate;
   if (!evaluation) throw new Error("not an evaluated merge");
   await selectBackend({ forced: options.backend });
-  const data = await loadBuiltInDataset(evaluation.dataset, {
+  const data = await loadTrainingData(ctx, job.tenantId, evaluation.dataset, {
     fashionMnistDir: options.fashionMnistDir,
     maxTrain: evaluation.max_train_examples,
     maxTest: evaluation.max_test_examples,

@@ -4,13 +4,22 @@ import { schema } from "../../db/client.js";
 import { derivedId } from "../../ids.js";
 import type { QueuedJob } from "../../jobs/queue.js";
 import { BackendError, type BackendName, selectBackend } from "../../ml/backend.js";
-import { type BuiltInDataset, DatasetError, loadBuiltInDataset } from "../../ml/datasets.js";
+import {
+  BUILT_IN_DATASETS,
+  type BuiltInDataset,
+  type Dataset,
+  DatasetError,
+  type LoadOptions,
+  limitDataset,
+  loadBuiltInDataset,
+} from "../../ml/datasets.js";
 import { modelToSafetensors } from "../../ml/export.js";
 import { type ModelSpec, usesConvolutions } from "../../ml/models.js";
 import { type TrainingSpec, trainPopulation, type Variant } from "../../ml/train.js";
 import { deleteOutputs, outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { ServiceContext, TenantCall } from "../context.js";
-import { InvalidInputError } from "../errors.js";
+import { getDataset, loadUploadedDataset } from "../datasets/datasets.js";
+import { InvalidInputError, NotFoundError } from "../errors.js";
 import {
   createJob,
   finishJob,
@@ -23,7 +32,8 @@ import { loadTrainingState, saveTrainingState, trainingStateKey } from "./state.
 
 /** A training request as stored in the job's params (the API's field names). */
 export interface TrainingParams {
-  dataset: BuiltInDataset;
+  /** A built-in dataset's name, or the id of a dataset the tenant uploaded. */
+  dataset: BuiltInDataset | string;
   max_train_examples?: number | undefined;
   max_test_examples?: number | undefined;
   model: ModelSpec;
@@ -97,7 +107,20 @@ export function trainingSpecOf(p: TrainingParams): TrainingSpec {
   };
 }
 
-/** Creates a training job after checking what the schema cannot (the sets' sizes, the schedule). */
+/** A built-in dataset by name, or an uploaded one by id, cut to the requested subsets. */
+export async function loadTrainingData(
+  ctx: ServiceContext,
+  tenantId: string,
+  dataset: string,
+  options: LoadOptions,
+): Promise<Dataset> {
+  if ((BUILT_IN_DATASETS as readonly string[]).includes(dataset)) {
+    return loadBuiltInDataset(dataset as BuiltInDataset, options);
+  }
+  return limitDataset(await loadUploadedDataset(ctx, tenantId, dataset), options);
+}
+
+/** Creates a training job after checking what the schema cannot (the dataset exists, the schedule). */
 export async function createTrainingJob({
   ctx,
   principal,
@@ -107,6 +130,12 @@ export async function createTrainingJob({
   created: boolean;
 }> {
   const spec = trainingSpecOf(input.params);
+  const { dataset } = input.params;
+  if (!(BUILT_IN_DATASETS as readonly string[]).includes(dataset)) {
+    await getDataset({ ctx, principal, input: { id: dataset } }).catch((err: unknown) => {
+      throw err instanceof NotFoundError ? new InvalidInputError(`dataset ${dataset} not found`) : err;
+    });
+  }
   if (spec.optimizer.minLr > spec.optimizer.lr) {
     throw new InvalidInputError(
       `optimizer.min_lr (${spec.optimizer.minLr}) exceeds optimizer.lr (${spec.optimizer.lr})`,
@@ -150,7 +179,7 @@ export async function runTrainingJob(
       forced: options.backend,
       needsConvGradients: usesConvolutions(spec.model),
     });
-    const data = await loadBuiltInDataset(params.dataset, {
+    const data = await loadTrainingData(ctx, job.tenantId, params.dataset, {
       fashionMnistDir: options.fashionMnistDir,
       maxTrain: params.max_train_examples,
       maxTest: params.max_test_examples,

@@ -1,0 +1,196 @@
+import { gzipSync } from "node:zlib";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { cifar10Split } from "../src/ml/datasets.js";
+import { expectDocumented } from "./helpers/contract.js";
+import { type Harness, startHarness } from "./helpers/harness.js";
+import { type JobBody, waitForJob } from "./helpers/jobs.js";
+
+/** An IDX file of unsigned bytes. */
+function idx(dims: number[], data: number[]): Buffer {
+  const header = Buffer.alloc(4 + 4 * dims.length);
+  header.writeUInt8(8, 2);
+  header.writeUInt8(dims.length, 3);
+  dims.forEach((d, i) => header.writeUInt32BE(d, 4 + 4 * i));
+  return Buffer.concat([header, Buffer.from(data)]);
+}
+
+/** n 8x8 images of 3 classes: class k is a bright band in rows 2k..2k+1, plus noise. */
+function images(n: number, seed: number): { images: Buffer; labels: Buffer } {
+  const pixels: number[] = [];
+  const labels: number[] = [];
+  for (let i = 0; i < n; i++) {
+    const k = (i + seed) % 3;
+    labels.push(k);
+    for (let p = 0; p < 64; p++) pixels.push(Math.floor(p / 8) >> 1 === k ? 230 : (p * 37 + i * 11) % 40);
+  }
+  return { images: idx([n, 8, 8], pixels), labels: idx([n], labels) };
+}
+
+function form(files: Record<string, Buffer[]>): FormData {
+  const data = new FormData();
+  for (const [field, list] of Object.entries(files))
+    for (const f of list) data.append(field, new Blob([f]), field);
+  return data;
+}
+
+describe("uploaded datasets", () => {
+  let h: Harness;
+  beforeAll(async () => {
+    h = await startHarness("pglite", "filesystem", { worker: true });
+  });
+  afterAll(() => h.close());
+
+  const upload = async (query: string, files: Record<string, Buffer[]>) => {
+    const body = new Request("http://x", { method: "POST", body: form(files) });
+    const bytes = Buffer.from(await body.arrayBuffer());
+    return h.request(`/v1/datasets?${query}`, {
+      method: "POST",
+      body: bytes,
+      headers: {
+        "Content-Type": body.headers.get("content-type") ?? "",
+        "Content-Length": String(bytes.length),
+      },
+    });
+  };
+
+  it("accepts IDX files, describes them, and trains on them", async () => {
+    const train = images(90, 0);
+    const test = images(30, 1);
+    const res = await upload("name=bands&format=idx", {
+      train_images: [gzipSync(train.images)],
+      train_labels: [train.labels],
+      test_images: [test.images],
+      test_labels: [test.labels],
+    });
+    expect(res.status).toBe(201);
+    const dataset = (await expectDocumented("createDataset", res)) as { id: string };
+    expect(dataset).toMatchObject({
+      name: "bands",
+      format: "idx",
+      shape: [8, 8, 1],
+      classes: 3,
+      train_count: 90,
+      test_count: 30,
+    });
+    await expectDocumented("getDataset", await h.request(`/v1/datasets/${dataset.id}`));
+    const list = (await expectDocumented("listDatasets", await h.request("/v1/datasets"))) as {
+      items: { id: string }[];
+    };
+    expect(list.items.map((d) => d.id)).toContain(dataset.id);
+
+    const training = await h.request("/v1/trainings", {
+      method: "POST",
+      body: JSON.stringify({
+        dataset: dataset.id,
+        model: { kind: "mlp", hidden: [16] },
+        population: { size: 2, variant: "papa-all", every_k_epochs: 1 },
+        optimizer: { lr: 0.1 },
+        epochs: 3,
+        batch_size: 16,
+      }),
+      headers: { "Content-Type": "application/json" },
+    });
+    expect(training.status).toBe(202);
+    const job = await waitForJob(h, ((await training.json()) as JobBody).id, 60_000);
+    expect(job.status, JSON.stringify(job.problem)).toBe("succeeded");
+    const result = job.result as unknown as { members: { accuracy: number }[] };
+    for (const m of result.members) expect(m.accuracy).toBeGreaterThan(0.6);
+
+    expect((await h.request(`/v1/datasets/${dataset.id}`, { method: "DELETE" })).status).toBe(204);
+    expect(await h.ctx.store.list(`tenants/${h.tenantA}/datasets/`)).toEqual([]);
+  });
+
+  it("accepts CIFAR-10 binary batches", async () => {
+    const record = (label: number) => Buffer.concat([Buffer.from([label]), Buffer.alloc(3072, label * 20)]);
+    const res = await upload("name=tiny-cifar&format=cifar10", {
+      train: [Buffer.concat([record(1), record(2)]), Buffer.concat([record(3)])],
+      test: [Buffer.concat([record(4)])],
+    });
+    expect(res.status).toBe(201);
+    expect(await res.json()).toMatchObject({
+      shape: [32, 32, 3],
+      classes: 10,
+      train_count: 3,
+      test_count: 1,
+    });
+  });
+
+  it.each([
+    ["a missing file", "format=idx", { train_images: [images(3, 0).images] }, 422, "train_labels"],
+    [
+      "a truncated IDX file",
+      "format=idx",
+      { ...idxFiles(), train_images: [images(3, 0).images.subarray(0, 20)] },
+      422,
+      "dimensions say",
+    ],
+    [
+      "labels that do not match the images",
+      "format=idx",
+      { ...idxFiles(), train_labels: [idx([2], [0, 1])] },
+      422,
+      "3 images but 2 labels",
+    ],
+    [
+      "a CIFAR-10 file of partial records",
+      "format=cifar10",
+      { train: [Buffer.alloc(100)], test: [Buffer.alloc(3073)] },
+      422,
+      "whole number",
+    ],
+    ["an unknown format", "format=parquet", idxFiles(), 400, "format"],
+  ])("refuses %s, leaving nothing behind", async (_case, query, files, status, text) => {
+    const before = await h.ctx.store.list(`tenants/${h.tenantA}/datasets/`);
+    const listed = async () =>
+      ((await (await h.request("/v1/datasets")).json()) as { items: unknown[] }).items.length;
+    const rows = await listed();
+    const res = await upload(`name=bad&${query}`, files as Record<string, Buffer[]>);
+    expect(res.status).toBe(status);
+    expect(JSON.stringify(await res.json())).toContain(text);
+    expect(await h.ctx.store.list(`tenants/${h.tenantA}/datasets/`)).toEqual(before);
+    expect(await listed()).toBe(rows);
+  });
+
+  it("refuses uploads over the size limit and trainings on unknown datasets", async () => {
+    const big = await upload("name=big&format=cifar10", {
+      train: [Buffer.alloc(5 * 1024 * 1024)],
+      test: [Buffer.alloc(3073)],
+    });
+    expect(big.status).toBe(413);
+    const res = await h.request("/v1/trainings", {
+      method: "POST",
+      body: JSON.stringify({
+        dataset: "01a21c82-9c47-7abd-a849-4a1c03318636",
+        model: { kind: "mlp", hidden: [4] },
+        population: { size: 1, variant: "independent" },
+        epochs: 1,
+      }),
+      headers: { "Content-Type": "application/json" },
+    });
+    expect(res.status).toBe(422);
+    expect(((await res.json()) as { detail: string }).detail).toContain("not found");
+  });
+});
+
+function idxFiles(): Record<string, Buffer[]> {
+  const d = images(3, 0);
+  return {
+    train_images: [d.images],
+    train_labels: [d.labels],
+    test_images: [d.images],
+    test_labels: [d.labels],
+  };
+}
+
+describe("CIFAR-10 records", () => {
+  it("become HWC floats: planes of red, green, blue", () => {
+    const record = Buffer.alloc(3073);
+    record[0] = 7;
+    record.fill(51, 1, 1025); // red plane
+    record.fill(102, 1025, 2049); // green
+    record.fill(255, 2049, 3073); // blue
+    const split = cifar10Split([record]);
+    expect(Array.from(split.y)).toEqual([7]);
+    expect(Array.from(split.x.subarray(0, 3))).toEqual([0.2, 0.4, 1].map((v) => Math.fround(v)));
+  });
+});
