@@ -10,7 +10,7 @@ function idx(dims: number[], data: number[]): Buffer {
   const header = Buffer.alloc(4 + 4 * dims.length);
   header.writeUInt8(8, 2);
   header.writeUInt8(dims.length, 3);
-  dims.forEach((d, i) => header.writeUInt32BE(d, 4 + 4 * i));
+  for (const [i, d] of dims.entries()) header.writeUInt32BE(d, 4 + 4 * i);
   return Buffer.concat([header, Buffer.from(data)]);
 }
 
