@@ -5,7 +5,8 @@
  * 2. Does it work: the four variants with the same model and budget; members' mean/min/max test
  *    accuracy, ensemble, uniform soup, greedy soup.
  *
- * usage: npm run bench:train [-- DATASET [MAX_TRAIN [EPOCHS]]]   (default: mnist 8000 4)
+ * usage: npm run bench:train [-- DATASET [MAX_TRAIN [EPOCHS [ALPHA [EVERY_K_STEPS]]]]]
+ *        (default: mnist 8000 4 0.99 10)
  * DATASET fashion-mnist reads PAPA_FASHION_MNIST_DIR (default /usr/share/datasets/fashion-mnist).
  */
 import { selectBackend } from "../src/ml/backend.js";
@@ -15,6 +16,8 @@ import { type TrainingSpec, trainPopulation, type Variant } from "../src/ml/trai
 const dataset = (process.argv[2] ?? "mnist") as BuiltInDataset;
 const maxTrain = Number(process.argv[3] ?? 8000);
 const epochs = Number(process.argv[4] ?? 4);
+const alpha = Number(process.argv[5] ?? 0.99);
+const everyKSteps = Number(process.argv[6] ?? 10);
 
 function spec(variant: Variant, epochCount: number): TrainingSpec {
   return {
