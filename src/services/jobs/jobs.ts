@@ -177,6 +177,27 @@ export async function reportProgress(
 }
 
 /**
+ * A progress callback for a worker's hot loop: records at most every `intervalMs`, without
+ * waiting, and aborts `abort` when it finds the job canceled.
+ */
+export function progressReporter(
+  ctx: ServiceContext,
+  id: string,
+  abort: AbortController,
+  intervalMs: number,
+): (fraction: number, detail?: Record<string, number>) => void {
+  let last = 0;
+  return (fraction, detail) => {
+    if (Date.now() - last < intervalMs) return;
+    last = Date.now();
+    reportProgress(ctx, id, fraction, detail).then(
+      (status) => status === "canceled" && abort.abort(new Error("canceled")),
+      () => undefined,
+    );
+  };
+}
+
+/**
  * Finishes a running job inside `tx` (with whatever else must commit with it). Returns false,
  * changing nothing, when the job is no longer running (canceled meanwhile).
  */

@@ -24,7 +24,7 @@ import {
   createJob,
   finishJob,
   type Job,
-  reportProgress,
+  progressReporter,
   settleFailedAttempt,
   startJobAttempt,
 } from "../jobs/jobs.js";
@@ -200,15 +200,7 @@ export async function runMergeJob(
   const abort = new AbortController();
   const onStop = () => abort.abort(queued.signal.reason);
   queued.signal.addEventListener("abort", onStop);
-  let lastReport = 0;
-  const progress = (fraction: number) => {
-    if (Date.now() - lastReport < 250) return;
-    lastReport = Date.now();
-    reportProgress(ctx, job.id, fraction).then(
-      (status) => status === "canceled" && abort.abort(new Error("canceled")),
-      () => undefined,
-    );
-  };
+  const progress = progressReporter(ctx, job.id, abort, 250);
   try {
     let inputs: CheckpointRow[];
     let coefficients: number[][];

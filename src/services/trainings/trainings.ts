@@ -24,7 +24,7 @@ import {
   createJob,
   finishJob,
   type Job,
-  reportProgress,
+  progressReporter,
   settleFailedAttempt,
   startJobAttempt,
 } from "../jobs/jobs.js";
@@ -188,26 +188,19 @@ export async function runTrainingJob(
     const stateKey = trainingStateKey(job.tenantId, job.id);
     const resume = await loadTrainingState(ctx, stateKey);
     if (resume) ctx.logger.info("resuming training", { job_id: job.id, completed_epochs: resume.epochs });
-    let lastReport = 0;
+    const progress = progressReporter(ctx, job.id, abort, 500);
     const outcome = await trainPopulation(spec, data, {
       signal: abort.signal,
       resume: resume ?? undefined,
       onEpochEnd: (state) => saveTrainingState(ctx, stateKey, state),
-      onProgress: (p) => {
-        if (Date.now() - lastReport < 500) return;
-        lastReport = Date.now();
-        const detail = {
+      onProgress: (p) =>
+        progress((0.95 * p.step) / p.steps, {
           epoch: p.epoch,
           step: p.step,
           steps: p.steps,
           loss: p.loss,
           examples_per_second: p.examplesPerSecond,
-        };
-        reportProgress(ctx, job.id, (0.95 * p.step) / p.steps, detail).then(
-          (status) => status === "canceled" && abort.abort(new Error("canceled")),
-          () => undefined,
-        );
-      },
+        }),
     });
     models.push(...outcome.members.map((m) => m.model), outcome.uniformSoup.model, outcome.greedySoup.model);
 
