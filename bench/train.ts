@@ -9,8 +9,10 @@
  *        (default: mnist 8000 4 0.99 10)
  * DATASET fashion-mnist reads PAPA_FASHION_MNIST_DIR (default /usr/share/datasets/fashion-mnist).
  */
+import { papaPull } from "../src/ml/averaging.js";
 import { selectBackend } from "../src/ml/backend.js";
 import { type BuiltInDataset, loadBuiltInDataset } from "../src/ml/datasets.js";
+import { buildModel } from "../src/ml/models.js";
 import { type TrainingSpec, trainPopulation, type Variant } from "../src/ml/train.js";
 
 const dataset = (process.argv[2] ?? "mnist") as BuiltInDataset;
@@ -71,6 +73,22 @@ async function main(): Promise<void> {
   const overhead = ((perEpoch.papa ?? 0) / (perEpoch.independent ?? 1) - 1) * 100;
   console.log(
     `train overhead papa_s_per_epoch=${perEpoch.papa?.toFixed(2)} independent_s_per_epoch=${perEpoch.independent?.toFixed(2)} overhead=${overhead.toFixed(1)}% (best of 2 each)`,
+  );
+
+  // The pull itself, timed alone: its share of a k-step window is the overhead free of epoch noise.
+  const population = Array.from({ length: 4 }, (_, j) =>
+    buildModel(spec("papa", 1).model, data.shape, data.classes, j + 1),
+  );
+  const pulls = 50;
+  papaPull(population, 0.01);
+  const pullStart = performance.now();
+  for (let i = 0; i < pulls; i++) papaPull(population, 0.01);
+  const pullMs = (performance.now() - pullStart) / pulls;
+  const stepMs = ((perEpoch.independent ?? 0) * 1000) / Math.ceil((data.train.count * 0.98) / 128);
+  for (const m of population) m.dispose();
+  console.log(
+    `papa pull_ms=${pullMs.toFixed(2)} population_step_ms=${stepMs.toFixed(1)} every_k_steps=${everyKSteps} ` +
+      `overhead=${((100 * pullMs) / (everyKSteps * stepMs)).toFixed(2)}%`,
   );
 
   console.log(`| variant | members mean | min | max | ensemble | uniform soup | greedy soup | train s |`);
