@@ -1,3 +1,4 @@
+import { rm } from "node:fs/promises";
 import { Readable } from "node:stream";
 import { text } from "node:stream/consumers";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -101,6 +102,24 @@ describe.each<StoreKind>(["filesystem", "s3"])("ObjectStore contract: %s", (kind
       expect(await res.text()).toBe("presigned");
     }
     await store.delete("p.bin");
+  });
+
+  it("sweeps what dead writers left, and only what is old enough", async () => {
+    const { store } = resource.value;
+    if (kind === "s3") {
+      expect(await store.sweepIncomplete(0)).toBe(0);
+      return;
+    }
+    const { mkdir, writeFile, utimes, readdir } = await import("node:fs/promises");
+    const root = resource.value.dir ?? "";
+    await mkdir(`${root}/.tmp`, { recursive: true });
+    await writeFile(`${root}/.tmp/old`, "x");
+    await writeFile(`${root}/.tmp/fresh`, "y");
+    const dayAgo = new Date(Date.now() - 2 * 24 * 3600 * 1000);
+    await utimes(`${root}/.tmp/old`, dayAgo, dayAgo);
+    expect(await store.sweepIncomplete(24 * 3600)).toBe(1);
+    expect(await readdir(`${root}/.tmp`)).toEqual(["fresh"]);
+    await rm(`${root}/.tmp/fresh`);
   });
 
   it("answers ping", async () => {

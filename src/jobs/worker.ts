@@ -6,6 +6,9 @@ import { runTrainingJob } from "../services/trainings/trainings.js";
 
 /** Consumes the configured queues in this process until `ctx.queue.stop()`. */
 export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Promise<void> {
+  // Temp files of workers that died mid-write; a day leaves any live upload alone.
+  const swept = await ctx.store.sweepIncomplete(24 * 3600);
+  if (swept > 0) ctx.logger.info("removed stale temp files", { count: swept });
   for (const queue of config.queues) {
     if (queue === "merge") {
       const options = {

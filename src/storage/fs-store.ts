@@ -101,6 +101,20 @@ export class FilesystemStore implements ObjectStore {
     return null;
   }
 
+  async sweepIncomplete(olderThanSeconds: number): Promise<number> {
+    const dir = join(this.root, TMP_DIR);
+    const names = await readdir(dir).catch(() => [] as string[]);
+    let removed = 0;
+    for (const name of names) {
+      const info = await stat(join(dir, name)).catch(() => null);
+      if (info && Date.now() - info.mtimeMs > olderThanSeconds * 1000) {
+        await rm(join(dir, name), { force: true });
+        removed++;
+      }
+    }
+    return removed;
+  }
+
   async ping(): Promise<void> {
     await mkdir(this.root, { recursive: true });
     await access(this.root);

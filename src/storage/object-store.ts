@@ -31,6 +31,12 @@ export interface ObjectStore {
   presignGet(key: string, options: { expiresInSeconds: number; fileName: string }): Promise<string | null>;
   /** Throws when the store cannot be reached. */
   ping(): Promise<void>;
+  /**
+   * Removes what writers that died mid-write left behind, older than `olderThanSeconds`; returns
+   * how many. The filesystem store removes its temp files; on S3, incomplete multipart uploads
+   * are the bucket lifecycle rule's job (AbortIncompleteMultipartUpload), so it returns 0.
+   */
+  sweepIncomplete(olderThanSeconds: number): Promise<number>;
 }
 
 export class ObjectNotFoundError extends Error {

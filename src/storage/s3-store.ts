@@ -130,6 +130,10 @@ export class S3Store implements ObjectStore {
     return getSignedUrl(this.client, command, { expiresIn: options.expiresInSeconds });
   }
 
+  async sweepIncomplete(): Promise<number> {
+    return 0;
+  }
+
   async ping(): Promise<void> {
     await this.client.send(new HeadBucketCommand({ Bucket: this.bucket }));
   }

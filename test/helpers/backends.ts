@@ -62,6 +62,8 @@ export interface TestStore {
   store: ObjectStore;
   /** The s3rver endpoint, for the S3 store. */
   endpoint?: string;
+  /** The root directory, for the filesystem store. */
+  dir?: string;
   /** Every object and temp file the store holds, to prove nothing was left behind. */
   everything(): Promise<string[]>;
 }
@@ -78,6 +80,7 @@ export async function testStore(kind: StoreKind, dir?: string): Promise<TestReso
   return {
     value: {
       store,
+      dir: root,
       // Temp files included: an aborted write must not leave one behind either.
       everything: async () => {
         const entries = await readdir(root, { recursive: true, withFileTypes: true }).catch(() => []);
