@@ -1,63 +1,81 @@
 #!/usr/bin/env node
+import { readFileSync } from "node:fs";
+import { basename } from "node:path";
 import { parseArgs } from "node:util";
+import { CliFailure, connect, download, followJob, lineageTree, type Remote, upload } from "./cli/remote.js";
+import { type components, PapaProblemError, unwrap } from "./client.js";
+import { ConfigError, loadCliConfig } from "./config.js";
 import { mergeFiles } from "./merge/local.js";
 import { type MergeMethod, MergeSpecError } from "./merge/methods.js";
 import { MergeMismatchError } from "./merge/plan.js";
 import { isFloatDtype } from "./tensors/floats.js";
 import { SafetensorsError } from "./tensors/safetensors.js";
 
-const USAGE = `usage: papa merge --method papa-all|papa-2|weighted|papa-pull --out OUT.safetensors IN.safetensors...
-  --seed N               papa-2: seed of the pair draws (default 0)
-  --coefficients a,b,..  weighted: one per input, summing to 1
-  --beta B               papa-pull: fraction each input moves toward the mean, in (0, 1]
-  --exclude PATTERN      copy matching tensors from the first input (repeatable; * is a wildcard)
-  --output-dtype DTYPE   F32, F16, BF16 or F64 for averaged tensors
-  --threads N            worker threads (default: one per core)
-Methods with one output per input (papa-2, papa-pull) write OUT-0.safetensors, OUT-1.safetensors, ...`;
+const USAGE = `usage: papa <command> [options]      (server: --url, --key, or PAPA_URL, PAPA_API_KEY, or ~/.config/papa/config.json)
+  upload FILE --name NAME            upload a safetensors checkpoint (progress on stderr); prints it as JSON
+  ls [--name NAME] [--limit N]       list checkpoints, newest first
+  show ID                            a checkpoint as JSON
+  download ID [--out FILE]           download, verifying the sha256
+  merge --method M --out OUT IN...   merge local files (papa-all, papa-2, weighted, papa-pull)
+        --seed N  --coefficients a,b,..  --beta B  --exclude PATTERN  --output-dtype DTYPE  --threads N
+  merge --remote --method M [--name NAME] ID...   the same merge as a job on the server (--follow waits)
+  train SPEC.json [--follow]         start a training job from a JSON request body
+  jobs [ID] [--follow]               list jobs, show one, or stream its progress until it finishes
+  lineage ID [--depth N]             a checkpoint's ancestors as a tree with coefficients and metrics
+Exit codes: 0 success; 1 the operation or the job failed; 2 the command line is wrong.`;
 
-/** Exit codes: 0 done, 1 the merge failed, 2 the command line is wrong. */
 class UsageError extends Error {}
 
-function methodFrom(values: Record<string, string | boolean | string[] | undefined>): MergeMethod {
+const options = {
+  url: { type: "string" },
+  key: { type: "string" },
+  name: { type: "string" },
+  limit: { type: "string" },
+  out: { type: "string" },
+  method: { type: "string" },
+  seed: { type: "string" },
+  coefficients: { type: "string" },
+  beta: { type: "string" },
+  exclude: { type: "string", multiple: true },
+  "output-dtype": { type: "string" },
+  threads: { type: "string" },
+  remote: { type: "boolean" },
+  follow: { type: "boolean" },
+  depth: { type: "string" },
+} as const;
+
+type Values = ReturnType<typeof parseArgs<{ options: typeof options; allowPositionals: true }>>["values"];
+
+function methodFrom(values: Values): MergeMethod {
   switch (values.method) {
     case "papa-all":
       return { method: "papa-all" };
     case "papa-2":
       return { method: "papa-2", seed: Number(values.seed ?? 0) };
     case "weighted":
-      if (typeof values.coefficients !== "string") throw new UsageError("weighted needs --coefficients");
+      if (values.coefficients === undefined) throw new UsageError("weighted needs --coefficients");
       return { method: "weighted", coefficients: values.coefficients.split(",").map(Number) };
     case "papa-pull":
-      if (typeof values.beta !== "string") throw new UsageError("papa-pull needs --beta");
+      if (values.beta === undefined) throw new UsageError("papa-pull needs --beta");
       return { method: "papa-pull", beta: Number(values.beta) };
     default:
       throw new UsageError(`unknown --method ${String(values.method)}`);
   }
 }
 
-async function merge(args: string[]): Promise<void> {
-  const { values, positionals } = parseArgs({
-    args,
-    allowPositionals: true,
-    options: {
-      method: { type: "string" },
-      out: { type: "string" },
-      seed: { type: "string" },
-      coefficients: { type: "string" },
-      beta: { type: "string" },
-      exclude: { type: "string", multiple: true },
-      "output-dtype": { type: "string" },
-      threads: { type: "string" },
-    },
-  });
+const print = (value: unknown) =>
+  process.stdout.write(`${typeof value === "string" ? value : JSON.stringify(value, null, 2)}\n`);
+const log = (line: string) => process.stderr.write(`${line}\n`);
+
+async function localMerge(values: Values, inputs: string[]): Promise<void> {
   if (!values.out) throw new UsageError("--out is required");
-  if (positionals.length === 0) throw new UsageError("no input files");
+  if (inputs.length === 0) throw new UsageError("no input files");
   const outputDtype = values["output-dtype"];
   if (outputDtype !== undefined && !isFloatDtype(outputDtype))
     throw new UsageError(`--output-dtype ${outputDtype}?`);
   const started = performance.now();
   const paths = await mergeFiles({
-    inputs: positionals,
+    inputs,
     out: values.out,
     spec: methodFrom(values),
     exclude: values.exclude ?? [],
@@ -65,22 +83,113 @@ async function merge(args: string[]): Promise<void> {
     ...(values.threads === undefined ? {} : { threads: Number(values.threads) }),
   });
   const seconds = ((performance.now() - started) / 1000).toFixed(2);
-  process.stdout.write(`merged ${positionals.length} inputs into ${paths.join(", ")} in ${seconds} s\n`);
+  print(`merged ${inputs.length} inputs into ${paths.join(", ")} in ${seconds} s`);
+}
+
+/** Prints a job, following it first with --follow; a failed or canceled job is exit code 1. */
+async function reportJob(r: Remote, id: string, follow: boolean | undefined): Promise<void> {
+  const job = follow
+    ? await followJob(r, id)
+    : unwrap(await r.client.GET("/v1/jobs/{id}", { params: { path: { id } } }));
+  print(job);
+  if (job.status === "failed" || job.status === "canceled") throw new CliFailure(`job ${id} ${job.status}`);
+}
+
+const REMOTE_COMMANDS = ["upload", "ls", "show", "download", "merge", "train", "jobs", "lineage"];
+
+async function remoteCommand(command: string, values: Values, args: string[]): Promise<void> {
+  if (!REMOTE_COMMANDS.includes(command)) throw new UsageError(`unknown command ${command}`);
+  const config = loadCliConfig({ url: values.url, key: values.key }, (path) => {
+    try {
+      return readFileSync(path, "utf8");
+    } catch {
+      return null;
+    }
+  });
+  const r = connect(config.url, config.apiKey, log);
+  const [first] = args;
+  switch (command) {
+    case "upload":
+      if (!first) throw new UsageError("upload needs a FILE");
+      print(await upload(r, first, values.name ?? basename(first).replace(/\.safetensors$/, "")));
+      return;
+    case "ls": {
+      const page = unwrap(
+        await r.client.GET("/v1/checkpoints", {
+          params: {
+            query: { limit: Number(values.limit ?? 50), ...(values.name ? { name: values.name } : {}) },
+          },
+        }),
+      );
+      for (const c of page.items)
+        print(`${c.id}  ${c.name}  ${(c.size_bytes / 1e6).toFixed(1)} MB  ${c.created_at}`);
+      return;
+    }
+    case "show":
+      if (!first) throw new UsageError("show needs an ID");
+      print(unwrap(await r.client.GET("/v1/checkpoints/{id}", { params: { path: { id: first } } })));
+      return;
+    case "download": {
+      if (!first) throw new UsageError("download needs an ID");
+      const out = values.out ?? `${first}.safetensors`;
+      print(`${out} sha256 ${await download(r, first, out)}`);
+      return;
+    }
+    case "merge": {
+      const spec = methodFrom(values);
+      const body = { ...spec, inputs: args, ...(values.name ? { name: values.name } : {}) };
+      const job = unwrap(await r.client.POST("/v1/merges", { body }));
+      await reportJob(r, job.id, values.follow);
+      return;
+    }
+    case "train": {
+      if (!first) throw new UsageError("train needs a SPEC.json");
+      const spec = JSON.parse(readFileSync(first, "utf8")) as components["schemas"]["TrainingRequest"];
+      const job = unwrap(await r.client.POST("/v1/trainings", { body: spec }));
+      await reportJob(r, job.id, values.follow);
+      return;
+    }
+    case "jobs":
+      if (first) {
+        await reportJob(r, first, values.follow);
+      } else {
+        const page = unwrap(
+          await r.client.GET("/v1/jobs", { params: { query: { limit: Number(values.limit ?? 50) } } }),
+        );
+        for (const j of page.items)
+          print(`${j.id}  ${j.kind}  ${j.status}  ${(100 * j.progress).toFixed(0)}%  ${j.created_at}`);
+      }
+      return;
+    case "lineage":
+      if (!first) throw new UsageError("lineage needs an ID");
+      print(await lineageTree(r, first, Number(values.depth ?? 20)));
+      return;
+    default:
+      throw new UsageError(`unknown command ${command}`);
+  }
 }
 
 async function main(argv: string[]): Promise<number> {
-  const [command, ...rest] = argv;
   try {
-    if (command === "merge") await merge(rest);
-    else throw new UsageError(command ? `unknown command ${command}` : "no command");
+    const { values, positionals } = parseArgs({ args: argv, options, allowPositionals: true });
+    const [command, ...args] = positionals;
+    if (!command) throw new UsageError("no command");
+    if (command === "merge" && !values.remote) await localMerge(values, args);
+    else await remoteCommand(command, values, args);
     return 0;
   } catch (err) {
     if (err instanceof UsageError || (err as { code?: string }).code?.startsWith("ERR_PARSE_ARGS")) {
       process.stderr.write(`papa: ${(err as Error).message}\n${USAGE}\n`);
       return 2;
     }
-    const known =
-      err instanceof MergeSpecError || err instanceof MergeMismatchError || err instanceof SafetensorsError;
+    const known = [
+      MergeSpecError,
+      MergeMismatchError,
+      SafetensorsError,
+      PapaProblemError,
+      CliFailure,
+      ConfigError,
+    ].some((type) => err instanceof type);
     process.stderr.write(`papa: ${known ? (err as Error).message : ((err as Error).stack ?? String(err))}\n`);
     return 1;
   }

@@ -1,0 +1,148 @@
+import { createHash } from "node:crypto";
+import { createReadStream, createWriteStream } from "node:fs";
+import { rename, rm, stat } from "node:fs/promises";
+import { Readable, Transform } from "node:stream";
+import { pipeline } from "node:stream/promises";
+import { type components, createPapaClient, type PapaClient, PapaProblemError, unwrap } from "../client.js";
+
+type Schemas = components["schemas"];
+
+/** Thrown for results a script should see as failure (exit 1) without a stack. */
+export class CliFailure extends Error {}
+
+export interface Remote {
+  client: PapaClient;
+  url: string;
+  key: string;
+  /** Where progress goes (stderr), so stdout stays parseable. */
+  log: (line: string) => void;
+}
+
+export function connect(url: string, key: string | undefined, log: (line: string) => void): Remote {
+  if (!key)
+    throw new CliFailure("no API key: pass --key, set PAPA_API_KEY, or write ~/.config/papa/config.json");
+  return { client: createPapaClient({ baseUrl: url, apiKey: key }), url, key, log };
+}
+
+/** Counts bytes through a stream and reports progress at most every 200 ms. */
+function progressMeter(total: number, label: string, log: (line: string) => void): Transform {
+  let done = 0;
+  let last = 0;
+  return new Transform({
+    transform(chunk: Buffer, _enc, cb) {
+      done += chunk.length;
+      if (Date.now() - last > 200 || done === total) {
+        last = Date.now();
+        const pct = total > 0 ? ((100 * done) / total).toFixed(1) : "?";
+        log(`${label} ${pct}% (${(done / 1e6).toFixed(1)} of ${(total / 1e6).toFixed(1)} MB)`);
+      }
+      cb(null, chunk);
+    },
+  });
+}
+
+export async function upload(r: Remote, file: string, name: string): Promise<Schemas["Checkpoint"]> {
+  const { size } = await stat(file);
+  const body = Readable.toWeb(createReadStream(file).pipe(progressMeter(size, "upload", r.log)));
+  const res = await fetch(`${r.url}/v1/checkpoints?name=${encodeURIComponent(name)}`, {
+    method: "POST",
+    headers: {
+      Authorization: `Bearer ${r.key}`,
+      "Content-Type": "application/octet-stream",
+      "Content-Length": String(size),
+    },
+    body: body as ReadableStream,
+    duplex: "half",
+  } as RequestInit);
+  const json = (await res.json()) as unknown;
+  if (!res.ok) throw new PapaProblemError(json as Schemas["Problem"]);
+  return json as Schemas["Checkpoint"];
+}
+
+/** Downloads to `out` (a temp name, renamed when the sha256 matches the server's ETag). */
+export async function download(r: Remote, id: string, out: string): Promise<string> {
+  const res = await fetch(`${r.url}/v1/checkpoints/${id}/weights`, {
+    headers: { Authorization: `Bearer ${r.key}` },
+  });
+  if (!res.ok || !res.body) throw new PapaProblemError((await res.json()) as Schemas["Problem"]);
+  const expected = (res.headers.get("etag") ?? "").replaceAll('"', "");
+  const total = Number(res.headers.get("content-length") ?? 0);
+  const hash = createHash("sha256");
+  const tmp = `${out}.partial`;
+  try {
+    await pipeline(
+      Readable.fromWeb(res.body as import("node:stream/web").ReadableStream),
+      progressMeter(total, "download", r.log),
+      new Transform({
+        transform(chunk: Buffer, _enc, cb) {
+          hash.update(chunk);
+          cb(null, chunk);
+        },
+      }),
+      createWriteStream(tmp),
+    );
+    const actual = hash.digest("hex");
+    if (actual !== expected)
+      throw new CliFailure(`sha256 mismatch: got ${actual}, the server says ${expected}`);
+    await rename(tmp, out);
+    return actual;
+  } catch (err) {
+    await rm(tmp, { force: true });
+    throw err;
+  }
+}
+
+export async function followJob(r: Remote, id: string): Promise<Schemas["Job"]> {
+  const res = await fetch(`${r.url}/v1/jobs/${id}/events`, { headers: { Authorization: `Bearer ${r.key}` } });
+  if (!res.ok || !res.body) throw new PapaProblemError((await res.json()) as Schemas["Problem"]);
+  let last: Schemas["Job"] | null = null;
+  let buffer = "";
+  for await (const chunk of Readable.fromWeb(res.body as import("node:stream/web").ReadableStream)) {
+    buffer += Buffer.from(chunk as Uint8Array).toString();
+    let end = buffer.indexOf("\n\n");
+    while (end >= 0) {
+      const data = buffer
+        .slice(0, end)
+        .split("\n")
+        .filter((l) => l.startsWith("data: "))
+        .map((l) => l.slice(6))
+        .join("\n");
+      buffer = buffer.slice(end + 2);
+      end = buffer.indexOf("\n\n");
+      if (!data) continue;
+      last = JSON.parse(data) as Schemas["Job"];
+      const detail = last.progress_detail ? ` ${JSON.stringify(last.progress_detail)}` : "";
+      r.log(`job ${last.id} ${last.status} ${(100 * last.progress).toFixed(1)}%${detail}`);
+    }
+  }
+  if (!last) throw new CliFailure(`no events for job ${id}`);
+  return last;
+}
+
+/** The lineage as an indented tree: each parent under its child, with coefficient and metrics. */
+export async function lineageTree(r: Remote, id: string, depth: number): Promise<string> {
+  const l = unwrap(
+    await r.client.GET("/v1/checkpoints/{id}/lineage", {
+      params: { path: { id }, query: { direction: "ancestors", depth } },
+    }),
+  );
+  const nodes = new Map(l.nodes.map((n) => [n.id, n]));
+  const lines: string[] = [];
+  const walk = (node: string, prefix: string, coefficient: number | null, seen: Set<string>) => {
+    const n = nodes.get(node);
+    const metrics = (n?.metrics ?? []).map((m) => `${m.name}=${m.value.toFixed(4)}`).join(" ");
+    const weight = coefficient === null ? "" : `${coefficient.toFixed(4)} x `;
+    lines.push(
+      `${prefix}${weight}${n?.name ?? node} (${node})${n?.status === "deleted" ? " [deleted]" : ""}${metrics ? ` ${metrics}` : ""}`,
+    );
+    if (seen.has(node)) return;
+    for (const e of l.edges.filter((x) => x.child_id === node))
+      walk(e.parent_id, `${prefix}  `, e.coefficient, new Set([...seen, node]));
+  };
+  walk(id, "", null, new Set());
+  for (const c of l.contributions)
+    lines.push(
+      `contribution ${c.weight.toFixed(4)} of ${nodes.get(c.checkpoint_id)?.name ?? c.checkpoint_id}`,
+    );
+  return lines.join("\n");
+}

@@ -1,0 +1,108 @@
+import { spawn } from "node:child_process";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import type { AddressInfo } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createAdaptorServer } from "@hono/node-server";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type Harness, startHarness } from "./helpers/harness.js";
+import { smallCheckpoint } from "./helpers/safetensors.js";
+
+/** Runs `papa` as a user would, with only the given environment. */
+function papa(
+  args: string[],
+  env: Record<string, string>,
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, ["--import", "tsx", "src/cli.ts", ...args], {
+      env: { PATH: process.env.PATH ?? "", ...env },
+    });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d: Buffer) => {
+      stdout += d.toString();
+    });
+    child.stderr.on("data", (d: Buffer) => {
+      stderr += d.toString();
+    });
+    child.on("exit", (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+describe("the papa CLI against a server", () => {
+  let h: Harness;
+  let server: ReturnType<typeof createAdaptorServer>;
+  let dir: string;
+  let env: Record<string, string>;
+  beforeAll(async () => {
+    h = await startHarness("pglite", "filesystem", { worker: true });
+    server = createAdaptorServer({ fetch: h.app.fetch });
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    dir = await mkdtemp(join(tmpdir(), "papa-cli-"));
+    env = {
+      PAPA_URL: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+      PAPA_API_KEY: h.keyA,
+      HOME: dir,
+    };
+  });
+  afterAll(async () => {
+    await new Promise((resolve) => server.close(resolve));
+    await h.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it("uploads, lists, shows, downloads (sha256 verified), merges remotely and prints lineage", async () => {
+    const ids: string[] = [];
+    for (const k of [1, 2]) {
+      const file = join(dir, `m${k}.safetensors`);
+      await writeFile(file, smallCheckpoint(k));
+      const up = await papa(["upload", file, "--name", `member-${k}`], env);
+      expect(up.stderr).toContain("upload 100.0%");
+      expect(up.code).toBe(0);
+      ids.push((JSON.parse(up.stdout) as { id: string }).id);
+    }
+    const ls = await papa(["ls"], env);
+    expect(ls.code).toBe(0);
+    expect(ls.stdout).toContain("member-1");
+    const show = await papa(["show", ids[0] ?? ""], env);
+    expect(JSON.parse(show.stdout)).toMatchObject({ id: ids[0], name: "member-1" });
+
+    const out = join(dir, "back.safetensors");
+    const down = await papa(["download", ids[1] ?? "", "--out", out], env);
+    expect(down.code).toBe(0);
+    expect((await readFile(out)).equals(smallCheckpoint(2))).toBe(true);
+
+    const merged = await papa(
+      ["merge", "--remote", "--method", "papa-all", "--name", "soup", "--follow", ...ids],
+      env,
+    );
+    expect(merged.stderr).toContain("succeeded");
+    expect(merged.code).toBe(0);
+    const job = JSON.parse(merged.stdout) as { status: string; result: { checkpoints: { id: string }[] } };
+    expect(job.status).toBe("succeeded");
+    const soup = job.result.checkpoints[0]?.id ?? "";
+    const tree = await papa(["lineage", soup], env);
+    expect(tree.code).toBe(0);
+    expect(tree.stdout.split("\n")[0]).toContain("soup");
+    expect(tree.stdout).toContain("  0.5000 x member-1");
+    expect(tree.stdout).toContain("contribution 0.5000 of member-2");
+    const jobs = await papa(["jobs"], env);
+    expect(jobs.stdout).toContain("merge  succeeded  100%");
+  });
+
+  it("reads the config file, and fails with exit codes scripts can rely on", async () => {
+    await mkdir(join(dir, ".config", "papa"), { recursive: true });
+    await writeFile(
+      join(dir, ".config", "papa", "config.json"),
+      JSON.stringify({ url: env.PAPA_URL, api_key: h.keyA }),
+    );
+    expect((await papa(["ls"], { HOME: dir })).code).toBe(0);
+    const missing = await papa(["show", "01a21c82-9c47-7abd-a849-4a1c03318636"], env);
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toContain("404 Not Found");
+    const noKey = await papa(["ls"], { PAPA_URL: env.PAPA_URL ?? "", HOME: join(dir, "nowhere") });
+    expect(noKey.code).toBe(1);
+    expect(noKey.stderr).toContain("no API key");
+    expect((await papa(["show"], env)).code).toBe(2);
+  });
+});
