@@ -1,5 +1,6 @@
 import type { Hono } from "hono";
 import { checkReadiness } from "../../services/readiness.js";
+import { renderDocs } from "../docs.js";
 import type { AppEnv } from "../env.js";
 import { openApiText, operation } from "../openapi.js";
 
@@ -7,6 +8,9 @@ export function serviceRoutes(app: Hono<AppEnv>): void {
   operation(app, "getHealth", (c) => c.json({ status: "ok" as const }));
 
   operation(app, "getReadiness", async (c) => c.json(await checkReadiness({ ctx: c.get("ctx") })));
+
+  const docs = renderDocs(openApiText);
+  operation(app, "getDocs", (c) => c.html(docs));
 
   operation(app, "getOpenApiDocument", (c) =>
     c.body(openApiText, 200, { "Content-Type": "application/yaml; charset=utf-8" }),
