@@ -1,0 +1,56 @@
+import { Ajv2020 } from "ajv/dist/2020.js";
+import addFormatsPlugin from "ajv-formats";
+import { describe, expect, it } from "vitest";
+import { parse } from "yaml";
+import { componentSchemas, openApiText, withComponentRefs } from "../src/http/openapi.js";
+
+const addFormats = addFormatsPlugin as unknown as typeof addFormatsPlugin.default;
+const doc = parse(openApiText) as {
+  paths: Record<string, Record<string, { operationId?: string; summary?: string; responses?: object }>>;
+  components: { schemas: Record<string, { examples?: unknown[] }> };
+};
+
+/** Every schema object in the document, with where it is. */
+function schemasWithExamples(
+  node: unknown,
+  at: string,
+  out: { at: string; schema: { examples: unknown[] } }[],
+) {
+  if (!node || typeof node !== "object") return out;
+  const record = node as Record<string, unknown>;
+  if (Array.isArray(record.examples) && ("type" in record || "$ref" in record || "oneOf" in record)) {
+    out.push({ at, schema: record as { examples: unknown[] } });
+  }
+  for (const [key, value] of Object.entries(record)) schemasWithExamples(value, `${at}/${key}`, out);
+  return out;
+}
+
+describe("openapi.yaml", () => {
+  const operations = Object.values(doc.paths).flatMap((item) =>
+    Object.entries(item).filter(([method]) => ["get", "post", "put", "delete", "patch"].includes(method)),
+  );
+
+  it("gives every operation a unique operationId, a summary and responses", () => {
+    const ids = operations.map(([, op]) => op.operationId);
+    expect(ids.every((id) => typeof id === "string" && /^[a-z][A-Za-z]+$/.test(id))).toBe(true);
+    expect(new Set(ids).size).toBe(ids.length);
+    for (const [, op] of operations) {
+      expect(op.summary, op.operationId).toBeTruthy();
+      expect(Object.keys(op.responses ?? {}).length, op.operationId).toBeGreaterThan(0);
+    }
+  });
+
+  it("has examples that are valid against their own schemas", () => {
+    const ajv = new Ajv2020({ allErrors: true, strict: true });
+    addFormats(ajv);
+    ajv.addSchema(componentSchemas());
+    const found = schemasWithExamples(doc.components.schemas, "#/components/schemas", []);
+    expect(found.length).toBeGreaterThan(5);
+    for (const { at, schema } of found) {
+      const { examples, ...rest } = schema;
+      const validate = ajv.compile(withComponentRefs(rest));
+      for (const example of examples)
+        expect(validate(example), `${at}: ${JSON.stringify(validate.errors)}`).toBe(true);
+    }
+  });
+});
