@@ -3,7 +3,7 @@ import type { AppEnv } from "./http/env.js";
 import { requestContext } from "./http/middleware.js";
 import { errorHandler, problemResponse } from "./http/problems.js";
 import { apiKeyRoutes } from "./http/routes/api-keys.js";
-import { checkpointRoutes, tfjsRoutes } from "./http/routes/checkpoints.js";
+import { checkpointRoutes, tfjsRoutes, uploadSessionRoutes } from "./http/routes/checkpoints.js";
 import { datasetRoutes } from "./http/routes/datasets.js";
 import { jobRoutes } from "./http/routes/jobs.js";
 import { lineageRoutes } from "./http/routes/lineage.js";
@@ -26,6 +26,7 @@ export function createApp(ctx: ServiceContext): Hono<AppEnv> {
   apiKeyRoutes(app);
   checkpointRoutes(app);
   tfjsRoutes(app);
+  uploadSessionRoutes(app);
   lineageRoutes(app);
   datasetRoutes(app);
   jobRoutes(app);

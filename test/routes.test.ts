@@ -54,6 +54,7 @@ describe("every operation in openapi.yaml", () => {
   /** Valid bodies, so that the id, not the body, is what the route rejects. */
   const bodies: Record<string, object> = {
     createCheckpointMetric: { dataset: "mnist", split: "test", name: "accuracy", value: 0.9 },
+    completeUploadSession: { parts: [{ part_number: 1, etag: '"x"' }] },
   };
   it.each(secured.filter((o) => o.path.includes("01a21c82")))(
     "$operationId answers 404 problem+json for an id that is not the tenant's",

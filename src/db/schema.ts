@@ -160,3 +160,22 @@ export const datasets = pgTable(
   },
   (t) => [index("datasets_tenant_idx").on(t.tenantId, t.id)],
 );
+
+/** A presigned multipart upload in progress (S3 store); its id becomes the checkpoint's id. */
+export const uploadSessions = pgTable(
+  "upload_sessions",
+  {
+    id: uuid("id").primaryKey(),
+    tenantId: uuid("tenant_id")
+      .notNull()
+      .references(() => tenants.id),
+    name: text("name").notNull(),
+    storageKey: text("storage_key").notNull(),
+    uploadId: text("upload_id").notNull(),
+    sizeBytes: bigint("size_bytes", { mode: "number" }).notNull(),
+    partSize: bigint("part_size", { mode: "number" }).notNull(),
+    expiresAt: timestamp("expires_at", { withTimezone: true }).notNull(),
+    createdAt: createdAt(),
+  },
+  (t) => [index("upload_sessions_expiry_idx").on(t.expiresAt)],
+);

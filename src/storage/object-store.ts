@@ -37,6 +37,19 @@ export interface ObjectStore {
    * are the bucket lifecycle rule's job (AbortIncompleteMultipartUpload), so it returns 0.
    */
   sweepIncomplete(olderThanSeconds: number): Promise<number>;
+  /** Present when clients can upload parts directly (S3). */
+  readonly multipart?: MultipartUploads;
+}
+
+/**
+ * Multipart uploads that clients send straight to the store through presigned part URLs (S3
+ * only: API Gateway and Lambda cap request bodies). Parts are numbered from 1.
+ */
+export interface MultipartUploads {
+  create(key: string): Promise<string>;
+  presignPart(key: string, uploadId: string, partNumber: number, expiresInSeconds: number): Promise<string>;
+  complete(key: string, uploadId: string, parts: { partNumber: number; etag: string }[]): Promise<void>;
+  abort(key: string, uploadId: string): Promise<void>;
 }
 
 export class ObjectNotFoundError extends Error {

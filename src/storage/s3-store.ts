@@ -1,5 +1,8 @@
 import { Readable } from "node:stream";
 import {
+  AbortMultipartUploadCommand,
+  CompleteMultipartUploadCommand,
+  CreateMultipartUploadCommand,
   DeleteObjectCommand,
   GetObjectCommand,
   HeadBucketCommand,
@@ -9,10 +12,17 @@ import {
   NotFound,
   S3Client,
   type S3ClientConfig,
+  UploadPartCommand,
 } from "@aws-sdk/client-s3";
 import { Upload } from "@aws-sdk/lib-storage";
 import { getSignedUrl } from "@aws-sdk/s3-request-presigner";
-import { assertValidKey, type ByteRange, ObjectNotFoundError, type ObjectStore } from "./object-store.js";
+import {
+  assertValidKey,
+  type ByteRange,
+  type MultipartUploads,
+  ObjectNotFoundError,
+  type ObjectStore,
+} from "./object-store.js";
 
 export interface S3StoreOptions {
   bucket: string;
@@ -129,6 +139,42 @@ export class S3Store implements ObjectStore {
     });
     return getSignedUrl(this.client, command, { expiresIn: options.expiresInSeconds });
   }
+
+  readonly multipart: MultipartUploads = {
+    create: async (key) => {
+      assertValidKey(key);
+      const out = await this.client.send(
+        new CreateMultipartUploadCommand({
+          Bucket: this.bucket,
+          Key: key,
+          ContentType: "application/octet-stream",
+        }),
+      );
+      if (!out.UploadId) throw new Error("S3 returned no UploadId");
+      return out.UploadId;
+    },
+    presignPart: (key, uploadId, partNumber, expiresInSeconds) =>
+      getSignedUrl(
+        this.client,
+        new UploadPartCommand({ Bucket: this.bucket, Key: key, UploadId: uploadId, PartNumber: partNumber }),
+        { expiresIn: expiresInSeconds },
+      ),
+    complete: async (key, uploadId, parts) => {
+      await this.client.send(
+        new CompleteMultipartUploadCommand({
+          Bucket: this.bucket,
+          Key: key,
+          UploadId: uploadId,
+          MultipartUpload: { Parts: parts.map((p) => ({ PartNumber: p.partNumber, ETag: p.etag })) },
+        }),
+      );
+    },
+    abort: async (key, uploadId) => {
+      await this.client.send(
+        new AbortMultipartUploadCommand({ Bucket: this.bucket, Key: key, UploadId: uploadId }),
+      );
+    },
+  };
 
   async sweepIncomplete(): Promise<number> {
     return 0;

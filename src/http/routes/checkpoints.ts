@@ -13,6 +13,11 @@ import {
   presignCheckpointWeights,
   tfjsModelJson,
 } from "../../services/checkpoints/checkpoints.js";
+import {
+  abortUploadSession,
+  completeUploadSession,
+  createUploadSession,
+} from "../../services/checkpoints/upload-sessions.js";
 import type { AppEnv } from "../env.js";
 import { operation } from "../openapi.js";
 import { checkpointBody } from "../presenters.js";
@@ -97,6 +102,45 @@ export function checkpointRoutes(app: Hono<AppEnv>): void {
  * IncomingMessage: converting it to a web stream and back costs a third of upload throughput.
  * Other runtimes (tests' app.request, Lambda) hand over a web stream.
  */
+export function uploadSessionRoutes(app: Hono<AppEnv>): void {
+  operation(app, "createUploadSession", async (c, req) => {
+    const { session, partUrls } = await createUploadSession({
+      ctx: c.get("ctx"),
+      principal: c.get("principal"),
+      input: { name: req.body.name, sizeBytes: req.body.size_bytes },
+    });
+    return c.json(
+      {
+        id: session.id,
+        name: session.name,
+        size_bytes: session.sizeBytes,
+        part_size: session.partSize,
+        parts: partUrls.map((url, i) => ({ part_number: i + 1, url })),
+        expires_at: session.expiresAt.toISOString(),
+      },
+      201,
+    );
+  });
+
+  operation(app, "completeUploadSession", async (c, req) => {
+    const checkpoint = await completeUploadSession({
+      ctx: c.get("ctx"),
+      principal: c.get("principal"),
+      input: {
+        id: req.path.id,
+        parts: req.body.parts.map((p) => ({ partNumber: p.part_number, etag: p.etag })),
+      },
+    });
+    c.header("Location", `/v1/checkpoints/${checkpoint.id}`);
+    return c.json(checkpointBody(checkpoint), 201);
+  });
+
+  operation(app, "abortUploadSession", async (c, req) => {
+    await abortUploadSession({ ctx: c.get("ctx"), principal: c.get("principal"), input: req.path });
+    return c.body(null, 204);
+  });
+}
+
 export function tfjsRoutes(app: Hono<AppEnv>): void {
   operation(app, "getCheckpointTfjsModel", async (c, req) => {
     const checkpoint = await getCheckpoint({

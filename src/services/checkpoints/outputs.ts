@@ -20,12 +20,12 @@ export async function storeOutput(
   return validator.summary();
 }
 
-/** The checkpoints row of a job output stored by `storeOutput`. */
+/** The checkpoints row of an object validated into `summary` (a job output, or a completed upload session). */
 export function outputRow(o: {
   id: string;
   tenantId: string;
   name: string;
-  jobId: string;
+  jobId: string | null;
   summary: SafetensorsSummary;
   topology?: unknown;
 }): typeof schema.checkpoints.$inferInsert {

@@ -1,0 +1,95 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { expectDocumented } from "./helpers/contract.js";
+import { type Harness, startHarness } from "./helpers/harness.js";
+import { buildSafetensors, rawSafetensors } from "./helpers/safetensors.js";
+
+interface Session {
+  id: string;
+  part_size: number;
+  parts: { part_number: number; url: string }[];
+}
+
+const json = (body: object) => ({
+  method: "POST",
+  body: JSON.stringify(body),
+  headers: { "Content-Type": "application/json" },
+});
+
+/** PUTs every slice of `file` to its presigned URL, as a client would; returns the parts to complete. */
+async function sendParts(session: Session, file: Buffer) {
+  return Promise.all(
+    session.parts.map(async ({ part_number, url }) => {
+      const slice = file.subarray((part_number - 1) * session.part_size, part_number * session.part_size);
+      const res = await fetch(url, { method: "PUT", body: slice });
+      expect(res.status).toBe(200);
+      return { part_number, etag: res.headers.get("etag") ?? "" };
+    }),
+  );
+}
+
+describe("presigned upload sessions on S3 (s3rver)", () => {
+  let h: Harness;
+  beforeAll(async () => {
+    h = await startHarness("postgres", "s3", { limits: { maxUploadBytes: 64 * 1024 * 1024 } });
+  });
+  afterAll(() => h.close());
+
+  it("uploads a multi-part checkpoint straight to the store, then validates and registers it", async () => {
+    const values = new Float32Array(2_750_000).map((_, i) => Math.sin(i));
+    const file = buildSafetensors([
+      { name: "w", dtype: "F32", shape: [values.length], data: new Uint8Array(values.buffer) },
+    ]);
+    const res = await h.request("/v1/upload-sessions", json({ name: "big", size_bytes: file.length }));
+    expect(res.status).toBe(201);
+    const session = (await expectDocumented("createUploadSession", res)) as Session;
+    expect(session.parts).toHaveLength(2);
+    const parts = await sendParts(session, file);
+    const done = await h.request(`/v1/upload-sessions/${session.id}/complete`, json({ parts }));
+    expect(done.status).toBe(201);
+    const checkpoint = (await expectDocumented("completeUploadSession", done)) as {
+      id: string;
+      size_bytes: number;
+    };
+    expect(checkpoint).toMatchObject({ id: session.id, size_bytes: file.length });
+    const back = Buffer.from(await (await h.request(`/v1/checkpoints/${session.id}/weights`)).arrayBuffer());
+    expect(back.equals(file)).toBe(true);
+    expect((await h.request(`/v1/upload-sessions/${session.id}/complete`, json({ parts }))).status).toBe(404);
+  });
+
+  it("refuses an invalid file after assembling it, and deletes it", async () => {
+    const before = await h.leftovers();
+    const file = rawSafetensors('{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}', new Uint8Array(8));
+    const { id, ...session } = (await (
+      await h.request("/v1/upload-sessions", json({ name: "bad", size_bytes: file.length }))
+    ).json()) as Session;
+    const parts = await sendParts({ id, ...session }, file);
+    const res = await h.request(`/v1/upload-sessions/${id}/complete`, json({ parts }));
+    expect(res.status).toBe(422);
+    expect(((await res.json()) as { detail: string }).detail).toContain("needs 16");
+    expect(await h.leftovers()).toEqual(before);
+  });
+
+  it("aborts a session, and refuses one over the size limit", async () => {
+    const { id } = (await (
+      await h.request("/v1/upload-sessions", json({ name: "x", size_bytes: 100 }))
+    ).json()) as Session;
+    expect((await h.request(`/v1/upload-sessions/${id}`, { method: "DELETE" })).status).toBe(204);
+    expect((await h.request(`/v1/upload-sessions/${id}`, { method: "DELETE" })).status).toBe(404);
+    const big = await h.request("/v1/upload-sessions", json({ name: "x", size_bytes: 2 ** 40 }));
+    expect(big.status).toBe(413);
+  });
+});
+
+describe("upload sessions on the filesystem store", () => {
+  let h: Harness;
+  beforeAll(async () => {
+    h = await startHarness("pglite", "filesystem");
+  });
+  afterAll(() => h.close());
+
+  it("answer 409, pointing to POST /v1/checkpoints", async () => {
+    const res = await h.request("/v1/upload-sessions", json({ name: "x", size_bytes: 100 }));
+    expect(res.status).toBe(409);
+    expect(((await res.json()) as { detail: string }).detail).toContain("POST /v1/checkpoints");
+  });
+});
