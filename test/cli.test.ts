@@ -1,11 +1,9 @@
 import { spawn } from "node:child_process";
 import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
-import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { createAdaptorServer } from "@hono/node-server";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type Harness, startHarness } from "./helpers/harness.js";
+import { type Harness, listen, startHarness } from "./helpers/harness.js";
 import { smallCheckpoint } from "./helpers/safetensors.js";
 
 /** Runs `papa` as a user would, with only the given environment. */
@@ -31,22 +29,21 @@ function papa(
 
 describe("the papa CLI against a server", () => {
   let h: Harness;
-  let server: ReturnType<typeof createAdaptorServer>;
+  let server: Awaited<ReturnType<typeof listen>>;
   let dir: string;
   let env: Record<string, string>;
   beforeAll(async () => {
     h = await startHarness("pglite", "filesystem", { worker: true });
-    server = createAdaptorServer({ fetch: h.app.fetch });
-    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    server = await listen(h);
     dir = await mkdtemp(join(tmpdir(), "papa-cli-"));
     env = {
-      PAPA_URL: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+      PAPA_URL: server.base,
       PAPA_API_KEY: h.keyA,
       HOME: dir,
     };
   });
   afterAll(async () => {
-    await new Promise((resolve) => server.close(resolve));
+    await server.close();
     await h.close();
     await rm(dir, { recursive: true, force: true });
   });

@@ -1,26 +1,23 @@
 import { execFile } from "node:child_process";
 import { mkdtemp, rm } from "node:fs/promises";
-import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
-import { createAdaptorServer } from "@hono/node-server";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { operationIds } from "../src/http/openapi.js";
-import { type Harness, startHarness } from "./helpers/harness.js";
+import { type Harness, listen, startHarness } from "./helpers/harness.js";
 
 describe("the API reference page", () => {
   let h: Harness;
-  let server: ReturnType<typeof createAdaptorServer>;
+  let server: Awaited<ReturnType<typeof listen>>;
   let base: string;
   beforeAll(async () => {
     h = await startHarness("pglite", "filesystem");
-    server = createAdaptorServer({ fetch: h.app.fetch });
-    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-    base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    server = await listen(h);
+    base = server.base;
   });
   afterAll(async () => {
-    await new Promise((resolve) => server.close(resolve));
+    await server.close();
     await h.close();
   });
 

@@ -1,30 +1,24 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { mkdtemp, rm } from "node:fs/promises";
 import { request as httpRequest } from "node:http";
-import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { createAdaptorServer } from "@hono/node-server";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { emptyPostgresDatabase, testStore } from "./helpers/backends.js";
-import { type Harness, startHarness, TEST_LIMITS } from "./helpers/harness.js";
+import { type Harness, listen, startHarness, TEST_LIMITS } from "./helpers/harness.js";
 import { buildSafetensors, f32, smallCheckpoint } from "./helpers/safetensors.js";
 
 describe("over real sockets", () => {
   let h: Harness;
   let base: string;
-  let server: ReturnType<typeof createAdaptorServer>;
+  let server: Awaited<ReturnType<typeof listen>>;
   beforeAll(async () => {
     h = await startHarness("pglite", "filesystem");
-    server = createAdaptorServer({
-      fetch: h.app.fetch,
-      serverOptions: { maxHeaderSize: TEST_LIMITS.maxHttpHeaderBytes },
-    });
-    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-    base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    server = await listen(h);
+    base = server.base;
   });
   afterAll(async () => {
-    await new Promise((resolve) => server.close(resolve));
+    await server.close();
     await h.close();
   });
 

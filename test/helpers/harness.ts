@@ -1,3 +1,5 @@
+import type { AddressInfo } from "node:net";
+import { createAdaptorServer } from "@hono/node-server";
 import { count } from "drizzle-orm";
 import { createApp } from "../../src/app.js";
 import type { Limits, WorkerConfig } from "../../src/config.js";
@@ -130,4 +132,17 @@ export function upload(
     ...init,
     headers: { "Content-Type": "application/octet-stream", ...(init.headers as Record<string, string>) },
   });
+}
+
+/** Serves the harness's app on a free loopback port, as the Node server does. */
+export async function listen(h: Harness): Promise<{ base: string; close(): Promise<void> }> {
+  const server = createAdaptorServer({
+    fetch: h.app.fetch,
+    serverOptions: { maxHeaderSize: TEST_LIMITS.maxHttpHeaderBytes },
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return {
+    base: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+    close: () => new Promise((resolve) => server.close(() => resolve())),
+  };
 }

@@ -1,6 +1,7 @@
-import type { Hono } from "hono";
+import type { Context, Hono } from "hono";
 import { streamSSE } from "hono/streaming";
-import { cancelJob, FINISHED, getJob, listJobs } from "../../services/jobs/jobs.js";
+import type { TenantCall } from "../../services/context.js";
+import { cancelJob, FINISHED, getJob, type Job, listJobs } from "../../services/jobs/jobs.js";
 import { createMergeJob } from "../../services/merges/merges.js";
 import { createTrainingJob } from "../../services/trainings/trainings.js";
 import type { AppEnv } from "../env.js";
@@ -11,26 +12,26 @@ import { jobBody } from "../presenters.js";
 const EVENTS_POLL_MS = 250;
 const EVENTS_MAX_MS = 60 * 60 * 1000;
 
-export function jobRoutes(app: Hono<AppEnv>): void {
-  operation(app, "createMerge", async (c, req) => {
-    const { job, created } = await createMergeJob({
-      ctx: c.get("ctx"),
-      principal: c.get("principal"),
-      input: { params: req.body, idempotencyKey: c.req.header("idempotency-key") },
-    });
-    c.header("Location", `/v1/jobs/${job.id}`);
-    return c.json(jobBody(job), created ? 202 : 200);
+/** Creates a job from the body with the request's Idempotency-Key: 202 when new, 200 on a replay. */
+async function jobCreation<P>(
+  c: Context<AppEnv>,
+  params: P,
+  create: (
+    call: TenantCall<{ params: P; idempotencyKey: string | undefined }>,
+  ) => Promise<{ job: Job; created: boolean }>,
+): Promise<Response> {
+  const { job, created } = await create({
+    ctx: c.get("ctx"),
+    principal: c.get("principal"),
+    input: { params, idempotencyKey: c.req.header("idempotency-key") },
   });
+  c.header("Location", `/v1/jobs/${job.id}`);
+  return c.json(jobBody(job), created ? 202 : 200);
+}
 
-  operation(app, "createTraining", async (c, req) => {
-    const { job, created } = await createTrainingJob({
-      ctx: c.get("ctx"),
-      principal: c.get("principal"),
-      input: { params: req.body, idempotencyKey: c.req.header("idempotency-key") },
-    });
-    c.header("Location", `/v1/jobs/${job.id}`);
-    return c.json(jobBody(job), created ? 202 : 200);
-  });
+export function jobRoutes(app: Hono<AppEnv>): void {
+  operation(app, "createMerge", (c, req) => jobCreation(c, req.body, createMergeJob));
+  operation(app, "createTraining", (c, req) => jobCreation(c, req.body, createTrainingJob));
 
   operation(app, "listJobs", async (c, req) => {
     const status = req.query?.status;
