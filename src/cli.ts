@@ -2,7 +2,16 @@
 import { readFileSync } from "node:fs";
 import { basename } from "node:path";
 import { parseArgs } from "node:util";
-import { CliFailure, connect, download, followJob, lineageTree, type Remote, upload } from "./cli/remote.js";
+import {
+  CliFailure,
+  connect,
+  download,
+  followJob,
+  lineageTree,
+  type Remote,
+  upload,
+  uploadResumable,
+} from "./cli/remote.js";
 import { type components, PapaProblemError, unwrap } from "./client.js";
 import { ConfigError, loadCliConfig } from "./config.js";
 import { mergeFiles } from "./merge/local.js";
@@ -12,7 +21,8 @@ import { isFloatDtype } from "./tensors/floats.js";
 import { SafetensorsError } from "./tensors/safetensors.js";
 
 const USAGE = `usage: papa <command> [options]      (server: --url, --key, or PAPA_URL, PAPA_API_KEY, or ~/.config/papa/config.json)
-  upload FILE --name NAME            upload a safetensors checkpoint (progress on stderr); prints it as JSON
+  upload FILE --name NAME [--resumable]   upload a checkpoint (progress on stderr), or on S3 deployments
+                                     in presigned parts, resumable: rerun after an interruption
   ls [--name NAME] [--limit N]       list checkpoints, newest first
   show ID                            a checkpoint as JSON
   download ID [--out FILE]           download, verifying the sha256
@@ -42,6 +52,7 @@ const options = {
   remote: { type: "boolean" },
   follow: { type: "boolean" },
   depth: { type: "string" },
+  resumable: { type: "boolean" },
 } as const;
 
 type Values = ReturnType<typeof parseArgs<{ options: typeof options; allowPositionals: true }>>["values"];
@@ -109,10 +120,13 @@ async function remoteCommand(command: string, values: Values, args: string[]): P
   const r = connect(config.url, config.apiKey, log);
   const [first] = args;
   switch (command) {
-    case "upload":
+    case "upload": {
       if (!first) throw new UsageError("upload needs a FILE");
-      print(await upload(r, first, values.name ?? basename(first).replace(/\.safetensors$/, "")));
+      const name = values.name ?? basename(first).replace(/\.safetensors$/, "");
+      const state = `${first}.papa-upload.json`;
+      print(values.resumable ? await uploadResumable(r, first, name, state) : await upload(r, first, name));
       return;
+    }
     case "ls": {
       const page = unwrap(
         await r.client.GET("/v1/checkpoints", {

@@ -1,10 +1,10 @@
 import { spawn } from "node:child_process";
-import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Harness, listen, startHarness } from "./helpers/harness.js";
-import { smallCheckpoint } from "./helpers/safetensors.js";
+import { buildSafetensors, smallCheckpoint } from "./helpers/safetensors.js";
 
 /** Runs `papa` as a user would, with only the given environment. */
 function papa(
@@ -101,5 +101,65 @@ describe("the papa CLI against a server", () => {
     expect(noKey.code).toBe(1);
     expect(noKey.stderr).toContain("no API key");
     expect((await papa(["show"], env)).code).toBe(2);
+  });
+});
+
+describe("papa upload --resumable on an S3 deployment", () => {
+  let h: Harness;
+  let server: Awaited<ReturnType<typeof listen>>;
+  let dir: string;
+  beforeAll(async () => {
+    h = await startHarness("postgres", "s3", { limits: { maxUploadBytes: 64 * 1024 * 1024 } });
+    server = await listen(h);
+    dir = await mkdtemp(join(tmpdir(), "papa-cli-s3-"));
+  });
+  afterAll(async () => {
+    await server.close();
+    await h.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it("skips the parts an interrupted run finished, and registers the checkpoint", async () => {
+    const values = new Float32Array(2_750_000).map((_, i) => Math.cos(i));
+    const bytes = buildSafetensors([
+      { name: "w", dtype: "F32", shape: [values.length], data: new Uint8Array(values.buffer) },
+    ]);
+    const file = join(dir, "big.safetensors");
+    await writeFile(file, bytes);
+    // An earlier run that created the session and sent part 1 before it died:
+    const created = await h.request("/v1/upload-sessions", {
+      method: "POST",
+      body: JSON.stringify({ name: "big", size_bytes: bytes.length }),
+      headers: { "Content-Type": "application/json" },
+    });
+    const session = (await created.json()) as {
+      id: string;
+      part_size: number;
+      parts: { part_number: number; url: string }[];
+    };
+    const first = await fetch(session.parts[0]?.url ?? "", {
+      method: "PUT",
+      body: bytes.subarray(0, session.part_size),
+    });
+    const { mtimeMs } = await stat(file);
+    await writeFile(
+      `${file}.papa-upload.json`,
+      JSON.stringify({ file, size: bytes.length, mtimeMs, session, etags: { 1: first.headers.get("etag") } }),
+    );
+
+    const run = await papa(["upload", file, "--resumable"], {
+      PAPA_URL: server.base,
+      PAPA_API_KEY: h.keyA,
+      HOME: dir,
+    });
+    expect(run.stderr).toContain("1 of 2 parts done");
+    expect(run.stderr).toContain("upload part 2 of 2");
+    expect(run.stderr).not.toContain("upload part 1 of 2");
+    expect(run.code).toBe(0);
+    const checkpoint = JSON.parse(run.stdout) as { id: string; size_bytes: number };
+    expect(checkpoint).toMatchObject({ id: session.id, size_bytes: bytes.length });
+    const back = Buffer.from(await (await h.request(`/v1/checkpoints/${session.id}/weights`)).arrayBuffer());
+    expect(back.equals(bytes)).toBe(true);
+    await expect(stat(`${file}.papa-upload.json`)).rejects.toThrow();
   });
 });

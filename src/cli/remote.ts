@@ -1,6 +1,6 @@
 import { createHash } from "node:crypto";
 import { createReadStream, createWriteStream } from "node:fs";
-import { rename, rm, stat } from "node:fs/promises";
+import { open, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { Readable, Transform } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { type components, createPapaClient, type PapaClient, PapaProblemError, unwrap } from "../client.js";
@@ -57,6 +57,77 @@ export async function upload(r: Remote, file: string, name: string): Promise<Sch
   const json = (await res.json()) as unknown;
   if (!res.ok) throw new PapaProblemError(json as Schemas["Problem"]);
   return json as Schemas["Checkpoint"];
+}
+
+interface SessionState {
+  file: string;
+  size: number;
+  mtimeMs: number;
+  session: Schemas["UploadSession"];
+  etags: Record<string, string>;
+}
+
+/**
+ * Uploads through a presigned multipart session (S3 deployments), part by part, recording each
+ * finished part in `stateFile`: run again after an interruption and the finished parts are
+ * skipped. The state is dropped when the file changed or the session's URLs expired.
+ */
+export async function uploadResumable(
+  r: Remote,
+  file: string,
+  name: string,
+  stateFile: string,
+): Promise<Schemas["Checkpoint"]> {
+  const { size, mtimeMs } = await stat(file);
+  let state: SessionState | null = null;
+  try {
+    const saved = JSON.parse(await readFile(stateFile, "utf8")) as SessionState;
+    const fresh = Date.parse(saved.session.expires_at) > Date.now() + 60_000;
+    if (saved.file === file && saved.size === size && saved.mtimeMs === mtimeMs && fresh) state = saved;
+  } catch {
+    // no state yet
+  }
+  if (state) {
+    r.log(
+      `resuming upload session ${state.session.id}: ${Object.keys(state.etags).length} of ${state.session.parts.length} parts done`,
+    );
+  } else {
+    const session = unwrap(await r.client.POST("/v1/upload-sessions", { body: { name, size_bytes: size } }));
+    state = { file, size, mtimeMs, session, etags: {} };
+    await writeFile(stateFile, JSON.stringify(state));
+  }
+  const { part_size: partSize, parts } = state.session;
+  for (const part of parts) {
+    if (state.etags[part.part_number]) continue;
+    const start = (part.part_number - 1) * partSize;
+    const slice = await readBytes(file, start, Math.min(partSize, size - start));
+    const res = await fetch(part.url, { method: "PUT", body: slice });
+    if (!res.ok) throw new CliFailure(`part ${part.part_number} failed: ${res.status} ${await res.text()}`);
+    state.etags[part.part_number] = res.headers.get("etag") ?? "";
+    await writeFile(stateFile, JSON.stringify(state));
+    r.log(`upload part ${part.part_number} of ${parts.length}`);
+  }
+  const checkpoint = unwrap(
+    await r.client.POST("/v1/upload-sessions/{id}/complete", {
+      params: { path: { id: state.session.id } },
+      body: {
+        parts: parts.map((p) => ({ part_number: p.part_number, etag: state?.etags[p.part_number] ?? "" })),
+      },
+    }),
+  );
+  await rm(stateFile, { force: true });
+  return checkpoint;
+}
+
+async function readBytes(file: string, start: number, length: number): Promise<Uint8Array> {
+  const handle = await open(file, "r");
+  try {
+    const bytes = new Uint8Array(length);
+    await handle.read(bytes, 0, length, start);
+    return bytes;
+  } finally {
+    await handle.close();
+  }
 }
 
 /** Downloads to `out` (a temp name, renamed when the sha256 matches the server's ETag). */

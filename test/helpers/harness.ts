@@ -85,7 +85,7 @@ export async function startHarness(
     store: objects.value.store,
     queue,
     limits: { ...TEST_LIMITS, ...options.limits },
-    presignExpiresSeconds: 60,
+    presignExpiresSeconds: 900,
     logger,
   };
   if (options.worker) await startWorker(ctx, TEST_WORKER);
