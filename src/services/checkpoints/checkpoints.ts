@@ -3,6 +3,7 @@ import { pipeline } from "node:stream/promises";
 import { and, desc, eq, inArray, isNull, lt } from "drizzle-orm";
 import { schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
+import type { TfjsTopology } from "../../ml/export.js";
 import type { ByteRange } from "../../storage/object-store.js";
 import { SafetensorsError, SafetensorsValidator } from "../../tensors/safetensors.js";
 import { readBytes, storeSource } from "../../tensors/source.js";
@@ -39,7 +40,7 @@ export interface Checkpoint {
   metadata: Record<string, string> | null;
   hasTopology: boolean;
   /** TF.js topology and weight manifest, for models this service trained. */
-  topology: { modelTopology: unknown; weights: { name: string; shape: number[]; dtype: string }[] } | null;
+  topology: TfjsTopology | null;
   jobId: string | null;
   parents: CheckpointParent[];
   metrics: Metric[];

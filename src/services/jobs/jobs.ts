@@ -162,7 +162,7 @@ export async function jobStatus(ctx: ServiceContext, id: string): Promise<JobSta
 }
 
 /** Records progress (0..1, and optional details) and returns the job's status, so a worker notices a cancel. */
-export async function reportProgress(
+async function reportProgress(
   ctx: ServiceContext,
   id: string,
   progress: number,

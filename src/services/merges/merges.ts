@@ -11,7 +11,7 @@ import { MergePool } from "../../merge/pool.js";
 import { averageMembers, reestimateBatchNorm } from "../../ml/averaging.js";
 import { BackendError, type BackendName, selectBackend } from "../../ml/backend.js";
 import { DatasetError } from "../../ml/datasets.js";
-import { modelToSafetensors } from "../../ml/export.js";
+import { modelToSafetensors, type TfjsTopology } from "../../ml/export.js";
 import { modelFromCheckpoint } from "../../ml/import.js";
 import { batchesOf, evaluate } from "../../ml/train.js";
 import type { FloatDtype } from "../../tensors/floats.js";
@@ -355,7 +355,7 @@ async function evaluatedMerge(a: Attempt, options: MergeWorkerOptions): Promise<
     for (const c of inputs) {
       const source = storeSource(ctx.store, c.storageKey, c.sizeBytes);
       const header = await readSafetensorsHeader(source, ctx.limits.maxSafetensorsHeaderBytes);
-      models.push(await modelFromCheckpoint(c.topology as { modelTopology: unknown }, source, header));
+      models.push(await modelFromCheckpoint(c.topology as TfjsTopology, source, header));
     }
     const expected = models[0]?.inputs[0]?.shape.slice(1).join(",");
     if (expected !== data.shape.join(",")) {
