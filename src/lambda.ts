@@ -1,9 +1,9 @@
 import type { Hono } from "hono";
 import { handle } from "hono/aws-lambda";
 import { createApp } from "./app.js";
-import { loadConfig } from "./config.js";
 import type { AppEnv } from "./http/env.js";
-import { openRuntime } from "./runtime.js";
+import { ensureApiKey, openRuntime } from "./runtime.js";
+import { loadConfigWithSecrets } from "./secrets.js";
 import type { ServiceContext } from "./services/context.js";
 
 /**
@@ -14,9 +14,21 @@ import type { ServiceContext } from "./services/context.js";
 export function createLambdaHandler(context: () => Promise<ServiceContext>) {
   let app: Promise<Hono<AppEnv>> | null = null;
   return async (...args: Parameters<ReturnType<typeof handle>>) => {
-    app ??= context().then(createApp);
+    // A failed start (database unreachable, say) is retried by the next invocation.
+    app ??= context()
+      .then(createApp)
+      .catch((error: unknown) => {
+        app = null;
+        throw error;
+      });
     return handle(await app)(...args);
   };
 }
 
-export const handler = createLambdaHandler(async () => (await openRuntime(loadConfig())).ctx);
+/** The deployed handler: configuration from the environment and Secrets Manager (see `loadConfigWithSecrets`). */
+export const handler = createLambdaHandler(async () => {
+  const config = await loadConfigWithSecrets();
+  const { ctx } = await openRuntime(config);
+  await ensureApiKey(ctx, config.bootstrapApiKey);
+  return ctx;
+});

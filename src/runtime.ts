@@ -3,6 +3,7 @@ import type { Config } from "./config.js";
 import { openDatabase } from "./db/client.js";
 import { JobQueue } from "./jobs/queue.js";
 import { createJsonLogger, type Logger } from "./logger.js";
+import { bootstrapApiKey } from "./services/api-keys/api-keys.js";
 import type { ServiceContext } from "./services/context.js";
 import { FilesystemStore } from "./storage/fs-store.js";
 import type { ObjectStore } from "./storage/object-store.js";
@@ -59,4 +60,17 @@ export async function openRuntime(
       await database.close();
     },
   };
+}
+
+/**
+ * Registers the configured API key, or on a database without any key creates one and prints it
+ * once, on stderr, outside the JSON log stream so that log shippers do not collect it.
+ */
+export async function ensureApiKey(ctx: ServiceContext, configuredKey: string | undefined): Promise<void> {
+  const { createdSecret } = await bootstrapApiKey({ ctx, input: { configuredKey } });
+  if (createdSecret) {
+    process.stderr.write(
+      `\nNo API key existed, so one was created. It is shown only now; keep it:\n\n  ${createdSecret}\n\n`,
+    );
+  }
 }

@@ -1,28 +1,18 @@
 #!/usr/bin/env node
 import { serve } from "@hono/node-server";
 import { createApp } from "./app.js";
-import { loadConfig } from "./config.js";
 import { startWorker } from "./jobs/worker.js";
 import { exitOnStartupError, stopOnSignals } from "./lifecycle.js";
 import { createJsonLogger } from "./logger.js";
-import { openRuntime } from "./runtime.js";
-import { bootstrapApiKey } from "./services/api-keys/api-keys.js";
+import { ensureApiKey, openRuntime } from "./runtime.js";
+import { loadConfigWithSecrets } from "./secrets.js";
 
 /** The API server; with the embedded default (PAPA_IN_PROCESS_WORKER) also a worker. */
 async function main(): Promise<void> {
-  const config = loadConfig();
+  const config = await loadConfigWithSecrets();
   const logger = createJsonLogger(config.logLevel);
   const runtime = await openRuntime(config, logger);
-  const { createdSecret } = await bootstrapApiKey({
-    ctx: runtime.ctx,
-    input: { configuredKey: config.bootstrapApiKey },
-  });
-  if (createdSecret) {
-    // Printed once, outside the JSON log stream, so log shippers do not collect it.
-    process.stderr.write(
-      `\nNo API key existed, so one was created. It is shown only now; keep it:\n\n  ${createdSecret}\n\n`,
-    );
-  }
+  await ensureApiKey(runtime.ctx, config.bootstrapApiKey);
   if (config.worker.inProcess) await startWorker(runtime.ctx, config.worker);
   const server = serve(
     {
