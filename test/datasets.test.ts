@@ -2,36 +2,9 @@ import { gzipSync } from "node:zlib";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { cifar10Split } from "../src/ml/datasets.js";
 import { expectDocumented } from "./helpers/contract.js";
+import { idx, idxFiles, images, uploadDataset } from "./helpers/datasets.js";
 import { type Harness, startHarness } from "./helpers/harness.js";
 import { type JobBody, waitForJob } from "./helpers/jobs.js";
-
-/** An IDX file of unsigned bytes. */
-function idx(dims: number[], data: number[]): Buffer {
-  const header = Buffer.alloc(4 + 4 * dims.length);
-  header.writeUInt8(8, 2);
-  header.writeUInt8(dims.length, 3);
-  for (const [i, d] of dims.entries()) header.writeUInt32BE(d, 4 + 4 * i);
-  return Buffer.concat([header, Buffer.from(data)]);
-}
-
-/** n 8x8 images of 3 classes: class k is a bright band in rows 2k..2k+1, plus noise. */
-function images(n: number, seed: number): { images: Buffer; labels: Buffer } {
-  const pixels: number[] = [];
-  const labels: number[] = [];
-  for (let i = 0; i < n; i++) {
-    const k = (i + seed) % 3;
-    labels.push(k);
-    for (let p = 0; p < 64; p++) pixels.push(Math.floor(p / 8) >> 1 === k ? 230 : (p * 37 + i * 11) % 40);
-  }
-  return { images: idx([n, 8, 8], pixels), labels: idx([n], labels) };
-}
-
-function form(files: Record<string, Buffer[]>): FormData {
-  const data = new FormData();
-  for (const [field, list] of Object.entries(files))
-    for (const f of list) data.append(field, new Blob([f]), field);
-  return data;
-}
 
 describe("uploaded datasets", () => {
   let h: Harness;
@@ -40,18 +13,7 @@ describe("uploaded datasets", () => {
   });
   afterAll(() => h.close());
 
-  const upload = async (query: string, files: Record<string, Buffer[]>) => {
-    const body = new Request("http://x", { method: "POST", body: form(files) });
-    const bytes = Buffer.from(await body.arrayBuffer());
-    return h.request(`/v1/datasets?${query}`, {
-      method: "POST",
-      body: bytes,
-      headers: {
-        "Content-Type": body.headers.get("content-type") ?? "",
-        "Content-Length": String(bytes.length),
-      },
-    });
-  };
+  const upload = (query: string, files: Record<string, Buffer[]>) => uploadDataset(h, query, files);
 
   it("accepts IDX files, describes them, and trains on them", async () => {
     const train = images(90, 0);
@@ -171,16 +133,6 @@ describe("uploaded datasets", () => {
     expect(((await res.json()) as { detail: string }).detail).toContain("not found");
   });
 });
-
-function idxFiles(): Record<string, Buffer[]> {
-  const d = images(3, 0);
-  return {
-    train_images: [d.images],
-    train_labels: [d.labels],
-    test_images: [d.images],
-    test_labels: [d.labels],
-  };
-}
 
 describe("CIFAR-10 records", () => {
   it("become HWC floats: planes of red, green, blue", () => {

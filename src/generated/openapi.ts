@@ -972,7 +972,7 @@ export interface components {
         Id: components["schemas"]["Id"];
         /** @description Page size. */
         Limit: number;
-        /** @description The `next_cursor` of the previous page. */
+        /** @description The `next_cursor` of the previous page; any other value is refused with 422. */
         Cursor: string;
         /**
          * @description Makes the request safe to retry: a second request with the same key returns the job
@@ -1078,7 +1078,7 @@ export interface operations {
             query?: {
                 /** @description Page size. */
                 limit?: components["parameters"]["Limit"];
-                /** @description The `next_cursor` of the previous page. */
+                /** @description The `next_cursor` of the previous page; any other value is refused with 422. */
                 cursor?: components["parameters"]["Cursor"];
                 /** @description Only checkpoints with exactly this name. */
                 name?: components["schemas"]["CheckpointName"];
@@ -1100,6 +1100,7 @@ export interface operations {
             };
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
+            422: components["responses"]["UnprocessableContent"];
         };
     };
     createCheckpoint: {
@@ -1303,6 +1304,7 @@ export interface operations {
             401: components["responses"]["Unauthorized"];
             404: components["responses"]["NotFound"];
             415: components["responses"]["UnsupportedMediaType"];
+            422: components["responses"]["UnprocessableContent"];
         };
     };
     createMerge: {
@@ -1556,7 +1558,7 @@ export interface operations {
             query?: {
                 /** @description Page size. */
                 limit?: components["parameters"]["Limit"];
-                /** @description The `next_cursor` of the previous page. */
+                /** @description The `next_cursor` of the previous page; any other value is refused with 422. */
                 cursor?: components["parameters"]["Cursor"];
             };
             header?: never;
@@ -1579,6 +1581,7 @@ export interface operations {
             };
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
+            422: components["responses"]["UnprocessableContent"];
         };
     };
     createDataset: {
@@ -1666,7 +1669,7 @@ export interface operations {
             query?: {
                 /** @description Page size. */
                 limit?: components["parameters"]["Limit"];
-                /** @description The `next_cursor` of the previous page. */
+                /** @description The `next_cursor` of the previous page; any other value is refused with 422. */
                 cursor?: components["parameters"]["Cursor"];
                 /** @description Only jobs in these states (repeat the parameter for several). */
                 status?: components["schemas"]["JobStatus"][];
@@ -1689,6 +1692,7 @@ export interface operations {
             };
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
+            422: components["responses"]["UnprocessableContent"];
         };
     };
     getJob: {
@@ -1813,6 +1817,7 @@ export interface operations {
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
             415: components["responses"]["UnsupportedMediaType"];
+            422: components["responses"]["UnprocessableContent"];
         };
     };
     revokeApiKey: {

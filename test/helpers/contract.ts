@@ -6,7 +6,18 @@ import { componentSchemas, openApiText, withComponentRefs } from "../../src/http
 
 const addFormats = addFormatsPlugin as unknown as typeof addFormatsPlugin.default;
 const spec = parse(openApiText) as {
-  paths: Record<string, Record<string, { operationId?: string; responses?: Record<string, ResponseSpec> }>>;
+  paths: Record<
+    string,
+    Record<
+      string,
+      {
+        operationId?: string;
+        responses?: Record<string, ResponseSpec>;
+        security?: unknown[];
+        requestBody?: { content: Record<string, unknown> };
+      }
+    >
+  >;
   components: { responses: Record<string, ResponseSpec> };
 };
 interface ResponseSpec {
@@ -18,13 +29,51 @@ const ajv = new Ajv2020({ allErrors: true, strict: true });
 addFormats(ajv);
 ajv.addSchema(componentSchemas(spec as never));
 
+/** The operations of openapi.yaml, with what tests need to call them. */
+export const operations = Object.entries(spec.paths).flatMap(([path, item]) =>
+  Object.entries(item)
+    .filter(([, op]) => op.operationId)
+    .map(([method, op]) => ({
+      method: method.toUpperCase(),
+      path,
+      /** Public operations say `security: []`. */
+      authenticated: op.security === undefined || op.security.length > 0,
+      bodyTypes: Object.keys(op.requestBody?.content ?? {}),
+      pattern: new RegExp(`^${path.replace(/\{[^}]+\}/g, "[^/]+")}$`),
+      operationId: op.operationId as string,
+      responses: op.responses ?? {},
+    })),
+);
+
+/** Every documented response, as "operationId status". */
+export const documentedResponses = operations.flatMap((op) =>
+  Object.keys(op.responses).map((status) => `${op.operationId} ${status}`),
+);
+
+/** The responses this test file's requests produced (see `checkResponse`), as "operationId status". */
+export const observedResponses = new Set<string>();
+
 function responsesOf(operationId: string): Record<string, ResponseSpec> {
-  for (const item of Object.values(spec.paths)) {
-    for (const op of Object.values(item)) {
-      if (op.operationId === operationId) return op.responses ?? {};
-    }
+  const op = operations.find((o) => o.operationId === operationId);
+  if (!op) throw new Error(`no operation ${operationId} in openapi.yaml`);
+  return op.responses;
+}
+
+/**
+ * Checks a response to a request the harness made against openapi.yaml, when the request
+ * names a documented operation, and records it; the response itself is left unread.
+ */
+export async function checkResponse(method: string, url: string, res: Response): Promise<void> {
+  const path = new URL(url, "http://h").pathname;
+  const op = operations.find((o) => o.method === method.toUpperCase() && o.pattern.test(path));
+  if (!op) return;
+  observedResponses.add(`${op.operationId} ${res.status}`);
+  const streaming = res.headers.get("content-type")?.startsWith("text/event-stream");
+  if (streaming) {
+    expect(responsesOf(op.operationId)[String(res.status)], `${op.operationId} ${res.status}`).toBeDefined();
+    return;
   }
-  throw new Error(`no operation ${operationId} in openapi.yaml`);
+  await expectDocumented(op.operationId, res.clone());
 }
 
 /**

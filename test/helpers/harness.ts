@@ -11,6 +11,7 @@ import { createApiKey } from "../../src/services/api-keys/api-keys.js";
 import type { ServiceContext } from "../../src/services/context.js";
 import { createTenant } from "../../src/services/tenants/create-tenant.js";
 import { type DatabaseKind, type StoreKind, testDatabase, testStore } from "./backends.js";
+import { checkResponse } from "./contract.js";
 
 export const TEST_LIMITS = {
   maxUploadBytes: 64 * 1024,
@@ -46,6 +47,7 @@ export interface Harness {
   keyA: string;
   keyB: string;
   tenantA: string;
+  /** A request to the app (as tenant A by default); the response is checked against openapi.yaml. */
   request(path: string, init?: RequestInit & { key?: string | null }): Promise<Response>;
   /** Objects and temp files in the store, and rows in each table that uploads touch. */
   leftovers(): Promise<{ objects: string[]; checkpoints: number }>;
@@ -106,7 +108,9 @@ export async function startHarness(
       const { key = keyA, ...rest } = init;
       const headers = new Headers(rest.headers);
       if (key !== null) headers.set("Authorization", `Bearer ${key}`);
-      return app.request(path, { ...rest, headers });
+      const res = await app.request(path, { ...rest, headers });
+      await checkResponse(rest.method ?? "GET", path, res);
+      return res;
     },
     leftovers: async () => {
       const [rows] = await ctx.db.select({ n: count() }).from(schema.checkpoints);

@@ -89,8 +89,8 @@ export async function completeUploadSession({
   principal,
   input,
 }: TenantCall<{ id: string; parts: { partNumber: number; etag: string }[] }>): Promise<Checkpoint> {
-  const session = await sessionOf(ctx, principal.tenantId, input.id);
   const multipart = multipartOf(ctx);
+  const session = await sessionOf(ctx, principal.tenantId, input.id);
   await multipart.complete(session.storageKey, session.uploadId, input.parts);
   const validator = new SafetensorsValidator({
     maxHeaderBytes: ctx.limits.maxSafetensorsHeaderBytes,
@@ -136,8 +136,8 @@ export async function abortUploadSession({
   principal,
   input,
 }: TenantCall<{ id: string }>): Promise<void> {
-  const session = await sessionOf(ctx, principal.tenantId, input.id);
   const multipart = multipartOf(ctx);
+  const session = await sessionOf(ctx, principal.tenantId, input.id);
   await ctx.db.delete(schema.uploadSessions).where(eq(schema.uploadSessions.id, session.id));
   await multipart.abort(session.storageKey, session.uploadId).catch((err: unknown) => {
     ctx.logger.warn("aborting a multipart upload failed; the bucket lifecycle rule will remove it", {
