@@ -1,4 +1,5 @@
 import * as tf from "@tensorflow/tfjs";
+import { registerWasmKernels } from "./wasm-kernels.js";
 
 export type BackendName = "tensorflow" | "wasm" | "cpu";
 export const BACKENDS: BackendName[] = ["tensorflow", "wasm", "cpu"];
@@ -32,32 +33,28 @@ async function loadNative(): Promise<boolean> {
 
 async function load(name: BackendName): Promise<boolean> {
   if (name === "tensorflow") return loadNative();
-  if (name === "wasm") await import("@tensorflow/tfjs-backend-wasm");
+  if (name === "wasm") {
+    await import("@tensorflow/tfjs-backend-wasm");
+    registerWasmKernels();
+  }
   return tf.setBackend(name).catch(() => false);
 }
 
 /**
  * Selects the TensorFlow.js backend: `forced` (PAPA_BACKEND) or it fails naming why; otherwise the
- * fastest that loads: native TensorFlow, then wasm, then cpu. `needsConvGradients` rules out wasm,
- * which has no Conv2DBackpropFilter kernel.
+ * fastest that loads: native TensorFlow, then wasm (with our kernels, see wasm-kernels.ts), then cpu.
  */
 export async function selectBackend(
-  options: { forced?: BackendName | undefined; needsConvGradients?: boolean } = {},
+  options: { forced?: BackendName | undefined } = {},
 ): Promise<BackendName> {
-  const { forced, needsConvGradients = false } = options;
+  const { forced } = options;
   if (forced) {
-    if (forced === "wasm" && needsConvGradients) {
-      throw new BackendError(
-        "the wasm backend cannot train convolutional models (no Conv2DBackpropFilter kernel)",
-      );
-    }
     if (!(await load(forced))) throw new BackendError(`the ${forced} backend could not be loaded`);
     await tf.ready();
     selected = forced;
     return forced;
   }
   for (const name of BACKENDS) {
-    if (name === "wasm" && needsConvGradients) continue;
     if (await load(name)) {
       await tf.ready();
       selected = name;

@@ -6,10 +6,6 @@ export type ModelSpec =
   | { kind: "cnn"; channels: number[] }
   | { kind: "resnet20" };
 
-export function usesConvolutions(spec: ModelSpec): boolean {
-  return spec.kind !== "mlp";
-}
-
 /**
  * Builds a model for [height, width, channels] inputs and `classes` outputs (softmax), with
  * seeded initialisers: the same seed gives the same initial weights.

@@ -312,6 +312,34 @@ export function greedySoupIngredients(
 }
 
 /**
+ * One optimisation step of one member on one batch (soft labels `y`): forward in training mode,
+ * cross-entropy, gradients of `trainable`, the optimizer's update. Takes ownership of `x` and `y`;
+ * returns the batch's loss, which the caller disposes.
+ */
+export function trainStep(
+  model: tf.LayersModel,
+  trainable: tf.Variable[],
+  optimizer: MemberOptimizer,
+  x: tf.Tensor,
+  y: tf.Tensor,
+  lr: number,
+): tf.Scalar {
+  return tf.tidy(() => {
+    const { value, grads } = tf.variableGrads(() => {
+      const p = model.apply(x, { training: true }) as tf.Tensor;
+      return tf.losses.softmaxCrossEntropy(y, tf.log(tf.clipByValue(p, 1e-7, 1))) as tf.Scalar;
+    }, trainable);
+    optimizer.step(
+      trainable.map((v) => grads[v.name] as tf.Tensor),
+      lr,
+    );
+    x.dispose();
+    y.dispose();
+    return value;
+  });
+}
+
+/**
  * Trains a population with PAPA (or PAPA-all, PAPA-2, independent) and evaluates the members,
  * their ensemble, the uniform soup and the greedy soup. Every step runs inside `tf.tidy`;
  * averaging runs as tf ops on the members' variables. 2% of the training set (fixed seed) is
@@ -368,20 +396,14 @@ export async function trainPopulation(
             diversity[j] as Diversity,
             randoms[j] as () => number,
           );
-          const trainable = trainables[j] as tf.Variable[];
-          const loss = tf.tidy(() => {
-            const x = tf.tensor4d(batch.x, [ids.length, ...data.shape]);
-            const y = tf.tensor2d(batch.y, [ids.length, data.classes]);
-            const { value, grads } = tf.variableGrads(() => {
-              const p = model.apply(x, { training: true }) as tf.Tensor;
-              return tf.losses.softmaxCrossEntropy(y, tf.log(tf.clipByValue(p, 1e-7, 1))) as tf.Scalar;
-            }, trainable);
-            (optimizers[j] as MemberOptimizer).step(
-              trainable.map((v) => grads[v.name] as tf.Tensor),
-              lr,
-            );
-            return value;
-          });
+          const loss = trainStep(
+            model,
+            trainables[j] as tf.Variable[],
+            optimizers[j] as MemberOptimizer,
+            tf.tensor4d(batch.x, [ids.length, ...data.shape]),
+            tf.tensor2d(batch.y, [ids.length, data.classes]),
+            lr,
+          );
           lossSum += s % 10 === 0 ? (loss.dataSync()[0] ?? 0) : 0;
           loss.dispose();
         });

@@ -14,7 +14,7 @@ import {
   loadBuiltInDataset,
 } from "../../ml/datasets.js";
 import { modelToSafetensors } from "../../ml/export.js";
-import { type ModelSpec, usesConvolutions } from "../../ml/models.js";
+import type { ModelSpec } from "../../ml/models.js";
 import { type TrainingSpec, trainPopulation, type Variant } from "../../ml/train.js";
 import { deleteOutputs, outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { ServiceContext, TenantCall } from "../context.js";
@@ -175,10 +175,7 @@ export async function runTrainingJob(
   const models: tf.LayersModel[] = [];
   const started = performance.now();
   try {
-    const backend = await selectBackend({
-      forced: options.backend,
-      needsConvGradients: usesConvolutions(spec.model),
-    });
+    const backend = await selectBackend({ forced: options.backend });
     const data = await loadTrainingData(ctx, job.tenantId, params.dataset, {
       fashionMnistDir: options.fashionMnistDir,
       maxTrain: params.max_train_examples,

@@ -1,0 +1,130 @@
+/**
+ * Training speed (issue 6): one training step of ours (the same `trainStep` jobs run) against
+ * PyTorch (Debian's python3-torch, bench/torch_step.py) with the same model, batch 128, SGD
+ * Nesterov with weight decay, and the same thread count, in one run.
+ * - mlp: 784-512-256-10
+ * - cnn: conv 3x3 32 (BN, ReLU, maxpool 2) -> conv 3x3 64 (BN, ReLU, maxpool 2) -> dense 10
+ *
+ * Needs Debian's python3-torch with an optimised BLAS: apt-get install python3-torch
+ * libopenblas0-pthread (with only the reference libblas3, PyTorch's MLP step is ~17x slower).
+ * Our wasm backend runs one thread (see the README), so PyTorch gets one thread too.
+ *
+ * usage: npm run bench:speed [-- --backend wasm|cpu] [--steps N] [--profile] [--models mlp,cnn]
+ * --profile prints where our time goes, by kernel. Ends with one line per model:
+ *   mlp step_ms ours=.. torch=.. ratio=..
+ */
+import { execFileSync } from "node:child_process";
+import { parseArgs } from "node:util";
+import * as tf from "@tensorflow/tfjs";
+import { type BackendName, selectBackend } from "../src/ml/backend.js";
+import { buildModel, type ModelSpec } from "../src/ml/models.js";
+import { MemberOptimizer } from "../src/ml/optimizer.js";
+import { trainStep } from "../src/ml/train.js";
+
+const { values } = parseArgs({
+  options: {
+    backend: { type: "string", default: "wasm" },
+    steps: { type: "string", default: "20" },
+    models: { type: "string", default: "mlp,cnn" },
+    profile: { type: "boolean", default: false },
+  },
+});
+const steps = Number(values.steps);
+const models: Record<string, ModelSpec> = {
+  mlp: { kind: "mlp", hidden: [512, 256] },
+  cnn: { kind: "cnn", channels: [32, 64] },
+};
+const BATCH = 128;
+
+const backend = await selectBackend({ forced: values.backend as BackendName });
+const threads = backend === "wasm" ? wasmThreads() : 1;
+console.log(`backend ${backend}, ${threads} thread(s), batch ${BATCH}, ${steps} steps after 3 warm-up steps`);
+
+function wasmThreads(): number {
+  const wasm = tf.backend() as unknown as { wasm?: { _getThreadsCount?: () => number } };
+  return wasm.wasm?._getThreadsCount?.() ?? 1;
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.floor(s.length / 2)] ?? Number.NaN;
+}
+
+async function oursMs(spec: ModelSpec): Promise<number> {
+  const model = buildModel(spec, [28, 28, 1], 10, 1);
+  const trainable = model.trainableWeights.map((w) => w.read() as tf.Variable);
+  const optimizer = new MemberOptimizer(
+    {
+      kind: "sgd",
+      lr: 0.05,
+      momentum: 0.9,
+      nesterov: true,
+      weightDecay: 5e-4,
+      schedule: "constant",
+      minLr: 0,
+    },
+    trainable,
+  );
+  const x = new Float32Array(BATCH * 784).map((_, i) => ((i * 7919) % 256) / 255);
+  const y = new Float32Array(BATCH * 10).fill(0.1);
+  const step = () => {
+    const loss = trainStep(
+      model,
+      trainable,
+      optimizer,
+      tf.tensor4d(x, [BATCH, 28, 28, 1]),
+      tf.tensor2d(y, [BATCH, 10]),
+      0.05,
+    );
+    loss.dataSync(); // wait for the step
+    loss.dispose();
+  };
+  for (let i = 0; i < 3; i++) step();
+  if (values.profile) {
+    const info = await tf.profile(step);
+    const byKernel = new Map<string, number>();
+    for (const k of info.kernels) byKernel.set(k.name, (byKernel.get(k.name) ?? 0) + Number(k.kernelTimeMs));
+    const total = [...byKernel.values()].reduce((a, b) => a + b, 0);
+    for (const [name, ms] of [...byKernel].sort((a, b) => b[1] - a[1]).slice(0, 12)) {
+      console.log(
+        `  ${name.padEnd(24)} ${ms.toFixed(2).padStart(8)} ms  ${((100 * ms) / total).toFixed(1)}%`,
+      );
+    }
+  }
+  const times: number[] = [];
+  for (let i = 0; i < steps; i++) {
+    const start = performance.now();
+    step();
+    times.push(performance.now() - start);
+  }
+  optimizer.dispose();
+  model.dispose();
+  return median(times);
+}
+
+function torchMs(name: string): number {
+  const out = execFileSync(
+    "/usr/bin/python3",
+    ["bench/torch_step.py", name, String(threads), String(steps)],
+    {
+      encoding: "utf8",
+    },
+  );
+  const match = /step_ms=([\d.]+)/.exec(out);
+  if (!match) throw new Error(`bench/torch_step.py printed: ${out}`);
+  return Number(match[1]);
+}
+
+const lines: string[] = [];
+for (const name of values.models.split(",")) {
+  const spec = models[name];
+  if (!spec) throw new Error(`unknown model ${name}; known: ${Object.keys(models).join(", ")}`);
+  const ours = await oursMs(spec);
+  const torch = torchMs(name);
+  lines.push(
+    `${name} step_ms ours=${ours.toFixed(1)} torch=${torch.toFixed(1)} ratio=${(ours / torch).toFixed(2)}`,
+  );
+  console.log(lines.at(-1));
+}
+console.log("");
+for (const line of lines) console.log(line);

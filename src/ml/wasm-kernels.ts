@@ -1,0 +1,282 @@
+import * as tf from "@tensorflow/tfjs";
+import type { BackendWasm } from "@tensorflow/tfjs-backend-wasm";
+
+type TensorInfo = tf.TensorInfo;
+type Attrs = Record<string, unknown>;
+type KernelCall = { inputs: Record<string, TensorInfo>; backend: BackendWasm; attrs: Attrs };
+
+/** Calls a kernel already registered for wasm, as its own kernels call each other. */
+function run(name: string, inputs: Record<string, TensorInfo>, backend: BackendWasm, attrs: Attrs = {}) {
+  const kernel = tf.getKernel(name, "wasm");
+  if (!kernel) throw new Error(`the wasm backend has no ${name} kernel`);
+  return kernel.kernelFunc({ inputs, backend, attrs } as never) as TensorInfo;
+}
+
+/** Swaps the last two axes. */
+function transposeLastTwo(x: TensorInfo, backend: BackendWasm): TensorInfo {
+  const perm = x.shape.map((_, i) => i);
+  const r = perm.length;
+  [perm[r - 2], perm[r - 1]] = [perm[r - 1] as number, perm[r - 2] as number];
+  return run("Transpose", { x }, backend, { perm });
+}
+
+/**
+ * BatchMatMul with a transposed operand: wasm's kernel runs its fast (XNNPACK-style) path only
+ * when neither operand is transposed, and is ~25x slower otherwise - and the backward pass of every
+ * dense layer has one transposed operand. Transposing explicitly first costs one copy.
+ */
+function batchMatMulWith(original: tf.KernelFunc) {
+  return ({ inputs, backend, attrs }: KernelCall): TensorInfo => {
+    const { transposeA, transposeB } = attrs as { transposeA: boolean; transposeB: boolean };
+    if (!transposeA && !transposeB) return original({ inputs, backend, attrs } as never) as TensorInfo;
+    const temporaries: TensorInfo[] = [];
+    const operand = (t: TensorInfo | undefined, transpose: boolean) => {
+      if (!t) throw new Error("BatchMatMul needs a and b");
+      if (!transpose) return t;
+      const transposed = transposeLastTwo(t, backend);
+      temporaries.push(transposed);
+      return transposed;
+    };
+    const a = operand(inputs.a, transposeA);
+    const b = operand(inputs.b, transposeB);
+    const out = original({
+      inputs: { a, b },
+      backend,
+      attrs: { ...attrs, transposeA: false, transposeB: false },
+    } as never) as TensorInfo;
+    for (const t of temporaries) backend.disposeData(t.dataId);
+    return out;
+  };
+}
+
+/**
+ * The filter gradient of a 2-D convolution (NHWC), which the wasm backend lacks: the input's
+ * patches laid out as columns, cols[k][n] for k = (kh, kw, ci) and n = (b, oh, ow), then
+ * dW = cols x dy, one matrix product on wasm's matmul. (Patches as rows with a transposed
+ * product, or dW^T = dy^T x cols, measured 1.3x and 2.3x slower on the CNN of bench/speed.ts.)
+ */
+function conv2DBackpropFilter({ inputs, backend, attrs }: KernelCall): TensorInfo {
+  const { x, dy } = inputs as { x: TensorInfo; dy: TensorInfo };
+  const { strides, pad, dimRoundingMode, filterShape } = attrs as unknown as tf.Conv2DBackpropFilterAttrs;
+  if ((attrs.dataFormat ?? "NHWC") !== "NHWC") throw new Error("Conv2DBackpropFilter on wasm: NHWC only");
+  const info = tf.backend_util.computeConv2DInfo(
+    x.shape as [number, number, number, number],
+    filterShape,
+    strides,
+    1,
+    pad,
+    dimRoundingMode,
+  );
+  const { batchSize, inHeight, inWidth, inChannels, outHeight, outWidth, outChannels } = info;
+  const { filterHeight, filterWidth, strideHeight, strideWidth, padInfo } = info;
+  const k = filterHeight * filterWidth * inChannels;
+  const n = batchSize * outHeight * outWidth;
+  const colsInfo = backend.makeOutput([1, k, n], "float32");
+  // Views after makeOutput: growing the wasm memory detaches older views.
+  const cols = backend.typedArrayFromHeap(colsInfo) as Float32Array;
+  cols.fill(0); // where a patch reaches into the padding
+  const xs = backend.typedArrayFromHeap(x) as Float32Array;
+  for (let fh = 0; fh < filterHeight; fh++) {
+    for (let fw = 0; fw < filterWidth; fw++) {
+      const row = (fh * filterWidth + fw) * inChannels;
+      for (let b = 0; b < batchSize; b++) {
+        for (let oh = 0; oh < outHeight; oh++) {
+          const ih = oh * strideHeight + fh - padInfo.top;
+          if (ih < 0 || ih >= inHeight) continue;
+          for (let ow = 0; ow < outWidth; ow++) {
+            const iw = ow * strideWidth + fw - padInfo.left;
+            if (iw < 0 || iw >= inWidth) continue;
+            const column = (b * outHeight + oh) * outWidth + ow;
+            const source = ((b * inHeight + ih) * inWidth + iw) * inChannels;
+            for (let c = 0; c < inChannels; c++) cols[(row + c) * n + column] = xs[source + c] as number;
+          }
+        }
+      }
+    }
+  }
+  const dy3 = run("Reshape", { x: dy }, backend, { shape: [1, n, outChannels] });
+  const product = run("BatchMatMul", { a: colsInfo, b: dy3 }, backend, {
+    transposeA: false,
+    transposeB: false,
+  });
+  const dw = run("Reshape", { x: product }, backend, {
+    shape: [filterHeight, filterWidth, inChannels, outChannels],
+  });
+  for (const t of [colsInfo, dy3, product]) backend.disposeData(t.dataId);
+  return dw;
+}
+
+/**
+ * The input gradient of a stride-1 convolution as a convolution of dy with the filter rotated by
+ * 180 degrees and its channel axes swapped, on wasm's fast Conv2D; other strides use wasm's own
+ * (much slower) kernel.
+ */
+function conv2DBackpropInputWith(original: tf.KernelFunc) {
+  return ({ inputs, backend, attrs }: KernelCall): TensorInfo => {
+    const { dy, filter } = inputs as { dy: TensorInfo; filter: TensorInfo };
+    const { strides, pad, dimRoundingMode, inputShape } = attrs as unknown as tf.Conv2DBackpropInputAttrs;
+    const stride = typeof strides === "number" ? [strides, strides] : strides;
+    if ((attrs.dataFormat ?? "NHWC") !== "NHWC" || stride[0] !== 1 || stride[1] !== 1) {
+      return original({ inputs, backend, attrs } as never) as TensorInfo;
+    }
+    const [kh, kw] = filter.shape as [number, number, number, number];
+    const { padInfo } = tf.backend_util.computeConv2DInfo(
+      inputShape,
+      filter.shape as [number, number, number, number],
+      1,
+      1,
+      pad,
+      dimRoundingMode,
+    );
+    const reversed = run("Reverse", { x: filter }, backend, { dims: [0, 1] });
+    const flipped = run("Transpose", { x: reversed }, backend, { perm: [0, 1, 3, 2] });
+    const dx = run("Conv2D", { x: dy, filter: flipped }, backend, {
+      strides: 1,
+      dilations: 1,
+      dataFormat: "NHWC",
+      pad: [
+        [0, 0],
+        [kh - 1 - padInfo.top, kh - 1 - padInfo.bottom],
+        [kw - 1 - padInfo.left, kw - 1 - padInfo.right],
+        [0, 0],
+      ],
+    });
+    backend.disposeData(reversed.dataId);
+    backend.disposeData(flipped.dataId);
+    return dx;
+  };
+}
+
+/** Tile (float32) as row copies; wasm's kernel computes every element's index the slow way. */
+function tileWith(original: tf.KernelFunc) {
+  return ({ inputs, backend, attrs }: KernelCall): TensorInfo => {
+    const x = inputs.x as TensorInfo;
+    const reps = attrs.reps as number[];
+    const rank = x.shape.length;
+    if (x.dtype !== "float32" || rank === 0)
+      return original({ inputs, backend, attrs } as never) as TensorInfo;
+    const inShape = x.shape;
+    const outShape = inShape.map((d, i) => d * (reps[i] ?? 1));
+    const out = backend.makeOutput(outShape, "float32");
+    // Views after makeOutput: growing the wasm memory detaches older views.
+    const src = backend.typedArrayFromHeap(x) as Float32Array;
+    const dst = backend.typedArrayFromHeap(out) as Float32Array;
+    const last = inShape[rank - 1] as number;
+    const outLast = outShape[rank - 1] as number;
+    const index = new Array<number>(rank - 1).fill(0);
+    for (let d = 0; d < dst.length; d += outLast) {
+      let s = 0;
+      for (let a = 0; a < rank - 1; a++)
+        s = s * (inShape[a] as number) + ((index[a] as number) % (inShape[a] as number));
+      s *= last;
+      if (outLast === last) dst.set(src.subarray(s, s + last), d);
+      else for (let k = 0; k < outLast; k++) dst[d + k] = src[s + (k % last)] as number;
+      for (let a = rank - 2; a >= 0; a--) {
+        index[a] = (index[a] as number) + 1;
+        if ((index[a] as number) < (outShape[a] as number)) break;
+        index[a] = 0;
+      }
+    }
+    return out;
+  };
+}
+
+/**
+ * Sum and Mean over leading axes (float32), as BatchNorm's statistics and gradients and bias
+ * gradients reduce: one pass accumulating rows. wasm's kernels transpose the input first.
+ */
+function reduceLeadingWith(original: tf.KernelFunc, mean: boolean) {
+  return ({ inputs, backend, attrs }: KernelCall): TensorInfo => {
+    const x = inputs.x as TensorInfo;
+    const axes = tf.util.parseAxisParam(attrs.axis as number | number[], x.shape).sort((a, b) => a - b);
+    const leading = axes.every((axis, i) => axis === i) && axes.length > 0 && axes.length < x.shape.length;
+    if (x.dtype !== "float32" || !leading) return original({ inputs, backend, attrs } as never) as TensorInfo;
+    const kept = x.shape.slice(axes.length);
+    const outShape = attrs.keepDims ? [...axes.map(() => 1), ...kept] : kept;
+    const inner = tf.util.sizeFromShape(kept);
+    const rows = tf.util.sizeFromShape(x.shape) / inner;
+    const sums = new Float64Array(inner);
+    const src = backend.typedArrayFromHeap(x) as Float32Array;
+    for (let r = 0, o = 0; r < rows; r++, o += inner)
+      for (let i = 0; i < inner; i++) sums[i] = (sums[i] as number) + (src[o + i] as number);
+    const out = backend.makeOutput(outShape, "float32");
+    const dst = backend.typedArrayFromHeap(out) as Float32Array;
+    for (let i = 0; i < inner; i++) dst[i] = mean ? (sums[i] as number) / rows : (sums[i] as number);
+    return out;
+  };
+}
+
+/** MaxPoolGrad (float32, NHWC): dy goes to the first maximum of each window. */
+function maxPoolGrad({ inputs, backend, attrs }: KernelCall): TensorInfo {
+  const { dy, input } = inputs as { dy: TensorInfo; input: TensorInfo };
+  const { filterSize, strides, pad, dimRoundingMode } = attrs as unknown as tf.MaxPoolGradAttrs;
+  const info = tf.backend_util.computePool2DInfo(
+    input.shape as [number, number, number, number],
+    filterSize,
+    strides,
+    1,
+    pad,
+    dimRoundingMode,
+  );
+  const { batchSize, inHeight, inWidth, inChannels: channels, outHeight, outWidth } = info;
+  const { filterHeight, filterWidth, strideHeight, strideWidth, padInfo } = info;
+  const out = backend.makeOutput(input.shape, "float32");
+  const dx = backend.typedArrayFromHeap(out) as Float32Array;
+  dx.fill(0);
+  const xs = backend.typedArrayFromHeap(input) as Float32Array;
+  const dys = backend.typedArrayFromHeap(dy) as Float32Array;
+  for (let b = 0; b < batchSize; b++) {
+    for (let oh = 0; oh < outHeight; oh++) {
+      const h0 = oh * strideHeight - padInfo.top;
+      for (let ow = 0; ow < outWidth; ow++) {
+        const w0 = ow * strideWidth - padInfo.left;
+        const o = ((b * outHeight + oh) * outWidth + ow) * channels;
+        for (let c = 0; c < channels; c++) {
+          let best = -1;
+          let max = Number.NEGATIVE_INFINITY;
+          for (let fh = Math.max(0, -h0); fh < filterHeight && h0 + fh < inHeight; fh++) {
+            for (let fw = Math.max(0, -w0); fw < filterWidth && w0 + fw < inWidth; fw++) {
+              const i = ((b * inHeight + h0 + fh) * inWidth + w0 + fw) * channels + c;
+              if ((xs[i] as number) > max) {
+                max = xs[i] as number;
+                best = i;
+              }
+            }
+          }
+          if (best >= 0) dx[best] = (dx[best] as number) + (dys[o + c] as number);
+        }
+      }
+    }
+  }
+  return out;
+}
+
+let registered = false;
+
+/**
+ * Registers our wasm kernels through TensorFlow.js's kernel registry, where the wasm backend
+ * lacks one (Conv2DBackpropFilter: conv nets could not train) or where profiling a training step
+ * showed it slow (transposed BatchMatMul, stride-1 Conv2DBackpropInput, Tile, leading-axis
+ * Sum and Mean, MaxPoolGrad). Call after the wasm backend's package is imported; idempotent.
+ */
+export function registerWasmKernels(): void {
+  if (registered) return;
+  const replace = (name: string, wrap: (original: tf.KernelFunc) => unknown) => {
+    const original = tf.getKernel(name, "wasm");
+    if (!original) throw new Error(`the wasm backend has no ${name} kernel`);
+    tf.unregisterKernel(name, "wasm");
+    tf.registerKernel({ ...original, kernelFunc: wrap(original.kernelFunc) as tf.KernelFunc });
+  };
+  replace("BatchMatMul", batchMatMulWith);
+  replace("Conv2DBackpropInput", conv2DBackpropInputWith);
+  replace("Tile", tileWith);
+  replace("Sum", (original) => reduceLeadingWith(original, false));
+  replace("Mean", (original) => reduceLeadingWith(original, true));
+  replace("MaxPoolGrad", () => maxPoolGrad);
+  tf.registerKernel({
+    kernelName: "Conv2DBackpropFilter",
+    backendName: "wasm",
+    kernelFunc: conv2DBackpropFilter as never,
+  });
+  registered = true;
+}

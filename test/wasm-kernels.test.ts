@@ -1,0 +1,201 @@
+import * as tf from "@tensorflow/tfjs";
+import { beforeAll, describe, expect, it } from "vitest";
+import { selectBackend } from "../src/ml/backend.js";
+
+/** Deterministic values in [-1, 1). */
+function values(n: number, seed: number): Float32Array {
+  let s = seed >>> 0 || 1;
+  return Float32Array.from({ length: n }, () => {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    return s / 2 ** 31 - 1;
+  });
+}
+
+interface Input {
+  shape: number[];
+  seed: number;
+}
+
+/** Runs one kernel on a backend, from fresh inputs, and reads the result back. */
+async function runOn(
+  backend: "wasm" | "cpu",
+  kernel: string,
+  inputs: Record<string, Input>,
+  attrs: object,
+): Promise<{ shape: number[]; data: Float32Array }> {
+  await tf.setBackend(backend);
+  const tensors = Object.fromEntries(
+    Object.entries(inputs).map(([name, { shape, seed }]) => [
+      name,
+      tf.tensor(values(tf.util.sizeFromShape(shape), seed), shape),
+    ]),
+  );
+  const out = tf.engine().runKernel(kernel, tensors as never, attrs as never) as tf.Tensor;
+  const result = { shape: out.shape, data: (await out.data()) as Float32Array };
+  out.dispose();
+  for (const t of Object.values(tensors)) t.dispose();
+  return result;
+}
+
+/** Our wasm kernel's result equals the cpu backend's, within float32 rounding of the sums. */
+async function expectSameAsCpu(kernel: string, inputs: Record<string, Input>, attrs: object) {
+  const wasm = await runOn("wasm", kernel, inputs, attrs);
+  const cpu = await runOn("cpu", kernel, inputs, attrs);
+  expect(wasm.shape).toEqual(cpu.shape);
+  let worst = 0;
+  for (let i = 0; i < cpu.data.length; i++) {
+    worst = Math.max(worst, Math.abs((wasm.data[i] as number) - (cpu.data[i] as number)));
+  }
+  const scale = Math.max(1, ...Array.from(cpu.data, Math.abs));
+  expect(worst / scale, `${kernel} ${JSON.stringify(attrs)}`).toBeLessThan(1e-5);
+  expect(cpu.data.some((v) => v !== 0)).toBe(true);
+}
+
+describe("our wasm kernels agree with the cpu backend", () => {
+  beforeAll(async () => {
+    await selectBackend({ forced: "wasm" }); // registers the kernels
+    await selectBackend({ forced: "cpu" });
+  });
+
+  it.each([
+    [[5, 7], [7, 3], false, false],
+    [[7, 5], [7, 3], true, false],
+    [[5, 7], [3, 7], false, true],
+    [[7, 5], [3, 7], true, true],
+    [[2, 6, 4], [2, 6, 3], true, false],
+    [[1, 4, 6], [2, 3, 6], false, true], // broadcast batch
+    [[128, 64], [128, 32], true, false],
+  ])("BatchMatMul %j x %j transposeA=%s transposeB=%s", async (a, b, transposeA, transposeB) => {
+    await expectSameAsCpu(
+      "BatchMatMul",
+      { a: { shape: a, seed: 1 }, b: { shape: b, seed: 2 } },
+      {
+        transposeA,
+        transposeB,
+      },
+    );
+  });
+
+  const convCases: [number[], number[], number, unknown][] = [
+    [[1, 7, 7, 3], [3, 3, 3, 4], 1, "same"],
+    [[2, 7, 7, 3], [3, 3, 3, 4], 1, "valid"],
+    [[2, 8, 9, 2], [3, 3, 2, 5], 2, "same"],
+    [[1, 9, 8, 2], [3, 2, 2, 3], 2, "valid"],
+    [[2, 6, 6, 3], [2, 2, 3, 4], 1, "same"], // even kernel: asymmetric padding
+    [[1, 6, 7, 2], [3, 3, 2, 2], 1, 1], // explicit padding
+    [[3, 5, 5, 1], [1, 1, 1, 6], 1, "valid"],
+  ];
+
+  it.each(convCases)(
+    "Conv2DBackpropFilter x=%j filter=%j stride=%d pad=%j",
+    async (x, filter, stride, pad) => {
+      const info = tf.backend_util.computeConv2DInfo(x as never, filter as never, stride, 1, pad as never);
+      await expectSameAsCpu(
+        "Conv2DBackpropFilter",
+        { x: { shape: x, seed: 3 }, dy: { shape: info.outShape, seed: 4 } },
+        { strides: stride, pad, dataFormat: "NHWC", filterShape: filter },
+      );
+    },
+  );
+
+  it.each(convCases)(
+    "Conv2DBackpropInput x=%j filter=%j stride=%d pad=%j",
+    async (x, filter, stride, pad) => {
+      const info = tf.backend_util.computeConv2DInfo(x as never, filter as never, stride, 1, pad as never);
+      await expectSameAsCpu(
+        "Conv2DBackpropInput",
+        { dy: { shape: info.outShape, seed: 5 }, filter: { shape: filter, seed: 6 } },
+        { strides: stride, pad, dataFormat: "NHWC", inputShape: x },
+      );
+    },
+  );
+
+  it.each([
+    [
+      [2, 1, 3],
+      [2, 3, 1],
+    ],
+    [
+      [1, 1, 1, 4],
+      [2, 3, 3, 1],
+    ],
+    [[5], [3]],
+    [
+      [2, 3],
+      [1, 4],
+    ],
+  ])("Tile %j by %j", async (shape, reps) => {
+    await expectSameAsCpu("Tile", { x: { shape, seed: 7 } }, { reps });
+  });
+
+  it.each([
+    ["Sum", [4, 3, 5], [0], false],
+    ["Sum", [4, 3, 5], [0, 1], true],
+    ["Sum", [4, 3, 5], [1], false], // not leading: wasm's own kernel
+    ["Sum", [128, 28, 28, 8], [0, 1, 2], false],
+    ["Mean", [4, 3, 5], [0, 1], false],
+    ["Mean", [2, 6, 6, 3], [0, 1, 2], true],
+    ["Mean", [4, 3, 5], [2], false],
+  ])("%s of %j over %j keepDims=%s", async (kernel, shape, axis, keepDims) => {
+    await expectSameAsCpu(kernel as string, { x: { shape: shape as number[], seed: 8 } }, { axis, keepDims });
+  });
+
+  it.each([
+    [[2, 6, 6, 3], 2, 2, "valid"],
+    [[1, 7, 7, 2], 3, 2, "same"],
+    [[1, 5, 5, 1], 2, 1, "valid"], // overlapping windows
+  ])("MaxPoolGrad input=%j filter=%d stride=%d pad=%s", async (shape, filterSize, stride, pad) => {
+    const attrs = { filterSize, strides: stride, pad };
+    const inShape = shape as [number, number, number, number];
+    const { outShape } = tf.backend_util.computePool2DInfo(inShape, filterSize, stride, 1, pad as "same");
+    // MaxPoolGrad also takes the pooled output (the cpu backend reads it), pooled on each backend.
+    const runWithOutput = async (backend: "wasm" | "cpu") => {
+      await tf.setBackend(backend);
+      const input = tf.tensor4d(values(tf.util.sizeFromShape(shape), 9), inShape);
+      const output = tf.maxPool(input, filterSize, stride, pad as "same" | "valid");
+      const dy = tf.tensor(values(tf.util.sizeFromShape(outShape), 10), outShape);
+      const dx = tf
+        .engine()
+        .runKernel("MaxPoolGrad", { dy, input, output } as never, attrs as never) as tf.Tensor;
+      const data = (await dx.data()) as Float32Array;
+      tf.dispose([input, output, dy, dx]);
+      return data;
+    };
+    const wasm = await runWithOutput("wasm");
+    const cpu = await runWithOutput("cpu");
+    expect(Array.from(wasm)).toEqual(Array.from(cpu));
+  });
+
+  it("trains the CNN on wasm: a conv step gives the cpu backend's gradients", async () => {
+    const grads = async (backend: "wasm" | "cpu") => {
+      await tf.setBackend(backend);
+      const x = tf.tensor4d(values(2 * 8 * 8 * 1, 11), [2, 8, 8, 1]);
+      const w1 = tf.variable(tf.tensor4d(values(3 * 3 * 1 * 4, 12), [3, 3, 1, 4]));
+      const w2 = tf.variable(tf.tensor4d(values(3 * 3 * 4 * 3, 13), [3, 3, 4, 3]));
+      const { grads: g } = tf.variableGrads(() => {
+        const h: tf.Tensor4D = tf.maxPool(tf.relu(tf.conv2d(x, w1, 1, "same")), 2, 2, "valid");
+        const { mean, variance } = tf.moments(h, [0, 1, 2]);
+        const normalised = tf.batchNorm4d(
+          h,
+          mean as tf.Tensor1D,
+          variance as tf.Tensor1D,
+          tf.zeros([4]) as tf.Tensor1D,
+          tf.ones([4]) as tf.Tensor1D,
+          1e-3,
+        );
+        return tf.sum(tf.square(tf.conv2d(normalised, w2, 2, "same")));
+      });
+      const out = await Promise.all(Object.values(g).map((t) => t.data()));
+      tf.dispose([x, w1, w2, ...Object.values(g)]);
+      return out.map((d) => Array.from(d));
+    };
+    const wasm = await grads("wasm");
+    const cpu = await grads("cpu");
+    expect(wasm.length).toBe(2);
+    for (const [i, g] of cpu.entries()) {
+      const scale = Math.max(...g.map(Math.abs));
+      const worst = Math.max(...g.map((v, j) => Math.abs(v - (wasm[i]?.[j] ?? Number.NaN))));
+      expect(worst / scale).toBeLessThan(1e-4);
+    }
+  });
+});
