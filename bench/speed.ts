@@ -9,7 +9,7 @@
  * libopenblas0-pthread (with only the reference libblas3, PyTorch's MLP step is ~17x slower).
  * Our wasm backend runs one thread (see the README), so PyTorch gets one thread too.
  *
- * usage: npm run bench:speed [-- --backend wasm|cpu] [--steps N] [--profile] [--models mlp,cnn]
+ * usage: npm run bench:speed [-- --backend wasm|cpu] [--steps N] [--rounds R] [--profile] [--models mlp,cnn]
  * --profile prints where our time goes, by kernel. Ends with one line per model:
  *   mlp step_ms ours=.. torch=.. ratio=..
  */
@@ -27,6 +27,7 @@ const { values } = parseArgs({
     steps: { type: "string", default: "20" },
     models: { type: "string", default: "mlp,cnn" },
     profile: { type: "boolean", default: false },
+    rounds: { type: "string", default: "3" },
   },
 });
 const steps = Number(values.steps);
@@ -38,7 +39,9 @@ const BATCH = 128;
 
 const backend = await selectBackend({ forced: values.backend as BackendName });
 const threads = backend === "wasm" ? wasmThreads() : 1;
-console.log(`backend ${backend}, ${threads} thread(s), batch ${BATCH}, ${steps} steps after 3 warm-up steps`);
+console.log(
+  `backend ${backend}, ${threads} thread(s), batch ${BATCH}, median of ${steps} steps after 3 warm-up steps`,
+);
 
 function wasmThreads(): number {
   const wasm = tf.backend() as unknown as { wasm?: { _getThreadsCount?: () => number } };
@@ -50,7 +53,8 @@ function median(xs: number[]): number {
   return s[Math.floor(s.length / 2)] ?? Number.NaN;
 }
 
-async function oursMs(spec: ModelSpec): Promise<number> {
+/** Our step on one model: `measure()` gives the median of `steps` steps; `dispose()` frees it. */
+async function ours(spec: ModelSpec) {
   const model = buildModel(spec, [28, 28, 1], 10, 1);
   const trainable = model.trainableWeights.map((w) => w.read() as tf.Variable);
   const optimizer = new MemberOptimizer(
@@ -91,15 +95,21 @@ async function oursMs(spec: ModelSpec): Promise<number> {
       );
     }
   }
-  const times: number[] = [];
-  for (let i = 0; i < steps; i++) {
-    const start = performance.now();
-    step();
-    times.push(performance.now() - start);
-  }
-  optimizer.dispose();
-  model.dispose();
-  return median(times);
+  return {
+    measure: () => {
+      const times: number[] = [];
+      for (let i = 0; i < steps; i++) {
+        const start = performance.now();
+        step();
+        times.push(performance.now() - start);
+      }
+      return median(times);
+    },
+    dispose: () => {
+      optimizer.dispose();
+      model.dispose();
+    },
+  };
 }
 
 function torchMs(name: string): number {
@@ -115,16 +125,27 @@ function torchMs(name: string): number {
   return Number(match[1]);
 }
 
+// This machine's speed drifts between runs (shared host): ours and PyTorch alternate, ROUNDS
+// times, and each side's median over the rounds is compared.
+const ROUNDS = Number(values.rounds);
 const lines: string[] = [];
 for (const name of values.models.split(",")) {
   const spec = models[name];
   if (!spec) throw new Error(`unknown model ${name}; known: ${Object.keys(models).join(", ")}`);
-  const ours = await oursMs(spec);
-  const torch = torchMs(name);
-  lines.push(
-    `${name} step_ms ours=${ours.toFixed(1)} torch=${torch.toFixed(1)} ratio=${(ours / torch).toFixed(2)}`,
-  );
-  console.log(lines.at(-1));
+  const mine = await ours(spec);
+  const oursRounds: number[] = [];
+  const torchRounds: number[] = [];
+  for (let r = 0; r < ROUNDS; r++) {
+    oursRounds.push(mine.measure());
+    torchRounds.push(torchMs(name));
+    console.log(
+      `${name} round ${r + 1}: ours ${oursRounds.at(-1)?.toFixed(1)} ms, torch ${torchRounds.at(-1)?.toFixed(1)} ms`,
+    );
+  }
+  mine.dispose();
+  const o = median(oursRounds);
+  const t = median(torchRounds);
+  lines.push(`${name} step_ms ours=${o.toFixed(1)} torch=${t.toFixed(1)} ratio=${(o / t).toFixed(2)}`);
 }
 console.log("");
 for (const line of lines) console.log(line);

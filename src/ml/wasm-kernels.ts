@@ -52,8 +52,9 @@ function batchMatMulWith(original: tf.KernelFunc) {
 /**
  * The filter gradient of a 2-D convolution (NHWC), which the wasm backend lacks: the input's
  * patches laid out as columns, cols[k][n] for k = (kh, kw, ci) and n = (b, oh, ow), then
- * dW = cols x dy, one matrix product on wasm's matmul. (Patches as rows with a transposed
- * product, or dW^T = dy^T x cols, measured 1.3x and 2.3x slower on the CNN of bench/speed.ts.)
+ * dW = cols x dy, one matrix product on wasm's matmul. (Measured slower on the CNN of
+ * bench/speed.ts: patches as rows with a transposed product, 1.3x; dW^T = dy^T x cols, 2.3x; a
+ * convolution of x by dy on wasm's Conv2D, 2.8x on the first layer, equal on the second.)
  */
 function conv2DBackpropFilter({ inputs, backend, attrs }: KernelCall): TensorInfo {
   const { x, dy } = inputs as { x: TensorInfo; dy: TensorInfo };
@@ -183,7 +184,9 @@ function tileWith(original: tf.KernelFunc) {
 
 /**
  * Sum and Mean over leading axes (float32), as BatchNorm's statistics and gradients and bias
- * gradients reduce: one pass accumulating rows. wasm's kernels transpose the input first.
+ * gradients reduce: blocks of rows, one float64 accumulator per column. wasm's own kernels
+ * transpose the input first (2x slower); a product with a row of ones on wasm's matmul measured
+ * 3x slower still (it packs the whole input as weights).
  */
 function reduceLeadingWith(original: tf.KernelFunc, mean: boolean) {
   return ({ inputs, backend, attrs }: KernelCall): TensorInfo => {
@@ -195,13 +198,20 @@ function reduceLeadingWith(original: tf.KernelFunc, mean: boolean) {
     const outShape = attrs.keepDims ? [...axes.map(() => 1), ...kept] : kept;
     const inner = tf.util.sizeFromShape(kept);
     const rows = tf.util.sizeFromShape(x.shape) / inner;
-    const sums = new Float64Array(inner);
-    const src = backend.typedArrayFromHeap(x) as Float32Array;
-    for (let r = 0, o = 0; r < rows; r++, o += inner)
-      for (let i = 0; i < inner; i++) sums[i] = (sums[i] as number) + (src[o + i] as number);
     const out = backend.makeOutput(outShape, "float32");
+    const src = backend.typedArrayFromHeap(x) as Float32Array;
     const dst = backend.typedArrayFromHeap(out) as Float32Array;
-    for (let i = 0; i < inner; i++) dst[i] = mean ? (sums[i] as number) / rows : (sums[i] as number);
+    const BLOCK = 256; // rows per block: a block stays in cache while each column is summed
+    const sums = new Float64Array(inner);
+    for (let r0 = 0; r0 < rows; r0 += BLOCK) {
+      const end = Math.min(rows, r0 + BLOCK) * inner;
+      for (let c = 0; c < inner; c++) {
+        let acc = 0;
+        for (let o = r0 * inner + c; o < end; o += inner) acc += src[o] as number;
+        sums[c] = (sums[c] as number) + acc;
+      }
+    }
+    for (let c = 0; c < inner; c++) dst[c] = mean ? (sums[c] as number) / rows : (sums[c] as number);
     return out;
   };
 }
@@ -225,25 +235,32 @@ function maxPoolGrad({ inputs, backend, attrs }: KernelCall): TensorInfo {
   dx.fill(0);
   const xs = backend.typedArrayFromHeap(input) as Float32Array;
   const dys = backend.typedArrayFromHeap(dy) as Float32Array;
+  // Per output position, the window's maxima for all channels at once (channels are contiguous).
+  const max = new Float32Array(channels);
+  const best = new Int32Array(channels);
   for (let b = 0; b < batchSize; b++) {
     for (let oh = 0; oh < outHeight; oh++) {
       const h0 = oh * strideHeight - padInfo.top;
       for (let ow = 0; ow < outWidth; ow++) {
         const w0 = ow * strideWidth - padInfo.left;
-        const o = ((b * outHeight + oh) * outWidth + ow) * channels;
-        for (let c = 0; c < channels; c++) {
-          let best = -1;
-          let max = Number.NEGATIVE_INFINITY;
-          for (let fh = Math.max(0, -h0); fh < filterHeight && h0 + fh < inHeight; fh++) {
-            for (let fw = Math.max(0, -w0); fw < filterWidth && w0 + fw < inWidth; fw++) {
-              const i = ((b * inHeight + h0 + fh) * inWidth + w0 + fw) * channels + c;
-              if ((xs[i] as number) > max) {
-                max = xs[i] as number;
-                best = i;
+        max.fill(Number.NEGATIVE_INFINITY);
+        best.fill(-1);
+        for (let fh = Math.max(0, -h0); fh < filterHeight && h0 + fh < inHeight; fh++) {
+          for (let fw = Math.max(0, -w0); fw < filterWidth && w0 + fw < inWidth; fw++) {
+            const i = ((b * inHeight + h0 + fh) * inWidth + w0 + fw) * channels;
+            for (let c = 0; c < channels; c++) {
+              const v = xs[i + c] as number;
+              if (v > (max[c] as number)) {
+                max[c] = v;
+                best[c] = i + c;
               }
             }
           }
-          if (best >= 0) dx[best] = (dx[best] as number) + (dys[o + c] as number);
+        }
+        const o = ((b * outHeight + oh) * outWidth + ow) * channels;
+        for (let c = 0; c < channels; c++) {
+          const at = best[c] as number;
+          if (at >= 0) dx[at] = (dx[at] as number) + (dys[o + c] as number);
         }
       }
     }
