@@ -14,6 +14,7 @@ import { selectBackend } from "../src/ml/backend.js";
 import { type BuiltInDataset, loadBuiltInDataset } from "../src/ml/datasets.js";
 import { buildModel } from "../src/ml/models.js";
 import { type TrainingSpec, trainPopulation, type Variant } from "../src/ml/train.js";
+import { printTableHeader, printTableRow } from "./table.js";
 
 const dataset = (process.argv[2] ?? "mnist") as BuiltInDataset;
 const maxTrain = Number(process.argv[3] ?? 8000);
@@ -91,16 +92,9 @@ async function main(): Promise<void> {
       `overhead=${((100 * pullMs) / (everyKSteps * stepMs)).toFixed(2)}%`,
   );
 
-  console.log(`| variant | members mean | min | max | ensemble | uniform soup | greedy soup | train s |`);
-  console.log(`|---|---|---|---|---|---|---|---|`);
+  printTableHeader();
   for (const variant of ["independent", "papa", "papa-all", "papa-2"] as const) {
-    const o = await trainPopulation(spec(variant, epochs), data);
-    const acc = o.members.map((m) => m.accuracy);
-    const pct = (x: number) => (100 * x).toFixed(2);
-    console.log(
-      `| ${variant} | ${pct(acc.reduce((a, b) => a + b, 0) / acc.length)} | ${pct(Math.min(...acc))} | ${pct(Math.max(...acc))} | ${pct(o.ensembleAccuracy)} | ${pct(o.uniformSoup.accuracy)} | ${pct(o.greedySoup.accuracy)} (${o.greedySoup.ingredients.length} of ${acc.length}) | ${o.seconds.train.toFixed(1)} |`,
-    );
-    for (const m of [...o.members.map((x) => x.model), o.uniformSoup.model, o.greedySoup.model]) m.dispose();
+    printTableRow(variant, await trainPopulation(spec(variant, epochs), data));
   }
 }
 
