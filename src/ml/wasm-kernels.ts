@@ -148,7 +148,7 @@ function conv2DBackpropInputWith(original: tf.KernelFunc) {
   };
 }
 
-/** Tile (float32) as row copies; wasm's kernel computes every element's index the slow way. */
+/** Tile (float32) as block copies; wasm's kernel computes every element's index the slow way. */
 function tileWith(original: tf.KernelFunc) {
   return ({ inputs, backend, attrs }: KernelCall): TensorInfo => {
     const x = inputs.x as TensorInfo;
@@ -164,6 +164,14 @@ function tileWith(original: tf.KernelFunc) {
     const dst = backend.typedArrayFromHeap(out) as Float32Array;
     const last = inShape[rank - 1] as number;
     const outLast = outShape[rank - 1] as number;
+    if (inShape.slice(0, -1).every((d) => d === 1)) {
+      // One row repeated (BatchNorm's broadcasts): write it once, then double the filled part.
+      for (let k = 0; k < outLast; k++) dst[k] = src[k % last] as number;
+      for (let filled = outLast; filled < dst.length; filled *= 2) {
+        dst.copyWithin(filled, 0, Math.min(filled, dst.length - filled));
+      }
+      return out;
+    }
     const index = new Array<number>(rank - 1).fill(0);
     for (let d = 0; d < dst.length; d += outLast) {
       let s = 0;
