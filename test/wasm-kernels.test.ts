@@ -1,6 +1,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { beforeAll, describe, expect, it } from "vitest";
 import { selectBackend } from "../src/ml/backend.js";
+import { buildModel } from "../src/ml/models.js";
 
 /** Deterministic values in [-1, 1). */
 function values(n: number, seed: number): Float32Array {
@@ -195,6 +196,38 @@ describe("our wasm kernels agree with the cpu backend", () => {
     for (const [i, g] of cpu.entries()) {
       const scale = Math.max(...g.map(Math.abs));
       const worst = Math.max(...g.map((v, j) => Math.abs(v - (wasm[i]?.[j] ?? Number.NaN))));
+      expect(worst / scale).toBeLessThan(1e-4);
+    }
+  });
+
+  it("gives the CNN of the training jobs the cpu backend's loss and gradients", async () => {
+    const run = async (backend: "wasm" | "cpu") => {
+      await tf.setBackend(backend);
+      const model = buildModel({ kind: "cnn", channels: [8, 16] }, [12, 12, 1], 10, 3);
+      const x = tf.tensor4d(values(6 * 144, 14), [6, 12, 12, 1]);
+      const y = tf.oneHot(tf.tensor1d([0, 1, 2, 3, 4, 5], "int32"), 10);
+      const variables = model.trainableWeights.map((w) => w.read() as tf.Variable);
+      const { value, grads } = tf.variableGrads(() => {
+        const p = model.apply(x, { training: true }) as tf.Tensor;
+        return tf.losses.softmaxCrossEntropy(y, tf.log(tf.clipByValue(p, 1e-7, 1))) as tf.Scalar;
+      }, variables);
+      const result = {
+        loss: (await value.data())[0] as number,
+        grads: await Promise.all(
+          variables.map(async (v) => Array.from(await (grads[v.name] as tf.Tensor).data())),
+        ),
+      };
+      tf.dispose([x, y, value, ...Object.values(grads)]);
+      model.dispose();
+      return result;
+    };
+    const wasm = await run("wasm");
+    const cpu = await run("cpu");
+    expect(wasm.loss).toBeCloseTo(cpu.loss, 5);
+    expect(wasm.grads.length).toBe(8); // 2 convs, 2 BN (gamma, beta), dense (kernel, bias)
+    for (const [i, g] of cpu.grads.entries()) {
+      const scale = Math.max(...g.map(Math.abs));
+      const worst = Math.max(...g.map((v, j) => Math.abs(v - (wasm.grads[i]?.[j] ?? Number.NaN))));
       expect(worst / scale).toBeLessThan(1e-4);
     }
   });
