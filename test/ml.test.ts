@@ -8,6 +8,7 @@ import { DatasetError, idxSplit, loadBuiltInDataset, parseIdx } from "../src/ml/
 import { buildModel, namedWeights } from "../src/ml/models.js";
 import { MemberOptimizer } from "../src/ml/optimizer.js";
 import {
+  DivergenceError,
   drawDiversity,
   greedySoupIngredients,
   learningRate,
@@ -153,6 +154,30 @@ describe("population training rules", () => {
     });
     expect(calls).toEqual(["1,2", "1,2,3", "1,2,3,0"]);
     expect(chosen).toEqual([1, 2, 3]);
+  });
+
+  it("stops with a DivergenceError, not a silent NaN model, when a member's loss is not finite", async () => {
+    const data = await loadBuiltInDataset("mnist", {
+      fashionMnistDir: "/nowhere",
+      maxTrain: 64,
+      maxTest: 16,
+    });
+    data.train.x[5] = Number.NaN; // one poisoned pixel: the first batch's loss is NaN
+    const before = tf.memory().numTensors;
+    const run = trainPopulation(
+      {
+        model: { kind: "mlp", hidden: [8] },
+        population: { ...p, size: 2, everyKSteps: 2 },
+        diversity: { mixup: [0], labelSmoothing: [0], cutmix: [0], randomErasing: [0] },
+        optimizer: o,
+        epochs: 1,
+        batchSize: 64,
+      },
+      data,
+    );
+    await expect(run).rejects.toThrow(DivergenceError);
+    await expect(run).rejects.toThrow(/member \d diverged at step 0/);
+    expect(tf.memory().numTensors).toBe(before);
   });
 
   it("trains a population end to end on real MNIST digits without leaking tensors", async () => {

@@ -10,6 +10,14 @@ export type { OptimizerSpec } from "./optimizer.js";
 
 export type Variant = "papa" | "papa-all" | "papa-2" | "independent";
 
+/** A member's loss stopped being finite: the run cannot recover, and a retry would diverge the same way. */
+export class DivergenceError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "DivergenceError";
+  }
+}
+
 export interface PopulationSpec {
   size: number;
   variant: Variant;
@@ -404,8 +412,16 @@ export async function trainPopulation(
             tf.tensor2d(batch.y, [ids.length, data.classes]),
             lr,
           );
-          lossSum += s % 10 === 0 ? (loss.dataSync()[0] ?? 0) : 0;
-          loss.dispose();
+          if (s % 10 === 0) {
+            const value = loss.dataSync()[0] ?? Number.NaN;
+            loss.dispose();
+            if (!Number.isFinite(value)) {
+              throw new DivergenceError(
+                `member ${j} diverged at step ${step} (loss ${value}); lower the learning rate or the diversity`,
+              );
+            }
+            lossSum += value;
+          } else loss.dispose();
         });
         step++;
         if (pop.variant === "papa" && members.length > 1 && step % pop.everyKSteps === 0) {

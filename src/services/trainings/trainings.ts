@@ -15,7 +15,7 @@ import {
 } from "../../ml/datasets.js";
 import { modelToSafetensors } from "../../ml/export.js";
 import type { ModelSpec } from "../../ml/models.js";
-import { type TrainingSpec, trainPopulation, type Variant } from "../../ml/train.js";
+import { DivergenceError, type TrainingSpec, trainPopulation, type Variant } from "../../ml/train.js";
 import { deleteOutputs, outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { ServiceContext, TenantCall } from "../context.js";
 import { getDataset, loadUploadedDataset } from "../datasets/datasets.js";
@@ -289,7 +289,8 @@ export async function runTrainingJob(
     await ctx.store.delete(stateKey);
   } catch (err) {
     await deleteOutputs(ctx, job.tenantId, written);
-    const permanent = err instanceof BackendError || err instanceof DatasetError;
+    const permanent =
+      err instanceof BackendError || err instanceof DatasetError || err instanceof DivergenceError;
     // A retry resumes from the saved epoch; a job that will not be retried needs no state.
     if (permanent || queued.retryCount >= queued.retryLimit) {
       await ctx.store.delete(trainingStateKey(job.tenantId, job.id));
