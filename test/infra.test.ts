@@ -89,7 +89,7 @@ describe("the AWS CDK app", () => {
     );
     expect(config.worker.inProcess).toBe(false);
     expect(config.s3?.bucket).toBe("sample-s3_bucket");
-    expect(config.limits.maxUploadBytes).toBe(6_000_000);
+    expect(config.limits.maxUploadBytes).toBe(4_500_000);
     expect(env.DATABASE_CA_FILE).toBe("/etc/papa/rds-global-bundle.pem");
     for (const dockerfile of ["infra/Dockerfile", "infra/Dockerfile.gpu-worker", "infra/Dockerfile.lambda"]) {
       expect(readFileSync(dockerfile, "utf8"), dockerfile).toContain(` ${env.DATABASE_CA_FILE}\n`);

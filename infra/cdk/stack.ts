@@ -111,8 +111,9 @@ export class PapaStack extends Stack {
       environment: {
         ...environment,
         PAPA_API_KEY_SECRET_ARN: apiKey.secretArn,
-        // Lambda takes request bodies up to 6 MB; larger files go through upload sessions.
-        PAPA_MAX_UPLOAD_BYTES: String(6 * 1000 ** 2),
+        // Lambda takes events up to 6 MB, binary bodies base64-encoded in them: 4.5 MB of file.
+        // Larger files go through upload sessions.
+        PAPA_MAX_UPLOAD_BYTES: String(4.5 * 1000 ** 2),
       },
       logGroup: new logs.LogGroup(this, "ApiLogs", { retention: logs.RetentionDays.ONE_MONTH }),
     });
