@@ -68,12 +68,10 @@ export async function checkResponse(method: string, url: string, res: Response):
   const op = operations.find((o) => o.method === method.toUpperCase() && o.pattern.test(path));
   if (!op) return;
   observedResponses.add(`${op.operationId} ${res.status}`);
+  // An event stream does not end: its status and media type are checked, not its body.
   const streaming = res.headers.get("content-type")?.startsWith("text/event-stream");
-  if (streaming) {
-    expect(responsesOf(op.operationId)[String(res.status)], `${op.operationId} ${res.status}`).toBeDefined();
-    return;
-  }
-  await expectDocumented(op.operationId, res.clone());
+  const checked = streaming ? new Response(null, { status: res.status, headers: res.headers }) : res.clone();
+  await expectDocumented(op.operationId, checked);
 }
 
 /**
