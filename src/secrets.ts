@@ -18,7 +18,7 @@ export async function loadConfigWithSecrets(
 ): Promise<Config> {
   const filled: Env = { ...env };
   let sm: SecretsManagerClient | undefined;
-  const fetch = async (variable: string, filledVariable: string): Promise<string | undefined> => {
+  const readSecret = async (variable: string, filledVariable: string): Promise<string | undefined> => {
     const arn = env[variable];
     if (!arn) return undefined;
     if (env[filledVariable])
@@ -35,9 +35,9 @@ export async function loadConfigWithSecrets(
     }
   };
   try {
-    const database = await fetch("DATABASE_SECRET_ARN", "DATABASE_URL");
+    const database = await readSecret("DATABASE_SECRET_ARN", "DATABASE_URL");
     if (database !== undefined) filled.DATABASE_URL = databaseUrl(database, env.DATABASE_CA_FILE);
-    const apiKey = await fetch("PAPA_API_KEY_SECRET_ARN", "PAPA_API_KEY");
+    const apiKey = await readSecret("PAPA_API_KEY_SECRET_ARN", "PAPA_API_KEY");
     if (apiKey !== undefined) filled.PAPA_API_KEY = apiKey;
   } finally {
     sm?.destroy();
