@@ -26,6 +26,7 @@ export async function openRuntime(
   const dataDir = resolve(config.dataDir);
   const database = await openDatabase(
     config.databaseUrl ? { url: config.databaseUrl } : { pgliteDir: join(dataDir, "pglite") },
+    logger,
   );
   const s3 = config.s3 ? new S3Store(config.s3) : null;
   const store: ObjectStore = s3 ?? new FilesystemStore(join(dataDir, "objects"));

@@ -145,7 +145,7 @@ describe("merge workers as separate processes", () => {
     }
     draining.kill("SIGTERM");
     const [code] = await once(draining, "exit");
-    expect(code).toBe(0);
+    expect(code, draining.output()).toBe(0);
     survivor?.kill("SIGCONT");
     const job = await waitForJob(h, id, 60_000);
     expect(job.status, JSON.stringify(job.problem)).toBe("succeeded");

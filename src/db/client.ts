@@ -7,6 +7,7 @@ import type { PgDatabase, PgQueryResultHKT } from "drizzle-orm/pg-core";
 import { drizzle as drizzlePglite } from "drizzle-orm/pglite";
 import { migrate as migratePglite } from "drizzle-orm/pglite/migrator";
 import pg from "pg";
+import type { Logger } from "../logger.js";
 import * as schema from "./schema.js";
 
 export { schema };
@@ -35,9 +36,12 @@ export type DatabaseTarget = { url: string } | { pgliteDir: string | null };
  * Opens the database and applies pending migrations: node-postgres for a `postgres://` URL,
  * PGlite otherwise (in `pgliteDir`, or in memory when it is null).
  */
-export async function openDatabase(target: DatabaseTarget): Promise<DatabaseHandle> {
+export async function openDatabase(target: DatabaseTarget, logger?: Logger): Promise<DatabaseHandle> {
   if ("url" in target) {
     const pool = new pg.Pool({ connectionString: target.url, max: 10 });
+    // An idle connection that breaks (server restart, failover) is dropped from the pool, and the
+    // next query opens a new one; unlistened, the error would crash the process.
+    pool.on("error", (err) => logger?.warn("idle database connection lost", { error: err }));
     const client = await pool.connect();
     try {
       await client.query("select pg_advisory_lock($1)", [MIGRATION_LOCK]);

@@ -25,6 +25,9 @@ export interface QueuedJob {
 
 export type JobHandler = (job: QueuedJob) => Promise<void>;
 
+/** How long an aborted handler gets, after the drain, to delete what it wrote and fail its attempt. */
+const ABORT_GRACE_MS = 10_000;
+
 /**
  * The job queue: pg-boss on the service's own database (Postgres, or PGlite through the same
  * SQL adapter), so a job can be enqueued in the transaction that records it.
@@ -32,6 +35,8 @@ export type JobHandler = (job: QueuedJob) => Promise<void>;
 export class JobQueue {
   private readonly boss: PgBoss;
   private readonly active = new Map<string, { queue: QueueName; controller: AbortController }>();
+  /** pg-boss's queries in flight: it completes and fails jobs without awaiting them. */
+  private readonly queries = new Set<Promise<unknown>>();
   private started: Promise<void> | null = null;
   private stopped = false;
 
@@ -48,7 +53,7 @@ export class JobQueue {
   ) {
     this.policies = options.policies;
     this.boss = new PgBoss({
-      db: { executeSql: (text, values) => database.executeSql(text, values) },
+      db: { executeSql: (text, values) => this.track(database.executeSql(text, values)) },
       supervise: true,
       schedule: false,
       maintenanceIntervalSeconds: options.maintenanceIntervalSeconds,
@@ -110,6 +115,8 @@ export class JobQueue {
         { batchSize: 1, pollingIntervalSeconds: 0.5, includeMetadata: true },
         async ([job]) => {
           if (!job) return;
+          // Fetched while this worker stopped: failing it hands it to another worker.
+          if (this.stopped) throw new Error("worker shutting down");
           const controller = new AbortController();
           this.active.set(job.id, { queue, controller });
           try {
@@ -128,21 +135,40 @@ export class JobQueue {
   }
 
   /**
-   * Stops fetching, lets running jobs finish for up to `drainMs`, then aborts the rest and
-   * fails them so that another worker retries them at once. Idempotent.
+   * Stops fetching, lets running jobs finish for up to `drainMs`, then aborts the rest (each
+   * deletes what it wrote and fails its attempt, so that another worker retries it) and waits
+   * until no query of the queue is in flight, so that the database can be closed. Idempotent.
    */
   async stop(drainMs: number): Promise<void> {
     if (this.stopped || !this.started) return;
     this.stopped = true;
     await this.started;
     for (const queue of QUEUE_NAMES) await this.boss.offWork(queue);
-    const deadline = Date.now() + drainMs;
-    while (this.active.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
-    for (const [id, { queue, controller }] of this.active) {
+    await this.whileActive(drainMs);
+    for (const [id, { controller }] of this.active) {
       this.logger.warn("job interrupted by shutdown; it will be retried", { job_id: id });
       controller.abort(new Error("worker shutting down"));
-      await this.boss.fail(queue, id, { message: "worker shut down" }).catch(() => undefined);
     }
+    await this.whileActive(ABORT_GRACE_MS);
+    // Fails whatever is still active here: a handler that did not stop within the grace period.
     await this.boss.stop({ graceful: false, close: false, wait: true });
+    // A settled query's continuation may issue the next one (a finished handler's completion);
+    // it has done so by the time the event loop turns.
+    while (this.queries.size > 0) {
+      await Promise.allSettled(this.queries);
+      await new Promise((r) => setImmediate(r));
+    }
+  }
+
+  private async whileActive(ms: number): Promise<void> {
+    const deadline = Date.now() + ms;
+    while (this.active.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+  }
+
+  private track<T>(query: Promise<T>): Promise<T> {
+    this.queries.add(query);
+    const settled = () => this.queries.delete(query);
+    query.then(settled, settled);
+    return query;
   }
 }

@@ -265,6 +265,9 @@ export async function runTrainingJob(
         total: (performance.now() - started) / 1000,
       },
     };
+    // Deleted before the commit, so that a job seen as succeeded has left no state behind; a
+    // crash in between costs the retry its resume point, not its result.
+    await ctx.store.delete(stateKey);
     const committed = await ctx.db.transaction(async (tx) => {
       if (!(await finishJob(tx, job.id, { status: "succeeded", result }))) return false;
       await tx.insert(schema.checkpoints).values(rows).onConflictDoNothing();
@@ -286,7 +289,6 @@ export async function runTrainingJob(
       return true;
     });
     if (!committed) await deleteOutputs(ctx, job.tenantId, written);
-    await ctx.store.delete(stateKey);
   } catch (err) {
     await deleteOutputs(ctx, job.tenantId, written);
     const permanent =
