@@ -284,6 +284,22 @@ describe("model zoo", () => {
     expect(namedWeights(model).map((w) => w.name)).toContain("s2_b0_proj_conv/kernel");
     model.dispose();
   });
+
+  it("saves its fused BatchNorm as TF.js's own BatchNormalization, which loads and predicts the same", async () => {
+    const model = buildModel({ kind: "cnn", channels: [4] }, [8, 8, 1], 3, 2);
+    const topology = model.toJSON(undefined, false) as unknown as {
+      config: { layers: { class_name: string }[] };
+    };
+    expect(topology.config.layers.map((l) => l.class_name)).toContain("BatchNormalization");
+    const loaded = await tf.models.modelFromJSON(topology as never);
+    loaded.setWeights(model.getWeights());
+    const x = tf.randomUniform([2, 8, 8, 1], 0, 1, "float32", 5);
+    const [a, b] = [model, loaded].map((m) => m.predict(x) as tf.Tensor);
+    expect(Array.from(await (b as tf.Tensor).data())).toEqual(Array.from(await (a as tf.Tensor).data()));
+    tf.dispose([x, a as tf.Tensor, b as tf.Tensor]);
+    model.dispose();
+    loaded.dispose();
+  });
 });
 
 describe("member optimizers", () => {

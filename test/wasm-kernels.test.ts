@@ -167,6 +167,61 @@ describe("our wasm kernels agree with the cpu backend", () => {
     expect(Array.from(wasm)).toEqual(Array.from(cpu));
   });
 
+  it.each([[[3, 5, 5, 8]], [[7, 4]]])(
+    "fused BatchNorm of %j: outputs and gradients through y, mean and variance as cpu's moments + batchNorm",
+    async (shape) => {
+      const channels = shape.at(-1) as number;
+      const run = async (backend: "wasm" | "cpu") => {
+        await tf.setBackend(backend);
+        const x = tf.tensor(values(tf.util.sizeFromShape(shape), 21), shape);
+        const gamma = tf.tensor1d(values(channels, 22));
+        const beta = tf.tensor1d(values(channels, 23));
+        const [wy, wm, wv] = [24, 25, 26].map((seed, i) =>
+          tf.tensor(values(i === 0 ? x.size : channels, seed), i === 0 ? shape : [channels]),
+        );
+        const f = (x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor) => {
+          let [y, mean, variance]: tf.Tensor[] = [];
+          if (backend === "wasm") {
+            [y, mean, variance] = tf
+              .engine()
+              .runKernel(
+                "PapaBatchNormTraining",
+                { x, gamma, beta } as never,
+                { epsilon: 1e-3 } as never,
+              ) as tf.Tensor[];
+          } else {
+            ({ mean, variance } = tf.moments(
+              x,
+              shape.slice(0, -1).map((_, i) => i),
+            ));
+            y = tf.batchNorm(x, mean, variance, beta, gamma, 1e-3);
+          }
+          const terms = [
+            tf.mul(y as tf.Tensor, wy as tf.Tensor),
+            tf.mul(mean as tf.Tensor, wm as tf.Tensor),
+            tf.mul(variance as tf.Tensor, wv as tf.Tensor),
+          ];
+          return tf.addN(terms.map((t) => tf.sum(t))) as tf.Scalar;
+        };
+        const { value, grads } = tf.valueAndGrads(f)([x, gamma, beta]);
+        const out = [
+          Array.from(await value.data()),
+          ...(await Promise.all(grads.map(async (g) => Array.from(await g.data())))),
+        ];
+        tf.dispose([x, gamma, beta, wy, wm, wv, value, ...grads] as tf.Tensor[]);
+        return out;
+      };
+      const wasm = await run("wasm");
+      const cpu = await run("cpu");
+      expect(wasm.length).toBe(4); // loss, dx, dgamma, dbeta
+      for (const [i, g] of cpu.entries()) {
+        const scale = Math.max(...g.map(Math.abs));
+        const worst = Math.max(...g.map((v, j) => Math.abs(v - (wasm[i]?.[j] ?? Number.NaN))));
+        expect(worst / scale).toBeLessThan(1e-4);
+      }
+    },
+  );
+
   it("trains the CNN on wasm: a conv step gives the cpu backend's gradients", async () => {
     const grads = async (backend: "wasm" | "cpu") => {
       await tf.setBackend(backend);
@@ -200,7 +255,7 @@ describe("our wasm kernels agree with the cpu backend", () => {
     }
   });
 
-  it("gives the CNN of the training jobs the cpu backend's loss and gradients", async () => {
+  it("gives the CNN of the training jobs the cpu backend's loss, gradients and BatchNorm moving statistics", async () => {
     const run = async (backend: "wasm" | "cpu") => {
       await tf.setBackend(backend);
       const model = buildModel({ kind: "cnn", channels: [8, 16] }, [12, 12, 1], 10, 3);
@@ -216,6 +271,9 @@ describe("our wasm kernels agree with the cpu backend", () => {
         grads: await Promise.all(
           variables.map(async (v) => Array.from(await (grads[v.name] as tf.Tensor).data())),
         ),
+        moving: await Promise.all(
+          model.nonTrainableWeights.map(async (w) => Array.from(await w.read().data())),
+        ),
       };
       tf.dispose([x, y, value, ...Object.values(grads)]);
       model.dispose();
@@ -225,9 +283,11 @@ describe("our wasm kernels agree with the cpu backend", () => {
     const cpu = await run("cpu");
     expect(wasm.loss).toBeCloseTo(cpu.loss, 5);
     expect(wasm.grads.length).toBe(8); // 2 convs, 2 BN (gamma, beta), dense (kernel, bias)
-    for (const [i, g] of cpu.grads.entries()) {
+    expect(wasm.moving.length).toBe(4); // 2 BN (moving mean, moving variance)
+    for (const [i, g] of [...cpu.grads, ...cpu.moving].entries()) {
       const scale = Math.max(...g.map(Math.abs));
-      const worst = Math.max(...g.map((v, j) => Math.abs(v - (wasm.grads[i]?.[j] ?? Number.NaN))));
+      const theirs = [...wasm.grads, ...wasm.moving][i] ?? [];
+      const worst = Math.max(...g.map((v, j) => Math.abs(v - (theirs[j] ?? Number.NaN))));
       expect(worst / scale).toBeLessThan(1e-4);
     }
   });

@@ -1,4 +1,5 @@
 import * as tf from "@tensorflow/tfjs";
+import { batchNormalization } from "./batch-norm.js";
 
 /** The model zoo. Layer names are fixed, so every member's weights have the same names. */
 export type ModelSpec =
@@ -46,7 +47,7 @@ export function buildModel(
           kernelInitializer: init(),
         })
         .apply(x) as tf.SymbolicTensor;
-      x = tf.layers.batchNormalization({ name: `bn_${i}`, momentum: 0.9 }).apply(x) as tf.SymbolicTensor;
+      x = batchNormalization({ name: `bn_${i}`, momentum: 0.9 }).apply(x) as tf.SymbolicTensor;
       x = tf.layers.activation({ name: `relu_${i}`, activation: "relu" }).apply(x) as tf.SymbolicTensor;
       x = tf.layers.maxPooling2d({ name: `pool_${i}`, poolSize: 2 }).apply(x) as tf.SymbolicTensor;
     });
@@ -86,7 +87,7 @@ function convBn(
       kernelInitializer: init(),
     })
     .apply(x) as tf.SymbolicTensor;
-  return tf.layers.batchNormalization({ name: `${name}_bn`, momentum: 0.9 }).apply(conv) as tf.SymbolicTensor;
+  return batchNormalization({ name: `${name}_bn`, momentum: 0.9 }).apply(conv) as tf.SymbolicTensor;
 }
 
 function resnet20Body(input: tf.SymbolicTensor, init: Init): tf.SymbolicTensor {

@@ -1,5 +1,6 @@
 import * as tf from "@tensorflow/tfjs";
 import type { BackendWasm } from "@tensorflow/tfjs-backend-wasm";
+import { registerBatchNormKernels } from "./batch-norm.js";
 
 type TensorInfo = tf.TensorInfo;
 type Attrs = Record<string, unknown>;
@@ -282,7 +283,7 @@ let registered = false;
  * Registers our wasm kernels through TensorFlow.js's kernel registry, where the wasm backend
  * lacks one (Conv2DBackpropFilter: conv nets could not train) or where profiling a training step
  * showed it slow (transposed BatchMatMul, stride-1 Conv2DBackpropInput, Tile, leading-axis
- * Sum and Mean, MaxPoolGrad). Call after the wasm backend's package is imported; idempotent.
+ * Sum and Mean, MaxPoolGrad, and batch normalisation's training pass: batch-norm.ts). Call after the wasm backend's package is imported; idempotent.
  */
 export function registerWasmKernels(): void {
   if (registered) return;
@@ -303,5 +304,6 @@ export function registerWasmKernels(): void {
     backendName: "wasm",
     kernelFunc: conv2DBackpropFilter as never,
   });
+  registerBatchNormKernels();
   registered = true;
 }

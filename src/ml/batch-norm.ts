@@ -1,0 +1,210 @@
+import * as tf from "@tensorflow/tfjs";
+import type { BackendWasm } from "@tensorflow/tfjs-backend-wasm";
+import { simdOn } from "./simd.js";
+
+/**
+ * Batch normalisation in training mode as two fused kernels on wasm: forward (the batch's mean
+ * and variance per channel, and the normalised output) and backward (every gradient at once).
+ * TF.js's own layer differentiates moments + batchNorm op by op: ~60 passes over the activations
+ * per step of the CNN (Sum, Mean, Multiply, Identity, FusedBatchNorm...), where these take four.
+ * Channels last (the layer's default axis); other backends keep TF.js's layer as it is.
+ */
+const FORWARD = "PapaBatchNormTraining";
+const BACKWARD = "PapaBatchNormTrainingGrad";
+
+type TensorInfo = tf.TensorInfo;
+type KernelCall = {
+  inputs: Record<string, TensorInfo>;
+  backend: BackendWasm;
+  attrs: Record<string, unknown>;
+};
+
+/** Three float32 outputs: one shaped like `x`, two with one value per channel. */
+function outputsFor(backend: BackendWasm, x: TensorInfo, channels: number): TensorInfo[] {
+  return [
+    backend.makeOutput(x.shape, "float32"),
+    backend.makeOutput([channels], "float32"),
+    backend.makeOutput([channels], "float32"),
+  ];
+}
+
+/**
+ * Inputs x, gamma, beta; outputs y, mean, variance (biased, as tf.moments). Two SIMD passes:
+ * the per-channel sums of x and x^2 (float64), then y = x * scale + shift.
+ */
+function forward({ inputs, backend, attrs }: KernelCall): TensorInfo[] {
+  const { x, gamma, beta } = inputs as { x: TensorInfo; gamma: TensorInfo; beta: TensorInfo };
+  const epsilon = attrs.epsilon as number;
+  const channels = x.shape.at(-1) as number;
+  const count = tf.util.sizeFromShape(x.shape);
+  const rows = count / channels;
+  const outputs = outputsFor(backend, x, channels);
+  const [y, mean, variance] = outputs as [TensorInfo, TensorInfo, TensorInfo];
+  const simd = simdOn(backend);
+  const [px, py] = [simd.address(x), simd.address(y)];
+  simd.withScratch(channels * 24, (at, buffer) => {
+    const sums = new Float64Array(buffer, at, 2 * channels).fill(0);
+    const scale = new Float32Array(buffer, at + channels * 16, channels);
+    const shift = new Float32Array(buffer, at + channels * 20, channels);
+    simd.channel_sums(px, px, rows, channels, at);
+    const [g, b, m, v] = [gamma, beta, mean, variance].map((t) => heapOf(backend, t)) as Float32Array[];
+    for (let c = 0; c < channels; c++) {
+      const mc = (sums[c] as number) / rows;
+      const vc = Math.max(0, (sums[channels + c] as number) / rows - mc * mc);
+      (m as Float32Array)[c] = mc;
+      (v as Float32Array)[c] = vc;
+      scale[c] = ((g as Float32Array)[c] as number) / Math.sqrt(vc + epsilon);
+      shift[c] = ((b as Float32Array)[c] as number) - mc * (scale[c] as number);
+    }
+    simd.affine(px, py, count, channels, at + channels * 16, at + channels * 20);
+  });
+  return outputs;
+}
+
+/**
+ * Inputs dy, x, gamma, mean, variance and the gradients reaching mean and variance (the layer's
+ * moving averages use them, not the loss: zeros); outputs dx, dgamma, dbeta. With
+ * s = 1/sqrt(variance + epsilon) and N rows: dbeta = sum(dy), dgamma = s * sum(dy * (x - mean)),
+ * dx = gamma*s*(dy - dbeta/N - s*(x - mean)*dgamma/N) + dmean/N + 2*dvariance*(x - mean)/N,
+ * computed per channel as dx = a*dy + b*x + k. Two SIMD passes: sums of dy and dy*x, then dx.
+ */
+function backward({ inputs, backend, attrs }: KernelCall): TensorInfo[] {
+  const { dy, x } = inputs as { dy: TensorInfo; x: TensorInfo };
+  const epsilon = attrs.epsilon as number;
+  const channels = x.shape.at(-1) as number;
+  const count = tf.util.sizeFromShape(x.shape);
+  const rows = count / channels;
+  const outputs = outputsFor(backend, x, channels);
+  const [dx, dgamma, dbeta] = outputs as [TensorInfo, TensorInfo, TensorInfo];
+  const simd = simdOn(backend);
+  const [pdy, px, pdx] = [simd.address(dy), simd.address(x), simd.address(dx)];
+  simd.withScratch(channels * 28, (at, buffer) => {
+    const sums = new Float64Array(buffer, at, 2 * channels).fill(0);
+    const [a, b, k] = [16, 20, 24].map(
+      (offset) => new Float32Array(buffer, at + channels * offset, channels),
+    ) as [Float32Array, Float32Array, Float32Array];
+    simd.channel_sums(pdy, px, rows, channels, at);
+    const [gamma, mean, variance, dmean, dvariance, dg, db] = [
+      inputs.gamma,
+      inputs.mean,
+      inputs.variance,
+      inputs.dmean,
+      inputs.dvariance,
+      dgamma,
+      dbeta,
+    ].map((t) => heapOf(backend, t as TensorInfo)) as Float32Array[] as [
+      Float32Array,
+      Float32Array,
+      Float32Array,
+      Float32Array,
+      Float32Array,
+      Float32Array,
+      Float32Array,
+    ];
+    for (let c = 0; c < channels; c++) {
+      const m = mean[c] as number;
+      const s = 1 / Math.sqrt((variance[c] as number) + epsilon);
+      const sumDy = sums[c] as number;
+      const sumDyXhat = s * ((sums[channels + c] as number) - m * sumDy);
+      db[c] = sumDy;
+      dg[c] = sumDyXhat;
+      a[c] = (gamma[c] as number) * s;
+      b[c] = (-(a[c] as number) * s * sumDyXhat + 2 * (dvariance[c] as number)) / rows;
+      k[c] = (-(a[c] as number) * sumDy + (dmean[c] as number)) / rows - (b[c] as number) * m;
+    }
+    simd.affine2(pdy, px, pdx, count, channels, at + channels * 16, at + channels * 20, at + channels * 24);
+  });
+  return outputs;
+}
+
+function heapOf(backend: BackendWasm, t: TensorInfo): Float32Array {
+  return backend.typedArrayFromHeap(t) as Float32Array;
+}
+
+/** Registers both kernels on wasm and the forward kernel's gradient. Called with our wasm kernels. */
+export function registerBatchNormKernels(): void {
+  tf.registerKernel({ kernelName: FORWARD, backendName: "wasm", kernelFunc: forward as never });
+  tf.registerKernel({ kernelName: BACKWARD, backendName: "wasm", kernelFunc: backward as never });
+  tf.registerGradient({
+    kernelName: FORWARD,
+    inputsToSave: ["x", "gamma"],
+    outputsToSave: [false, true, true],
+    gradFunc: (dys, saved, attrs) => {
+      const [dy, dmean, dvariance] = dys as tf.Tensor[];
+      const [x, gamma, mean, variance] = saved;
+      // Computed here, once: TF.js calls each input's closure in a tidy of its own.
+      const [dx, dgamma, dbeta] = tf
+        .engine()
+        .runKernel(BACKWARD, { dy, x, gamma, mean, variance, dmean, dvariance } as never, attrs as never) as [
+        tf.Tensor,
+        tf.Tensor,
+        tf.Tensor,
+      ];
+      return { x: () => dx, gamma: () => dgamma, beta: () => dbeta };
+    },
+  });
+}
+
+type BatchNormalization = ReturnType<typeof tf.layers.batchNormalization>;
+type BatchNormalizationArgs = NonNullable<Parameters<typeof tf.layers.batchNormalization>[0]>;
+type Kwargs = Parameters<BatchNormalization["call"]>[1];
+
+/** TF.js's layer class (not exported by the package, reached through an instance). */
+const TfBatchNormalization = tf.layers.batchNormalization().constructor as new (
+  args?: BatchNormalizationArgs,
+) => BatchNormalization;
+
+/** The fields of TF.js's layer that the training path reads (private in its typings). */
+interface Fields {
+  axis: number;
+  momentum: number;
+  epsilon: number;
+  gamma: tf.LayerVariable | null;
+  beta: tf.LayerVariable | null;
+  movingMean: tf.LayerVariable;
+  movingVariance: tf.LayerVariable;
+}
+
+/**
+ * TF.js's BatchNormalization with the fused kernels in training mode on wasm. Same weights, same
+ * config and class name: saved models are ordinary TF.js BatchNormalization layers.
+ */
+class FusedBatchNormalization extends TfBatchNormalization {
+  override call(inputs: tf.Tensor | tf.Tensor[], kwargs: Kwargs): tf.Tensor | tf.Tensor[] {
+    const x = Array.isArray(inputs) ? inputs[0] : inputs;
+    const f = this as unknown as Fields;
+    const { gamma, beta } = f;
+    const fused =
+      kwargs.training === true &&
+      tf.getBackend() === "wasm" &&
+      x?.dtype === "float32" &&
+      (f.axis === -1 || f.axis === x.rank - 1) &&
+      (x.shape.at(-1) as number) % 4 === 0 &&
+      gamma !== null &&
+      beta !== null;
+    if (!fused) return super.call(inputs, kwargs);
+    return tf.tidy(() => {
+      const [y, mean, variance] = tf
+        .engine()
+        .runKernel(
+          FORWARD,
+          { x, gamma: gamma.read(), beta: beta.read() } as never,
+          { epsilon: f.epsilon } as never,
+        ) as [tf.Tensor, tf.Tensor, tf.Tensor];
+      // The moving averages, as TF.js's layer updates them.
+      for (const [moving, value] of [
+        [f.movingMean, mean],
+        [f.movingVariance, variance],
+      ] as const) {
+        const old = moving.read();
+        moving.write(tf.sub(old, tf.mul(tf.sub(old, value), 1 - f.momentum)));
+      }
+      return y;
+    });
+  }
+}
+
+/** `tf.layers.batchNormalization`, fused when training on wasm. */
+export function batchNormalization(args: BatchNormalizationArgs): BatchNormalization {
+  return new FusedBatchNormalization(args);
+}

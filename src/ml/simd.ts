@@ -1,0 +1,73 @@
+import type * as tf from "@tensorflow/tfjs";
+import type { BackendWasm } from "@tensorflow/tfjs-backend-wasm";
+import { SIMD_WASM } from "../generated/simd.js";
+
+/** The loops of simd.wat; pointers are byte offsets in the backend's memory. */
+interface SimdExports {
+  channel_sums(u: number, v: number, rows: number, channels: number, sums: number): void;
+  affine(x: number, y: number, count: number, channels: number, scale: number, shift: number): void;
+  affine2(
+    u: number,
+    v: number,
+    out: number,
+    count: number,
+    channels: number,
+    a: number,
+    b: number,
+    k: number,
+  ): void;
+}
+
+/** The WebAssembly API as used here (the project's Node typings do not declare it). */
+interface Memory {
+  readonly buffer: ArrayBuffer;
+}
+const WebAssemblyApi = (
+  globalThis as unknown as {
+    WebAssembly: {
+      Module: new (bytes: Uint8Array) => object;
+      Instance: new (module: object, imports: object) => { exports: unknown };
+    };
+  }
+).WebAssembly;
+
+/** What our kernels use of the backend's emscripten module (not in its typings). */
+interface WasmModule {
+  asm: { memory: Memory };
+  _malloc(bytes: number): number;
+  _free(pointer: number): void;
+}
+
+let compiled: object | null = null;
+const instances = new WeakMap<Memory, SimdExports>();
+
+/**
+ * simd.wat's loops instantiated on `backend`'s memory, with the helpers they need: tensors'
+ * addresses, and scratch space in the same memory for per-channel coefficients.
+ */
+export function simdOn(backend: BackendWasm) {
+  const module = backend.wasm as unknown as WasmModule;
+  const memory = module.asm.memory;
+  let loops = instances.get(memory);
+  if (!loops) {
+    compiled ??= new WebAssemblyApi.Module(Buffer.from(SIMD_WASM, "base64"));
+    loops = new WebAssemblyApi.Instance(compiled, { env: { memory } }).exports as unknown as SimdExports;
+    instances.set(memory, loops);
+  }
+  return {
+    ...loops,
+    address: (t: tf.TensorInfo) => backend.dataIdMap.get(t.dataId)?.memoryOffset as number,
+    /**
+     * Runs `f` with `bytes` of scratch memory (8-byte aligned) at `pointer`, then frees it.
+     * `f` takes its views of the memory itself: allocating may have grown (detached) it.
+     */
+    withScratch<T>(bytes: number, f: (pointer: number, buffer: ArrayBuffer) => T): T {
+      const pointer = module._malloc(bytes);
+      try {
+        return f(pointer, memory.buffer);
+      } finally {
+        module._free(pointer);
+      }
+    },
+  };
+}
