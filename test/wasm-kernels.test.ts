@@ -145,6 +145,11 @@ describe("our wasm kernels agree with the cpu backend", () => {
     [[2, 6, 6, 3], 2, 2, "valid"],
     [[1, 7, 7, 2], 3, 2, "same"],
     [[1, 5, 5, 1], 2, 1, "valid"], // overlapping windows
+    // channels a multiple of 4: simd.wat; others: JS
+    [[2, 6, 6, 4], 2, 2, "valid"],
+    [[1, 7, 7, 8], 3, 2, "same"],
+    [[1, 5, 5, 4], 2, 1, "valid"],
+    [[3, 9, 7, 12], 3, 3, "same"],
   ])("MaxPoolGrad input=%j filter=%d stride=%d pad=%s", async (shape, filterSize, stride, pad) => {
     const attrs = { filterSize, strides: stride, pad };
     const inShape = shape as [number, number, number, number];
@@ -164,7 +169,8 @@ describe("our wasm kernels agree with the cpu backend", () => {
     };
     const wasm = await runWithOutput("wasm");
     const cpu = await runWithOutput("cpu");
-    expect(Array.from(wasm)).toEqual(Array.from(cpu));
+    // Overlapping windows add several dy into one dx: cpu sums in float64, we in float32.
+    for (const [i, v] of cpu.entries()) expect(wasm[i]).toBeCloseTo(v, 6);
   });
 
   it.each([[[3, 5, 5, 8]], [[7, 4]]])(

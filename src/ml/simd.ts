@@ -6,6 +6,8 @@ import { SIMD_WASM } from "../generated/simd.js";
 interface SimdExports {
   channel_sums(u: number, v: number, rows: number, channels: number, sums: number): void;
   affine(x: number, y: number, count: number, channels: number, scale: number, shift: number): void;
+  patches(...args: number[]): void;
+  max_pool_grad(...args: number[]): void;
   affine2(
     u: number,
     v: number,

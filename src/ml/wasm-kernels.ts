@@ -1,6 +1,7 @@
 import * as tf from "@tensorflow/tfjs";
 import type { BackendWasm } from "@tensorflow/tfjs-backend-wasm";
 import { registerBatchNormKernels } from "./batch-norm.js";
+import { simdOn } from "./simd.js";
 
 type TensorInfo = tf.TensorInfo;
 type Attrs = Record<string, unknown>;
@@ -73,29 +74,27 @@ function conv2DBackpropFilter({ inputs, backend, attrs }: KernelCall): TensorInf
   const { filterHeight, filterWidth, strideHeight, strideWidth, padInfo } = info;
   const k = filterHeight * filterWidth * inChannels;
   const n = batchSize * outHeight * outWidth;
+  // Channel-major first, so that each row of cols copies from one contiguous plane.
+  const xt = run("Transpose", { x }, backend, { perm: [3, 0, 1, 2] });
   const colsInfo = backend.makeOutput([1, k, n], "float32");
-  // Views after makeOutput: growing the wasm memory detaches older views.
-  const cols = backend.typedArrayFromHeap(colsInfo) as Float32Array;
-  cols.fill(0); // where a patch reaches into the padding
-  const xs = backend.typedArrayFromHeap(x) as Float32Array;
-  for (let fh = 0; fh < filterHeight; fh++) {
-    for (let fw = 0; fw < filterWidth; fw++) {
-      const row = (fh * filterWidth + fw) * inChannels;
-      for (let b = 0; b < batchSize; b++) {
-        for (let oh = 0; oh < outHeight; oh++) {
-          const ih = oh * strideHeight + fh - padInfo.top;
-          if (ih < 0 || ih >= inHeight) continue;
-          for (let ow = 0; ow < outWidth; ow++) {
-            const iw = ow * strideWidth + fw - padInfo.left;
-            if (iw < 0 || iw >= inWidth) continue;
-            const column = (b * outHeight + oh) * outWidth + ow;
-            const source = ((b * inHeight + ih) * inWidth + iw) * inChannels;
-            for (let c = 0; c < inChannels; c++) cols[(row + c) * n + column] = xs[source + c] as number;
-          }
-        }
-      }
-    }
-  }
+  const simd = simdOn(backend);
+  simd.patches(
+    simd.address(xt),
+    simd.address(colsInfo),
+    batchSize,
+    inHeight,
+    inWidth,
+    inChannels,
+    filterHeight,
+    filterWidth,
+    strideHeight,
+    strideWidth,
+    padInfo.top,
+    padInfo.left,
+    outHeight,
+    outWidth,
+  );
+  backend.disposeData(xt.dataId);
   const dy3 = run("Reshape", { x: dy }, backend, { shape: [1, n, outChannels] });
   const product = run("BatchMatMul", { a: colsInfo, b: dy3 }, backend, {
     transposeA: false,
@@ -225,18 +224,13 @@ function reduceLeadingWith(original: tf.KernelFunc, mean: boolean) {
   };
 }
 
-/** MaxPoolGrad (float32, NHWC): dy goes to the first maximum of each window. */
-function maxPoolGrad({ inputs, backend, attrs }: KernelCall): TensorInfo {
-  const { dy, input } = inputs as { dy: TensorInfo; input: TensorInfo };
-  const { filterSize, strides, pad, dimRoundingMode } = attrs as unknown as tf.MaxPoolGradAttrs;
-  const info = tf.backend_util.computePool2DInfo(
-    input.shape as [number, number, number, number],
-    filterSize,
-    strides,
-    1,
-    pad,
-    dimRoundingMode,
-  );
+/** MaxPoolGrad's loops for any channel count, one channel at a time (channels are contiguous). */
+function maxPoolGradByChannel(
+  dy: TensorInfo,
+  input: TensorInfo,
+  info: tf.backend_util.Conv2DInfo,
+  backend: BackendWasm,
+): TensorInfo {
   const { batchSize, inHeight, inWidth, inChannels: channels, outHeight, outWidth } = info;
   const { filterHeight, filterWidth, strideHeight, strideWidth, padInfo } = info;
   const out = backend.makeOutput(input.shape, "float32");
@@ -244,7 +238,6 @@ function maxPoolGrad({ inputs, backend, attrs }: KernelCall): TensorInfo {
   dx.fill(0);
   const xs = backend.typedArrayFromHeap(input) as Float32Array;
   const dys = backend.typedArrayFromHeap(dy) as Float32Array;
-  // Per output position, the window's maxima for all channels at once (channels are contiguous).
   const max = new Float32Array(channels);
   const best = new Int32Array(channels);
   for (let b = 0; b < batchSize; b++) {
@@ -274,6 +267,46 @@ function maxPoolGrad({ inputs, backend, attrs }: KernelCall): TensorInfo {
       }
     }
   }
+  return out;
+}
+
+/**
+ * MaxPoolGrad (float32, NHWC): dy goes to the first maximum of each window; four channels at a
+ * time in simd.wat when the channels are a multiple of 4, else one at a time here. (wasm's own
+ * kernel is slow, and misses windows: it disagrees with the cpu backend.)
+ */
+function maxPoolGrad({ inputs, backend, attrs }: KernelCall): TensorInfo {
+  const { dy, input } = inputs as { dy: TensorInfo; input: TensorInfo };
+  const { filterSize, strides, pad, dimRoundingMode } = attrs as unknown as tf.MaxPoolGradAttrs;
+  const info = tf.backend_util.computePool2DInfo(
+    input.shape as [number, number, number, number],
+    filterSize,
+    strides,
+    1,
+    pad,
+    dimRoundingMode,
+  );
+  if (info.inChannels % 4 !== 0) return maxPoolGradByChannel(dy, input, info, backend);
+  const out = backend.makeOutput(input.shape, "float32");
+  (backend.typedArrayFromHeap(out) as Float32Array).fill(0);
+  const simd = simdOn(backend);
+  simd.max_pool_grad(
+    simd.address(input),
+    simd.address(dy),
+    simd.address(out),
+    info.batchSize,
+    info.inHeight,
+    info.inWidth,
+    info.inChannels,
+    info.filterHeight,
+    info.filterWidth,
+    info.strideHeight,
+    info.strideWidth,
+    info.padInfo.top,
+    info.padInfo.left,
+    info.outHeight,
+    info.outWidth,
+  );
   return out;
 }
 
