@@ -5,9 +5,11 @@
  * (alpha 0.99 every 10 steps), `papa-all` and `papa-2` (every 2 epochs). Prints the table and
  * the wall time. The issue's run is the full 60k training set for 8 epochs (the default).
  *
- * usage: npm run bench:cnn [-- MAX_TRAIN [EPOCHS [VARIANTS [LR]]]]   e.g. -- 6000 4 independent,papa 0.01
- * LR defaults to the issue's 0.05; without warm-up, that rate makes this CNN's first steps blow
- * up and members collapse to one class (PyTorch too: loss 2.6 -> 11.6 -> 21, then chance).
+ * usage: npm run bench:cnn [-- MAX_TRAIN [EPOCHS [VARIANTS [LR [WARMUP_STEPS]]]]]
+ *   e.g. -- 6000 4 independent,papa 0.05 100
+ * LR defaults to the issue's 0.05; without warm-up (WARMUP_STEPS, default 0), that rate makes
+ * this CNN's first steps blow up and members collapse to one class (PyTorch too: loss 2.6 ->
+ * 11.6 -> 21, then chance).
  * Reads PAPA_FASHION_MNIST_DIR (default /usr/share/datasets/fashion-mnist); PAPA_BACKEND forces
  * a backend.
  */
@@ -20,6 +22,7 @@ const maxTrain = Number(process.argv[2] ?? 60_000);
 const epochs = Number(process.argv[3] ?? 8);
 const variants = (process.argv[4] ?? "independent,papa,papa-all,papa-2").split(",") as Variant[];
 const lr = Number(process.argv[5] ?? 0.05);
+const warmupSteps = Number(process.argv[6] ?? 0);
 
 function spec(variant: Variant): TrainingSpec {
   return {
@@ -47,6 +50,7 @@ function spec(variant: Variant): TrainingSpec {
       weightDecay: 5e-4,
       schedule: "cosine",
       minLr: 1e-4,
+      warmupSteps,
     },
     epochs,
     batchSize: 128,
@@ -60,7 +64,7 @@ const data = await loadBuiltInDataset("fashion-mnist", {
   maxTest: 10_000,
 });
 console.log(
-  `# fashion-mnist CNN: ${data.train.count} train, ${data.test.count} test examples, ${epochs} epochs, population 5, lr ${lr}, backend ${backend}`,
+  `# fashion-mnist CNN: ${data.train.count} train, ${data.test.count} test examples, ${epochs} epochs, population 5, lr ${lr}, warm-up ${warmupSteps} steps, backend ${backend}`,
 );
 const started = performance.now();
 printTableHeader();

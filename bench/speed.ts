@@ -66,6 +66,7 @@ async function ours(spec: ModelSpec) {
       weightDecay: 5e-4,
       schedule: "constant",
       minLr: 0,
+      warmupSteps: 0,
     },
     trainable,
   );

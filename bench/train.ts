@@ -43,6 +43,7 @@ function spec(variant: Variant, epochCount: number): TrainingSpec {
       weightDecay: 5e-4,
       schedule: "cosine",
       minLr: 1e-4,
+      warmupSteps: 0,
     },
     epochs: epochCount,
     batchSize: 128,

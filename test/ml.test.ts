@@ -119,6 +119,7 @@ describe("population training rules", () => {
     weightDecay: 0,
     schedule: "cosine",
     minLr: 0.001,
+    warmupSteps: 0,
   };
   const p: PopulationSpec = {
     size: 2,
@@ -136,6 +137,17 @@ describe("population training rules", () => {
     expect(learningRate(o, 100, 100)).toBeCloseTo(0.001, 12);
     expect(papaBeta(p, o, 50, 100)).toBeCloseTo(0.01 * 0.505, 12);
     expect(papaBeta({ ...p, lrScaling: "none" }, o, 50, 100)).toBeCloseTo(0.01, 12);
+  });
+
+  it("warms up linearly over warmupSteps, then runs the cosine over the remaining steps", () => {
+    const warm = { ...o, warmupSteps: 10 };
+    expect(learningRate(warm, 0, 110)).toBeCloseTo(0.01, 12);
+    expect(learningRate(warm, 4, 110)).toBeCloseTo(0.05, 12);
+    expect(learningRate(warm, 10, 110)).toBeCloseTo(0.1, 12);
+    expect(learningRate(warm, 60, 110)).toBeCloseTo(0.0505, 12);
+    expect(learningRate(warm, 110, 110)).toBeCloseTo(0.001, 12);
+    expect(learningRate({ ...warm, schedule: "constant" }, 30, 110)).toBe(0.1);
+    expect(papaBeta(p, warm, 4, 110)).toBeCloseTo(0.01 * 0.5, 12);
   });
 
   it("draws diversity combinations without replacement", () => {
@@ -246,6 +258,7 @@ describe("resuming a training run", () => {
         weightDecay: 1e-4,
         schedule: "cosine" as const,
         minLr: 0,
+        warmupSteps: 0,
       },
       epochs: 2,
       batchSize: 32,
@@ -312,6 +325,7 @@ describe("member optimizers", () => {
       weightDecay: 0.1,
       schedule: "constant",
       minLr: 0,
+      warmupSteps: 0,
     } as const;
     const p = tf.variable(tf.tensor1d([1, 2]));
     const opt = new MemberOptimizer(sgd, [p]);

@@ -27,7 +27,7 @@ const quick = {
   model: { kind: "mlp", hidden: [32] },
   population: { size: 2, variant: "papa", every_k_steps: 2, seed: 4 },
   diversity: { label_smoothing: [0, 0.1] },
-  optimizer: { lr: 0.1 },
+  optimizer: { lr: 0.1, warmup_steps: 3 },
   epochs: 1,
   batch_size: 32,
   name: "quick",
@@ -167,6 +167,8 @@ describe("training jobs", () => {
     [{ diversity: { mixup: [] } }, "mixup"],
     [{ epochs: 0 }, "epochs"],
     [{ optimizer: { lr: 0.01, min_lr: 0.1 } }, "min_lr"],
+    [{ optimizer: { warmup_steps: -1 } }, "warmup_steps"],
+    [{ optimizer: { warmup_steps: 2.5 } }, "warmup_steps"],
   ])("rejects %j with 422", async (change, field) => {
     const res = await postTraining(h, { ...quick, ...change });
     expect(res.status).toBe(422);

@@ -760,6 +760,8 @@ export interface components {
                 /** @enum {string} */
                 schedule?: "cosine" | "constant";
                 min_lr?: number;
+                /** @description Optimisation steps of linear warm-up, from lr / warmup_steps up to lr, before the schedule starts (cosine then runs over the remaining steps). Default 0. Deep nets with BatchNorm at a high lr (0.05 and up) can diverge in their first steps without it. */
+                warmup_steps?: number;
             };
             epochs: number;
             batch_size?: number;

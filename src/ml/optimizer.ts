@@ -8,6 +8,8 @@ export interface OptimizerSpec {
   weightDecay: number;
   schedule: "cosine" | "constant";
   minLr: number;
+  /** Steps of linear warm-up from lr / warmupSteps to lr, before the schedule starts; 0: none. */
+  warmupSteps: number;
 }
 
 export interface OptimizerState {

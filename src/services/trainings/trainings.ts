@@ -63,6 +63,7 @@ export interface TrainingParams {
         weight_decay?: number | undefined;
         schedule?: "cosine" | "constant" | undefined;
         min_lr?: number | undefined;
+        warmup_steps?: number | undefined;
       }
     | undefined;
   epochs: number;
@@ -101,6 +102,7 @@ export function trainingSpecOf(p: TrainingParams): TrainingSpec {
       weightDecay: o.weight_decay ?? 5e-4,
       schedule: o.schedule ?? "cosine",
       minLr: o.min_lr ?? 1e-4,
+      warmupSteps: o.warmup_steps ?? 0,
     },
     epochs: p.epochs,
     batchSize: p.batch_size ?? 128,
