@@ -49,7 +49,10 @@ const instances = new WeakMap<Memory, SimdExports>();
  */
 export function simdOn(backend: BackendWasm) {
   const module = backend.wasm as unknown as WasmModule;
-  const memory = module.asm.memory;
+  const memory = module.asm?.memory;
+  if (!memory || !module._malloc || !module._free) {
+    throw new Error("this @tensorflow/tfjs-backend-wasm does not expose its memory, which our kernels need");
+  }
   let loops = instances.get(memory);
   if (!loops) {
     compiled ??= new WebAssemblyApi.Module(Buffer.from(SIMD_WASM, "base64"));
