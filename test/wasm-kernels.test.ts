@@ -83,6 +83,9 @@ describe("our wasm kernels agree with the cpu backend", () => {
     [[2, 6, 6, 3], [2, 2, 3, 4], 1, "same"], // even kernel: asymmetric padding
     [[1, 6, 7, 2], [3, 3, 2, 2], 1, 1], // explicit padding
     [[3, 5, 5, 1], [1, 1, 1, 6], 1, "valid"],
+    [[2, 8, 8, 4], [1, 1, 4, 6], 2, "same"], // ResNet-20's projections
+    [[1, 10, 10, 4], [3, 3, 4, 8], 2, "same"], // ResNet-20's downsampling convs
+    [[1, 11, 10, 2], [3, 3, 2, 3], 3, "valid"], // rows no window reaches
   ];
 
   /** The shape of dy (the convolution's output) for a case. */
