@@ -340,8 +340,9 @@ let registered = false;
 /**
  * Registers our wasm kernels through TensorFlow.js's kernel registry, where the wasm backend
  * lacks one (Conv2DBackpropFilter: conv nets could not train) or where profiling a training step
- * showed it slow (transposed BatchMatMul, Conv2DBackpropInput, Tile, leading-axis
- * Sum and Mean, MaxPoolGrad, and batch normalisation's training pass: batch-norm.ts). Call after the wasm backend's package is imported; idempotent.
+ * showed it slow (transposed BatchMatMul, Conv2DBackpropInput, Tile, leading-axis Sum and
+ * Mean, MaxPoolGrad, and batch normalisation's training pass: batch-norm.ts). Call after the wasm
+ * backend's package is imported; idempotent.
  */
 export function registerWasmKernels(): void {
   if (registered) return;
