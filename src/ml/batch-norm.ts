@@ -1,6 +1,6 @@
 import * as tf from "@tensorflow/tfjs";
 import type { BackendWasm } from "@tensorflow/tfjs-backend-wasm";
-import { simdOn } from "./simd.js";
+import { type KernelCall, simdOn } from "./simd.js";
 
 /**
  * Batch normalisation in training mode as two fused kernels on wasm: forward (the batch's mean
@@ -13,11 +13,6 @@ const FORWARD = "PapaBatchNormTraining";
 const BACKWARD = "PapaBatchNormTrainingGrad";
 
 type TensorInfo = tf.TensorInfo;
-type KernelCall = {
-  inputs: Record<string, TensorInfo>;
-  backend: BackendWasm;
-  attrs: Record<string, unknown>;
-};
 
 /** Three float32 outputs: one shaped like `x`, two with one value per channel. */
 function outputsFor(backend: BackendWasm, x: TensorInfo, channels: number): TensorInfo[] {
@@ -47,14 +42,19 @@ function forward({ inputs, backend, attrs }: KernelCall): TensorInfo[] {
     const scale = new Float32Array(buffer, at + channels * 16, channels);
     const shift = new Float32Array(buffer, at + channels * 20, channels);
     simd.channel_sums(px, px, rows, channels, at);
-    const [g, b, m, v] = [gamma, beta, mean, variance].map((t) => heapOf(backend, t)) as Float32Array[];
+    const [g, b, m, v] = [gamma, beta, mean, variance].map((t) => heapOf(backend, t)) as [
+      Float32Array,
+      Float32Array,
+      Float32Array,
+      Float32Array,
+    ];
     for (let c = 0; c < channels; c++) {
       const mc = (sums[c] as number) / rows;
       const vc = Math.max(0, (sums[channels + c] as number) / rows - mc * mc);
-      (m as Float32Array)[c] = mc;
-      (v as Float32Array)[c] = vc;
-      scale[c] = ((g as Float32Array)[c] as number) / Math.sqrt(vc + epsilon);
-      shift[c] = ((b as Float32Array)[c] as number) - mc * (scale[c] as number);
+      m[c] = mc;
+      v[c] = vc;
+      scale[c] = (g[c] as number) / Math.sqrt(vc + epsilon);
+      shift[c] = (b[c] as number) - mc * (scale[c] as number);
     }
     simd.affine(px, py, count, channels, at + channels * 16, at + channels * 20);
   });

@@ -2,6 +2,13 @@ import type * as tf from "@tensorflow/tfjs";
 import type { BackendWasm } from "@tensorflow/tfjs-backend-wasm";
 import { SIMD_WASM } from "../generated/simd.js";
 
+/** What TF.js passes a kernel of the wasm backend. */
+export interface KernelCall {
+  inputs: Record<string, tf.TensorInfo>;
+  backend: BackendWasm;
+  attrs: Record<string, unknown>;
+}
+
 /** The loops of simd.wat; pointers are byte offsets in the backend's memory. */
 interface SimdExports {
   channel_sums(u: number, v: number, rows: number, channels: number, sums: number): void;

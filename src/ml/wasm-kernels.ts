@@ -1,11 +1,10 @@
 import * as tf from "@tensorflow/tfjs";
 import type { BackendWasm } from "@tensorflow/tfjs-backend-wasm";
 import { registerBatchNormKernels } from "./batch-norm.js";
-import { simdOn } from "./simd.js";
+import { type KernelCall, simdOn } from "./simd.js";
 
 type TensorInfo = tf.TensorInfo;
 type Attrs = Record<string, unknown>;
-type KernelCall = { inputs: Record<string, TensorInfo>; backend: BackendWasm; attrs: Attrs };
 
 /** Calls a kernel already registered for wasm, as its own kernels call each other. */
 function run(name: string, inputs: Record<string, TensorInfo>, backend: BackendWasm, attrs: Attrs = {}) {
