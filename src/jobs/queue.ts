@@ -34,7 +34,8 @@ const ABORT_GRACE_MS = 10_000;
  */
 export class JobQueue {
   private readonly boss: PgBoss;
-  private readonly active = new Map<string, { queue: QueueName; controller: AbortController }>();
+  /** The jobs running in this process, by id. */
+  private readonly active = new Map<string, AbortController>();
   /** pg-boss's queries in flight: it completes and fails jobs without awaiting them. */
   private readonly queries = new Set<Promise<unknown>>();
   private started: Promise<void> | null = null;
@@ -118,7 +119,7 @@ export class JobQueue {
           // Fetched while this worker stopped: failing it hands it to another worker.
           if (this.stopped) throw new Error("worker shutting down");
           const controller = new AbortController();
-          this.active.set(job.id, { queue, controller });
+          this.active.set(job.id, controller);
           try {
             await handler({
               id: job.id,
@@ -145,7 +146,7 @@ export class JobQueue {
     await this.started;
     for (const queue of QUEUE_NAMES) await this.boss.offWork(queue);
     await this.whileActive(drainMs);
-    for (const [id, { controller }] of this.active) {
+    for (const [id, controller] of this.active) {
       this.logger.warn("job interrupted by shutdown; it will be retried", { job_id: id });
       controller.abort(new Error("worker shutting down"));
     }
