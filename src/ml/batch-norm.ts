@@ -14,13 +14,19 @@ const BACKWARD = "PapaBatchNormTrainingGrad";
 
 type TensorInfo = tf.TensorInfo;
 
-/** Three float32 outputs: one shaped like `x`, two with one value per channel. */
-function outputsFor(backend: BackendWasm, x: TensorInfo, channels: number): TensorInfo[] {
-  return [
+/**
+ * What both kernels start from: x's channels (its last axis), element and row counts, three
+ * float32 outputs (one shaped like x, two with one value per channel) and simd.wat's loops.
+ */
+function start(backend: BackendWasm, x: TensorInfo) {
+  const channels = x.shape.at(-1) as number;
+  const count = tf.util.sizeFromShape(x.shape);
+  const outputs: TensorInfo[] = [
     backend.makeOutput(x.shape, "float32"),
     backend.makeOutput([channels], "float32"),
     backend.makeOutput([channels], "float32"),
   ];
+  return { channels, count, rows: count / channels, outputs, simd: simdOn(backend) };
 }
 
 /**
@@ -30,17 +36,15 @@ function outputsFor(backend: BackendWasm, x: TensorInfo, channels: number): Tens
 function forward({ inputs, backend, attrs }: KernelCall): TensorInfo[] {
   const { x, gamma, beta } = inputs as { x: TensorInfo; gamma: TensorInfo; beta: TensorInfo };
   const epsilon = attrs.epsilon as number;
-  const channels = x.shape.at(-1) as number;
-  const count = tf.util.sizeFromShape(x.shape);
-  const rows = count / channels;
-  const outputs = outputsFor(backend, x, channels);
+  const { channels, count, rows, outputs, simd } = start(backend, x);
   const [y, mean, variance] = outputs as [TensorInfo, TensorInfo, TensorInfo];
-  const simd = simdOn(backend);
   const [px, py] = [simd.address(x), simd.address(y)];
+  // Scratch: the sums (float64), then scale and shift.
   simd.withScratch(channels * 24, (at, buffer) => {
+    const [scaleAt, shiftAt] = [at + channels * 16, at + channels * 20];
     const sums = new Float64Array(buffer, at, 2 * channels).fill(0);
-    const scale = new Float32Array(buffer, at + channels * 16, channels);
-    const shift = new Float32Array(buffer, at + channels * 20, channels);
+    const scale = new Float32Array(buffer, scaleAt, channels);
+    const shift = new Float32Array(buffer, shiftAt, channels);
     simd.channel_sums(px, px, rows, channels, at);
     const [g, b, m, v] = [gamma, beta, mean, variance].map((t) => heapOf(backend, t)) as [
       Float32Array,
@@ -56,7 +60,7 @@ function forward({ inputs, backend, attrs }: KernelCall): TensorInfo[] {
       scale[c] = (g[c] as number) / Math.sqrt(vc + epsilon);
       shift[c] = (b[c] as number) - mc * (scale[c] as number);
     }
-    simd.affine(px, py, count, channels, at + channels * 16, at + channels * 20);
+    simd.affine(px, py, count, channels, scaleAt, shiftAt);
   });
   return outputs;
 }
@@ -71,18 +75,18 @@ function forward({ inputs, backend, attrs }: KernelCall): TensorInfo[] {
 function backward({ inputs, backend, attrs }: KernelCall): TensorInfo[] {
   const { dy, x } = inputs as { dy: TensorInfo; x: TensorInfo };
   const epsilon = attrs.epsilon as number;
-  const channels = x.shape.at(-1) as number;
-  const count = tf.util.sizeFromShape(x.shape);
-  const rows = count / channels;
-  const outputs = outputsFor(backend, x, channels);
+  const { channels, count, rows, outputs, simd } = start(backend, x);
   const [dx, dgamma, dbeta] = outputs as [TensorInfo, TensorInfo, TensorInfo];
-  const simd = simdOn(backend);
   const [pdy, px, pdx] = [simd.address(dy), simd.address(x), simd.address(dx)];
+  // Scratch: the sums (float64), then the coefficients a, b and k.
   simd.withScratch(channels * 28, (at, buffer) => {
+    const [aAt, bAt, kAt] = [at + channels * 16, at + channels * 20, at + channels * 24];
     const sums = new Float64Array(buffer, at, 2 * channels).fill(0);
-    const [a, b, k] = [16, 20, 24].map(
-      (offset) => new Float32Array(buffer, at + channels * offset, channels),
-    ) as [Float32Array, Float32Array, Float32Array];
+    const [a, b, k] = [aAt, bAt, kAt].map((offset) => new Float32Array(buffer, offset, channels)) as [
+      Float32Array,
+      Float32Array,
+      Float32Array,
+    ];
     simd.channel_sums(pdy, px, rows, channels, at);
     const [gamma, mean, variance, dmean, dvariance, dg, db] = [
       inputs.gamma,
@@ -112,7 +116,7 @@ function backward({ inputs, backend, attrs }: KernelCall): TensorInfo[] {
       b[c] = (-(a[c] as number) * s * sumDyXhat + 2 * (dvariance[c] as number)) / rows;
       k[c] = (-(a[c] as number) * sumDy + (dmean[c] as number)) / rows - (b[c] as number) * m;
     }
-    simd.affine2(pdy, px, pdx, count, channels, at + channels * 16, at + channels * 20, at + channels * 24);
+    simd.affine2(pdy, px, pdx, count, channels, aAt, bAt, kAt);
   });
   return outputs;
 }

@@ -13,8 +13,39 @@ export interface KernelCall {
 interface SimdExports {
   channel_sums(u: number, v: number, rows: number, channels: number, sums: number): void;
   affine(x: number, y: number, count: number, channels: number, scale: number, shift: number): void;
-  patches(...args: number[]): void;
-  max_pool_grad(...args: number[]): void;
+  patches(
+    xt: number,
+    cols: number,
+    batch: number,
+    height: number,
+    width: number,
+    channels: number,
+    filterH: number,
+    filterW: number,
+    strideH: number,
+    strideW: number,
+    padTop: number,
+    padLeft: number,
+    outH: number,
+    outW: number,
+  ): void;
+  max_pool_grad(
+    x: number,
+    dy: number,
+    dx: number,
+    batch: number,
+    height: number,
+    width: number,
+    channels: number,
+    filterH: number,
+    filterW: number,
+    strideH: number,
+    strideW: number,
+    padTop: number,
+    padLeft: number,
+    outH: number,
+    outW: number,
+  ): void;
   affine2(
     u: number,
     v: number,
