@@ -2,6 +2,7 @@ import * as tf from "@tensorflow/tfjs";
 import { beforeAll, describe, expect, it } from "vitest";
 import { selectBackend } from "../src/ml/backend.js";
 import { buildModel } from "../src/ml/models.js";
+import { MemberOptimizer } from "../src/ml/optimizer.js";
 import { seededRandom } from "../src/random.js";
 
 /** Deterministic values in [-1, 1). */
@@ -64,6 +65,15 @@ describe("our wasm kernels agree with the cpu backend", () => {
     [[2, 6, 4], [2, 6, 3], true, false],
     [[1, 4, 6], [2, 3, 6], false, true], // broadcast batch
     [[128, 64], [128, 32], true, false],
+    // simd.wat's matmul (columns a multiple of 8): rows past a multiple of 4, k in blocks of 256
+    [[6, 300], [300, 16], false, false],
+    [[300, 7], [300, 8], true, false],
+    [[5, 9], [24, 9], false, true],
+    [[9, 5], [8, 9], true, true],
+    [[1, 600], [600, 8], false, false],
+    [[3, 4, 10], [3, 10, 8], false, false],
+    [[1, 5, 10], [2, 10, 8], false, false], // broadcast batch
+    [[2, 10, 5], [10, 8], true, false], // b without batch
   ])("BatchMatMul %j x %j transposeA=%s transposeB=%s", async (a, b, transposeA, transposeB) => {
     await expectSameAsCpu(
       "BatchMatMul",
@@ -227,6 +237,51 @@ describe("our wasm kernels agree with the cpu backend", () => {
         const scale = Math.max(...g.map(Math.abs));
         const worst = Math.max(...g.map((v, j) => Math.abs(v - (wasm[i]?.[j] ?? Number.NaN))));
         expect(worst / scale).toBeLessThan(1e-4);
+      }
+    },
+  );
+
+  it.each([true, false])(
+    "gives three SGD steps (Nesterov %s) the cpu backend's parameters and momentum",
+    async (nesterov) => {
+      const run = async (backend: "wasm" | "cpu") => {
+        await tf.setBackend(backend);
+        // 24 values: the wasm backend's one-pass kernel; 3 (not a multiple of 4): op by op there too
+        const params = [
+          tf.variable(tf.tensor(values(24, 1), [4, 6])),
+          tf.variable(tf.tensor(values(3, 2), [3])),
+        ];
+        const optimizer = new MemberOptimizer(
+          {
+            kind: "sgd",
+            lr: 0.1,
+            momentum: 0.9,
+            nesterov,
+            weightDecay: 0.01,
+            schedule: "constant",
+            minLr: 0,
+            warmupSteps: 0,
+          },
+          params,
+        );
+        for (let step = 0; step < 3; step++) {
+          const grads = params.map((p, i) => tf.tensor(values(p.size, 10 + 2 * step + i), p.shape));
+          optimizer.step(grads, 0.1 * (step + 1));
+          tf.dispose(grads);
+        }
+        const result = [
+          ...params.map((p) => Array.from(p.dataSync())),
+          ...optimizer.state().first.map((b) => Array.from(b)),
+        ];
+        optimizer.dispose();
+        tf.dispose(params);
+        return result;
+      };
+      const wasm = await run("wasm");
+      const cpu = await run("cpu");
+      expect(wasm.length).toBe(4);
+      for (const [i, got] of wasm.entries()) {
+        for (const [j, want] of (cpu[i] as number[]).entries()) expect(got[j]).toBeCloseTo(want, 6);
       }
     },
   );

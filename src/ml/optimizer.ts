@@ -19,6 +19,13 @@ export interface OptimizerState {
 }
 
 /**
+ * A backend's kernel for one SGD step of one float32 parameter (size a multiple of 4): inputs
+ * p, g and buf (the momentum buffer), attrs lr, momentum, weightDecay and nesterov; outputs
+ * [p', buf']. The wasm backend has one (wasm-kernels.ts): one pass instead of eight ops.
+ */
+export const SGD_STEP_KERNEL = "PapaSgdStep";
+
+/**
  * SGD with momentum (PyTorch semantics: weight decay added to the gradient, optional Nesterov)
  * and AdamW (decoupled weight decay), as tf ops on explicit state variables: the state is the
  * member's own, can be saved and restored, and is disposed with `dispose`.
@@ -40,12 +47,23 @@ export class MemberOptimizer {
   /** Applies one update with learning rate `lr`; `grads` are in the order of the params. */
   step(grads: tf.Tensor[], lr: number): void {
     this.steps++;
-    const { momentum: mu, weightDecay: wd } = this.spec;
+    const { momentum: mu, weightDecay: wd, nesterov } = this.spec;
+    const fused = this.spec.kind === "sgd" && tf.getKernel(SGD_STEP_KERNEL, tf.getBackend()) !== undefined;
     tf.tidy(() => {
       this.params.forEach((p, i) => {
         const g = grads[i] as tf.Tensor;
         const first = this.first[i] as tf.Variable;
-        if (this.spec.kind === "sgd") {
+        if (fused && p.dtype === "float32" && p.size % 4 === 0) {
+          const [next, buf] = tf
+            .engine()
+            .runKernel(
+              SGD_STEP_KERNEL,
+              { p, g, buf: first },
+              { lr, momentum: mu, weightDecay: wd, nesterov },
+            ) as tf.Tensor[];
+          first.assign(buf as tf.Tensor);
+          p.assign(next as tf.Tensor);
+        } else if (this.spec.kind === "sgd") {
           const d = wd > 0 ? tf.add(g, tf.mul(p, wd)) : g;
           const buf = tf.add(tf.mul(first, mu), d);
           first.assign(buf);

@@ -46,6 +46,32 @@ interface SimdExports {
     outH: number,
     outW: number,
   ): void;
+  matmul(
+    a: number,
+    b: number,
+    c: number,
+    m: number,
+    k: number,
+    n: number,
+    sai: number,
+    sal: number,
+    sbl: number,
+    sbj: number,
+    packed: number,
+  ): void;
+  sgd_step(
+    p: number,
+    g: number,
+    buf: number,
+    pOut: number,
+    bufOut: number,
+    count: number,
+    lr: number,
+    mu: number,
+    wd: number,
+    kd: number,
+    kb: number,
+  ): void;
   affine2(
     u: number,
     v: number,

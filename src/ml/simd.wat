@@ -247,4 +247,178 @@
         (local.set $oh (i32.add (local.get $oh) (i32.const 1)))
         (br_if $ohs (i32.lt_u (local.get $oh) (local.get $outH))))
       (local.set $b (i32.add (local.get $b) (i32.const 1)))
-      (br_if $bs (i32.lt_u (local.get $b) (local.get $batch))))))
+      (br_if $bs (i32.lt_u (local.get $b) (local.get $batch)))))
+  ;; C[m x n] = A[m x k] x B[k x n] (float32; n a multiple of 8, k > 0), C row-major: A's element
+  ;; (i, l) at a + i * sai + l * sal bytes and B's (l, j) at b + l * sbl + j * sbj, so that
+  ;; transposed operands are read in place.
+  ;; Tiles of 4 x 8 of C (one row at a time past a multiple of 4), over blocks of 256 of k: the
+  ;; block of B under a tile (256 x 8) is copied to `packed` (8 KiB), where it stays in cache
+  ;; across all rows (B's own rows can be a power of 2 bytes apart, which maps them all to a few
+  ;; cache sets). wasm's own matmul packs all of B on every call instead, which costs more than
+  ;; the product when B is a layer's weights, new at every step.
+  (func (export "matmul")
+    (param $a i32) (param $b i32) (param $c i32) (param $m i32) (param $k i32) (param $n i32)
+    (param $sai i32) (param $sal i32) (param $sbl i32) (param $sbj i32) (param $packed i32)
+    (local $ld i32) (local $l0 i32) (local $depth i32) (local $j i32) (local $i i32)
+    (local $pa i32) (local $pb i32) (local $pc i32) (local $to i32) (local $end i32) (local $jj i32)
+    (local.set $ld (i32.shl (local.get $n) (i32.const 2)))
+    (loop $blocks
+      (local.set $depth (i32.sub (local.get $k) (local.get $l0)))
+      (if (i32.gt_u (local.get $depth) (i32.const 256)) (then (local.set $depth (i32.const 256))))
+      (local.set $j (i32.const 0))
+      (loop $cols
+        (local.set $pa (i32.add (local.get $a) (i32.mul (local.get $l0) (local.get $sal))))
+        (local.set $pb
+          (i32.add (local.get $b)
+            (i32.add (i32.mul (local.get $l0) (local.get $sbl)) (i32.mul (local.get $j) (local.get $sbj)))))
+        (local.set $pc (i32.add (local.get $c) (i32.shl (local.get $j) (i32.const 2))))
+        (local.set $to (local.get $packed))
+        (local.set $end (i32.add (local.get $packed) (i32.shl (local.get $depth) (i32.const 5))))
+        (loop $pack
+          (if (i32.eq (local.get $sbj) (i32.const 4))
+            (then
+              (v128.store (local.get $to) (v128.load (local.get $pb)))
+              (v128.store offset=16 (local.get $to) (v128.load offset=16 (local.get $pb))))
+            (else
+              (local.set $jj (i32.const 0))
+              (loop $gather
+                (f32.store (i32.add (local.get $to) (i32.shl (local.get $jj) (i32.const 2)))
+                  (f32.load (i32.add (local.get $pb) (i32.mul (local.get $jj) (local.get $sbj)))))
+                (local.set $jj (i32.add (local.get $jj) (i32.const 1)))
+                (br_if $gather (i32.lt_u (local.get $jj) (i32.const 8))))))
+          (local.set $pb (i32.add (local.get $pb) (local.get $sbl)))
+          (local.set $to (i32.add (local.get $to) (i32.const 32)))
+          (br_if $pack (i32.lt_u (local.get $to) (local.get $end))))
+        (local.set $i (i32.const 0))
+        (block $tiles_done
+          (loop $tiles
+            (br_if $tiles_done (i32.gt_u (i32.add (local.get $i) (i32.const 4)) (local.get $m)))
+            (call $tile4 (local.get $pa) (local.get $packed) (local.get $pc) (local.get $depth)
+              (local.get $ld) (local.get $sai) (local.get $sal) (local.get $l0))
+            (local.set $pa (i32.add (local.get $pa) (i32.shl (local.get $sai) (i32.const 2))))
+            (local.set $pc (i32.add (local.get $pc) (i32.shl (local.get $ld) (i32.const 2))))
+            (local.set $i (i32.add (local.get $i) (i32.const 4)))
+            (br $tiles)))
+        (block $rows_done
+          (loop $rows
+            (br_if $rows_done (i32.ge_u (local.get $i) (local.get $m)))
+            (call $tile1 (local.get $pa) (local.get $packed) (local.get $pc) (local.get $depth)
+              (local.get $sal) (local.get $l0))
+            (local.set $pa (i32.add (local.get $pa) (local.get $sai)))
+            (local.set $pc (i32.add (local.get $pc) (local.get $ld)))
+            (local.set $i (i32.add (local.get $i) (i32.const 1)))
+            (br $rows)))
+        (local.set $j (i32.add (local.get $j) (i32.const 8)))
+        (br_if $cols (i32.lt_u (local.get $j) (local.get $n))))
+      (local.set $l0 (i32.add (local.get $l0) (i32.const 256)))
+      (br_if $blocks (i32.lt_u (local.get $l0) (local.get $k)))))
+
+  ;; The 4 x 8 tile of C at pc (rows ld bytes apart): the product of 4 rows of A from pa (rows
+  ;; sai bytes apart, elements sal apart) and `depth` packed rows of 8 of B from pb, added to
+  ;; the tile unless `add` is 0.
+  (func $tile4
+    (param $pa i32) (param $pb i32) (param $pc i32) (param $depth i32) (param $ld i32)
+    (param $sai i32) (param $sal i32) (param $add i32)
+    (local $pa1 i32) (local $pa2 i32) (local $pa3 i32)
+    (local $pc1 i32) (local $pc2 i32) (local $pc3 i32) (local $b0 v128) (local $b1 v128) (local $x v128)
+    (local $c00 v128) (local $c01 v128) (local $c10 v128) (local $c11 v128)
+    (local $c20 v128) (local $c21 v128) (local $c30 v128) (local $c31 v128)
+    (local.set $pa1 (i32.add (local.get $pa) (local.get $sai)))
+    (local.set $pa2 (i32.add (local.get $pa1) (local.get $sai)))
+    (local.set $pa3 (i32.add (local.get $pa2) (local.get $sai)))
+    (local.set $pc1 (i32.add (local.get $pc) (local.get $ld)))
+    (local.set $pc2 (i32.add (local.get $pc1) (local.get $ld)))
+    (local.set $pc3 (i32.add (local.get $pc2) (local.get $ld)))
+    (if (local.get $add)
+      (then
+        (local.set $c00 (v128.load (local.get $pc)))
+        (local.set $c01 (v128.load offset=16 (local.get $pc)))
+        (local.set $c10 (v128.load (local.get $pc1)))
+        (local.set $c11 (v128.load offset=16 (local.get $pc1)))
+        (local.set $c20 (v128.load (local.get $pc2)))
+        (local.set $c21 (v128.load offset=16 (local.get $pc2)))
+        (local.set $c30 (v128.load (local.get $pc3)))
+        (local.set $c31 (v128.load offset=16 (local.get $pc3)))))
+    (loop $depths
+      (local.set $b0 (v128.load (local.get $pb)))
+      (local.set $b1 (v128.load offset=16 (local.get $pb)))
+      (local.set $x (v128.load32_splat (local.get $pa)))
+      (local.set $c00 (f32x4.add (local.get $c00) (f32x4.mul (local.get $x) (local.get $b0))))
+      (local.set $c01 (f32x4.add (local.get $c01) (f32x4.mul (local.get $x) (local.get $b1))))
+      (local.set $x (v128.load32_splat (local.get $pa1)))
+      (local.set $c10 (f32x4.add (local.get $c10) (f32x4.mul (local.get $x) (local.get $b0))))
+      (local.set $c11 (f32x4.add (local.get $c11) (f32x4.mul (local.get $x) (local.get $b1))))
+      (local.set $x (v128.load32_splat (local.get $pa2)))
+      (local.set $c20 (f32x4.add (local.get $c20) (f32x4.mul (local.get $x) (local.get $b0))))
+      (local.set $c21 (f32x4.add (local.get $c21) (f32x4.mul (local.get $x) (local.get $b1))))
+      (local.set $x (v128.load32_splat (local.get $pa3)))
+      (local.set $c30 (f32x4.add (local.get $c30) (f32x4.mul (local.get $x) (local.get $b0))))
+      (local.set $c31 (f32x4.add (local.get $c31) (f32x4.mul (local.get $x) (local.get $b1))))
+      (local.set $pa (i32.add (local.get $pa) (local.get $sal)))
+      (local.set $pa1 (i32.add (local.get $pa1) (local.get $sal)))
+      (local.set $pa2 (i32.add (local.get $pa2) (local.get $sal)))
+      (local.set $pa3 (i32.add (local.get $pa3) (local.get $sal)))
+      (local.set $pb (i32.add (local.get $pb) (i32.const 32)))
+      (br_if $depths (local.tee $depth (i32.sub (local.get $depth) (i32.const 1)))))
+    (v128.store (local.get $pc) (local.get $c00))
+    (v128.store offset=16 (local.get $pc) (local.get $c01))
+    (v128.store (local.get $pc1) (local.get $c10))
+    (v128.store offset=16 (local.get $pc1) (local.get $c11))
+    (v128.store (local.get $pc2) (local.get $c20))
+    (v128.store offset=16 (local.get $pc2) (local.get $c21))
+    (v128.store (local.get $pc3) (local.get $c30))
+    (v128.store offset=16 (local.get $pc3) (local.get $c31)))
+
+  ;; One row of 8 of C at pc, as $tile4 does four.
+  (func $tile1
+    (param $pa i32) (param $pb i32) (param $pc i32) (param $depth i32) (param $sal i32)
+    (param $add i32)
+    (local $x v128) (local $c0 v128) (local $c1 v128)
+    (if (local.get $add)
+      (then
+        (local.set $c0 (v128.load (local.get $pc)))
+        (local.set $c1 (v128.load offset=16 (local.get $pc)))))
+    (loop $depths
+      (local.set $x (v128.load32_splat (local.get $pa)))
+      (local.set $c0 (f32x4.add (local.get $c0) (f32x4.mul (local.get $x) (v128.load (local.get $pb)))))
+      (local.set $c1
+        (f32x4.add (local.get $c1) (f32x4.mul (local.get $x) (v128.load offset=16 (local.get $pb)))))
+      (local.set $pa (i32.add (local.get $pa) (local.get $sal)))
+      (local.set $pb (i32.add (local.get $pb) (i32.const 32)))
+      (br_if $depths (local.tee $depth (i32.sub (local.get $depth) (i32.const 1)))))
+    (v128.store (local.get $pc) (local.get $c0))
+    (v128.store offset=16 (local.get $pc) (local.get $c1)))
+
+  ;; One step of SGD with momentum (PyTorch's: weight decay added to the gradient) over `count`
+  ;; float32 parameters p (count a multiple of 4), gradients g and momentum buffer buf:
+  ;; d = g + p * wd; buf' = buf * mu + d; p' = p - (d * kd + buf' * kb) * lr, where (kd, kb) is
+  ;; (1, mu) for Nesterov's momentum and (0, 1) for the plain one: the op-by-op update's
+  ;; operations in its order (optimizer.ts), without fused multiply-adds.
+  (func (export "sgd_step")
+    (param $p i32) (param $g i32) (param $buf i32) (param $pOut i32) (param $bufOut i32)
+    (param $count i32) (param $lr f32) (param $mu f32) (param $wd f32) (param $kd f32) (param $kb f32)
+    (local $o i32) (local $end i32) (local $x v128) (local $d v128) (local $b v128)
+    (local.set $end (i32.shl (local.get $count) (i32.const 2)))
+    (block $done
+      (loop $values
+        (br_if $done (i32.ge_u (local.get $o) (local.get $end)))
+        (local.set $x (v128.load (i32.add (local.get $p) (local.get $o))))
+        (local.set $d
+          (f32x4.add
+            (v128.load (i32.add (local.get $g) (local.get $o)))
+            (f32x4.mul (local.get $x) (f32x4.splat (local.get $wd)))))
+        (local.set $b
+          (f32x4.add
+            (f32x4.mul (v128.load (i32.add (local.get $buf) (local.get $o))) (f32x4.splat (local.get $mu)))
+            (local.get $d)))
+        (v128.store (i32.add (local.get $bufOut) (local.get $o)) (local.get $b))
+        (v128.store (i32.add (local.get $pOut) (local.get $o))
+          (f32x4.sub (local.get $x)
+            (f32x4.mul
+              (f32x4.add
+                (f32x4.mul (local.get $d) (f32x4.splat (local.get $kd)))
+                (f32x4.mul (local.get $b) (f32x4.splat (local.get $kb))))
+              (f32x4.splat (local.get $lr)))))
+        (local.set $o (i32.add (local.get $o) (i32.const 16)))
+        (br $values))))
+)

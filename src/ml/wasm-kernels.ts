@@ -1,6 +1,7 @@
 import * as tf from "@tensorflow/tfjs";
 import type { BackendWasm } from "@tensorflow/tfjs-backend-wasm";
 import { registerBatchNormKernels } from "./batch-norm.js";
+import { SGD_STEP_KERNEL } from "./optimizer.js";
 import { type KernelCall, simdOn } from "./simd.js";
 
 type TensorInfo = tf.TensorInfo;
@@ -22,29 +23,72 @@ function transposeLastTwo(x: TensorInfo, backend: BackendWasm): TensorInfo {
 }
 
 /**
- * BatchMatMul with a transposed operand: wasm's kernel runs its fast (XNNPACK-style) path only
- * when neither operand is transposed, and is ~25x slower otherwise - and the backward pass of every
- * dense layer has one transposed operand. Transposing explicitly first costs one copy.
+ * BatchMatMul (float32) on simd.wat's matmul, which reads transposed operands in place and
+ * copies only the block of B it works on. wasm's own kernel packs all of B on every call (in a
+ * training step B is new weights each time: the packing took longer than the product) and
+ * runs its fast path only when neither operand is transposed (~25x slower otherwise). Shapes
+ * our loops do not take (columns not a multiple of 8, batch shapes broadcast other than from
+ * 1) go to wasm's kernel, after transposing any transposed operand explicitly (one copy).
  */
 function batchMatMulWith(original: tf.KernelFunc) {
   return ({ inputs, backend, attrs }: KernelCall): TensorInfo => {
     const { transposeA, transposeB } = attrs as { transposeA: boolean; transposeB: boolean };
-    if (!transposeA && !transposeB) return original({ inputs, backend, attrs } as never) as TensorInfo;
+    const { a, b } = inputs as { a: TensorInfo; b: TensorInfo };
+    const [ra, rb] = [a.shape.length, b.shape.length];
+    const m = a.shape[transposeA ? ra - 1 : ra - 2] as number;
+    const k = a.shape[transposeA ? ra - 2 : ra - 1] as number;
+    const n = b.shape[transposeB ? rb - 2 : rb - 1] as number;
+    const batchA = a.shape.slice(0, -2);
+    const batchB = b.shape.slice(0, -2);
+    const batchShape = tf.backend_util.assertAndGetBroadcastShape(batchA, batchB);
+    const batch = tf.util.sizeFromShape(batchShape);
+    const [sizeA, sizeB] = [tf.util.sizeFromShape(batchA), tf.util.sizeFromShape(batchB)];
+    const ours =
+      a.dtype === "float32" &&
+      b.dtype === "float32" &&
+      n % 8 === 0 &&
+      m * k * n > 0 &&
+      (sizeA === batch || sizeA === 1) &&
+      (sizeB === batch || sizeB === 1);
     const temporaries: TensorInfo[] = [];
-    const operand = (t: TensorInfo | undefined, transpose: boolean) => {
-      if (!t) throw new Error("BatchMatMul needs a and b");
-      if (!transpose) return t;
-      const transposed = transposeLastTwo(t, backend);
-      temporaries.push(transposed);
-      return transposed;
+    const transposed = (t: TensorInfo) => {
+      const copy = transposeLastTwo(t, backend);
+      temporaries.push(copy);
+      return copy;
     };
-    const a = operand(inputs.a, transposeA);
-    const b = operand(inputs.b, transposeB);
-    const out = original({
-      inputs: { a, b },
-      backend,
-      attrs: { ...attrs, transposeA: false, transposeB: false },
-    } as never) as TensorInfo;
+    let out: TensorInfo;
+    if (ours) {
+      out = backend.makeOutput([...batchShape, m, n], "float32");
+      const simd = simdOn(backend);
+      const [pa, pb, pc] = [simd.address(a), simd.address(b), simd.address(out)];
+      const [sai, sal] = transposeA ? [4, 4 * m] : [4 * k, 4];
+      const [sbl, sbj] = transposeB ? [4, 4 * k] : [4 * n, 4];
+      simd.withScratch(256 * 8 * 4, (packed) => {
+        for (let i = 0; i < batch; i++) {
+          simd.matmul(
+            pa + (sizeA === 1 ? 0 : i * 4 * m * k),
+            pb + (sizeB === 1 ? 0 : i * 4 * k * n),
+            pc + i * 4 * m * n,
+            m,
+            k,
+            n,
+            sai,
+            sal,
+            sbl,
+            sbj,
+            packed,
+          );
+        }
+      });
+    } else if (transposeA || transposeB) {
+      out = original({
+        inputs: { a: transposeA ? transposed(a) : a, b: transposeB ? transposed(b) : b },
+        backend,
+        attrs: { ...attrs, transposeA: false, transposeB: false },
+      } as never) as TensorInfo;
+    } else {
+      out = original({ inputs, backend, attrs } as never) as TensorInfo;
+    }
     for (const t of temporaries) backend.disposeData(t.dataId);
     return out;
   };
@@ -334,14 +378,41 @@ function maxPoolGrad({ inputs, backend, attrs }: KernelCall): TensorInfo {
   return out;
 }
 
+/** One SGD step of one parameter in one pass (optimizer.ts's SGD_STEP_KERNEL). */
+function sgdStep({ inputs, backend, attrs }: KernelCall): TensorInfo[] {
+  const { p, g, buf } = inputs as { p: TensorInfo; g: TensorInfo; buf: TensorInfo };
+  const { lr, momentum, weightDecay, nesterov } = attrs as {
+    lr: number;
+    momentum: number;
+    weightDecay: number;
+    nesterov: boolean;
+  };
+  const [next, nextBuf] = [backend.makeOutput(p.shape, "float32"), backend.makeOutput(p.shape, "float32")];
+  const simd = simdOn(backend);
+  simd.sgd_step(
+    simd.address(p),
+    simd.address(g),
+    simd.address(buf),
+    simd.address(next),
+    simd.address(nextBuf),
+    tf.util.sizeFromShape(p.shape),
+    lr,
+    momentum,
+    weightDecay,
+    nesterov ? 1 : 0,
+    nesterov ? momentum : 1,
+  );
+  return [next, nextBuf];
+}
+
 let registered = false;
 
 /**
  * Registers our wasm kernels through TensorFlow.js's kernel registry, where the wasm backend
  * lacks one (Conv2DBackpropFilter: conv nets could not train) or where profiling a training step
- * showed it slow (transposed BatchMatMul, Conv2DBackpropInput, Tile, leading-axis Sum and
- * Mean, MaxPoolGrad, and batch normalisation's training pass: batch-norm.ts). Call after the wasm
- * backend's package is imported; idempotent.
+ * showed it slow (BatchMatMul, Conv2DBackpropInput, Tile, leading-axis Sum and Mean,
+ * MaxPoolGrad, batch normalisation's training pass: batch-norm.ts, and the SGD step, eight ops
+ * where one pass does). Call after the wasm backend's package is imported; idempotent.
  */
 export function registerWasmKernels(): void {
   if (registered) return;
@@ -357,6 +428,7 @@ export function registerWasmKernels(): void {
   replace("Sum", (original) => reduceLeadingWith(original, false));
   replace("Mean", (original) => reduceLeadingWith(original, true));
   replace("MaxPoolGrad", () => maxPoolGrad);
+  tf.registerKernel({ kernelName: SGD_STEP_KERNEL, backendName: "wasm", kernelFunc: sgdStep as never });
   tf.registerKernel({
     kernelName: "Conv2DBackpropFilter",
     backendName: "wasm",
