@@ -36,11 +36,13 @@ const models: Record<string, ModelSpec> = {
   cnn: { kind: "cnn", channels: [32, 64] },
 };
 const BATCH = 128;
+/** Steps run before measuring: V8 moves our wasm loops to its optimising tier only after they have run a while. */
+const WARMUP = 10;
 
 const backend = await selectBackend({ forced: values.backend as BackendName });
 const threads = backend === "wasm" ? wasmThreads() : 1;
 console.log(
-  `backend ${backend}, ${threads} thread(s), batch ${BATCH}, median of ${steps} steps after 3 warm-up steps`,
+  `backend ${backend}, ${threads} thread(s), batch ${BATCH}, median of ${steps} steps after ${WARMUP} warm-up steps`,
 );
 
 function wasmThreads(): number {
@@ -84,7 +86,7 @@ async function ours(spec: ModelSpec) {
     loss.dataSync(); // wait for the step
     loss.dispose();
   };
-  for (let i = 0; i < 3; i++) step();
+  for (let i = 0; i < WARMUP; i++) step();
   if (values.profile) {
     const info = await tf.profile(step);
     const byKernel = new Map<string, number>();
@@ -116,7 +118,7 @@ async function ours(spec: ModelSpec) {
 function torchMs(name: string): number {
   const out = execFileSync(
     "/usr/bin/python3",
-    ["bench/torch_step.py", name, String(threads), String(steps)],
+    ["bench/torch_step.py", name, String(threads), String(steps), String(WARMUP)],
     {
       encoding: "utf8",
     },

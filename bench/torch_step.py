@@ -1,6 +1,6 @@
 """PyTorch side of `npm run bench:speed`: the same model, batch and optimizer as ours.
 
-usage: python3 bench/torch_step.py MODEL THREADS STEPS   (MODEL: mlp or cnn)
+usage: python3 bench/torch_step.py MODEL THREADS STEPS WARMUP   (MODEL: mlp or cnn)
 prints one line: step_ms=<median milliseconds of one training step>
 """
 import statistics
@@ -10,7 +10,7 @@ import time
 import torch
 from torch import nn
 
-model_name, threads, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+model_name, threads, steps, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 
@@ -29,12 +29,12 @@ x = torch.rand(128, 1, 28, 28)
 y = torch.softmax(torch.rand(128, 10), dim=1)  # soft labels, as ours (mixup, label smoothing)
 
 times = []
-for i in range(steps + 3):
+for i in range(warmup + steps):
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     loss = torch.sum(-y * torch.log_softmax(model(x), dim=1), dim=1).mean()
     loss.backward()
     optimizer.step()
-    if i >= 3:
+    if i >= warmup:
         times.append((time.perf_counter() - start) * 1000)
 print(f"step_ms={statistics.median(times):.3f}")
