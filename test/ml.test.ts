@@ -17,6 +17,7 @@ import {
   papaBeta,
   type TrainingState,
   trainPopulation,
+  trainStep,
 } from "../src/ml/train.js";
 
 const SHAPE: [number, number, number] = [4, 4, 1];
@@ -298,12 +299,14 @@ describe("model zoo", () => {
     model.dispose();
   });
 
-  it("saves its fused BatchNorm as TF.js's own BatchNormalization, which loads and predicts the same", async () => {
+  it("saves its BatchNorm and Conv2D layers as TF.js's own, which load and predict the same", async () => {
     const model = buildModel({ kind: "cnn", channels: [4] }, [8, 8, 1], 3, 2);
     const topology = model.toJSON(undefined, false) as unknown as {
       config: { layers: { class_name: string }[] };
     };
-    expect(topology.config.layers.map((l) => l.class_name)).toContain("BatchNormalization");
+    expect(topology.config.layers.map((l) => l.class_name)).toEqual(
+      expect.arrayContaining(["Conv2D", "BatchNormalization"]),
+    );
     const loaded = await tf.models.modelFromJSON(topology as never);
     loaded.setWeights(model.getWeights());
     const x = tf.randomUniform([2, 8, 8, 1], 0, 1, "float32", 5);
@@ -312,6 +315,40 @@ describe("model zoo", () => {
     tf.dispose([x, a as tf.Tensor, b as tf.Tensor]);
     model.dispose();
     loaded.dispose();
+  });
+
+  it("trains its conv layers without computing the gradient of the images", async () => {
+    // One input gradient per conv layer but the first: TF.js's fused conv op computes all of them.
+    for (const [channels, inputGradients] of [
+      [[4], 0],
+      [[4, 4], 1],
+    ] as const) {
+      const model = buildModel({ kind: "cnn", channels: [...channels] }, [8, 8, 1], 3, 1);
+      const trainable = model.trainableWeights.map((w) => w.read() as tf.Variable);
+      const optimizer = new MemberOptimizer(
+        {
+          kind: "sgd",
+          lr: 0.1,
+          momentum: 0.9,
+          nesterov: true,
+          weightDecay: 0,
+          schedule: "constant",
+          minLr: 0,
+          warmupSteps: 0,
+        },
+        trainable,
+      );
+      const info = await tf.profile(() => {
+        const x = tf.randomUniform([2, 8, 8, 1], 0, 1, "float32", 1);
+        const y = tf.tidy(() => tf.oneHot([0, 2], 3).toFloat());
+        trainStep(model, trainable, optimizer, x, y, 0.1).dispose();
+      });
+      const names = info.kernels.map((k) => k.name);
+      expect(names).toContain("Conv2DBackpropFilter");
+      expect(names.filter((name) => name === "Conv2DBackpropInput")).toHaveLength(inputGradients);
+      optimizer.dispose();
+      model.dispose();
+    }
   });
 });
 

@@ -1,6 +1,56 @@
 import * as tf from "@tensorflow/tfjs";
 import { batchNormalization } from "./batch-norm.js";
 
+type Conv2DLayer = ReturnType<typeof tf.layers.conv2d>;
+type Conv2DArgs = Parameters<typeof tf.layers.conv2d>[0];
+type Kwargs = Parameters<Conv2DLayer["call"]>[1];
+
+/** TF.js's layer class (not exported by the package, reached through an instance). */
+const TfConv2D = tf.layers.conv2d({ filters: 1, kernelSize: 1 }).constructor as new (
+  args: Conv2DArgs,
+) => Conv2DLayer;
+
+/**
+ * TF.js's Conv2D (same weights, config and class name: saved models are plain TF.js), computed by
+ * tf.conv2d where TF.js's layer calls tf.fused.conv2d when it has no bias and no activation:
+ * the fused op's gradient always computes its input's gradient too, which for a network's
+ * first layer is the gradient of the images (a sixth of a CNN step on wasm, measured); the
+ * plain op's gradient computes only what the backward pass uses.
+ */
+class Conv2D extends TfConv2D {
+  override call(inputs: tf.Tensor | tf.Tensor[], kwargs: Kwargs): tf.Tensor | tf.Tensor[] {
+    const x = Array.isArray(inputs) ? inputs[0] : inputs;
+    const f = this as unknown as {
+      kernel: tf.LayerVariable;
+      bias: tf.LayerVariable | null;
+      activation: { getClassName(): string };
+      strides: [number, number];
+      padding: "same" | "valid";
+      dataFormat: string;
+      dilationRate: [number, number];
+    };
+    const plain =
+      x?.rank === 4 &&
+      f.bias === null &&
+      f.activation.getClassName() === "linear" &&
+      f.dataFormat === "channelsLast";
+    if (!plain) return super.call(inputs, kwargs);
+    return tf.conv2d(
+      x as tf.Tensor4D,
+      f.kernel.read() as tf.Tensor4D,
+      f.strides,
+      f.padding,
+      "NHWC",
+      f.dilationRate,
+    );
+  }
+}
+
+/** `tf.layers.conv2d`, whose backward pass skips the gradient of what it does not need. */
+function conv2d(args: Conv2DArgs): Conv2DLayer {
+  return new Conv2D(args);
+}
+
 /** The model zoo. Layer names are fixed, so every member's weights have the same names. */
 export type ModelSpec =
   | { kind: "mlp"; hidden: number[] }
@@ -37,16 +87,14 @@ export function buildModel(
     x = resnet20Body(x, init);
   } else {
     spec.channels.forEach((filters, i) => {
-      x = tf.layers
-        .conv2d({
-          name: `conv_${i}`,
-          filters,
-          kernelSize: 3,
-          padding: "same",
-          useBias: false,
-          kernelInitializer: init(),
-        })
-        .apply(x) as tf.SymbolicTensor;
+      x = conv2d({
+        name: `conv_${i}`,
+        filters,
+        kernelSize: 3,
+        padding: "same",
+        useBias: false,
+        kernelInitializer: init(),
+      }).apply(x) as tf.SymbolicTensor;
       x = batchNormalization({ name: `bn_${i}`, momentum: 0.9 }).apply(x) as tf.SymbolicTensor;
       x = tf.layers.activation({ name: `relu_${i}`, activation: "relu" }).apply(x) as tf.SymbolicTensor;
       x = tf.layers.maxPooling2d({ name: `pool_${i}`, poolSize: 2 }).apply(x) as tf.SymbolicTensor;
@@ -76,17 +124,15 @@ function convBn(
   strides: number,
   init: Init,
 ) {
-  const conv = tf.layers
-    .conv2d({
-      name: `${name}_conv`,
-      filters,
-      kernelSize,
-      strides,
-      padding: "same",
-      useBias: false,
-      kernelInitializer: init(),
-    })
-    .apply(x) as tf.SymbolicTensor;
+  const conv = conv2d({
+    name: `${name}_conv`,
+    filters,
+    kernelSize,
+    strides,
+    padding: "same",
+    useBias: false,
+    kernelInitializer: init(),
+  }).apply(x) as tf.SymbolicTensor;
   return batchNormalization({ name: `${name}_bn`, momentum: 0.9 }).apply(conv) as tf.SymbolicTensor;
 }
 
