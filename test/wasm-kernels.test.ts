@@ -241,6 +241,19 @@ describe("our wasm kernels agree with the cpu backend", () => {
     },
   );
 
+  it("shares an Identity's memory with its input, which lives until both are disposed", async () => {
+    await tf.setBackend("wasm");
+    const backend = tf.engine().backend;
+    const before = backend.numDataIds();
+    const a = tf.tensor([1, 2, 3]);
+    const b = tf.clone(a); // TF.js's engine runs Identity for every tensor kept for a gradient
+    expect(backend.numDataIds()).toBe(before + 1);
+    a.dispose();
+    expect(Array.from(await b.data())).toEqual([1, 2, 3]);
+    b.dispose();
+    expect(backend.numDataIds()).toBe(before);
+  });
+
   it.each([true, false])(
     "gives three SGD steps (Nesterov %s) the cpu backend's parameters and momentum",
     async (nesterov) => {

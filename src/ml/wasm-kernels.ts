@@ -378,6 +378,20 @@ function maxPoolGrad({ inputs, backend, attrs }: KernelCall): TensorInfo {
   return out;
 }
 
+/**
+ * Identity shares its input's memory, as the cpu backend's and wasm's own Reshape do; wasm's
+ * Identity copies it. TF.js runs Identity for every tensor an op keeps for its gradient, so in
+ * a training step it copied most activations once more.
+ */
+function identityWith(original: tf.KernelFunc) {
+  return ({ inputs, backend, attrs }: KernelCall): TensorInfo => {
+    const x = inputs.x as TensorInfo;
+    if (x.dtype === "string") return original({ inputs, backend, attrs } as never) as TensorInfo;
+    backend.incRef(x.dataId);
+    return { dataId: x.dataId, shape: x.shape, dtype: x.dtype };
+  };
+}
+
 /** One SGD step of one parameter in one pass (optimizer.ts's SGD_STEP_KERNEL). */
 function sgdStep({ inputs, backend, attrs }: KernelCall): TensorInfo[] {
   const { p, g, buf } = inputs as { p: TensorInfo; g: TensorInfo; buf: TensorInfo };
@@ -411,8 +425,8 @@ let registered = false;
  * Registers our wasm kernels through TensorFlow.js's kernel registry, where the wasm backend
  * lacks one (Conv2DBackpropFilter: conv nets could not train) or where profiling a training step
  * showed it slow (BatchMatMul, Conv2DBackpropInput, Tile, leading-axis Sum and Mean,
- * MaxPoolGrad, batch normalisation's training pass: batch-norm.ts, and the SGD step, eight ops
- * where one pass does). Call after the wasm backend's package is imported; idempotent.
+ * MaxPoolGrad, Identity, batch normalisation's training pass: batch-norm.ts, and the SGD step,
+ * eight ops where one pass does). Call after the wasm backend's package is imported; idempotent.
  */
 export function registerWasmKernels(): void {
   if (registered) return;
@@ -428,6 +442,7 @@ export function registerWasmKernels(): void {
   replace("Sum", (original) => reduceLeadingWith(original, false));
   replace("Mean", (original) => reduceLeadingWith(original, true));
   replace("MaxPoolGrad", () => maxPoolGrad);
+  replace("Identity", identityWith);
   tf.registerKernel({ kernelName: SGD_STEP_KERNEL, backendName: "wasm", kernelFunc: sgdStep as never });
   tf.registerKernel({
     kernelName: "Conv2DBackpropFilter",
