@@ -15,7 +15,7 @@
  */
 import { selectBackend } from "../src/ml/backend.js";
 import { loadBuiltInDataset } from "../src/ml/datasets.js";
-import { type TrainingSpec, trainPopulation, type Variant } from "../src/ml/train.js";
+import { type Progress, type TrainingSpec, trainPopulation, type Variant } from "../src/ml/train.js";
 import { printTableHeader, printTableRow } from "./table.js";
 
 const maxTrain = Number(process.argv[2] ?? 60_000);
@@ -68,5 +68,16 @@ console.log(
 );
 const started = performance.now();
 printTableHeader();
-for (const variant of variants) printTableRow(variant, await trainPopulation(spec(variant), data));
+for (const variant of variants) {
+  // Progress on stderr, once per epoch: a full run takes hours.
+  let reported = -1;
+  const onProgress = ({ epoch, step, steps, examplesPerSecond }: Progress) => {
+    if (epoch === reported) return;
+    reported = epoch;
+    process.stderr.write(
+      `# ${variant}: epoch ${epoch + 1} of ${epochs}, step ${step} of ${steps}, ${examplesPerSecond.toFixed(0)} examples/s\n`,
+    );
+  };
+  printTableRow(variant, await trainPopulation(spec(variant), data, { onProgress }));
+}
 console.log(`wall ${((performance.now() - started) / 1000).toFixed(0)} s`);
