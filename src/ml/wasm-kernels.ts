@@ -401,6 +401,9 @@ function sgdStep({ inputs, backend, attrs }: KernelCall): TensorInfo[] {
     weightDecay: number;
     nesterov: boolean;
   };
+  const count = tf.util.sizeFromShape(p.shape);
+  if (count % 4 !== 0 || p.dtype !== "float32")
+    throw new Error(`${SGD_STEP_KERNEL}: float32, size a multiple of 4`);
   const [next, nextBuf] = [backend.makeOutput(p.shape, "float32"), backend.makeOutput(p.shape, "float32")];
   const simd = simdOn(backend);
   simd.sgd_step(
@@ -409,7 +412,7 @@ function sgdStep({ inputs, backend, attrs }: KernelCall): TensorInfo[] {
     simd.address(buf),
     simd.address(next),
     simd.address(nextBuf),
-    tf.util.sizeFromShape(p.shape),
+    count,
     lr,
     momentum,
     weightDecay,
