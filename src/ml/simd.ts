@@ -9,43 +9,46 @@ export interface KernelCall {
   attrs: Record<string, unknown>;
 }
 
+/** A 2-D window's geometry (NHWC input, filter, stride, padding, output), as simd.wat's loops take it. */
+type Window = [
+  batch: number,
+  height: number,
+  width: number,
+  channels: number,
+  filterH: number,
+  filterW: number,
+  strideH: number,
+  strideW: number,
+  padTop: number,
+  padLeft: number,
+  outH: number,
+  outW: number,
+];
+
+/** The window of a convolution or pooling, from TF.js's description of it. */
+export function windowOf(info: tf.backend_util.Conv2DInfo): Window {
+  return [
+    info.batchSize,
+    info.inHeight,
+    info.inWidth,
+    info.inChannels,
+    info.filterHeight,
+    info.filterWidth,
+    info.strideHeight,
+    info.strideWidth,
+    info.padInfo.top,
+    info.padInfo.left,
+    info.outHeight,
+    info.outWidth,
+  ];
+}
+
 /** The loops of simd.wat; pointers are byte offsets in the backend's memory. */
 interface SimdExports {
   channel_sums(u: number, v: number, rows: number, channels: number, sums: number): void;
   affine(x: number, y: number, count: number, channels: number, scale: number, shift: number): void;
-  patches(
-    xt: number,
-    cols: number,
-    batch: number,
-    height: number,
-    width: number,
-    channels: number,
-    filterH: number,
-    filterW: number,
-    strideH: number,
-    strideW: number,
-    padTop: number,
-    padLeft: number,
-    outH: number,
-    outW: number,
-  ): void;
-  max_pool_grad(
-    x: number,
-    dy: number,
-    dx: number,
-    batch: number,
-    height: number,
-    width: number,
-    channels: number,
-    filterH: number,
-    filterW: number,
-    strideH: number,
-    strideW: number,
-    padTop: number,
-    padLeft: number,
-    outH: number,
-    outW: number,
-  ): void;
+  patches(xt: number, cols: number, ...window: Window): void;
+  max_pool_grad(x: number, dy: number, dx: number, ...window: Window): void;
   matmul(
     a: number,
     b: number,

@@ -2,7 +2,7 @@ import * as tf from "@tensorflow/tfjs";
 import type { BackendWasm } from "@tensorflow/tfjs-backend-wasm";
 import { registerBatchNormKernels } from "./batch-norm.js";
 import { SGD_STEP_KERNEL } from "./optimizer.js";
-import { type KernelCall, simdOn } from "./simd.js";
+import { type KernelCall, simdOn, windowOf } from "./simd.js";
 
 type TensorInfo = tf.TensorInfo;
 type Attrs = Record<string, unknown>;
@@ -97,7 +97,7 @@ function batchMatMulWith(original: tf.KernelFunc) {
 /**
  * The filter gradient of a 2-D convolution (NHWC), which the wasm backend lacks: the input's
  * patches laid out as columns, cols[k][n] for k = (kh, kw, ci) and n = (b, oh, ow), then
- * dW = cols x dy, one matrix product on wasm's matmul. (Measured slower on the CNN of
+ * dW = cols x dy, one BatchMatMul (batchMatMulWith). (Measured slower on the CNN of
  * bench/speed.ts: patches as rows with a transposed product, 1.3x; dW^T = dy^T x cols, 2.3x; a
  * convolution of x by dy on wasm's Conv2D, 2.8x on the first layer, equal on the second.)
  */
@@ -113,30 +113,14 @@ function conv2DBackpropFilter({ inputs, backend, attrs }: KernelCall): TensorInf
     pad,
     dimRoundingMode,
   );
-  const { batchSize, inHeight, inWidth, inChannels, outHeight, outWidth, outChannels } = info;
-  const { filterHeight, filterWidth, strideHeight, strideWidth, padInfo } = info;
+  const { batchSize, inChannels, outHeight, outWidth, outChannels, filterHeight, filterWidth } = info;
   const k = filterHeight * filterWidth * inChannels;
   const n = batchSize * outHeight * outWidth;
   // Channel-major first, so that each row of cols copies from one contiguous plane.
   const xt = run("Transpose", { x }, backend, { perm: [3, 0, 1, 2] });
   const colsInfo = backend.makeOutput([1, k, n], "float32");
   const simd = simdOn(backend);
-  simd.patches(
-    simd.address(xt),
-    simd.address(colsInfo),
-    batchSize,
-    inHeight,
-    inWidth,
-    inChannels,
-    filterHeight,
-    filterWidth,
-    strideHeight,
-    strideWidth,
-    padInfo.top,
-    padInfo.left,
-    outHeight,
-    outWidth,
-  );
+  simd.patches(simd.address(xt), simd.address(colsInfo), ...windowOf(info));
   backend.disposeData(xt.dataId);
   const dy3 = run("Reshape", { x: dy }, backend, { shape: [1, n, outChannels] });
   const product = run("BatchMatMul", { a: colsInfo, b: dy3 }, backend, {
@@ -358,23 +342,7 @@ function maxPoolGrad({ inputs, backend, attrs }: KernelCall): TensorInfo {
   const out = backend.makeOutput(input.shape, "float32");
   (backend.typedArrayFromHeap(out) as Float32Array).fill(0);
   const simd = simdOn(backend);
-  simd.max_pool_grad(
-    simd.address(input),
-    simd.address(dy),
-    simd.address(out),
-    info.batchSize,
-    info.inHeight,
-    info.inWidth,
-    info.inChannels,
-    info.filterHeight,
-    info.filterWidth,
-    info.strideHeight,
-    info.strideWidth,
-    info.padInfo.top,
-    info.padInfo.left,
-    info.outHeight,
-    info.outWidth,
-  );
+  simd.max_pool_grad(simd.address(input), simd.address(dy), simd.address(out), ...windowOf(info));
   return out;
 }
 
