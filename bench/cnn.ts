@@ -7,9 +7,9 @@
  *
  * usage: npm run bench:cnn [-- MAX_TRAIN [EPOCHS [VARIANTS [LR [WARMUP_STEPS]]]]]
  *   e.g. -- 6000 4 independent,papa 0.05 100
- * LR defaults to the issue's 0.05; without warm-up (WARMUP_STEPS, default 0), that rate makes
- * this CNN's first steps blow up and members collapse to one class (PyTorch too: loss 2.6 ->
- * 11.6 -> 21, then chance).
+ * LR defaults to the issue's 0.05; WARMUP_STEPS defaults to one epoch of steps: without warm-up
+ * (0), that rate makes this CNN's first steps blow up and members collapse to one class (PyTorch
+ * too: loss 2.6 -> 11.6 -> 21, then chance).
  * Reads PAPA_FASHION_MNIST_DIR (default /usr/share/datasets/fashion-mnist); PAPA_BACKEND forces
  * a backend.
  */
@@ -22,9 +22,9 @@ const maxTrain = Number(process.argv[2] ?? 60_000);
 const epochs = Number(process.argv[3] ?? 8);
 const variants = (process.argv[4] ?? "independent,papa,papa-all,papa-2").split(",") as Variant[];
 const lr = Number(process.argv[5] ?? 0.05);
-const warmupSteps = Number(process.argv[6] ?? 0);
+const batchSize = 128;
 
-function spec(variant: Variant): TrainingSpec {
+function spec(variant: Variant, warmupSteps: number): TrainingSpec {
   return {
     model: { kind: "cnn", channels: [32, 64] },
     population: {
@@ -53,7 +53,7 @@ function spec(variant: Variant): TrainingSpec {
       warmupSteps,
     },
     epochs,
-    batchSize: 128,
+    batchSize,
   };
 }
 
@@ -63,6 +63,7 @@ const data = await loadBuiltInDataset("fashion-mnist", {
   maxTrain,
   maxTest: 10_000,
 });
+const warmupSteps = Number(process.argv[6] ?? Math.ceil(data.train.count / batchSize));
 console.log(
   `# fashion-mnist CNN: ${data.train.count} train, ${data.test.count} test examples, ${epochs} epochs, population 5, lr ${lr}, warm-up ${warmupSteps} steps, backend ${backend}`,
 );
@@ -78,6 +79,6 @@ for (const variant of variants) {
       `# ${variant}: epoch ${epoch + 1} of ${epochs}, step ${step} of ${steps}, ${examplesPerSecond.toFixed(0)} examples/s\n`,
     );
   };
-  printTableRow(variant, await trainPopulation(spec(variant), data, { onProgress }));
+  printTableRow(variant, await trainPopulation(spec(variant, warmupSteps), data, { onProgress }));
 }
 console.log(`wall ${((performance.now() - started) / 1000).toFixed(0)} s`);
