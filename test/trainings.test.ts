@@ -182,6 +182,25 @@ describe("training jobs", () => {
     expect(job.problem?.detail).toContain("/nonexistent/fashion-mnist/train-images-idx3-ubyte");
   });
 
+  it("cancels a running training after an epoch: no output registered, no saved state left", async () => {
+    const before = await h.ctx.store.list(`tenants/${h.tenantA}/`);
+    const res = await postTraining(h, { ...quick, max_train_examples: 1000, epochs: 20, batch_size: 16 });
+    const { id } = (await res.json()) as JobBody;
+    const state = `tenants/${h.tenantA}/jobs/${id}/`;
+    while ((await h.ctx.store.list(state)).length === 0) await new Promise((r) => setTimeout(r, 50));
+    expect((await h.request(`/v1/jobs/${id}/cancel`, { method: "POST" })).status).toBe(200);
+    // The worker notices at its next progress report, stops, and deletes what it wrote.
+    const until = Date.now() + 15_000;
+    while (Date.now() < until && (await h.ctx.store.list(`tenants/${h.tenantA}/`)).length !== before.length) {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    await new Promise((r) => setTimeout(r, 1000));
+    const job = (await (await h.request(`/v1/jobs/${id}`)).json()) as JobBody & { result: unknown };
+    expect(job.status).toBe("canceled");
+    expect(job.result).toBeNull();
+    expect(await h.ctx.store.list(`tenants/${h.tenantA}/`)).toEqual(before);
+  });
+
   it("serves no TF.js model for an uploaded checkpoint", async () => {
     const { id } = (await (await upload(h, smallCheckpoint(1))).json()) as { id: string };
     const res = await h.request(`/v1/checkpoints/${id}/tfjs/model.json`);

@@ -2,6 +2,7 @@ import { and, desc, eq, inArray, lt } from "drizzle-orm";
 import { type Database, schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
 import type { QueuedJob, QueueName } from "../../jobs/queue.js";
+import { deleteOutputs } from "../checkpoints/outputs.js";
 import type { ServiceContext, TenantCall } from "../context.js";
 import { ConflictError, NotFoundError } from "../errors.js";
 import { type Page, pageByIdDesc } from "../pagination.js";
@@ -134,6 +135,9 @@ export async function cancelJob({ ctx, principal, input }: TenantCall<{ id: stri
       j.status === "canceled" ? j : cancelJob({ ctx, principal, input }),
     );
   await ctx.queue.cancel(job.kind as QueueName, job.id);
+  // A job queued for its retry has no worker to delete its scratch; a running one's worker
+  // deletes again what it writes after this.
+  await deleteScratch(ctx, updated);
   return updated;
 }
 
@@ -143,7 +147,7 @@ export async function cancelJob({ ctx, principal, input }: TenantCall<{ id: stri
  * Marks a job running for an attempt. Returns null when there is nothing to do: the job was
  * canceled, or an earlier attempt already finished it (a retry after a crash).
  */
-export async function startJobAttempt(ctx: ServiceContext, id: string): Promise<Job | null> {
+async function startJobAttempt(ctx: ServiceContext, id: string): Promise<Job | null> {
   const [job] = await ctx.db
     .update(schema.jobs)
     .set({ status: "running", startedAt: new Date(), updatedAt: new Date() })
@@ -180,7 +184,7 @@ async function reportProgress(
  * A progress callback for a worker's hot loop: records at most every `intervalMs`, without
  * waiting, and aborts `abort` when it finds the job canceled.
  */
-export function progressReporter(
+function progressReporter(
   ctx: ServiceContext,
   id: string,
   abort: AbortController,
@@ -201,7 +205,7 @@ export function progressReporter(
  * Finishes a running job inside `tx` (with whatever else must commit with it). Returns false,
  * changing nothing, when the job is no longer running (canceled meanwhile).
  */
-export async function finishJob(
+async function finishJob(
   tx: Database,
   id: string,
   outcome:
@@ -225,17 +229,17 @@ export async function finishJob(
 }
 
 /**
- * Settles an attempt that threw: a canceled job stays canceled; a permanent failure fails the job
- * (no retry); anything else marks it queued for the queue's retry, or failed on the last attempt,
- * and rethrows so that pg-boss retries it.
+ * Settles an attempt that threw, for a job not canceled: a permanent failure fails the job (no
+ * retry); anything else marks it queued for the queue's retry, or failed on the last attempt,
+ * and rethrows so that pg-boss retries it. (A cancel meanwhile wins: `finishJob` changes only a
+ * running job.)
  */
-export async function settleFailedAttempt(
+async function settleFailedAttempt(
   ctx: ServiceContext,
   queued: QueuedJob,
   err: unknown,
   failure: { permanent: boolean; title: string },
 ): Promise<void> {
-  if ((await jobStatus(ctx, queued.id)) === "canceled") return;
   const problem: JobProblem = {
     type: `urn:papa:problem:${failure.title.toLowerCase().replaceAll(" ", "-")}`,
     title: failure.title,
@@ -249,4 +253,74 @@ export async function settleFailedAttempt(
   const last = queued.retryCount >= queued.retryLimit;
   await finishJob(ctx.db, queued.id, last ? { status: "failed", problem } : { status: "queued", problem });
   throw err;
+}
+
+/**
+ * Where a job keeps objects that serve only its attempts (a training's last completed epoch):
+ * none are left once the job is finished or canceled.
+ */
+export function jobScratchPrefix(job: { tenantId: string; id: string }): string {
+  return `tenants/${job.tenantId}/jobs/${job.id}/`;
+}
+
+async function deleteScratch(ctx: ServiceContext, job: { tenantId: string; id: string }): Promise<void> {
+  for (const key of await ctx.store.list(jobScratchPrefix(job))) await ctx.store.delete(key);
+}
+
+/** What a worker's attempt hands the runner, and what the runner gives it. */
+export interface JobAttempt {
+  job: Job;
+  /** Aborted when the queue stops the job, or when a progress report finds it canceled. */
+  signal: AbortSignal;
+  /** Records progress (0..1, optional details) at most every `progressIntervalMs`, without waiting. */
+  progress(fraction: number, detail?: Record<string, number>): void;
+  /** Ids of the output checkpoints the attempt stores: push each before writing it. */
+  written: string[];
+}
+
+/** A finished attempt's result, and the rows that commit with it. */
+export interface AttemptOutcome {
+  result: object;
+  register(tx: Database): Promise<void>;
+}
+
+/**
+ * Runs one attempt of a queued job, the same way for every kind of job: marks the job running
+ * (returns if there is nothing to do), runs `work`, and commits its result and rows with the
+ * job's success in one transaction. The outputs of an attempt that threw, or whose job was
+ * canceled before the commit, are deleted; then the failure is settled (`settleFailedAttempt`).
+ * The job's scratch objects are deleted before the commit (a crash in between costs a retry its
+ * resume point, not its result), and after a failure unless the job will be retried.
+ */
+export async function runJobAttempt(
+  ctx: ServiceContext,
+  queued: QueuedJob,
+  kind: { title: string; progressIntervalMs: number; isPermanent(err: unknown): boolean },
+  work: (attempt: JobAttempt) => Promise<AttemptOutcome>,
+): Promise<void> {
+  const job = await startJobAttempt(ctx, queued.id);
+  if (!job) return;
+  const abort = new AbortController();
+  const onStop = () => abort.abort(queued.signal.reason);
+  queued.signal.addEventListener("abort", onStop);
+  const written: string[] = [];
+  try {
+    const progress = progressReporter(ctx, job.id, abort, kind.progressIntervalMs);
+    const outcome = await work({ job, signal: abort.signal, progress, written });
+    await deleteScratch(ctx, job);
+    const committed = await ctx.db.transaction(async (tx) => {
+      if (!(await finishJob(tx, job.id, { status: "succeeded", result: outcome.result }))) return false;
+      await outcome.register(tx);
+      return true;
+    });
+    if (!committed) await deleteOutputs(ctx, job.tenantId, written);
+  } catch (err) {
+    await deleteOutputs(ctx, job.tenantId, written);
+    const permanent = kind.isPermanent(err);
+    const canceled = (await jobStatus(ctx, queued.id)) === "canceled";
+    if (canceled || permanent || queued.retryCount >= queued.retryLimit) await deleteScratch(ctx, job);
+    if (!canceled) await settleFailedAttempt(ctx, queued, err, { permanent, title: kind.title });
+  } finally {
+    queued.signal.removeEventListener("abort", onStop);
+  }
 }

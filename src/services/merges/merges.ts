@@ -1,7 +1,7 @@
 import { Readable } from "node:stream";
 import type * as tf from "@tensorflow/tfjs";
 import { and, eq, inArray } from "drizzle-orm";
-import { schema } from "../../db/client.js";
+import { type Database, schema } from "../../db/client.js";
 import { derivedId } from "../../ids.js";
 import type { QueuedJob } from "../../jobs/queue.js";
 import { blockElementsFor, runMerge, slotCount, streamSink } from "../../merge/engine.js";
@@ -17,17 +17,10 @@ import { batchesOf, evaluate } from "../../ml/train.js";
 import type { FloatDtype } from "../../tensors/floats.js";
 import { SafetensorsError, type SafetensorsSummary } from "../../tensors/safetensors.js";
 import { readSafetensorsHeader, storeSource } from "../../tensors/source.js";
-import { deleteOutputs, outputRow, storeOutput } from "../checkpoints/outputs.js";
+import { outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { ServiceContext, TenantCall } from "../context.js";
 import { InvalidInputError, PayloadTooLargeError } from "../errors.js";
-import {
-  createJob,
-  finishJob,
-  type Job,
-  progressReporter,
-  settleFailedAttempt,
-  startJobAttempt,
-} from "../jobs/jobs.js";
+import { type AttemptOutcome, createJob, type Job, type JobAttempt, runJobAttempt } from "../jobs/jobs.js";
 import { loadTrainingData } from "../trainings/trainings.js";
 
 /** A merge request as stored in the job's params (the API's field names). */
@@ -169,12 +162,6 @@ function outputName(params: MergeParams, j: number, outputs: number): string {
   return outputs === 1 ? base : `${base}-${j}`;
 }
 
-/**
- * The merge queue's handler. Streams the merge from the store into new objects under ids
- * derived from the job id, validating each output with the upload parser, then registers
- * the outputs, their lineage edges and the job's success in one transaction. A canceled or
- * failed attempt deletes what it wrote; a retry after a crash rewrites the same keys.
- */
 export interface MergeWorkerOptions {
   threads: number;
   backend?: BackendName | undefined;
@@ -188,96 +175,100 @@ interface MergeOutputs {
   accuracies: number[] | null;
 }
 
+/**
+ * The merge queue's handler. Streams the merge from the store into new objects under ids
+ * derived from the job id, validating each output with the upload parser, then registers
+ * the outputs, their lineage edges and the job's success in one transaction. A canceled or
+ * failed attempt deletes what it wrote; a retry after a crash rewrites the same keys.
+ */
 export async function runMergeJob(
   ctx: ServiceContext,
   queued: QueuedJob,
   options: MergeWorkerOptions,
 ): Promise<void> {
-  const job = await startJobAttempt(ctx, queued.id);
-  if (!job) return;
-  const params = job.params as MergeParams;
-  const written: string[] = [];
-  const abort = new AbortController();
-  const onStop = () => abort.abort(queued.signal.reason);
-  queued.signal.addEventListener("abort", onStop);
-  const progress = progressReporter(ctx, job.id, abort, 250);
-  try {
-    let inputs: CheckpointRow[];
-    let coefficients: number[][];
-    try {
-      inputs = await loadInputs(ctx, job.tenantId, params.inputs);
-      coefficients = mergeCoefficients(methodOf(params), inputs.length);
-    } catch (err) {
-      throw err instanceof InvalidInputError || err instanceof MergeSpecError
-        ? new PermanentMergeError(err.message)
-        : err;
-    }
-    written.push(...coefficients.map((_, j) => derivedId(job.id, `output-${j}`)));
-    const attempt = { ctx, job, params, inputs, coefficients, ids: written, signal: abort.signal, progress };
-    const outputs = params.evaluate
-      ? await evaluatedMerge(attempt, options)
-      : await streamedMerge(attempt, options.threads);
-    const result = {
-      checkpoints: outputs.rows.map((r, j) => ({
-        id: r.id,
-        name: r.name,
-        size_bytes: r.sizeBytes,
-        sha256: r.sha256,
-        ...(outputs.accuracies ? { accuracy: outputs.accuracies[j] } : {}),
-      })),
-    };
-    const committed = await ctx.db.transaction(async (tx) => {
-      if (!(await finishJob(tx, job.id, { status: "succeeded", result }))) return false;
-      await tx.insert(schema.checkpoints).values(outputs.rows).onConflictDoNothing();
-      const edges = written.flatMap((childId, j) =>
-        inputs.flatMap((parent, k) => {
-          const coefficient = coefficients[j]?.[k] ?? 0;
-          return coefficient === 0
-            ? []
-            : [{ parentId: parent.id, childId, coefficient, method: params.method, jobId: job.id }];
-        }),
-      );
-      await tx.insert(schema.lineageEdges).values(edges).onConflictDoNothing();
-      if (outputs.accuracies && params.evaluate) {
-        const dataset = params.evaluate.dataset;
-        const metrics = written.map((id, j) => ({
-          id: derivedId(job.id, `metric-${j}`),
-          checkpointId: id,
-          dataset,
-          split: "test",
-          name: "accuracy",
-          value: outputs.accuracies?.[j] ?? 0,
-          jobId: job.id,
-        }));
-        await tx.insert(schema.metrics).values(metrics).onConflictDoNothing();
-      }
-      return true;
-    });
-    if (!committed) await deleteOutputs(ctx, job.tenantId, written); // canceled while we wrote
-  } catch (err) {
-    await deleteOutputs(ctx, job.tenantId, written);
-    const permanent =
-      err instanceof PermanentMergeError || err instanceof DatasetError || err instanceof BackendError;
-    await settleFailedAttempt(ctx, queued, err, { permanent, title: "Merge failed" });
-  } finally {
-    queued.signal.removeEventListener("abort", onStop);
-  }
+  await runJobAttempt(
+    ctx,
+    queued,
+    {
+      title: "Merge failed",
+      progressIntervalMs: 250,
+      isPermanent: (err) =>
+        err instanceof PermanentMergeError || err instanceof DatasetError || err instanceof BackendError,
+    },
+    (attempt) => mergeAttempt(ctx, attempt, options),
+  );
 }
 
-interface Attempt {
+async function mergeAttempt(
+  ctx: ServiceContext,
+  jobAttempt: JobAttempt,
+  options: MergeWorkerOptions,
+): Promise<AttemptOutcome> {
+  const { job, written } = jobAttempt;
+  const params = job.params as MergeParams;
+  let inputs: CheckpointRow[];
+  let coefficients: number[][];
+  try {
+    inputs = await loadInputs(ctx, job.tenantId, params.inputs);
+    coefficients = mergeCoefficients(methodOf(params), inputs.length);
+  } catch (err) {
+    throw err instanceof InvalidInputError || err instanceof MergeSpecError
+      ? new PermanentMergeError(err.message)
+      : err;
+  }
+  written.push(...coefficients.map((_, j) => derivedId(job.id, `output-${j}`)));
+  const attempt = { ...jobAttempt, ctx, params, inputs, coefficients };
+  const outputs = params.evaluate
+    ? await evaluatedMerge(attempt, options)
+    : await streamedMerge(attempt, options.threads);
+  const result = {
+    checkpoints: outputs.rows.map((r, j) => ({
+      id: r.id,
+      name: r.name,
+      size_bytes: r.sizeBytes,
+      sha256: r.sha256,
+      ...(outputs.accuracies ? { accuracy: outputs.accuracies[j] } : {}),
+    })),
+  };
+  const register = async (tx: Database) => {
+    await tx.insert(schema.checkpoints).values(outputs.rows).onConflictDoNothing();
+    const edges = written.flatMap((childId, j) =>
+      inputs.flatMap((parent, k) => {
+        const coefficient = coefficients[j]?.[k] ?? 0;
+        return coefficient === 0
+          ? []
+          : [{ parentId: parent.id, childId, coefficient, method: params.method, jobId: job.id }];
+      }),
+    );
+    await tx.insert(schema.lineageEdges).values(edges).onConflictDoNothing();
+    if (outputs.accuracies && params.evaluate) {
+      const dataset = params.evaluate.dataset;
+      const metrics = written.map((id, j) => ({
+        id: derivedId(job.id, `metric-${j}`),
+        checkpointId: id,
+        dataset,
+        split: "test",
+        name: "accuracy",
+        value: outputs.accuracies?.[j] ?? 0,
+        jobId: job.id,
+      }));
+      await tx.insert(schema.metrics).values(metrics).onConflictDoNothing();
+    }
+  };
+  return { result, register };
+}
+
+/** A merge job's attempt: its checkpoints' ids are `written`, one per output. */
+interface MergeAttempt extends JobAttempt {
   ctx: ServiceContext;
-  job: Job;
   params: MergeParams;
   inputs: CheckpointRow[];
   coefficients: number[][];
-  ids: string[];
-  signal: AbortSignal;
-  progress(fraction: number): void;
 }
 
 /** The streamed merge of the bytes (any safetensors checkpoints), on worker threads. */
-async function streamedMerge(a: Attempt, threads: number): Promise<MergeOutputs> {
-  const { ctx, job, params, inputs, ids } = a;
+async function streamedMerge(a: MergeAttempt, threads: number): Promise<MergeOutputs> {
+  const { ctx, job, params, inputs, written: ids } = a;
   const pool = new MergePool(threads);
   try {
     let plan: MergePlan;
@@ -339,8 +330,8 @@ async function streamedMerge(a: Attempt, threads: number): Promise<MergeOutputs>
  * re-estimated on training batches and its test accuracy measured, then it is stored with its
  * topology.
  */
-async function evaluatedMerge(a: Attempt, options: MergeWorkerOptions): Promise<MergeOutputs> {
-  const { ctx, job, params, inputs, coefficients, ids } = a;
+async function evaluatedMerge(a: MergeAttempt, options: MergeWorkerOptions): Promise<MergeOutputs> {
+  const { ctx, job, params, inputs, coefficients, written: ids } = a;
   const evaluation = params.evaluate;
   if (!evaluation) throw new Error("not an evaluated merge");
   await selectBackend({ forced: options.backend });

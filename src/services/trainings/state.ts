@@ -3,10 +3,11 @@ import type { TrainingState } from "../../ml/train.js";
 import { encodeSafetensorsHeader } from "../../tensors/safetensors.js";
 import { readBytes, readSafetensorsHeader, storeSource } from "../../tensors/source.js";
 import type { ServiceContext } from "../context.js";
+import { jobScratchPrefix } from "../jobs/jobs.js";
 
 /** Where a training job keeps its last completed epoch, for a retried attempt to resume from. */
-export function trainingStateKey(tenantId: string, jobId: string): string {
-  return `tenants/${tenantId}/jobs/${jobId}/training-state.safetensors`;
+export function trainingStateKey(job: { tenantId: string; id: string }): string {
+  return `${jobScratchPrefix(job)}training-state.safetensors`;
 }
 
 /** Saves the state as one safetensors file (tensors `m<j>/w<i>`, `m<j>/first<i>`, `m<j>/second<i>`). */

@@ -1,6 +1,6 @@
 import { Readable } from "node:stream";
 import type * as tf from "@tensorflow/tfjs";
-import { schema } from "../../db/client.js";
+import { type Database, schema } from "../../db/client.js";
 import { derivedId } from "../../ids.js";
 import type { QueuedJob } from "../../jobs/queue.js";
 import { BackendError, type BackendName, selectBackend } from "../../ml/backend.js";
@@ -16,18 +16,11 @@ import {
 import { modelToSafetensors } from "../../ml/export.js";
 import type { ModelSpec } from "../../ml/models.js";
 import { DivergenceError, type TrainingSpec, trainPopulation, type Variant } from "../../ml/train.js";
-import { deleteOutputs, outputRow, storeOutput } from "../checkpoints/outputs.js";
+import { outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { ServiceContext, TenantCall } from "../context.js";
 import { getDataset, loadUploadedDataset } from "../datasets/datasets.js";
 import { InvalidInputError, NotFoundError } from "../errors.js";
-import {
-  createJob,
-  finishJob,
-  type Job,
-  progressReporter,
-  settleFailedAttempt,
-  startJobAttempt,
-} from "../jobs/jobs.js";
+import { type AttemptOutcome, createJob, type Job, type JobAttempt, runJobAttempt } from "../jobs/jobs.js";
 import { loadTrainingState, saveTrainingState, trainingStateKey } from "./state.js";
 
 /** A training request as stored in the job's params (the API's field names). */
@@ -166,14 +159,26 @@ export async function runTrainingJob(
   queued: QueuedJob,
   options: TrainingWorkerOptions,
 ): Promise<void> {
-  const job = await startJobAttempt(ctx, queued.id);
-  if (!job) return;
+  await runJobAttempt(
+    ctx,
+    queued,
+    {
+      title: "Training failed",
+      progressIntervalMs: 500,
+      isPermanent: (err) =>
+        err instanceof BackendError || err instanceof DatasetError || err instanceof DivergenceError,
+    },
+    (attempt) => trainingAttempt(ctx, attempt, options),
+  );
+}
+
+async function trainingAttempt(
+  ctx: ServiceContext,
+  { job, signal, progress, written }: JobAttempt,
+  options: TrainingWorkerOptions,
+): Promise<AttemptOutcome> {
   const params = job.params as TrainingParams;
   const spec = trainingSpecOf(params);
-  const written: string[] = [];
-  const abort = new AbortController();
-  const onStop = () => abort.abort(queued.signal.reason);
-  queued.signal.addEventListener("abort", onStop);
   const models: tf.LayersModel[] = [];
   const started = performance.now();
   try {
@@ -184,12 +189,11 @@ export async function runTrainingJob(
       maxTest: params.max_test_examples,
     });
     const loadSeconds = (performance.now() - started) / 1000;
-    const stateKey = trainingStateKey(job.tenantId, job.id);
+    const stateKey = trainingStateKey(job);
     const resume = await loadTrainingState(ctx, stateKey);
     if (resume) ctx.logger.info("resuming training", { job_id: job.id, completed_epochs: resume.epochs });
-    const progress = progressReporter(ctx, job.id, abort, 500);
     const outcome = await trainPopulation(spec, data, {
-      signal: abort.signal,
+      signal,
       resume: resume ?? undefined,
       onEpochEnd: (state) => saveTrainingState(ctx, stateKey, state),
       onProgress: (p) =>
@@ -267,11 +271,7 @@ export async function runTrainingJob(
         total: (performance.now() - started) / 1000,
       },
     };
-    // Deleted before the commit, so that a job seen as succeeded has left no state behind; a
-    // crash in between costs the retry its resume point, not its result.
-    await ctx.store.delete(stateKey);
-    const committed = await ctx.db.transaction(async (tx) => {
-      if (!(await finishJob(tx, job.id, { status: "succeeded", result }))) return false;
+    const register = async (tx: Database) => {
       await tx.insert(schema.checkpoints).values(rows).onConflictDoNothing();
       await tx.insert(schema.lineageEdges).values(edges).onConflictDoNothing();
       await tx
@@ -288,20 +288,9 @@ export async function runTrainingJob(
           })),
         )
         .onConflictDoNothing();
-      return true;
-    });
-    if (!committed) await deleteOutputs(ctx, job.tenantId, written);
-  } catch (err) {
-    await deleteOutputs(ctx, job.tenantId, written);
-    const permanent =
-      err instanceof BackendError || err instanceof DatasetError || err instanceof DivergenceError;
-    // A retry resumes from the saved epoch; a job that will not be retried needs no state.
-    if (permanent || queued.retryCount >= queued.retryLimit) {
-      await ctx.store.delete(trainingStateKey(job.tenantId, job.id));
-    }
-    await settleFailedAttempt(ctx, queued, err, { permanent, title: "Training failed" });
+    };
+    return { result, register };
   } finally {
-    queued.signal.removeEventListener("abort", onStop);
     for (const m of models) m.dispose();
   }
 }
