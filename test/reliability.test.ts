@@ -7,7 +7,8 @@ import { Readable } from "node:stream";
 import { eq, inArray } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { schema } from "../src/db/client.js";
-import { createCheckpoint } from "../src/services/checkpoints/checkpoints.js";
+import { derivedId } from "../src/ids.js";
+import { checkpointKey, createCheckpoint } from "../src/services/checkpoints/checkpoints.js";
 import { type Harness, startHarness } from "./helpers/harness.js";
 import { type JobBody, postMerge, waitForJob } from "./helpers/jobs.js";
 import { buildSafetensors, f32 } from "./helpers/safetensors.js";
@@ -202,6 +203,59 @@ describe("merge workers as separate processes", () => {
     const stored = await h.ctx.store.list(`tenants/${h.tenantA}/`);
     expect(new Set(stored).size).toBe(stored.length);
     for (const o of outputs) expect(stored).toContain(o.storageKey);
+  });
+});
+
+describe("a merge whose every attempt's worker dies", () => {
+  let h: Harness;
+  let dataDir: string;
+  const workers: ChildProcess[] = [];
+  beforeAll(async () => {
+    dataDir = await mkdtemp(join(tmpdir(), "papa-abandoned-"));
+    h = await startHarness("postgres", "filesystem", {
+      storeDir: join(dataDir, "objects"),
+      limits: { maxUploadBytes: 2 ** 30, maxMergeInputBytes: 2 ** 31 },
+    });
+  });
+  afterAll(async () => {
+    for (const w of workers) if (w.exitCode === null) w.kill("SIGKILL");
+    await h.close();
+    await rm(dataDir, { recursive: true, force: true });
+  });
+
+  it("is failed with a clear problem, and what its attempts wrote is deleted", async () => {
+    const inputs: string[] = [];
+    for (const k of [0, 1, 2, 3]) {
+      const input = { name: `big-${k}`, body: Readable.from([bigMember(k)]) };
+      inputs.push((await createCheckpoint({ ctx: h.ctx, principal: { tenantId: h.tenantA }, input })).id);
+    }
+    const before = await h.ctx.store.list(`tenants/${h.tenantA}/`);
+    // No retry: the first attempt is the last.
+    const env = { PAPA_JOB_RETRY_LIMIT: "0", PAPA_MERGE_THREADS: "0" };
+    const first = await spawnWorker(h, dataDir, env);
+    workers.push(first);
+    const res = await postMerge(h, { method: "papa-pull", inputs, beta: 0.5 });
+    const { id } = (await res.json()) as JobBody;
+    for (;;) {
+      const job = (await (await h.request(`/v1/jobs/${id}`)).json()) as JobBody;
+      if (job.status === "running" && job.progress > 0) break;
+      expect(job.status).not.toBe("succeeded");
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    first.kill("SIGKILL");
+    await once(first, "exit");
+    // As if the attempt had stored its first output before it died.
+    const stored = checkpointKey(h.tenantA, derivedId(id, "output-0"));
+    await h.ctx.store.put(stored, Readable.from([Buffer.from("written before the kill")]));
+
+    workers.push(await spawnWorker(h, dataDir, env));
+    const job = await waitForJob(h, id, 30_000);
+    expect(job.status).toBe("failed");
+    expect(job.problem).toMatchObject({ title: "Merge failed" });
+    expect(job.problem?.detail).toContain("worker was killed");
+    const outputs = await h.ctx.db.select().from(schema.checkpoints).where(eq(schema.checkpoints.jobId, id));
+    expect(outputs).toEqual([]);
+    expect(await h.ctx.store.list(`tenants/${h.tenantA}/`)).toEqual(before);
   });
 });
 

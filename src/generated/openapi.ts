@@ -786,7 +786,7 @@ export interface components {
             };
             /** @description Set when the job succeeded; for merges, `checkpoints` lists the outputs. */
             result: null | components["schemas"]["JobResult"];
-            /** @description Why the job failed (or why its last attempt did, while it waits for a retry). */
+            /** @description Why the job failed (or why its last attempt did, while it waits for a retry). A job whose every attempt stopped without finishing (its worker killed, or past the queue's expiry) fails with the detail saying so. */
             problem: null | {
                 type: string;
                 title: string;

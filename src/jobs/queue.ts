@@ -25,6 +25,14 @@ export interface QueuedJob {
 
 export type JobHandler = (job: QueuedJob) => Promise<void>;
 
+/**
+ * Where pg-boss puts a job of `queue` once its attempts are spent - its last attempt failed, or
+ * expired because its worker died - for `workAbandoned`.
+ */
+function abandonedQueue(queue: QueueName): string {
+  return `${queue}-abandoned`;
+}
+
 /** How long an aborted handler gets, after the drain, to delete what it wrote and fail its attempt. */
 const ABORT_GRACE_MS = 10_000;
 
@@ -69,12 +77,15 @@ export class JobQueue {
       await this.boss.start();
       for (const name of QUEUE_NAMES) {
         const p = this.policies[name];
+        const abandoned = abandonedQueue(name);
+        if (!(await this.boss.getQueue(abandoned))) await this.boss.createQueue(abandoned);
         const options = {
           name,
           retryLimit: p.retryLimit,
           retryDelay: p.retryDelaySeconds,
           retryBackoff: true,
           expireInSeconds: p.expireInSeconds,
+          deadLetter: abandoned,
         };
         if (await this.boss.getQueue(name)) await this.boss.updateQueue(name, options);
         else await this.boss.createQueue(name, options);
@@ -136,6 +147,21 @@ export class JobQueue {
   }
 
   /**
+   * Runs `handler` with the id of each job of `queue` whose attempts are all spent, one at a time.
+   * Every attempt of such a job threw, or stopped without settling it (its worker died).
+   */
+  async workAbandoned(queue: QueueName, handler: (jobId: string) => Promise<void>): Promise<void> {
+    await this.start();
+    await this.boss.work<{ jobId: string }>(
+      abandonedQueue(queue),
+      { batchSize: 1, pollingIntervalSeconds: 2 },
+      async ([job]) => {
+        if (job) await handler(job.data.jobId);
+      },
+    );
+  }
+
+  /**
    * Stops fetching, lets running jobs finish for up to `drainMs`, then aborts the rest (each
    * deletes what it wrote and fails its attempt, so that another worker retries it) and waits
    * until no query of the queue is in flight, so that the database can be closed. Idempotent.
@@ -144,7 +170,10 @@ export class JobQueue {
     if (this.stopped || !this.started) return;
     this.stopped = true;
     await this.started;
-    for (const queue of QUEUE_NAMES) await this.boss.offWork(queue);
+    for (const queue of QUEUE_NAMES) {
+      await this.boss.offWork(queue);
+      await this.boss.offWork(abandonedQueue(queue));
+    }
     await this.whileActive(drainMs);
     for (const [id, controller] of this.active) {
       this.logger.warn("job interrupted by shutdown; it will be retried", { job_id: id });

@@ -2,8 +2,8 @@ import type { WorkerConfig } from "../config.js";
 import { selectBackend } from "../ml/backend.js";
 import { expireUploadSessions } from "../services/checkpoints/upload-sessions.js";
 import type { ServiceContext } from "../services/context.js";
-import { runMergeJob } from "../services/merges/merges.js";
-import { runTrainingJob } from "../services/trainings/trainings.js";
+import { abandonMergeJob, runMergeJob } from "../services/merges/merges.js";
+import { abandonTrainingJob, runTrainingJob } from "../services/trainings/trainings.js";
 
 /** Consumes the configured queues in this process until `ctx.queue.stop()`. */
 export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Promise<void> {
@@ -20,6 +20,7 @@ export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Pr
         fashionMnistDir: config.fashionMnistDir,
       };
       await ctx.queue.work("merge", config.mergeConcurrency, (job) => runMergeJob(ctx, job, options));
+      await ctx.queue.workAbandoned("merge", (id) => abandonMergeJob(ctx, id));
     } else {
       // TensorFlow.js has one backend and one memory per process: one training at a time.
       // Loaded now, so a missing forced backend stops the worker at start and /readyz shows it.
@@ -28,6 +29,7 @@ export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Pr
       await ctx.queue.work("train", 1, (job) =>
         runTrainingJob(ctx, job, { backend: config.backend, fashionMnistDir: config.fashionMnistDir }),
       );
+      await ctx.queue.workAbandoned("train", (id) => abandonTrainingJob(ctx, id));
     }
   }
   ctx.logger.info("worker started", { queues: config.queues });

@@ -228,6 +228,10 @@ async function finishJob(
   return row !== undefined;
 }
 
+function jobProblem(title: string, detail: string): JobProblem {
+  return { type: `urn:papa:problem:${title.toLowerCase().replaceAll(" ", "-")}`, title, detail };
+}
+
 /**
  * Settles an attempt that threw, for a job not canceled: a permanent failure fails the job (no
  * retry); anything else marks it queued for the queue's retry, or failed on the last attempt,
@@ -240,11 +244,10 @@ async function settleFailedAttempt(
   err: unknown,
   failure: { permanent: boolean; title: string },
 ): Promise<void> {
-  const problem: JobProblem = {
-    type: `urn:papa:problem:${failure.title.toLowerCase().replaceAll(" ", "-")}`,
-    title: failure.title,
-    detail: failure.permanent ? (err as Error).message : "the attempt failed; it is retried as configured",
-  };
+  const problem = jobProblem(
+    failure.title,
+    failure.permanent ? (err as Error).message : "the attempt failed; it is retried as configured",
+  );
   if (failure.permanent) {
     await finishJob(ctx.db, queued.id, { status: "failed", problem });
     return;
@@ -267,15 +270,27 @@ async function deleteScratch(ctx: ServiceContext, job: { tenantId: string; id: s
   for (const key of await ctx.store.list(jobScratchPrefix(job))) await ctx.store.delete(key);
 }
 
-/** What a worker's attempt hands the runner, and what the runner gives it. */
+/** How the runner treats one kind of job. */
+export interface JobRules {
+  /** The title of a failed job's problem. */
+  title: string;
+  progressIntervalMs: number;
+  /** The errors that no retry can mend. */
+  isPermanent(err: unknown): boolean;
+  /**
+   * The ids of every output checkpoint the job's attempts may store, deleted when an attempt
+   * does not commit (more ids than it stores are fine: deleting a missing object is not an error).
+   */
+  outputIds(job: Job): string[];
+}
+
+/** What the runner gives an attempt's work. */
 export interface JobAttempt {
   job: Job;
   /** Aborted when the queue stops the job, or when a progress report finds it canceled. */
   signal: AbortSignal;
   /** Records progress (0..1, optional details) at most every `progressIntervalMs`, without waiting. */
   progress(fraction: number, detail?: Record<string, number>): void;
-  /** Ids of the output checkpoints the attempt stores: push each before writing it. */
-  written: string[];
 }
 
 /** A finished attempt's result, and the rows that commit with it. */
@@ -295,7 +310,7 @@ export interface AttemptOutcome {
 export async function runJobAttempt(
   ctx: ServiceContext,
   queued: QueuedJob,
-  kind: { title: string; progressIntervalMs: number; isPermanent(err: unknown): boolean },
+  kind: JobRules,
   work: (attempt: JobAttempt) => Promise<AttemptOutcome>,
 ): Promise<void> {
   const job = await startJobAttempt(ctx, queued.id);
@@ -303,19 +318,18 @@ export async function runJobAttempt(
   const abort = new AbortController();
   const onStop = () => abort.abort(queued.signal.reason);
   queued.signal.addEventListener("abort", onStop);
-  const written: string[] = [];
   try {
     const progress = progressReporter(ctx, job.id, abort, kind.progressIntervalMs);
-    const outcome = await work({ job, signal: abort.signal, progress, written });
+    const outcome = await work({ job, signal: abort.signal, progress });
     await deleteScratch(ctx, job);
     const committed = await ctx.db.transaction(async (tx) => {
       if (!(await finishJob(tx, job.id, { status: "succeeded", result: outcome.result }))) return false;
       await outcome.register(tx);
       return true;
     });
-    if (!committed) await deleteOutputs(ctx, job.tenantId, written);
+    if (!committed) await deleteOutputs(ctx, job.tenantId, kind.outputIds(job));
   } catch (err) {
-    await deleteOutputs(ctx, job.tenantId, written);
+    await deleteOutputs(ctx, job.tenantId, kind.outputIds(job));
     const permanent = kind.isPermanent(err);
     const canceled = (await jobStatus(ctx, queued.id)) === "canceled";
     if (canceled || permanent || queued.retryCount >= queued.retryLimit) await deleteScratch(ctx, job);
@@ -323,4 +337,26 @@ export async function runJobAttempt(
   } finally {
     queued.signal.removeEventListener("abort", onStop);
   }
+}
+
+/**
+ * Fails a job whose attempts are all spent without one settling it - each attempt's worker died,
+ * or ran past the queue's expiry - and deletes what those attempts stored: its outputs and its
+ * scratch. A job that is finished or canceled is left as it is. (The queue hands such jobs to
+ * `JobQueue.workAbandoned`.)
+ */
+export async function failAbandonedJob(ctx: ServiceContext, id: string, kind: JobRules): Promise<void> {
+  const problem = jobProblem(
+    kind.title,
+    "every attempt stopped before it finished: its worker was killed, or ran past the queue's expiry",
+  );
+  const [job] = await ctx.db
+    .update(schema.jobs)
+    .set({ status: "failed", problem, finishedAt: new Date(), updatedAt: new Date() })
+    .where(and(eq(schema.jobs.id, id), inArray(schema.jobs.status, ["queued", "running"])))
+    .returning();
+  if (!job) return;
+  ctx.logger.error("job abandoned: its attempts are spent", { job_id: id });
+  await deleteOutputs(ctx, job.tenantId, kind.outputIds(job));
+  await deleteScratch(ctx, job);
 }

@@ -20,7 +20,15 @@ import { readSafetensorsHeader, storeSource } from "../../tensors/source.js";
 import { outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { ServiceContext, TenantCall } from "../context.js";
 import { InvalidInputError, PayloadTooLargeError } from "../errors.js";
-import { type AttemptOutcome, createJob, type Job, type JobAttempt, runJobAttempt } from "../jobs/jobs.js";
+import {
+  type AttemptOutcome,
+  createJob,
+  failAbandonedJob,
+  type Job,
+  type JobAttempt,
+  type JobRules,
+  runJobAttempt,
+} from "../jobs/jobs.js";
 import { loadTrainingData } from "../trainings/trainings.js";
 
 /** A merge request as stored in the job's params (the API's field names). */
@@ -186,25 +194,34 @@ export async function runMergeJob(
   queued: QueuedJob,
   options: MergeWorkerOptions,
 ): Promise<void> {
-  await runJobAttempt(
-    ctx,
-    queued,
-    {
-      title: "Merge failed",
-      progressIntervalMs: 250,
-      isPermanent: (err) =>
-        err instanceof PermanentMergeError || err instanceof DatasetError || err instanceof BackendError,
-    },
-    (attempt) => mergeAttempt(ctx, attempt, options),
-  );
+  await runJobAttempt(ctx, queued, MERGE_JOB, (attempt) => mergeAttempt(ctx, attempt, options));
 }
+
+/** The merge queue's handler for a job whose attempts are all spent (`failAbandonedJob`). */
+export function abandonMergeJob(ctx: ServiceContext, id: string): Promise<void> {
+  return failAbandonedJob(ctx, id, MERGE_JOB);
+}
+
+/** Output j of merge job `jobId`. */
+function outputId(jobId: string, j: number): string {
+  return derivedId(jobId, `output-${j}`);
+}
+
+const MERGE_JOB: JobRules = {
+  title: "Merge failed",
+  progressIntervalMs: 250,
+  isPermanent: (err) =>
+    err instanceof PermanentMergeError || err instanceof DatasetError || err instanceof BackendError,
+  // Every method has at most one output per input.
+  outputIds: (job) => (job.params as MergeParams).inputs.map((_, j) => outputId(job.id, j)),
+};
 
 async function mergeAttempt(
   ctx: ServiceContext,
   jobAttempt: JobAttempt,
   options: MergeWorkerOptions,
 ): Promise<AttemptOutcome> {
-  const { job, written } = jobAttempt;
+  const { job } = jobAttempt;
   const params = job.params as MergeParams;
   let inputs: CheckpointRow[];
   let coefficients: number[][];
@@ -216,8 +233,8 @@ async function mergeAttempt(
       ? new PermanentMergeError(err.message)
       : err;
   }
-  written.push(...coefficients.map((_, j) => derivedId(job.id, `output-${j}`)));
-  const attempt = { ...jobAttempt, ctx, params, inputs, coefficients };
+  const ids = coefficients.map((_, j) => outputId(job.id, j));
+  const attempt = { ...jobAttempt, ctx, params, inputs, coefficients, ids };
   const outputs = params.evaluate
     ? await evaluatedMerge(attempt, options)
     : await streamedMerge(attempt, options.threads);
@@ -232,7 +249,7 @@ async function mergeAttempt(
   };
   const register = async (tx: Database) => {
     await tx.insert(schema.checkpoints).values(outputs.rows).onConflictDoNothing();
-    const edges = written.flatMap((childId, j) =>
+    const edges = ids.flatMap((childId, j) =>
       inputs.flatMap((parent, k) => {
         const coefficient = coefficients[j]?.[k] ?? 0;
         return coefficient === 0
@@ -243,7 +260,7 @@ async function mergeAttempt(
     await tx.insert(schema.lineageEdges).values(edges).onConflictDoNothing();
     if (outputs.accuracies && params.evaluate) {
       const dataset = params.evaluate.dataset;
-      const metrics = written.map((id, j) => ({
+      const metrics = ids.map((id, j) => ({
         id: derivedId(job.id, `metric-${j}`),
         checkpointId: id,
         dataset,
@@ -258,17 +275,18 @@ async function mergeAttempt(
   return { result, register };
 }
 
-/** A merge job's attempt: its checkpoints' ids are `written`, one per output. */
 interface MergeAttempt extends JobAttempt {
   ctx: ServiceContext;
   params: MergeParams;
   inputs: CheckpointRow[];
   coefficients: number[][];
+  /** The outputs' checkpoint ids, one per row of `coefficients`. */
+  ids: string[];
 }
 
 /** The streamed merge of the bytes (any safetensors checkpoints), on worker threads. */
 async function streamedMerge(a: MergeAttempt, threads: number): Promise<MergeOutputs> {
-  const { ctx, job, params, inputs, written: ids } = a;
+  const { ctx, job, params, inputs, ids } = a;
   const pool = new MergePool(threads);
   try {
     let plan: MergePlan;
@@ -331,7 +349,7 @@ async function streamedMerge(a: MergeAttempt, threads: number): Promise<MergeOut
  * topology.
  */
 async function evaluatedMerge(a: MergeAttempt, options: MergeWorkerOptions): Promise<MergeOutputs> {
-  const { ctx, job, params, inputs, coefficients, written: ids } = a;
+  const { ctx, job, params, inputs, coefficients, ids } = a;
   const evaluation = params.evaluate;
   if (!evaluation) throw new Error("not an evaluated merge");
   await selectBackend({ forced: options.backend });

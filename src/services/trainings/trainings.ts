@@ -20,7 +20,15 @@ import { outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { ServiceContext, TenantCall } from "../context.js";
 import { getDataset, loadUploadedDataset } from "../datasets/datasets.js";
 import { InvalidInputError, NotFoundError } from "../errors.js";
-import { type AttemptOutcome, createJob, type Job, type JobAttempt, runJobAttempt } from "../jobs/jobs.js";
+import {
+  type AttemptOutcome,
+  createJob,
+  failAbandonedJob,
+  type Job,
+  type JobAttempt,
+  type JobRules,
+  runJobAttempt,
+} from "../jobs/jobs.js";
 import { loadTrainingState, saveTrainingState, trainingStateKey } from "./state.js";
 
 /** A training request as stored in the job's params (the API's field names). */
@@ -159,22 +167,34 @@ export async function runTrainingJob(
   queued: QueuedJob,
   options: TrainingWorkerOptions,
 ): Promise<void> {
-  await runJobAttempt(
-    ctx,
-    queued,
-    {
-      title: "Training failed",
-      progressIntervalMs: 500,
-      isPermanent: (err) =>
-        err instanceof BackendError || err instanceof DatasetError || err instanceof DivergenceError,
-    },
-    (attempt) => trainingAttempt(ctx, attempt, options),
-  );
+  await runJobAttempt(ctx, queued, TRAINING_JOB, (attempt) => trainingAttempt(ctx, attempt, options));
 }
+
+/** The train queue's handler for a job whose attempts are all spent (`failAbandonedJob`). */
+export function abandonTrainingJob(ctx: ServiceContext, id: string): Promise<void> {
+  return failAbandonedJob(ctx, id, TRAINING_JOB);
+}
+
+/** What a training stores, in order: its members, then its uniform and its greedy soup. */
+function outputLabels(populationSize: number): string[] {
+  const members = Array.from({ length: populationSize }, (_, j) => `member-${j}`);
+  return [...members, "uniform-soup", "greedy-soup"];
+}
+
+const TRAINING_JOB: JobRules = {
+  title: "Training failed",
+  progressIntervalMs: 500,
+  isPermanent: (err) =>
+    err instanceof BackendError || err instanceof DatasetError || err instanceof DivergenceError,
+  outputIds: (job) =>
+    outputLabels(trainingSpecOf(job.params as TrainingParams).population.size).map((label) =>
+      derivedId(job.id, label),
+    ),
+};
 
 async function trainingAttempt(
   ctx: ServiceContext,
-  { job, signal, progress, written }: JobAttempt,
+  { job, signal, progress }: JobAttempt,
   options: TrainingWorkerOptions,
 ): Promise<AttemptOutcome> {
   const params = job.params as TrainingParams;
@@ -208,19 +228,15 @@ async function trainingAttempt(
     models.push(...outcome.members.map((m) => m.model), outcome.uniformSoup.model, outcome.greedySoup.model);
 
     const base = params.name ?? `${spec.population.variant}-${params.dataset}`;
-    const outputs = [
-      ...outcome.members.map((m, j) => ({
-        label: `member-${j}`,
-        name: `${base}-member-${j}`,
-        model: m.model,
-        accuracy: m.accuracy,
-      })),
-      { label: "uniform-soup", name: `${base}-uniform-soup`, ...outcome.uniformSoup },
-      { label: "greedy-soup", name: `${base}-greedy-soup`, ...outcome.greedySoup },
-    ].map((o) => ({ ...o, id: derivedId(job.id, o.label) }));
+    const labels = outputLabels(outcome.members.length);
+    const outputs = [...outcome.members, outcome.uniformSoup, outcome.greedySoup].map(
+      ({ model, accuracy }, i) => {
+        const label = labels[i] as string;
+        return { label, name: `${base}-${label}`, id: derivedId(job.id, label), model, accuracy };
+      },
+    );
     const rows: ReturnType<typeof outputRow>[] = [];
     for (const o of outputs) {
-      written.push(o.id);
       const { bytes, topology } = modelToSafetensors(o.model, { "papa.role": o.label, "papa.job": job.id });
       const summary = await storeOutput(ctx, job.tenantId, o.id, Readable.from([bytes]));
       rows.push(
