@@ -460,7 +460,7 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Cancel a queued or running job; it then registers no output. */
+        /** Cancel a queued or running job; it then registers no output and keeps nothing it stored (outputs, a training's saved epoch). */
         post: operations["cancelJob"];
         delete?: never;
         options?: never;
