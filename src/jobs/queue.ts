@@ -44,6 +44,8 @@ export class JobQueue {
   private readonly boss: PgBoss;
   /** The jobs running in this process, by id. */
   private readonly active = new Map<string, AbortController>();
+  /** pg-boss's ids of this process's workers, by queue. */
+  private readonly workers = new Map<QueueName, string[]>();
   /** pg-boss's queries in flight: it completes and fails jobs without awaiting them. */
   private readonly queries = new Set<Promise<unknown>>();
   private started: Promise<void> | null = null;
@@ -112,6 +114,14 @@ export class JobQueue {
     );
   }
 
+  /**
+   * Tells this process's workers of `queue`, if any, to fetch now rather than at their next poll
+   * (call it once the job's transaction has committed). Workers elsewhere poll.
+   */
+  wake(queue: QueueName): void {
+    for (const id of this.workers.get(queue) ?? []) this.boss.notifyWorker(id);
+  }
+
   /** Removes a job that no worker has picked up yet (no-op otherwise). */
   async cancel(queue: QueueName, jobId: string): Promise<void> {
     await this.start();
@@ -122,7 +132,7 @@ export class JobQueue {
   async work(queue: QueueName, concurrency: number, handler: JobHandler): Promise<void> {
     await this.start();
     for (let i = 0; i < concurrency; i++) {
-      await this.boss.work<{ jobId: string }>(
+      const id = await this.boss.work<{ jobId: string }>(
         queue,
         { batchSize: 1, pollingIntervalSeconds: 0.5, includeMetadata: true },
         async ([job]) => {
@@ -143,6 +153,7 @@ export class JobQueue {
           }
         },
       );
+      this.workers.set(queue, [...(this.workers.get(queue) ?? []), id]);
     }
   }
 

@@ -71,6 +71,7 @@ export async function createJob({
       await ctx.queue.enqueue(tx, kind as QueueName, row.id);
       return row;
     });
+    ctx.queue.wake(kind as QueueName);
     return { job, created: true };
   } catch (err) {
     // Two requests with one key raced; the unique index let one in.
