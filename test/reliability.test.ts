@@ -92,6 +92,16 @@ describe("merge workers as separate processes", () => {
     return h.ctx.db.select().from(schema.checkpoints).where(inArray(schema.checkpoints.jobId, jobIds));
   }
 
+  /** Waits until a worker is merging job `id` (running, with progress), so that killing it interrupts the merge. */
+  async function untilMerging(id: string): Promise<void> {
+    for (;;) {
+      const job = (await (await h.request(`/v1/jobs/${id}`)).json()) as JobBody;
+      if (job.status === "running" && job.progress > 0) return;
+      expect(job.status).not.toBe("succeeded");
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+
   beforeAll(async () => {
     dataDir = await mkdtemp(join(tmpdir(), "papa-workers-"));
     h = await startHarness("postgres", "filesystem", {
@@ -110,12 +120,7 @@ describe("merge workers as separate processes", () => {
     for (const k of [0, 1, 2, 3]) inputs.push(await upload(bigMember(k), `big-${k}`));
     const first = await startWorkerProcess({ PAPA_MERGE_THREADS: "0" });
     const { id } = await createdJob(postMerge(h, { method: "papa-pull", inputs, beta: 0.5 }));
-    for (;;) {
-      const job = (await (await h.request(`/v1/jobs/${id}`)).json()) as JobBody;
-      if (job.status === "running" && job.progress > 0) break;
-      expect(job.status).not.toBe("succeeded");
-      await new Promise((r) => setTimeout(r, 20));
-    }
+    await untilMerging(id);
     first.kill("SIGKILL");
     await once(first, "exit");
     expect(((await (await h.request(`/v1/jobs/${id}`)).json()) as JobBody).status).toBe("running");
@@ -204,57 +209,29 @@ describe("merge workers as separate processes", () => {
     expect(new Set(stored).size).toBe(stored.length);
     for (const o of outputs) expect(stored).toContain(o.storageKey);
   });
-});
 
-describe("a merge whose every attempt's worker dies", () => {
-  let h: Harness;
-  let dataDir: string;
-  const workers: ChildProcess[] = [];
-  beforeAll(async () => {
-    dataDir = await mkdtemp(join(tmpdir(), "papa-abandoned-"));
-    h = await startHarness("postgres", "filesystem", {
-      storeDir: join(dataDir, "objects"),
-      limits: { maxUploadBytes: 2 ** 30, maxMergeInputBytes: 2 ** 31 },
-    });
-  });
-  afterAll(async () => {
-    for (const w of workers) if (w.exitCode === null) w.kill("SIGKILL");
-    await h.close();
-    await rm(dataDir, { recursive: true, force: true });
-  });
-
-  it("is failed with a clear problem, and what its attempts wrote is deleted", async () => {
+  it("fails a merge whose every attempt's worker dies, and deletes what its attempts wrote", async () => {
+    for (const w of workers) if (w.exitCode === null) w.kill("SIGKILL"); // only this test's workers take it
     const inputs: string[] = [];
-    for (const k of [0, 1, 2, 3]) {
-      const input = { name: `big-${k}`, body: Readable.from([bigMember(k)]) };
-      inputs.push((await createCheckpoint({ ctx: h.ctx, principal: { tenantId: h.tenantA }, input })).id);
-    }
+    for (const k of [8, 9, 10, 11]) inputs.push(await upload(bigMember(k), `big-${k}`));
     const before = await h.ctx.store.list(`tenants/${h.tenantA}/`);
     // No retry: the first attempt is the last.
     const env = { PAPA_JOB_RETRY_LIMIT: "0", PAPA_MERGE_THREADS: "0" };
-    const first = await spawnWorker(h, dataDir, env);
-    workers.push(first);
-    const res = await postMerge(h, { method: "papa-pull", inputs, beta: 0.5 });
-    const { id } = (await res.json()) as JobBody;
-    for (;;) {
-      const job = (await (await h.request(`/v1/jobs/${id}`)).json()) as JobBody;
-      if (job.status === "running" && job.progress > 0) break;
-      expect(job.status).not.toBe("succeeded");
-      await new Promise((r) => setTimeout(r, 20));
-    }
+    const first = await startWorkerProcess(env);
+    const { id } = await createdJob(postMerge(h, { method: "papa-pull", inputs, beta: 0.5 }));
+    await untilMerging(id);
     first.kill("SIGKILL");
     await once(first, "exit");
     // As if the attempt had stored its first output before it died.
     const stored = checkpointKey(h.tenantA, derivedId(id, "output-0"));
     await h.ctx.store.put(stored, Readable.from([Buffer.from("written before the kill")]));
 
-    workers.push(await spawnWorker(h, dataDir, env));
+    await startWorkerProcess(env);
     const job = await waitForJob(h, id, 30_000);
     expect(job.status).toBe("failed");
     expect(job.problem).toMatchObject({ title: "Merge failed" });
     expect(job.problem?.detail).toContain("worker was killed");
-    const outputs = await h.ctx.db.select().from(schema.checkpoints).where(eq(schema.checkpoints.jobId, id));
-    expect(outputs).toEqual([]);
+    expect(await outputsOf([id])).toEqual([]);
     expect(await h.ctx.store.list(`tenants/${h.tenantA}/`)).toEqual(before);
   });
 });
