@@ -17,6 +17,7 @@ import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
 import S3rver from "s3rver";
 import { createApp } from "../src/app.js";
+import { loadConfig } from "../src/config.js";
 import { openDatabase } from "../src/db/client.js";
 import { JobQueue } from "../src/jobs/queue.js";
 import { startWorker } from "../src/jobs/worker.js";
@@ -163,13 +164,7 @@ async function mergeThroughApi(
     logger,
   );
   await queue.start();
-  const limits = {
-    maxUploadBytes: 2 ** 34,
-    maxSafetensorsHeaderBytes: 25e6,
-    maxHttpHeaderBytes: 16384,
-    maxMergeInputBytes: 2 ** 36,
-    maxDatasetBytes: 2 ** 30,
-  };
+  const limits = { ...loadConfig({}).limits, maxUploadBytes: 2 ** 34, maxMergeInputBytes: 2 ** 36 };
   const ctx: ServiceContext = {
     db: database.db,
     databaseKind: database.kind,

@@ -41,6 +41,7 @@ const schema = z.object({
   PAPA_MAX_HTTP_HEADER_BYTES: byteCount(16 * 1024),
   PAPA_MAX_MERGE_INPUT_BYTES: byteCount(256 * 1024 ** 3),
   PAPA_MAX_DATASET_BYTES: byteCount(1024 ** 3),
+  PAPA_MAX_JSON_BODY_BYTES: byteCount(1024 ** 2),
   PAPA_PRESIGN_EXPIRES_SECONDS: z.coerce.number().int().min(1).max(604800).default(900),
   PAPA_LOG_LEVEL: z.enum(["debug", "info", "warn", "error"]).default("info"),
   PAPA_IN_PROCESS_WORKER: z.preprocess(emptyAsUndefined, booleanFlag.optional()),
@@ -79,6 +80,8 @@ export interface Limits {
   maxMergeInputBytes: number;
   /** Largest dataset upload (all files), parsed in memory. */
   maxDatasetBytes: number;
+  /** Largest JSON request body. */
+  maxJsonBodyBytes: number;
 }
 
 export interface WorkerConfig {
@@ -165,6 +168,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       maxHttpHeaderBytes: e.PAPA_MAX_HTTP_HEADER_BYTES,
       maxMergeInputBytes: e.PAPA_MAX_MERGE_INPUT_BYTES,
       maxDatasetBytes: e.PAPA_MAX_DATASET_BYTES,
+      maxJsonBodyBytes: e.PAPA_MAX_JSON_BODY_BYTES,
     },
     presignExpiresSeconds: e.PAPA_PRESIGN_EXPIRES_SECONDS,
     logLevel: e.PAPA_LOG_LEVEL,

@@ -2,10 +2,13 @@ import { readFileSync } from "node:fs";
 import { Ajv2020, type ErrorObject, type ValidateFunction } from "ajv/dist/2020.js";
 import addFormatsPlugin from "ajv-formats";
 import type { Context, Hono, MiddlewareHandler } from "hono";
+import { bodyLimit } from "hono/body-limit";
 import { parse } from "yaml";
 import type { operations } from "../generated/openapi.js";
+import { PayloadTooLargeError } from "../services/errors.js";
 import { authenticate } from "./auth.js";
 import type { AppEnv } from "./env.js";
+import { hasRequestBody } from "./incoming.js";
 import { HttpProblem, type RequestMismatch } from "./problems.js";
 
 /** openapi.yaml, the contract: routes, auth and request validation all derive from it. */
@@ -166,7 +169,7 @@ function validator(id: string, op: CompiledOperation): MiddlewareHandler<AppEnv>
     if (!op.header(headers)) errors.push(...mismatches("header", op.header.errors));
 
     let body: unknown;
-    if (op.mediaTypes.length > 0 && (op.bodyRequired || c.req.raw.body !== null)) {
+    if (op.mediaTypes.length > 0 && (op.bodyRequired || hasRequestBody(c))) {
       const mediaType = (c.req.header("content-type") ?? "").split(";")[0]?.trim().toLowerCase() ?? "";
       if (!op.mediaTypes.includes(mediaType)) {
         throw new HttpProblem(
@@ -176,11 +179,7 @@ function validator(id: string, op: CompiledOperation): MiddlewareHandler<AppEnv>
         );
       }
       if (op.json && mediaType === "application/json") {
-        try {
-          body = await c.req.json();
-        } catch {
-          throw new HttpProblem(400, "invalid-request", "the request body is not valid JSON");
-        }
+        body = await readJsonBody(c);
         if (!op.json(body)) {
           // The body parsed but its content is wrong: 422, with every mismatch.
           throw new HttpProblem(
@@ -191,6 +190,12 @@ function validator(id: string, op: CompiledOperation): MiddlewareHandler<AppEnv>
           );
         }
       }
+    }
+    const nul = withNul(query) ?? withNul(body);
+    if (nul) {
+      throw new HttpProblem(422, "invalid-body", `${nul.where} holds a NUL character (U+0000)`, [
+        { in: query === nul.root ? "query" : "body", name: nul.where, message: "must not contain U+0000" },
+      ]);
     }
     if (errors.length > 0) {
       throw new HttpProblem(
@@ -203,6 +208,44 @@ function validator(id: string, op: CompiledOperation): MiddlewareHandler<AppEnv>
     c.set("validated", { path, query, body });
     await next();
   };
+}
+
+/**
+ * Reads a JSON body of at most `limits.maxJsonBodyBytes` (413 beyond, before more is read: the
+ * declared length is checked first, then the bytes as they arrive).
+ */
+async function readJsonBody(c: Context<AppEnv>): Promise<unknown> {
+  const maxSize = c.get("ctx").limits.maxJsonBodyBytes;
+  const tooLarge = (): never => {
+    throw new PayloadTooLargeError(`the JSON body is larger than the limit of ${maxSize} bytes`, {
+      limit_bytes: maxSize,
+    });
+  };
+  await bodyLimit({ maxSize, onError: tooLarge })(c, async () => undefined);
+  try {
+    return await c.req.json();
+  } catch {
+    throw new HttpProblem(400, "invalid-request", "the request body is not valid JSON");
+  }
+}
+
+/**
+ * The first string (value or key) holding U+0000, with where it is (`a.b.0`): Postgres text
+ * cannot store it, so it is refused at the edge rather than failing a query.
+ */
+function withNul(root: unknown): { root: unknown; where: string } | null {
+  const visit = (value: unknown, path: string[]): string[] | null => {
+    if (typeof value === "string") return value.includes("\u0000") ? path : null;
+    if (value === null || typeof value !== "object") return null;
+    for (const [key, item] of Object.entries(value)) {
+      if (key.includes("\u0000")) return [...path, key];
+      const found = visit(item, [...path, key]);
+      if (found) return found;
+    }
+    return null;
+  };
+  const path = visit(root, []);
+  return path ? { root, where: path.join(".") || "the value" } : null;
 }
 
 /**

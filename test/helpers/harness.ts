@@ -19,6 +19,7 @@ export const TEST_LIMITS = {
   maxHttpHeaderBytes: 16 * 1024,
   maxMergeInputBytes: 1024 * 1024,
   maxDatasetBytes: 4 * 1024 * 1024,
+  maxJsonBodyBytes: 64 * 1024,
 };
 
 export const TEST_WORKER: WorkerConfig = {
