@@ -4,6 +4,7 @@ import type { ContentfulStatusCode } from "hono/utils/http-status";
 import type { Logger } from "../logger.js";
 import { RangeNotSatisfiableError, ServiceError } from "../services/errors.js";
 import type { AppEnv } from "./env.js";
+import { incomingOf } from "./incoming.js";
 
 /** One mismatch between a request and openapi.yaml. */
 export interface RequestMismatch {
@@ -40,6 +41,7 @@ const TITLES: Record<number, string> = {
   400: "Bad Request",
   401: "Unauthorized",
   404: "Not Found",
+  405: "Method Not Allowed",
   409: "Conflict",
   410: "Gone",
   413: "Content Too Large",
@@ -75,6 +77,10 @@ export function problemResponse(
  */
 export function errorHandler(logger: Logger) {
   return (err: Error, c: Context<AppEnv>): Response => {
+    // Refused before its body was read (a declared length over a limit, a bad key): close the
+    // connection after the answer rather than read, or keep waiting for, the rest of the body.
+    const incoming = incomingOf(c);
+    if (incoming && !incoming.complete) c.header("Connection", "close");
     if (err instanceof ServiceError) {
       const status = SERVICE_STATUS[err.code] ?? 500;
       if (err instanceof RangeNotSatisfiableError) c.header("Content-Range", `bytes */${err.sizeBytes}`);

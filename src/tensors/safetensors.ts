@@ -101,6 +101,13 @@ function parseMetadata(entry: Json): Record<string, string> {
     if (typeof value !== "string") {
       throw new SafetensorsError("invalid_header", `__metadata__.${key} must be a string`);
     }
+    // Postgres text cannot hold U+0000, and metadata is stored with the checkpoint.
+    if (key.includes("\u0000") || value.includes("\u0000")) {
+      throw new SafetensorsError(
+        "invalid_header",
+        `__metadata__.${JSON.stringify(key)} holds a NUL character (U+0000), which is not allowed in metadata`,
+      );
+    }
   }
   // fromEntries defines own properties, so a "__proto__" key stays plain data.
   return Object.fromEntries(entry) as Record<string, string>;

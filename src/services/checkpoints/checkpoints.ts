@@ -1,5 +1,4 @@
 import type { Readable } from "node:stream";
-import { pipeline } from "node:stream/promises";
 import { and, desc, eq, inArray, isNull, lt } from "drizzle-orm";
 import { schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
@@ -10,6 +9,7 @@ import { readBytes, storeSource } from "../../tensors/source.js";
 import type { ServiceContext, SystemCall, TenantCall } from "../context.js";
 import { GoneError, InvalidInputError, NotFoundError, PayloadTooLargeError } from "../errors.js";
 import { type Page, pageByIdDesc } from "../pagination.js";
+import { pipeUpload } from "../upload-stream.js";
 
 export interface CheckpointParent {
   checkpointId: string;
@@ -131,7 +131,7 @@ export async function createCheckpoint({
 }: TenantCall<{ name: string; body: Readable; declaredBytes?: number | undefined }>): Promise<Checkpoint> {
   const { maxUploadBytes, maxSafetensorsHeaderBytes } = ctx.limits;
   if (input.declaredBytes !== undefined && input.declaredBytes > maxUploadBytes) {
-    input.body.destroy();
+    // The body is left unread: the caller answers first, then drops the connection.
     throw new PayloadTooLargeError(
       `the upload is ${input.declaredBytes} bytes; the limit is ${maxUploadBytes} bytes`,
       { limit_bytes: maxUploadBytes },
@@ -144,7 +144,7 @@ export async function createCheckpoint({
     maxBytes: maxUploadBytes,
   });
   const [piped, stored] = await Promise.allSettled([
-    pipeline(input.body, validator),
+    pipeUpload(input.body, validator),
     ctx.store.put(key, validator),
   ]);
   if (piped.status === "rejected" || stored.status === "rejected") {
@@ -343,16 +343,16 @@ export function tfjsModelJson(checkpoint: Checkpoint): object {
 
 /**
  * The TF.js weights file: the safetensors data section, which this service writes in manifest
- * order as float32.
+ * order as float32. Its byte range is known once the header's length is read; `open` streams it.
  */
-export async function openTfjsWeights({
+export async function tfjsWeightsOf({
   ctx,
   input,
-}: SystemCall<{ checkpoint: Checkpoint }>): Promise<{ body: Readable; sizeBytes: number }> {
+}: SystemCall<{ checkpoint: Checkpoint }>): Promise<{ range: ByteRange; open(): Promise<Readable> }> {
   assertTfjs(input.checkpoint);
   const { checkpoint } = input;
   const prefix = await readBytes(storeSource(ctx.store, checkpoint.storageKey, checkpoint.sizeBytes), 0, 8);
   const dataStart = 8 + Number(Buffer.from(prefix).readBigUInt64LE(0));
   const range = { start: dataStart, end: checkpoint.sizeBytes };
-  return { body: await ctx.store.get(checkpoint.storageKey, range), sizeBytes: range.end - range.start };
+  return { range, open: () => ctx.store.get(checkpoint.storageKey, range) };
 }
