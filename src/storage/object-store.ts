@@ -68,3 +68,21 @@ export function assertValidKey(key: string): void {
     throw new Error(`invalid object key ${JSON.stringify(key)}`);
   }
 }
+
+/**
+ * A `Content-Disposition: attachment` value for any file name (RFC 6266): `filename*` carries
+ * the name in UTF-8, percent-encoded; `filename` an ASCII stand-in for clients that predate it.
+ * Header values are Latin-1, so a raw name with other characters cannot be sent as is.
+ */
+export function attachmentDisposition(fileName: string): string {
+  const ascii = fileName.replace(/[^\x20-\x7e]|["\\]/g, "_");
+  // RFC 8187's attr-char stays; every other byte of the UTF-8 encoding is percent-encoded.
+  const encoded = [...Buffer.from(fileName, "utf8")]
+    .map((b) =>
+      /[A-Za-z0-9!#$&+\-.^_`|~]/.test(String.fromCharCode(b))
+        ? String.fromCharCode(b)
+        : `%${b.toString(16).toUpperCase().padStart(2, "0")}`,
+    )
+    .join("");
+  return `attachment; filename="${ascii}"; filename*=UTF-8''${encoded}`;
+}

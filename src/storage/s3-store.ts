@@ -18,6 +18,7 @@ import { Upload } from "@aws-sdk/lib-storage";
 import { getSignedUrl } from "@aws-sdk/s3-request-presigner";
 import {
   assertValidKey,
+  attachmentDisposition,
   type ByteRange,
   type MultipartUploads,
   ObjectNotFoundError,
@@ -135,7 +136,7 @@ export class S3Store implements ObjectStore {
     const command = new GetObjectCommand({
       Bucket: this.bucket,
       Key: key,
-      ResponseContentDisposition: `attachment; filename="${options.fileName.replace(/["\\\r\n]/g, "_")}"`,
+      ResponseContentDisposition: attachmentDisposition(options.fileName),
     });
     return getSignedUrl(this.client, command, { expiresIn: options.expiresInSeconds });
   }

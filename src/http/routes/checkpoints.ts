@@ -1,4 +1,3 @@
-import { IncomingMessage } from "node:http";
 import { Readable } from "node:stream";
 import type { ReadableStream as WebReadableStream } from "node:stream/web";
 import type { Context, Hono } from "hono";
@@ -9,16 +8,18 @@ import {
   getCheckpoint,
   listCheckpoints,
   openCheckpointWeights,
-  openTfjsWeights,
   presignCheckpointWeights,
   tfjsModelJson,
+  tfjsWeightsOf,
 } from "../../services/checkpoints/checkpoints.js";
 import {
   abortUploadSession,
   completeUploadSession,
   createUploadSession,
 } from "../../services/checkpoints/upload-sessions.js";
+import { attachmentDisposition } from "../../storage/object-store.js";
 import type { AppEnv } from "../env.js";
+import { incomingOf } from "../incoming.js";
 import { operation } from "../openapi.js";
 import { checkpointBody } from "../presenters.js";
 import { resolveRange } from "../range.js";
@@ -68,32 +69,32 @@ export function checkpointRoutes(app: Hono<AppEnv>): void {
     assertCheckpointAvailable(checkpoint);
     const etag = `"${checkpoint.sha256}"`;
     c.header("ETag", etag);
-    c.header("Cache-Control", "private, max-age=31536000, immutable");
     if (req.query?.redirect) {
       const url = await presignCheckpointWeights({ ctx, input: { checkpoint } });
-      if (url) return c.redirect(url, 302);
+      if (url) {
+        // A cached redirect must not outlive the presigned URL it points to.
+        c.header("Cache-Control", `private, max-age=${Math.floor(ctx.presignExpiresSeconds / 2)}`);
+        return c.redirect(url, 302);
+      }
     }
+    c.header("Cache-Control", "private, max-age=31536000, immutable");
     if (ifNoneMatch(c.req.header("if-none-match"), etag)) return c.body(null, 304);
     const ifRange = c.req.header("if-range");
     const range =
       ifRange === undefined || ifRange === etag
         ? resolveRange(c.req.header("range"), checkpoint.sizeBytes)
         : null;
-    const stream = await openCheckpointWeights({ ctx, input: { checkpoint, range: range ?? undefined } });
     c.header("Accept-Ranges", "bytes");
     c.header("Content-Type", "application/octet-stream");
-    c.header(
-      "Content-Disposition",
-      `attachment; filename="${checkpoint.name.replace(/["\\]/g, "_")}.safetensors"`,
-    );
-    const body = Readable.toWeb(stream) as ReadableStream<Uint8Array>;
-    if (range) {
-      c.header("Content-Range", `bytes ${range.start}-${range.end - 1}/${checkpoint.sizeBytes}`);
-      c.header("Content-Length", String(range.end - range.start));
-      return c.body(body, 206);
-    }
-    c.header("Content-Length", String(checkpoint.sizeBytes));
-    return c.body(body, 200);
+    c.header("Content-Disposition", attachmentDisposition(`${checkpoint.name}.safetensors`));
+    if (range) c.header("Content-Range", `bytes ${range.start}-${range.end - 1}/${checkpoint.sizeBytes}`);
+    const length = range ? range.end - range.start : checkpoint.sizeBytes;
+    c.header("Content-Length", String(length));
+    const status = range ? 206 : 200;
+    // The head is complete: only now is the object opened, and not at all for HEAD.
+    if (c.req.method === "HEAD") return c.body(null, status);
+    const stream = await openCheckpointWeights({ ctx, input: { checkpoint, range: range ?? undefined } });
+    return c.body(Readable.toWeb(stream) as ReadableStream<Uint8Array>, status);
   });
 }
 
@@ -154,17 +155,24 @@ export function tfjsRoutes(app: Hono<AppEnv>): void {
   operation(app, "getCheckpointTfjsWeights", async (c, req) => {
     const ctx = c.get("ctx");
     const checkpoint = await getCheckpoint({ ctx, principal: c.get("principal"), input: req.path });
-    const { body, sizeBytes } = await openTfjsWeights({ ctx, input: { checkpoint } });
+    // Its own entity tag: these are other bytes than the checkpoint's file, though derived from it.
+    const etag = `"tfjs-${checkpoint.sha256}"`;
+    c.header("ETag", etag);
+    if (ifNoneMatch(c.req.header("if-none-match"), etag)) {
+      tfjsModelJson(checkpoint); // 404 or 410 rather than 304 for what cannot be served
+      return c.body(null, 304);
+    }
+    const { range, open } = await tfjsWeightsOf({ ctx, input: { checkpoint } });
     c.header("Content-Type", "application/octet-stream");
-    c.header("Content-Length", String(sizeBytes));
-    c.header("ETag", `"${checkpoint.sha256}"`);
-    return c.body(Readable.toWeb(body) as ReadableStream<Uint8Array>, 200);
+    c.header("Content-Length", String(range.end - range.start));
+    if (c.req.method === "HEAD") return c.body(null, 200);
+    return c.body(Readable.toWeb(await open()) as ReadableStream<Uint8Array>, 200);
   });
 }
 
 function requestBodyStream(c: Context<AppEnv>): Readable {
-  const incoming = (c.env as { incoming?: unknown } | undefined)?.incoming;
-  if (incoming instanceof IncomingMessage) return incoming;
+  const incoming = incomingOf(c);
+  if (incoming) return incoming;
   const body = c.req.raw.body;
   return body ? Readable.fromWeb(body as WebReadableStream<Uint8Array>) : Readable.from([]);
 }
