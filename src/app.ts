@@ -1,4 +1,5 @@
 import { Hono } from "hono";
+import { methodNotAllowed } from "hono/method-not-allowed";
 import type { AppEnv } from "./http/env.js";
 import { requestContext } from "./http/middleware.js";
 import { errorHandler, problemResponse } from "./http/problems.js";
@@ -19,6 +20,15 @@ export function createApp(ctx: ServiceContext): Hono<AppEnv> {
     await next();
   });
   app.onError(errorHandler(ctx.logger));
+  app.use(
+    methodNotAllowed({
+      app,
+      onMethodNotAllowed: (c, methods) => {
+        c.header("Allow", methods.join(", "));
+        return problemResponse(c, 405, "method-not-allowed", `${c.req.path} takes ${methods.join(", ")}`);
+      },
+    }),
+  );
   app.notFound((c) =>
     problemResponse(c, 404, "not-found", `no route for ${c.req.method} ${c.req.path}; see /openapi.yaml`),
   );
