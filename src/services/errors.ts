@@ -62,3 +62,11 @@ export class UnauthenticatedError extends ServiceError {
 export class UnavailableError extends ServiceError {
   readonly code = "unavailable";
 }
+
+/**
+ * An error about the request or what it names (not found, invalid, gone, too large, ...): the
+ * same request fails the same way however often it is retried. Only `UnavailableError` is not.
+ */
+export function isRequestError(err: unknown): boolean {
+  return err instanceof ServiceError && !(err instanceof UnavailableError);
+}

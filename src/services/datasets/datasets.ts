@@ -2,7 +2,13 @@ import { Readable } from "node:stream";
 import { and, desc, eq, lt } from "drizzle-orm";
 import { schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
-import { type Dataset, DatasetError, parseUploadedDataset, type UploadFormat } from "../../ml/datasets.js";
+import {
+  BUILT_IN_DATASETS,
+  type Dataset,
+  DatasetError,
+  parseUploadedDataset,
+  type UploadFormat,
+} from "../../ml/datasets.js";
 import type { ServiceContext, TenantCall } from "../context.js";
 import { InvalidInputError, NotFoundError } from "../errors.js";
 import { type Page, pageByIdDesc } from "../pagination.js";
@@ -82,6 +88,21 @@ export async function getDataset({
     .where(and(eq(schema.datasets.id, input.id), eq(schema.datasets.tenantId, principal.tenantId)));
   if (!row) throw new NotFoundError(`dataset ${input.id} not found`);
   return row;
+}
+
+/**
+ * Checks, when a job is submitted, that the dataset it names can be loaded: a built-in dataset,
+ * or one the tenant uploaded (another tenant's is as unknown as a missing one). 422 otherwise.
+ */
+export async function assertDatasetExists({
+  ctx,
+  principal,
+  input,
+}: TenantCall<{ dataset: string }>): Promise<void> {
+  if ((BUILT_IN_DATASETS as readonly string[]).includes(input.dataset)) return;
+  await getDataset({ ctx, principal, input: { id: input.dataset } }).catch((err: unknown) => {
+    throw err instanceof NotFoundError ? new InvalidInputError(`dataset ${input.dataset} not found`) : err;
+  });
 }
 
 export async function listDatasets({

@@ -4,7 +4,7 @@ import { newId } from "../../ids.js";
 import type { QueuedJob, QueueName } from "../../jobs/queue.js";
 import { deleteOutputs } from "../checkpoints/outputs.js";
 import type { ServiceContext, TenantCall } from "../context.js";
-import { ConflictError, NotFoundError } from "../errors.js";
+import { ConflictError, isRequestError, NotFoundError } from "../errors.js";
 import { type Page, pageByIdDesc } from "../pagination.js";
 
 export type JobStatus = (typeof schema.jobStatus.enumValues)[number];
@@ -235,8 +235,8 @@ function jobProblem(title: string, detail: string): JobProblem {
 
 /**
  * Settles an attempt that threw, for a job not canceled: a permanent failure fails the job (no
- * retry); anything else marks it queued for the queue's retry, or failed on the last attempt,
- * and rethrows so that pg-boss retries it. (A cancel meanwhile wins: `finishJob` changes only a
+ * retry) with its message; anything else marks it queued for the queue's retry, or failed on the
+ * last attempt, with a problem that says which it is, and rethrows so that pg-boss retries it. (A cancel meanwhile wins: `finishJob` changes only a
  * running job.)
  */
 async function settleFailedAttempt(
@@ -245,16 +245,18 @@ async function settleFailedAttempt(
   err: unknown,
   failure: { permanent: boolean; title: string },
 ): Promise<void> {
-  const problem = jobProblem(
-    failure.title,
-    failure.permanent ? (err as Error).message : "the attempt failed; it is retried as configured",
-  );
   if (failure.permanent) {
+    const problem = jobProblem(failure.title, (err as Error).message);
     await finishJob(ctx.db, queued.id, { status: "failed", problem });
     return;
   }
-  ctx.logger.error("job attempt failed", { job_id: queued.id, attempt: queued.retryCount + 1, error: err });
+  const attempt = queued.retryCount + 1;
+  ctx.logger.error("job attempt failed", { job_id: queued.id, attempt, error: err });
   const last = queued.retryCount >= queued.retryLimit;
+  const problem = jobProblem(
+    failure.title,
+    `attempt ${attempt} of ${queued.retryLimit + 1} failed; it ${last ? "will not be" : "will be"} retried`,
+  );
   await finishJob(ctx.db, queued.id, last ? { status: "failed", problem } : { status: "queued", problem });
   throw err;
 }
@@ -331,7 +333,7 @@ export async function runJobAttempt(
     if (!committed) await deleteOutputs(ctx, job.tenantId, kind.outputIds(job));
   } catch (err) {
     await deleteOutputs(ctx, job.tenantId, kind.outputIds(job));
-    const permanent = kind.isPermanent(err);
+    const permanent = kind.isPermanent(err) || isRequestError(err);
     const canceled = (await jobStatus(ctx, queued.id)) === "canceled";
     if (canceled || permanent || queued.retryCount >= queued.retryLimit) await deleteScratch(ctx, job);
     if (!canceled) await settleFailedAttempt(ctx, queued, err, { permanent, title: kind.title });

@@ -18,8 +18,8 @@ import type { ModelSpec } from "../../ml/models.js";
 import { DivergenceError, type TrainingSpec, trainPopulation, type Variant } from "../../ml/train.js";
 import { outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { ServiceContext, TenantCall } from "../context.js";
-import { getDataset, loadUploadedDataset } from "../datasets/datasets.js";
-import { InvalidInputError, NotFoundError } from "../errors.js";
+import { assertDatasetExists, loadUploadedDataset } from "../datasets/datasets.js";
+import { InvalidInputError } from "../errors.js";
 import {
   type AttemptOutcome,
   createJob,
@@ -133,12 +133,7 @@ export async function createTrainingJob({
   created: boolean;
 }> {
   const spec = trainingSpecOf(input.params);
-  const { dataset } = input.params;
-  if (!(BUILT_IN_DATASETS as readonly string[]).includes(dataset)) {
-    await getDataset({ ctx, principal, input: { id: dataset } }).catch((err: unknown) => {
-      throw err instanceof NotFoundError ? new InvalidInputError(`dataset ${dataset} not found`) : err;
-    });
-  }
+  await assertDatasetExists({ ctx, principal, input: { dataset: input.params.dataset } });
   if (spec.optimizer.minLr > spec.optimizer.lr) {
     throw new InvalidInputError(
       `optimizer.min_lr (${spec.optimizer.minLr}) exceeds optimizer.lr (${spec.optimizer.lr})`,
