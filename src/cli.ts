@@ -14,9 +14,14 @@ import {
 } from "./cli/remote.js";
 import { type components, PapaProblemError, unwrap } from "./client.js";
 import { ConfigError, loadCliConfig } from "./config.js";
+import { createJsonLogger } from "./logger.js";
 import { mergeFiles } from "./merge/local.js";
 import { type MergeMethod, MergeSpecError } from "./merge/methods.js";
 import { MergeMismatchError } from "./merge/plan.js";
+import { openRuntime } from "./runtime.js";
+import { loadConfigWithSecrets } from "./secrets.js";
+import { createTenantWithKey } from "./services/api-keys/api-keys.js";
+import { InvalidInputError } from "./services/errors.js";
 import { isFloatDtype } from "./tensors/floats.js";
 import { SafetensorsError } from "./tensors/safetensors.js";
 
@@ -32,6 +37,9 @@ const USAGE = `usage: papa <command> [options]      (server: --url, --key, or PA
   train SPEC.json [--follow]         start a training job from a JSON request body
   jobs [ID] [--follow]               list jobs, show one, or stream its progress until it finishes
   lineage ID [--depth N]             a checkpoint's ancestors as a tree with coefficients and metrics
+  admin create-tenant NAME           (operators) create a tenant on the service's own database
+                                     (DATABASE_URL, or the embedded one under PAPA_DATA_DIR with the
+                                     server stopped) and print its first API key, shown only then
 Exit codes: 0 success; 1 the operation or the job failed; 2 the command line is wrong.`;
 
 class UsageError extends Error {}
@@ -183,12 +191,32 @@ async function remoteCommand(command: string, values: Values, args: string[]): P
   }
 }
 
+/** Operator commands: they work on the service's database directly, configured as the server is. */
+async function adminCommand(args: string[]): Promise<void> {
+  const [sub, name, ...rest] = args;
+  if (sub !== "create-tenant" || name === undefined || rest.length > 0) {
+    throw new UsageError("admin takes: create-tenant NAME");
+  }
+  const config = await loadConfigWithSecrets();
+  const runtime = await openRuntime(
+    config,
+    createJsonLogger("warn", (line) => process.stderr.write(line)),
+  );
+  try {
+    const { tenantId, apiKey, secret } = await createTenantWithKey({ ctx: runtime.ctx, input: { name } });
+    print({ tenant_id: tenantId, name, api_key_id: apiKey.id, api_key: secret });
+  } finally {
+    await runtime.close();
+  }
+}
+
 async function main(argv: string[]): Promise<number> {
   try {
     const { values, positionals } = parseArgs({ args: argv, options, allowPositionals: true });
     const [command, ...args] = positionals;
     if (!command) throw new UsageError("no command");
     if (command === "merge" && !values.remote) await localMerge(values, args);
+    else if (command === "admin") await adminCommand(args);
     else await remoteCommand(command, values, args);
     return 0;
   } catch (err) {
@@ -197,6 +225,7 @@ async function main(argv: string[]): Promise<number> {
       return 2;
     }
     const known = [
+      InvalidInputError,
       MergeSpecError,
       MergeMismatchError,
       SafetensorsError,

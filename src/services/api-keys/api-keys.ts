@@ -1,9 +1,9 @@
 import { createHash, randomBytes } from "node:crypto";
-import { and, desc, eq, isNull, sql } from "drizzle-orm";
+import { and, count, desc, eq, isNull, sql } from "drizzle-orm";
 import { schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
 import type { Principal, ServiceContext, SystemCall, TenantCall } from "../context.js";
-import { NotFoundError, UnauthenticatedError } from "../errors.js";
+import { ConflictError, InvalidInputError, NotFoundError, UnauthenticatedError } from "../errors.js";
 import { createTenant } from "../tenants/create-tenant.js";
 
 const KEY_PREFIX = "papa_";
@@ -60,6 +60,29 @@ export async function createApiKey({
   return { apiKey, secret };
 }
 
+/**
+ * Creates a tenant with its first key, in one transaction (the operators' way in: `papa admin
+ * create-tenant`). The secret is returned here and never again.
+ */
+export async function createTenantWithKey({
+  ctx,
+  input,
+}: SystemCall<{ name: string }>): Promise<{ tenantId: string; apiKey: ApiKey; secret: string }> {
+  if (!/^\P{Cc}{1,200}$/u.test(input.name)) {
+    throw new InvalidInputError("a tenant's name is 1 to 200 printable characters");
+  }
+  return ctx.db.transaction(async (tx) => {
+    const txCtx: ServiceContext = { ...ctx, db: tx };
+    const tenant = await createTenant({ ctx: txCtx, input });
+    const { apiKey, secret } = await createApiKey({
+      ctx: txCtx,
+      principal: { tenantId: tenant.id },
+      input: { name: "first key (papa admin create-tenant)" },
+    });
+    return { tenantId: tenant.id, apiKey, secret };
+  });
+}
+
 export async function listApiKeys({ ctx, principal }: Omit<TenantCall, "input">): Promise<ApiKey[]> {
   const rows = await ctx.db
     .select()
@@ -69,15 +92,36 @@ export async function listApiKeys({ ctx, principal }: Omit<TenantCall, "input">)
   return rows.map(toApiKey);
 }
 
-/** Revokes a key of the caller's tenant; revoking twice is a no-op. Another tenant's key is a 404. */
+/**
+ * Revokes a key of the caller's tenant; revoking twice is a no-op. Another tenant's key is a 404.
+ * The tenant's last active key cannot be revoked (409): without it nobody could call the API for
+ * the tenant again. Revocations of one tenant's keys take turns, so that two at once cannot
+ * revoke the last two.
+ */
 export async function revokeApiKey({ ctx, principal, input }: TenantCall<{ id: string }>): Promise<void> {
-  const [row] = await ctx.db
-    .select({ id: schema.apiKeys.id, revokedAt: schema.apiKeys.revokedAt })
-    .from(schema.apiKeys)
-    .where(and(eq(schema.apiKeys.id, input.id), eq(schema.apiKeys.tenantId, principal.tenantId)));
-  if (!row) throw new NotFoundError(`API key ${input.id} not found`);
-  if (row.revokedAt) return;
-  await ctx.db.update(schema.apiKeys).set({ revokedAt: new Date() }).where(eq(schema.apiKeys.id, input.id));
+  await ctx.db.transaction(async (tx) => {
+    await tx
+      .select({ id: schema.tenants.id })
+      .from(schema.tenants)
+      .where(eq(schema.tenants.id, principal.tenantId))
+      .for("update");
+    const [row] = await tx
+      .select({ id: schema.apiKeys.id, revokedAt: schema.apiKeys.revokedAt })
+      .from(schema.apiKeys)
+      .where(and(eq(schema.apiKeys.id, input.id), eq(schema.apiKeys.tenantId, principal.tenantId)));
+    if (!row) throw new NotFoundError(`API key ${input.id} not found`);
+    if (row.revokedAt) return;
+    const [active] = await tx
+      .select({ n: count() })
+      .from(schema.apiKeys)
+      .where(and(eq(schema.apiKeys.tenantId, principal.tenantId), isNull(schema.apiKeys.revokedAt)));
+    if ((active?.n ?? 0) <= 1) {
+      throw new ConflictError(
+        `API key ${input.id} is the tenant's last active key; create another before revoking it`,
+      );
+    }
+    await tx.update(schema.apiKeys).set({ revokedAt: new Date() }).where(eq(schema.apiKeys.id, input.id));
+  });
 }
 
 /** Resolves a bearer secret to its tenant; unknown and revoked keys are the same error. */
