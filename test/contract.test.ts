@@ -69,6 +69,13 @@ describe("every documented response of every operation", () => {
     }
   });
 
+  it("refuses JSON bodies over the limit (413)", async () => {
+    const big = JSON.stringify({ padding: "x".repeat(s3.ctx.limits.maxJsonBodyBytes) });
+    for (const op of operations.filter((o) => o.bodyTypes.includes("application/json"))) {
+      await expectStatus(s3.request(concrete(op.path, randomUUID()), json(big, { method: op.method })), 413);
+    }
+  });
+
   it("serves the public endpoints; readiness is 503 when the database is gone", async () => {
     for (const path of ["/healthz", "/readyz", "/docs", "/openapi.yaml"]) {
       await expectStatus(s3.request(path, { key: null }), 200);
@@ -173,7 +180,13 @@ describe("every documented response of every operation", () => {
     expect(job.status, JSON.stringify(job.problem)).toBe("succeeded");
     const member = job.result?.checkpoints[0]?.id ?? "";
     await expectStatus(s3.request(`/v1/checkpoints/${member}/tfjs/model.json`), 200);
-    await expectStatus(s3.request(`/v1/checkpoints/${member}/tfjs/weights.bin`), 200);
+    const tfjs = await expectStatus(s3.request(`/v1/checkpoints/${member}/tfjs/weights.bin`), 200);
+    const tfjsTag = tfjs.headers.get("etag") ?? "";
+    expect(tfjsTag).not.toBe(`"${job.result?.checkpoints[0]?.sha256}"`);
+    await expectStatus(
+      s3.request(`/v1/checkpoints/${member}/tfjs/weights.bin`, { headers: { "If-None-Match": tfjsTag } }),
+      304,
+    );
     await expectStatus(s3.request(`/v1/checkpoints/${member}`, { method: "DELETE" }), 204);
     await expectStatus(s3.request(`/v1/checkpoints/${member}/tfjs/model.json`), 410);
     await expectStatus(s3.request(`/v1/checkpoints/${member}/tfjs/weights.bin`), 410);
@@ -224,6 +237,11 @@ describe("every documented response of every operation", () => {
     await expectStatus(s3.request("/v1/api-keys", json({ name: "" })), 422);
     await expectStatus(s3.request("/v1/api-keys"), 200);
     await expectStatus(s3.request(`/v1/api-keys/${id}`, { method: "DELETE" }), 204);
+    const onlyKey = (await (await s3.request("/v1/api-keys", { key: s3.keyB })).json()) as {
+      items: { id: string }[];
+    };
+    const last = `/v1/api-keys/${onlyKey.items[0]?.id}`;
+    await expectStatus(s3.request(last, { method: "DELETE", key: s3.keyB }), 409);
   });
 
   it("produced every documented response", () => {

@@ -273,7 +273,11 @@ export interface paths {
             };
             cookie?: never;
         };
-        /** The TF.js weights file of a model this service trained. */
+        /**
+         * The TF.js weights file of a model this service trained.
+         * @description Its `ETag` is its own (these bytes are the checkpoint's data section, not its file), so a
+         *     cache never confuses the two.
+         */
         get: operations["getCheckpointTfjsWeights"];
         put?: never;
         post?: never;
@@ -498,7 +502,11 @@ export interface paths {
         get?: never;
         put?: never;
         post?: never;
-        /** Revoke a key; requests with it then answer 401. Revoking twice is a no-op. */
+        /**
+         * Revoke a key; requests with it then answer 401. Revoking twice is a no-op.
+         * @description The tenant's last active key cannot be revoked (409): create another first. (Operators
+         *     create tenants and their first key with `papa admin create-tenant NAME`.)
+         */
         delete: operations["revokeApiKey"];
         options?: never;
         head?: never;
@@ -922,7 +930,7 @@ export interface components {
                 "application/problem+json": components["schemas"]["Problem"];
             };
         };
-        /** @description The body, or the safetensors header in it, exceeds a limit (see `limit_bytes`). */
+        /** @description The body exceeds a limit (see `limit_bytes`): a JSON body over its limit, an upload or the safetensors header in it over theirs. Refused before the rest of the body is read, after which the server closes the connection. */
         PayloadTooLarge: {
             headers: {
                 [name: string]: unknown;
@@ -1305,6 +1313,7 @@ export interface operations {
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
             404: components["responses"]["NotFound"];
+            413: components["responses"]["PayloadTooLarge"];
             415: components["responses"]["UnsupportedMediaType"];
             422: components["responses"]["UnprocessableContent"];
         };
@@ -1400,6 +1409,7 @@ export interface operations {
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
             409: components["responses"]["Conflict"];
+            413: components["responses"]["PayloadTooLarge"];
             415: components["responses"]["UnsupportedMediaType"];
             422: components["responses"]["UnprocessableContent"];
         };
@@ -1438,7 +1448,9 @@ export interface operations {
     getCheckpointTfjsWeights: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                "If-None-Match"?: string;
+            };
             path: {
                 id: components["parameters"]["Id"];
             };
@@ -1449,12 +1461,21 @@ export interface operations {
             /** @description float32 weights in the manifest's order. */
             200: {
                 headers: {
+                    /** @description An entity tag of this file, derived from the checkpoint's sha256. */
+                    ETag?: string;
                     "Content-Length": components["headers"]["ContentLength"];
                     [name: string]: unknown;
                 };
                 content: {
                     "application/octet-stream": string;
                 };
+            };
+            /** @description `If-None-Match` matched the ETag. */
+            304: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
             };
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
@@ -1551,6 +1572,7 @@ export interface operations {
             401: components["responses"]["Unauthorized"];
             404: components["responses"]["NotFound"];
             409: components["responses"]["Conflict"];
+            413: components["responses"]["PayloadTooLarge"];
             415: components["responses"]["UnsupportedMediaType"];
             422: components["responses"]["UnprocessableContent"];
         };
@@ -1818,6 +1840,7 @@ export interface operations {
             };
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
+            413: components["responses"]["PayloadTooLarge"];
             415: components["responses"]["UnsupportedMediaType"];
             422: components["responses"]["UnprocessableContent"];
         };
@@ -1843,6 +1866,7 @@ export interface operations {
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
             404: components["responses"]["NotFound"];
+            409: components["responses"]["Conflict"];
         };
     };
 }
