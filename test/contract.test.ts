@@ -215,6 +215,7 @@ describe("every documented response of every operation", () => {
     const parts = [{ part_number: 1, etag: put.headers.get("etag") ?? "" }];
     await expectStatus(s3.request(complete, json("{")), 400);
     await expectStatus(s3.request(complete, json({ parts })), 201);
+    await expectStatus(s3.request(complete, json({ parts })), 200);
   });
 
   it("covers datasets", async () => {

@@ -1,7 +1,12 @@
+import { Readable } from "node:stream";
+import { eq, inArray } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { schema } from "../src/db/client.js";
+import { checkpointKey } from "../src/services/checkpoints/checkpoints.js";
+import { expireUploadSessions } from "../src/services/checkpoints/upload-sessions.js";
 import { expectDocumented } from "./helpers/contract.js";
 import { type Harness, startHarness } from "./helpers/harness.js";
-import { buildSafetensors, rawSafetensors } from "./helpers/safetensors.js";
+import { buildSafetensors, rawSafetensors, smallCheckpoint } from "./helpers/safetensors.js";
 
 interface Session {
   id: string;
@@ -53,7 +58,32 @@ describe("presigned upload sessions on S3 (s3rver)", () => {
     expect(checkpoint).toMatchObject({ id: session.id, size_bytes: file.length });
     const back = Buffer.from(await (await h.request(`/v1/checkpoints/${session.id}/weights`)).arrayBuffer());
     expect(back.equals(file)).toBe(true);
-    expect((await h.request(`/v1/upload-sessions/${session.id}/complete`, json({ parts }))).status).toBe(404);
+    const again = await h.request(`/v1/upload-sessions/${session.id}/complete`, json({ parts }));
+    expect(again.status).toBe(200);
+    expect(((await again.json()) as { id: string }).id).toBe(session.id);
+  });
+
+  it("completes a session exactly once when two requests race, and keeps the registered object", async () => {
+    const values = new Float32Array(2_000_000).map((_, i) => Math.cos(i));
+    const file = buildSafetensors([
+      { name: "w", dtype: "F32", shape: [values.length], data: new Uint8Array(values.buffer) },
+    ]);
+    const session = (await (
+      await h.request("/v1/upload-sessions", json({ name: "raced", size_bytes: file.length }))
+    ).json()) as Session;
+    const parts = await sendParts(session, file);
+    const complete = () => h.request(`/v1/upload-sessions/${session.id}/complete`, json({ parts }));
+    const answers = await Promise.all([complete(), complete(), complete()]);
+    const statuses = answers.map((r) => r.status).sort();
+    expect(statuses.filter((s) => s === 201)).toHaveLength(1);
+    expect(statuses.every((s) => s === 200 || s === 201 || s === 409)).toBe(true);
+    for (const r of answers.filter((a) => a.status !== 409)) {
+      expect(((await r.json()) as { id: string }).id).toBe(session.id);
+    }
+    const back = await h.request(`/v1/checkpoints/${session.id}/weights`);
+    expect(back.status).toBe(200);
+    expect(Buffer.from(await back.arrayBuffer()).equals(file)).toBe(true);
+    expect((await h.request(`/v1/upload-sessions/${session.id}`, { method: "DELETE" })).status).toBe(404);
   });
 
   it("refuses an invalid file after assembling it, and deletes it", async () => {
@@ -67,6 +97,55 @@ describe("presigned upload sessions on S3 (s3rver)", () => {
     expect(res.status).toBe(422);
     expect(((await res.json()) as { detail: string }).detail).toContain("needs 16");
     expect(await h.leftovers()).toEqual(before);
+  });
+
+  it("expires open sessions, and sessions whose completer died an hour past expiry, keeping registered objects", async () => {
+    const file = smallCheckpoint(1);
+    const start = async (name: string) =>
+      (await (
+        await h.request("/v1/upload-sessions", json({ name, size_bytes: file.length }))
+      ).json()) as Session;
+    const open = await start("open");
+    const dead = await start("dead");
+    const done = await start("done");
+    const doneParts = await sendParts(done, file);
+    expect(
+      (await h.request(`/v1/upload-sessions/${done.id}/complete`, json({ parts: doneParts }))).status,
+    ).toBe(201);
+    // As a completer that assembled its object and died, and one that registered and died before cleaning up.
+    await sendParts(dead, file);
+    const deadKey = checkpointKey(h.tenantA, dead.id);
+    await h.ctx.store.put(deadKey, Readable.from([file]));
+    const past = new Date(Date.now() - 2 * 3600 * 1000);
+    await h.ctx.db
+      .update(schema.uploadSessions)
+      .set({ status: "completing", expiresAt: past })
+      .where(eq(schema.uploadSessions.id, dead.id));
+    await h.ctx.db
+      .update(schema.uploadSessions)
+      .set({ expiresAt: past })
+      .where(eq(schema.uploadSessions.id, open.id));
+    await h.ctx.db.insert(schema.uploadSessions).values({
+      id: done.id,
+      tenantId: h.tenantA,
+      name: "done",
+      storageKey: checkpointKey(h.tenantA, done.id),
+      uploadId: "gone",
+      sizeBytes: file.length,
+      partSize: file.length,
+      status: "completing",
+      expiresAt: past,
+    });
+
+    expect(await expireUploadSessions(h.ctx)).toBe(3);
+    expect(await h.ctx.store.stat(deadKey)).toBeNull();
+    expect(await h.ctx.store.stat(checkpointKey(h.tenantA, done.id))).not.toBeNull();
+    expect(
+      await h.ctx.db
+        .select()
+        .from(schema.uploadSessions)
+        .where(inArray(schema.uploadSessions.id, [open.id, dead.id, done.id])),
+    ).toEqual([]);
   });
 
   it("aborts a session, and refuses one over the size limit", async () => {

@@ -161,7 +161,13 @@ export const datasets = pgTable(
   (t) => [index("datasets_tenant_idx").on(t.tenantId, t.id)],
 );
 
-/** A presigned multipart upload in progress (S3 store); its id becomes the checkpoint's id. */
+export const uploadSessionStatus = pgEnum("upload_session_status", ["open", "completing"]);
+
+/**
+ * A presigned multipart upload in progress (S3 store); its id becomes the checkpoint's id.
+ * `completing`: one request has claimed its completion (the only one that may assemble,
+ * validate, register or delete its object); the row goes once the checkpoint is registered.
+ */
 export const uploadSessions = pgTable(
   "upload_sessions",
   {
@@ -174,6 +180,7 @@ export const uploadSessions = pgTable(
     uploadId: text("upload_id").notNull(),
     sizeBytes: bigint("size_bytes", { mode: "number" }).notNull(),
     partSize: bigint("part_size", { mode: "number" }).notNull(),
+    status: uploadSessionStatus("status").notNull().default("open"),
     expiresAt: timestamp("expires_at", { withTimezone: true }).notNull(),
     createdAt: createdAt(),
   },

@@ -322,7 +322,7 @@ export interface paths {
         get?: never;
         put?: never;
         post?: never;
-        /** Abort an upload session; its parts are discarded. */
+        /** Abort an upload session; its parts are discarded. Not one being completed (409). */
         delete: operations["abortUploadSession"];
         options?: never;
         head?: never;
@@ -340,7 +340,12 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Assemble the parts, validate the file like any upload, and register the checkpoint. */
+        /**
+         * Assemble the parts, validate the file like any upload, and register the checkpoint.
+         * @description A session completes exactly once. While one request completes it, another gets 409; once
+         *     it is complete, another gets the same checkpoint (200). An invalid file is deleted with
+         *     the session (422): start a new one.
+         */
         post: operations["completeUploadSession"];
         delete?: never;
         options?: never;
@@ -1559,6 +1564,15 @@ export interface operations {
             };
         };
         responses: {
+            /** @description An earlier request completed the session; this is its checkpoint. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Checkpoint"];
+                };
+            };
             /** @description The checkpoint (its id is the session's). */
             201: {
                 headers: {

@@ -124,7 +124,7 @@ export function uploadSessionRoutes(app: Hono<AppEnv>): void {
   });
 
   operation(app, "completeUploadSession", async (c, req) => {
-    const checkpoint = await completeUploadSession({
+    const { checkpoint, created } = await completeUploadSession({
       ctx: c.get("ctx"),
       principal: c.get("principal"),
       input: {
@@ -133,7 +133,7 @@ export function uploadSessionRoutes(app: Hono<AppEnv>): void {
       },
     });
     c.header("Location", `/v1/checkpoints/${checkpoint.id}`);
-    return c.json(checkpointBody(checkpoint), 201);
+    return c.json(checkpointBody(checkpoint), created ? 201 : 200);
   });
 
   operation(app, "abortUploadSession", async (c, req) => {

@@ -1,6 +1,6 @@
 import { Writable } from "node:stream";
 import { pipeline } from "node:stream/promises";
-import { and, eq, lt } from "drizzle-orm";
+import { and, eq, lt, or } from "drizzle-orm";
 import { schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
 import type { MultipartUploads } from "../../storage/object-store.js";
@@ -81,22 +81,43 @@ async function sessionOf(ctx: ServiceContext, tenantId: string, id: string): Pro
 }
 
 /**
- * Completes a session: assembles the parts, validates the object like any upload (strict
- * safetensors, sha256, exact size) and registers the checkpoint. An invalid object is deleted.
+ * Completes a session, exactly once: one request claims it (a single state transition, `open` to
+ * `completing`), assembles the parts, validates the object like any upload (strict safetensors,
+ * sha256, exact size) and registers the checkpoint; an invalid object is deleted with the
+ * session. Another request for the same session meanwhile is a conflict; one after it gets the
+ * same checkpoint (`created` false). An object that was registered is never deleted.
  */
 export async function completeUploadSession({
   ctx,
   principal,
   input,
-}: TenantCall<{ id: string; parts: { partNumber: number; etag: string }[] }>): Promise<Checkpoint> {
+}: TenantCall<{ id: string; parts: { partNumber: number; etag: string }[] }>): Promise<{
+  checkpoint: Checkpoint;
+  created: boolean;
+}> {
   const multipart = multipartOf(ctx);
-  const session = await sessionOf(ctx, principal.tenantId, input.id);
-  await multipart.complete(session.storageKey, session.uploadId, input.parts);
-  const validator = new SafetensorsValidator({
-    maxHeaderBytes: ctx.limits.maxSafetensorsHeaderBytes,
-    maxBytes: ctx.limits.maxUploadBytes,
-  });
+  const [session] = await ctx.db
+    .update(schema.uploadSessions)
+    .set({ status: "completing" })
+    .where(
+      and(
+        eq(schema.uploadSessions.id, input.id),
+        eq(schema.uploadSessions.tenantId, principal.tenantId),
+        eq(schema.uploadSessions.status, "open"),
+      ),
+    )
+    .returning();
+  if (!session) {
+    return { checkpoint: await completedOrBusy(ctx, principal.tenantId, input.id), created: false };
+  }
+  let assembled = false;
   try {
+    await multipart.complete(session.storageKey, session.uploadId, input.parts);
+    assembled = true;
+    const validator = new SafetensorsValidator({
+      maxHeaderBytes: ctx.limits.maxSafetensorsHeaderBytes,
+      maxBytes: ctx.limits.maxUploadBytes,
+    });
     // The validator sees every byte; the bytes themselves go nowhere.
     await pipeline(
       await ctx.store.get(session.storageKey),
@@ -121,24 +142,54 @@ export async function completeUploadSession({
       await tx.delete(schema.uploadSessions).where(eq(schema.uploadSessions.id, session.id));
     });
   } catch (err) {
-    await ctx.store.delete(session.storageKey);
+    // Only the claimer gets here, and nothing was registered: the object is this session's alone.
+    if (assembled) await ctx.store.delete(session.storageKey);
+    else await multipart.abort(session.storageKey, session.uploadId).catch(() => undefined);
     await ctx.db.delete(schema.uploadSessions).where(eq(schema.uploadSessions.id, session.id));
     if (err instanceof SafetensorsError)
       throw new InvalidInputError(`not a valid safetensors file: ${err.message}`);
     throw err;
   }
-  return getCheckpoint({ ctx, principal, input: { id: session.id } });
+  return { checkpoint: await getCheckpoint({ ctx, principal, input: { id: session.id } }), created: true };
 }
 
-/** Aborts a session: the parts are discarded and nothing is registered. */
+/**
+ * For a session that could not be claimed: its checkpoint, when an earlier request completed
+ * it; a conflict while another request is completing it; not found otherwise.
+ */
+async function completedOrBusy(ctx: ServiceContext, tenantId: string, id: string): Promise<Checkpoint> {
+  const completed = await getCheckpoint({ ctx, principal: { tenantId }, input: { id } }).catch(
+    (err: unknown) => {
+      if (err instanceof NotFoundError) return null;
+      throw err;
+    },
+  );
+  if (completed) return completed;
+  await sessionOf(ctx, tenantId, id); // 404 unless it exists
+  throw new ConflictError(`upload session ${id} is being completed by another request; ask again shortly`);
+}
+
+/** Aborts a session: the parts are discarded and nothing is registered. Not one being completed (409). */
 export async function abortUploadSession({
   ctx,
   principal,
   input,
 }: TenantCall<{ id: string }>): Promise<void> {
   const multipart = multipartOf(ctx);
-  const session = await sessionOf(ctx, principal.tenantId, input.id);
-  await ctx.db.delete(schema.uploadSessions).where(eq(schema.uploadSessions.id, session.id));
+  const [session] = await ctx.db
+    .delete(schema.uploadSessions)
+    .where(
+      and(
+        eq(schema.uploadSessions.id, input.id),
+        eq(schema.uploadSessions.tenantId, principal.tenantId),
+        eq(schema.uploadSessions.status, "open"),
+      ),
+    )
+    .returning();
+  if (!session) {
+    await sessionOf(ctx, principal.tenantId, input.id); // 404 unless it exists
+    throw new ConflictError(`upload session ${input.id} is being completed; it can no longer be aborted`);
+  }
   await multipart.abort(session.storageKey, session.uploadId).catch((err: unknown) => {
     ctx.logger.warn("aborting a multipart upload failed; the bucket lifecycle rule will remove it", {
       error: err,
@@ -146,15 +197,35 @@ export async function abortUploadSession({
   });
 }
 
-/** Aborts sessions past their expiry (workers run it at start); returns how many. */
+/** How long past its expiry a session being completed is left to the request completing it. */
+const COMPLETION_GRACE_MS = 60 * 60 * 1000;
+
+/**
+ * Aborts sessions past their expiry (workers run it periodically); returns how many. A session
+ * still being completed gets an hour more; past that its completer died, and the object it
+ * assembled goes too, unless it was registered.
+ */
 export async function expireUploadSessions(ctx: ServiceContext): Promise<number> {
-  if (!ctx.store.multipart) return 0;
+  const { multipart } = ctx.store;
+  if (!multipart) return 0;
+  const now = Date.now();
   const expired = await ctx.db
     .delete(schema.uploadSessions)
-    .where(lt(schema.uploadSessions.expiresAt, new Date()))
+    .where(
+      or(
+        and(eq(schema.uploadSessions.status, "open"), lt(schema.uploadSessions.expiresAt, new Date(now))),
+        lt(schema.uploadSessions.expiresAt, new Date(now - COMPLETION_GRACE_MS)),
+      ),
+    )
     .returning();
   for (const s of expired) {
-    await ctx.store.multipart.abort(s.storageKey, s.uploadId).catch(() => undefined);
+    await multipart.abort(s.storageKey, s.uploadId).catch(() => undefined);
+    if (s.status !== "completing") continue;
+    const [registered] = await ctx.db
+      .select({ id: schema.checkpoints.id })
+      .from(schema.checkpoints)
+      .where(eq(schema.checkpoints.id, s.id));
+    if (!registered) await ctx.store.delete(s.storageKey);
   }
   return expired.length;
 }
