@@ -8,7 +8,7 @@ import { pipeline } from "node:stream/promises";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { mergeFiles } from "../src/merge/local.js";
 import { type MergeMethod, mergeCoefficients, papa2Pairs } from "../src/merge/methods.js";
-import { MergeMismatchError } from "../src/merge/plan.js";
+import { globMatcher, MergeMismatchError } from "../src/merge/plan.js";
 import { SafetensorsValidator } from "../src/tensors/safetensors.js";
 import { buildSafetensors, type TestTensor } from "./helpers/safetensors.js";
 
@@ -182,6 +182,42 @@ describe("merge methods", () => {
     [{ method: "papa-pull", beta: 1.5 }, "beta"],
   ] as [MergeMethod, string][])("rejects %j", (spec, message) => {
     expect(() => mergeCoefficients(spec, 2)).toThrow(message);
+  });
+});
+
+describe("exclude patterns", () => {
+  /** The definition, as a regular expression: fine for the short names it is compared on here. */
+  const reference = (pattern: string, name: string) =>
+    new RegExp(
+      `^${pattern
+        .split("*")
+        .map((p) => p.replace(/[.+?^${}()|[\]\\]/g, "\\$&"))
+        .join(".*")}$`,
+    ).test(name);
+
+  it("match as `*`-globs do, on every small case", () => {
+    const words = (length: number): string[] =>
+      length === 0 ? [""] : words(length - 1).flatMap((w) => [`${w}a`, `${w}b`, `${w}.`]);
+    const names = [0, 1, 2, 3, 4].flatMap(words);
+    const patterns = [0, 1, 2, 3].flatMap(words).flatMap((w) => [w, `*${w}`, `${w}*`, `*${w}*`]);
+    patterns.push("a*b", "*a*a*", "a**b", "*.*", "a*a*a", "**", "*");
+    let checked = 0;
+    for (const pattern of patterns) {
+      const matches = globMatcher(pattern);
+      for (const name of names) {
+        expect(matches(name), `${pattern} ~ ${name}`).toBe(reference(pattern, name));
+        checked++;
+      }
+    }
+    expect(checked).toBeGreaterThan(20_000);
+  });
+
+  it("never backtrack: a pattern that made a regular expression take minutes answers at once", () => {
+    const started = performance.now();
+    const matches = globMatcher("*a*a*a*a*a*a*a*a*a*ab");
+    expect(matches("a".repeat(4000))).toBe(false);
+    expect(matches(`${"a".repeat(4000)}b`)).toBe(true);
+    expect(performance.now() - started).toBeLessThan(1000);
   });
 });
 

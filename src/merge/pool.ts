@@ -1,5 +1,6 @@
 import { availableParallelism } from "node:os";
-import { Worker } from "node:worker_threads";
+import type { Worker } from "node:worker_threads";
+import { startThread } from "../threads.js";
 import { type BlockTask, mergeBlock } from "./kernel.js";
 
 interface Pending {
@@ -20,7 +21,7 @@ export class MergePool {
 
   constructor(readonly size: number = availableParallelism()) {
     for (let i = 0; i < size; i++) {
-      const worker = startWorker();
+      const worker = startThread(import.meta.url, "worker");
       worker.unref();
       worker.on("message", (message: { ok: boolean; error?: string }) => {
         const pending = this.inFlight.get(worker);
@@ -64,14 +65,4 @@ export class MergePool {
   async close(): Promise<void> {
     await Promise.all(this.workers.map((w) => w.terminate()));
   }
-}
-
-/**
- * The compiled worker, or from TypeScript sources (tests, `npm run papa`) the source worker
- * loaded through tsx: on Node 20 a worker does not honour `--import` loaders in `execArgv`.
- */
-function startWorker(): Worker {
-  if (!import.meta.url.endsWith(".ts")) return new Worker(new URL("./worker.js", import.meta.url));
-  const url = JSON.stringify(new URL("./worker.ts", import.meta.url).href);
-  return new Worker(`import("tsx/esm/api").then((tsx) => tsx.tsImport(${url}, ${url}));`, { eval: true });
 }
