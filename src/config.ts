@@ -40,6 +40,7 @@ const schema = z.object({
   PAPA_MAX_SAFETENSORS_HEADER_BYTES: byteCount(25_000_000),
   PAPA_MAX_HTTP_HEADER_BYTES: byteCount(16 * 1024),
   PAPA_MAX_MERGE_INPUT_BYTES: byteCount(256 * 1024 ** 3),
+  PAPA_MAX_MERGE_HEADER_BYTES: byteCount(64 * 1024 ** 2),
   PAPA_MAX_DATASET_BYTES: byteCount(1024 ** 3),
   PAPA_MAX_JSON_BODY_BYTES: byteCount(1024 ** 2),
   PAPA_PRESIGN_EXPIRES_SECONDS: z.coerce.number().int().min(1).max(604800).default(900),
@@ -78,6 +79,8 @@ export interface Limits {
   maxHttpHeaderBytes: number;
   /** Most bytes a merge may read, all inputs together. */
   maxMergeInputBytes: number;
+  /** Most bytes of safetensors headers one merge may parse, all inputs together. */
+  maxMergeHeaderBytes: number;
   /** Largest dataset upload (all files), parsed in memory. */
   maxDatasetBytes: number;
   /** Largest JSON request body. */
@@ -167,6 +170,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       maxSafetensorsHeaderBytes: e.PAPA_MAX_SAFETENSORS_HEADER_BYTES,
       maxHttpHeaderBytes: e.PAPA_MAX_HTTP_HEADER_BYTES,
       maxMergeInputBytes: e.PAPA_MAX_MERGE_INPUT_BYTES,
+      maxMergeHeaderBytes: e.PAPA_MAX_MERGE_HEADER_BYTES,
       maxDatasetBytes: e.PAPA_MAX_DATASET_BYTES,
       maxJsonBodyBytes: e.PAPA_MAX_JSON_BODY_BYTES,
     },

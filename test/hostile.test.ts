@@ -1,5 +1,6 @@
 import { spawn } from "node:child_process";
 import { request as httpRequest, type IncomingMessage } from "node:http";
+import { Readable } from "node:stream";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { openDatabase } from "../src/db/client.js";
 import { startWorker } from "../src/jobs/worker.js";
@@ -9,7 +10,7 @@ import {
   createTenantWithKey,
   revokeApiKey,
 } from "../src/services/api-keys/api-keys.js";
-import { checkpointKey } from "../src/services/checkpoints/checkpoints.js";
+import { checkpointKey, createCheckpoint } from "../src/services/checkpoints/checkpoints.js";
 import { ConflictError } from "../src/services/errors.js";
 import { type DatabaseKind, emptyPostgresDatabase, type StoreKind } from "./helpers/backends.js";
 import { idxFiles, uploadDataset } from "./helpers/datasets.js";
@@ -211,6 +212,78 @@ describe.each<[DatabaseKind, StoreKind]>([
         (await h.request("/v1/api-keys", { key: third.secret })).status,
       ].sort(),
     ).toEqual([200, 401]);
+  });
+});
+
+/** A valid file of `count` one-element F32 tensors with long names: a large header over little data. */
+function manyTensors(count: number, seed: number): Buffer {
+  const tensors = Array.from({ length: count }, (_, i) => ({
+    name: `model.layers.${i}.self_attn.q_proj.weight.padding-padding-padding`,
+    dtype: "F32",
+    shape: [1],
+    data: f32([seed + i]),
+  }));
+  return buildSafetensors(tensors);
+}
+
+describe("merge requests with large headers", () => {
+  let h: Harness;
+  /** Four checkpoints with ~19 MB headers: three fit the merge header limit together, four do not. */
+  const inputs: string[] = [];
+  const stored = async (file: Buffer) =>
+    (
+      await createCheckpoint({
+        ctx: h.ctx,
+        principal: { tenantId: h.tenantA },
+        input: { name: "big-header", body: Readable.from([file]) },
+      })
+    ).id;
+  beforeAll(async () => {
+    h = await startHarness("pglite", "filesystem", {
+      limits: {
+        maxUploadBytes: 2 ** 30,
+        maxSafetensorsHeaderBytes: 25_000_000,
+        maxMergeInputBytes: 2 ** 32,
+        maxMergeHeaderBytes: 64_000_000,
+      },
+    });
+    const file = manyTensors(150_000, 0);
+    for (let k = 0; k < 4; k++) inputs.push(await stored(file));
+  });
+  afterAll(() => h.close());
+
+  it("refuses a merge whose headers together pass the limit (413), before parsing any", async () => {
+    const res = await postMerge(h, { method: "papa-all", inputs });
+    expect(res.status).toBe(413);
+    expect(((await res.json()) as { limit_bytes: number }).limit_bytes).toBe(64_000_000);
+  });
+
+  it("checks large headers off the event loop: the API keeps answering meanwhile", async () => {
+    let longest = 0;
+    let last = performance.now();
+    const ticker = setInterval(() => {
+      const now = performance.now();
+      longest = Math.max(longest, now - last);
+      last = now;
+    }, 5);
+    const started = performance.now();
+    const res = await postMerge(h, { method: "papa-all", inputs: inputs.slice(0, 3) });
+    const took = performance.now() - started;
+    clearInterval(ticker);
+    expect(res.status).toBe(202);
+    // Parsing three such headers on the event loop holds it for seconds; the thread leaves it free.
+    expect(took).toBeGreaterThan(300);
+    expect(longest).toBeLessThan(250);
+  });
+
+  it("matches exclude patterns without backtracking (a pattern that took 27 s before)", async () => {
+    const name = "a".repeat(40);
+    const file = (v: number) => buildSafetensors([{ name, dtype: "F32", shape: [1], data: f32([v]) }]);
+    const inputs = [await stored(file(1)), await stored(file(2))];
+    const started = performance.now();
+    const res = await postMerge(h, { method: "papa-all", inputs, exclude: ["*a*a*a*a*a*a*a*a*a*ab"] });
+    expect(res.status).toBe(202);
+    expect(performance.now() - started).toBeLessThan(2000);
   });
 });
 

@@ -40,6 +40,27 @@ export async function readBytes(source: ByteSource, offset: number, length: numb
   return bytes;
 }
 
+/** The header length in a source's 8-byte prefix (one ranged read), checked against `maxHeaderBytes`. */
+export async function readHeaderLength(source: ByteSource, maxHeaderBytes: number): Promise<number> {
+  if (source.size < 8)
+    throw new SafetensorsError("truncated", `file is ${source.size} bytes, shorter than 8`);
+  const length = headerLengthOf(await readBytes(source, 0, 8), maxHeaderBytes);
+  if (source.size < 8 + length) throw new SafetensorsError("truncated", "file ends inside the header");
+  return length;
+}
+
+/** Parses and strictly checks the header of a file of `fileSize` bytes, its length included. */
+export function headerOfFile(headerBytes: Uint8Array, fileSize: number): SafetensorsHeader {
+  const header = parseSafetensorsHeader(headerBytes);
+  if (fileSize !== header.dataStart + header.dataBytes) {
+    throw new SafetensorsError(
+      fileSize < header.dataStart + header.dataBytes ? "truncated" : "length_mismatch",
+      `file is ${fileSize} bytes but its header describes ${header.dataStart + header.dataBytes}`,
+    );
+  }
+  return header;
+}
+
 /**
  * Reads and strictly checks a safetensors header with two ranged reads (the prefix, then the
  * header), without reading the data, and checks that the source's length is exact.
@@ -48,18 +69,8 @@ export async function readSafetensorsHeader(
   source: ByteSource,
   maxHeaderBytes: number,
 ): Promise<SafetensorsHeader> {
-  if (source.size < 8)
-    throw new SafetensorsError("truncated", `file is ${source.size} bytes, shorter than 8`);
-  const length = headerLengthOf(await readBytes(source, 0, 8), maxHeaderBytes);
-  if (source.size < 8 + length) throw new SafetensorsError("truncated", "file ends inside the header");
-  const header = parseSafetensorsHeader(await readBytes(source, 8, length));
-  if (source.size !== header.dataStart + header.dataBytes) {
-    throw new SafetensorsError(
-      source.size < header.dataStart + header.dataBytes ? "truncated" : "length_mismatch",
-      `file is ${source.size} bytes but its header describes ${header.dataStart + header.dataBytes}`,
-    );
-  }
-  return header;
+  const length = await readHeaderLength(source, maxHeaderBytes);
+  return headerOfFile(await readBytes(source, 8, length), source.size);
 }
 
 /** An object in the store, read with ranged GETs. */

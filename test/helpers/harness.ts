@@ -18,6 +18,7 @@ export const TEST_LIMITS = {
   maxSafetensorsHeaderBytes: 4096,
   maxHttpHeaderBytes: 16 * 1024,
   maxMergeInputBytes: 1024 * 1024,
+  maxMergeHeaderBytes: 16 * 1024,
   maxDatasetBytes: 4 * 1024 * 1024,
   maxJsonBodyBytes: 64 * 1024,
 };

@@ -6,8 +6,14 @@ import { derivedId } from "../../ids.js";
 import type { QueuedJob } from "../../jobs/queue.js";
 import { blockElementsFor, runMerge, slotCount, streamSink } from "../../merge/engine.js";
 import { type MergeMethod, MergeSpecError, mergeCoefficients } from "../../merge/methods.js";
-import { MergeMismatchError, type MergePlan, planMerge } from "../../merge/plan.js";
+import { MergeMismatchError, type PlanOptions } from "../../merge/plan.js";
 import { MergePool } from "../../merge/pool.js";
+import {
+  checkMergeOffThread,
+  type HeaderLimits,
+  HeadersTooLargeError,
+  planMergeOffThread,
+} from "../../merge/preflight.js";
 import { averageMembers, reestimateBatchNorm } from "../../ml/averaging.js";
 import { BackendError, type BackendName, selectBackend } from "../../ml/backend.js";
 import { DatasetError } from "../../ml/datasets.js";
@@ -16,7 +22,7 @@ import { modelFromCheckpoint } from "../../ml/import.js";
 import { batchesOf, evaluate } from "../../ml/train.js";
 import type { FloatDtype } from "../../tensors/floats.js";
 import { SafetensorsError, type SafetensorsSummary } from "../../tensors/safetensors.js";
-import { readSafetensorsHeader, storeSource } from "../../tensors/source.js";
+import { type ByteSource, readSafetensorsHeader, storeSource } from "../../tensors/source.js";
 import { outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { ServiceContext, TenantCall } from "../context.js";
 import { assertDatasetExists } from "../datasets/datasets.js";
@@ -84,34 +90,42 @@ async function loadInputs(ctx: ServiceContext, tenantId: string, ids: string[]):
   });
 }
 
-/** Reads the inputs' headers (ranged reads, no data) and plans the merge; 422 naming the first mismatch. */
-async function preflight(
+/** What planning a merge of `inputs` takes: their bytes, the header limits, and the plan's options. */
+function planArguments(
   ctx: ServiceContext,
   params: MergeParams,
   inputs: CheckpointRow[],
   blockElements: number,
-): Promise<MergePlan> {
-  try {
-    const coefficients = mergeCoefficients(methodOf(params), inputs.length);
-    const headers = await Promise.all(
-      inputs.map((c) =>
-        readSafetensorsHeader(
-          storeSource(ctx.store, c.storageKey, c.sizeBytes),
-          ctx.limits.maxSafetensorsHeaderBytes,
-        ),
-      ),
-    );
-    return planMerge({
-      headers,
-      coefficients,
+): [ByteSource[], HeaderLimits, Omit<PlanOptions, "headers">] {
+  return [
+    inputs.map((c) => storeSource(ctx.store, c.storageKey, c.sizeBytes)),
+    {
+      maxHeaderBytes: ctx.limits.maxSafetensorsHeaderBytes,
+      maxTotalHeaderBytes: ctx.limits.maxMergeHeaderBytes,
+    },
+    {
+      coefficients: mergeCoefficients(methodOf(params), inputs.length),
       labels: inputs.map((c) => `checkpoint ${c.id}`),
       exclude: params.exclude,
       outputDtype: params.output_dtype,
       metadata: { "papa.method": params.method, "papa.inputs": inputs.map((c) => c.id).join(",") },
       blockElements,
-    });
+    },
+  ];
+}
+
+/**
+ * Plans (or checks) a merge from its inputs' headers, off the event loop (`planMergeOffThread`),
+ * as request errors: 413 when the headers are too large together, 422 naming the first mismatch.
+ */
+async function preflight<T>(plan: () => Promise<T>): Promise<T> {
+  try {
+    return await plan();
   } catch (err) {
     if (err instanceof MergeMismatchError) throw new InvalidInputError(err.message, { tensor: err.tensor });
+    if (err instanceof HeadersTooLargeError) {
+      throw new PayloadTooLargeError(err.message, { limit_bytes: err.limitBytes });
+    }
     if (err instanceof MergeSpecError || err instanceof SafetensorsError)
       throw new InvalidInputError(err.message);
     throw err;
@@ -159,7 +173,7 @@ export async function createMergeJob({
       },
     );
   }
-  await preflight(ctx, params, inputs, 1 << 16);
+  await preflight(() => checkMergeOffThread(...planArguments(ctx, params, inputs, 1 << 16)));
   return createJob({
     ctx,
     principal,
@@ -225,15 +239,13 @@ async function mergeAttempt(
 ): Promise<AttemptOutcome> {
   const { job } = jobAttempt;
   const params = job.params as MergeParams;
-  let inputs: CheckpointRow[];
+  // An input deleted since the submit is a request error: the runner fails the job without retries.
+  const inputs = await loadInputs(ctx, job.tenantId, params.inputs);
   let coefficients: number[][];
   try {
-    inputs = await loadInputs(ctx, job.tenantId, params.inputs);
     coefficients = mergeCoefficients(methodOf(params), inputs.length);
   } catch (err) {
-    throw err instanceof InvalidInputError || err instanceof MergeSpecError
-      ? new PermanentMergeError(err.message)
-      : err;
+    throw err instanceof MergeSpecError ? new PermanentMergeError(err.message) : err;
   }
   const ids = coefficients.map((_, j) => outputId(job.id, j));
   const attempt = { ...jobAttempt, ctx, params, inputs, coefficients, ids };
@@ -291,17 +303,10 @@ async function streamedMerge(a: MergeAttempt, threads: number): Promise<MergeOut
   const { ctx, job, params, inputs, ids } = a;
   const pool = new MergePool(threads);
   try {
-    let plan: MergePlan;
-    try {
-      plan = await preflight(
-        ctx,
-        params,
-        inputs,
-        blockElementsFor(inputs.length, ids.length, slotCount(pool)),
-      );
-    } catch (err) {
-      throw err instanceof InvalidInputError ? new PermanentMergeError(err.message) : err;
-    }
+    const blockElements = blockElementsFor(inputs.length, ids.length, slotCount(pool));
+    const plan = await preflight(() =>
+      planMergeOffThread(...planArguments(ctx, params, inputs, blockElements)),
+    );
     const sinks = ids.map(() => streamSink());
     const abort = new AbortController();
     a.signal.addEventListener("abort", () => abort.abort(a.signal.reason));
