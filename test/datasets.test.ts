@@ -1,9 +1,10 @@
+import { request as httpRequest } from "node:http";
 import { gzipSync } from "node:zlib";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { cifar10Split } from "../src/ml/datasets.js";
+import { cifar10Split } from "../src/ml/dataset-formats.js";
 import { expectDocumented } from "./helpers/contract.js";
 import { idx, idxFiles, images, uploadDataset } from "./helpers/datasets.js";
-import { type Harness, startHarness } from "./helpers/harness.js";
+import { type Harness, listen, startHarness } from "./helpers/harness.js";
 import { type JobBody, waitForJob } from "./helpers/jobs.js";
 
 describe("uploaded datasets", () => {
@@ -101,6 +102,23 @@ describe("uploaded datasets", () => {
       "whole number",
     ],
     ["an unknown format", "format=parquet", idxFiles(), 400, "format"],
+    [
+      "a file in a field the format does not take",
+      "format=idx",
+      { ...idxFiles(), extra: [Buffer.from("x")] },
+      422,
+      "not extra",
+    ],
+    [
+      "a gzip file whose content passes the limit (a decompression bomb)",
+      "format=idx",
+      {
+        ...idxFiles(),
+        train_images: [gzipSync(Buffer.concat([idx([10_700, 28, 28], []), Buffer.alloc(10_700 * 784)]))],
+      },
+      413,
+      "limit",
+    ],
   ])("refuses %s, leaving nothing behind", async (_case, query, files, status, text) => {
     const before = await h.ctx.store.list(`tenants/${h.tenantA}/datasets/`);
     const listed = async () =>
@@ -144,5 +162,91 @@ describe("CIFAR-10 records", () => {
     const split = cifar10Split([record]);
     expect(Array.from(split.y)).toEqual([7]);
     expect(Array.from(split.x.subarray(0, 3))).toEqual([0.2, 0.4, 1].map((v) => Math.fround(v)));
+  });
+});
+
+describe("a large dataset upload over a real socket", () => {
+  let h: Harness;
+  let server: Awaited<ReturnType<typeof listen>>;
+  beforeAll(async () => {
+    h = await startHarness("pglite", "filesystem", { limits: { maxDatasetBytes: 2 ** 30 } });
+    server = await listen(h);
+  });
+  afterAll(async () => {
+    await server.close();
+    await h.close();
+  });
+
+  it("streams to the store: 256 MB of images raise the process's memory by far less", async () => {
+    const count = 340_000; // 28x28 images: ~256 MB
+    const labels = (n: number) =>
+      idx(
+        [n],
+        Array.from({ length: n }, (_, i) => i % 10),
+      );
+    const imageHeader = (n: number) => idx([n, 28, 28], []);
+    const boundary = "papa-boundary-0123456789";
+    const part = (field: string) =>
+      Buffer.from(
+        `--${boundary}\r\nContent-Disposition: form-data; name="${field}"; filename="${field}"\r\nContent-Type: application/octet-stream\r\n\r\n`,
+      );
+    const small = [
+      Buffer.concat([part("train_labels"), labels(count), Buffer.from("\r\n")]),
+      Buffer.concat([part("test_images"), imageHeader(2), Buffer.alloc(2 * 784, 7), Buffer.from("\r\n")]),
+      Buffer.concat([part("test_labels"), labels(2), Buffer.from("\r\n")]),
+    ];
+    const head = Buffer.concat([part("train_images"), imageHeader(count)]);
+    const tail = Buffer.from(
+      `\r\n${small.map((b) => b.toString("latin1")).join("")}--${boundary}--\r\n`,
+      "latin1",
+    );
+    const imageBytes = count * 784;
+    const length = head.length + imageBytes + tail.length;
+
+    global.gc?.();
+    const before = process.memoryUsage().rss;
+    let peak = before;
+    const sampler = setInterval(() => {
+      peak = Math.max(peak, process.memoryUsage().rss);
+    }, 20);
+    const res = await new Promise<{ status: number; body: string }>((resolve, reject) => {
+      const req = httpRequest(`${server.base}/v1/datasets?name=big&format=idx`, {
+        method: "POST",
+        headers: {
+          Authorization: `Bearer ${h.keyA}`,
+          "Content-Type": `multipart/form-data; boundary=${boundary}`,
+          "Content-Length": String(length),
+        },
+      });
+      req.on("response", (r) => {
+        let body = "";
+        r.on("data", (d: Buffer) => (body += d.toString()));
+        r.on("end", () => resolve({ status: r.statusCode ?? 0, body }));
+      });
+      req.on("error", reject);
+      const chunk = Buffer.alloc(1 << 20, 128);
+      let sent = 0;
+      const pump = () => {
+        while (sent < imageBytes) {
+          const n = Math.min(chunk.length, imageBytes - sent);
+          sent += n;
+          if (!req.write(n === chunk.length ? chunk : chunk.subarray(0, n)))
+            return void req.once("drain", pump);
+        }
+        req.end(tail);
+      };
+      req.write(head);
+      pump();
+    });
+    clearInterval(sampler);
+    expect(res.status, res.body).toBe(201);
+    expect(JSON.parse(res.body)).toMatchObject({
+      train_count: count,
+      test_count: 2,
+      classes: 10,
+      shape: [28, 28, 1],
+    });
+    // Buffering the body (as the service once did) costs several times its size.
+    expect(peak - before).toBeLessThan(100 * 1024 * 1024);
   });
 });

@@ -4,7 +4,8 @@ import { beforeAll, describe, expect, it } from "vitest";
 import { mergeCoefficients } from "../src/merge/methods.js";
 import { averageMembers, papaPull, reestimateBatchNorm } from "../src/ml/averaging.js";
 import { BackendError, selectBackend } from "../src/ml/backend.js";
-import { DatasetError, idxSplit, loadBuiltInDataset, parseIdx } from "../src/ml/datasets.js";
+import { DatasetError, idxSplit } from "../src/ml/dataset-formats.js";
+import { loadBuiltInDataset } from "../src/ml/datasets.js";
 import { buildModel, namedWeights } from "../src/ml/models.js";
 import { MemberOptimizer } from "../src/ml/optimizer.js";
 import {
@@ -398,8 +399,8 @@ describe("backends and datasets", () => {
     expect(Array.from(split.y)).toEqual([7, 3]);
     expect(split.x[1]).toBe(1);
     expect(split.x[2]).toBeCloseTo(0.2, 6);
-    expect(() => parseIdx(Buffer.from([1, 2, 3, 4]))).toThrow(DatasetError);
-    expect(() => parseIdx(images.subarray(0, images.length - 1))).toThrow("dimensions say");
+    expect(() => idxSplit(Buffer.from([1, 2, 3, 4]), labels)).toThrow(DatasetError);
+    expect(() => idxSplit(images.subarray(0, images.length - 1), labels)).toThrow("dimensions say");
     expect(() => idxSplit(images, Buffer.from([0, 0, 8, 1, 0, 0, 0, 3, 1, 2, 3]))).toThrow(
       "2 images but 3 labels",
     );

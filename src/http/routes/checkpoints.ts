@@ -1,6 +1,5 @@
 import { Readable } from "node:stream";
-import type { ReadableStream as WebReadableStream } from "node:stream/web";
-import type { Context, Hono } from "hono";
+import type { Hono } from "hono";
 import {
   assertCheckpointAvailable,
   createCheckpoint,
@@ -19,7 +18,7 @@ import {
 } from "../../services/checkpoints/upload-sessions.js";
 import { attachmentDisposition } from "../../storage/object-store.js";
 import type { AppEnv } from "../env.js";
-import { incomingOf } from "../incoming.js";
+import { requestBodyStream } from "../incoming.js";
 import { operation } from "../openapi.js";
 import { checkpointBody } from "../presenters.js";
 import { resolveRange } from "../range.js";
@@ -98,11 +97,6 @@ export function checkpointRoutes(app: Hono<AppEnv>): void {
   });
 }
 
-/**
- * The request body as a Node stream. Under the Node server this is the socket's own
- * IncomingMessage: converting it to a web stream and back costs a third of upload throughput.
- * Other runtimes (tests' app.request, Lambda) hand over a web stream.
- */
 export function uploadSessionRoutes(app: Hono<AppEnv>): void {
   operation(app, "createUploadSession", async (c, req) => {
     const { session, partUrls } = await createUploadSession({
@@ -168,13 +162,6 @@ export function tfjsRoutes(app: Hono<AppEnv>): void {
     if (c.req.method === "HEAD") return c.body(null, 200);
     return c.body(Readable.toWeb(await open()) as ReadableStream<Uint8Array>, 200);
   });
-}
-
-function requestBodyStream(c: Context<AppEnv>): Readable {
-  const incoming = incomingOf(c);
-  if (incoming) return incoming;
-  const body = c.req.raw.body;
-  return body ? Readable.fromWeb(body as WebReadableStream<Uint8Array>) : Readable.from([]);
 }
 
 function ifNoneMatch(header: string | undefined, etag: string): boolean {

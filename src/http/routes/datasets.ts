@@ -2,6 +2,7 @@ import type { Hono } from "hono";
 import { createDataset, deleteDataset, getDataset, listDatasets } from "../../services/datasets/datasets.js";
 import { PayloadTooLargeError } from "../../services/errors.js";
 import type { AppEnv } from "../env.js";
+import { requestBodyStream } from "../incoming.js";
 import { operation } from "../openapi.js";
 import { datasetBody } from "../presenters.js";
 import { HttpProblem } from "../problems.js";
@@ -16,23 +17,18 @@ export function datasetRoutes(app: Hono<AppEnv>): void {
     if (length > ctx.limits.maxDatasetBytes) {
       throw new PayloadTooLargeError(
         `the upload is ${length} bytes; the limit is ${ctx.limits.maxDatasetBytes} bytes`,
-        {
-          limit_bytes: ctx.limits.maxDatasetBytes,
-        },
+        { limit_bytes: ctx.limits.maxDatasetBytes },
       );
-    }
-    const form = await c.req.parseBody({ all: true });
-    const files: Record<string, Uint8Array[]> = {};
-    for (const [field, value] of Object.entries(form)) {
-      for (const item of Array.isArray(value) ? value : [value]) {
-        if (typeof item === "string") continue;
-        files[field] = [...(files[field] ?? []), new Uint8Array(await item.arrayBuffer())];
-      }
     }
     const dataset = await createDataset({
       ctx,
       principal: c.get("principal"),
-      input: { name: req.query.name, format: req.query.format, files },
+      input: {
+        name: req.query.name,
+        format: req.query.format,
+        contentType: c.req.header("content-type") ?? "",
+        body: requestBodyStream(c),
+      },
     });
     c.header("Location", `/v1/datasets/${dataset.id}`);
     return c.json(datasetBody(dataset), 201);

@@ -1,23 +1,43 @@
-import { Readable } from "node:stream";
+import type { Readable } from "node:stream";
+import busboy from "busboy";
 import { and, desc, eq, lt } from "drizzle-orm";
 import { schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
 import {
-  BUILT_IN_DATASETS,
-  type Dataset,
   DatasetError,
+  DatasetFileCheck,
+  DatasetTooLargeError,
+  describeUpload,
+  type FileSummary,
   parseUploadedDataset,
+  UPLOAD_FIELDS,
+  type UploadBudget,
   type UploadFormat,
-} from "../../ml/datasets.js";
+} from "../../ml/dataset-formats.js";
+import { BUILT_IN_DATASETS, type Dataset } from "../../ml/datasets.js";
 import type { ServiceContext, TenantCall } from "../context.js";
-import { InvalidInputError, NotFoundError } from "../errors.js";
+import { InvalidInputError, NotFoundError, PayloadTooLargeError } from "../errors.js";
 import { type Page, pageByIdDesc } from "../pagination.js";
+import { pipeUpload } from "../upload-stream.js";
 
 export type DatasetRecord = typeof schema.datasets.$inferSelect;
 
+/** Most files one dataset upload may hold (CIFAR-10 ships as six). */
+const MAX_DATASET_FILES = 64;
+
+/** One file of an upload, as it is stored. */
+interface StoredFile {
+  field: string;
+  key: string;
+  check: DatasetFileCheck;
+  done: Promise<unknown>;
+}
+
 /**
- * Registers an uploaded dataset after parsing every file completely (shapes, counts, labels).
- * The files go to the object store as uploaded; a rejected upload leaves nothing behind.
+ * Registers an uploaded dataset (`multipart/form-data`): each file streams to the object store as
+ * uploaded while its content is checked completely (shapes, counts, labels; gzip accepted), in
+ * constant memory. The files, and their gunzipped content, may hold `limits.maxDatasetBytes`
+ * together (413). A rejected upload leaves nothing behind.
  */
 export async function createDataset({
   ctx,
@@ -26,53 +46,86 @@ export async function createDataset({
 }: TenantCall<{
   name: string;
   format: UploadFormat;
-  files: Record<string, Uint8Array[]>;
+  /** The request's Content-Type, with the multipart boundary. */
+  contentType: string;
+  body: Readable;
 }>): Promise<DatasetRecord> {
-  let parsed: Dataset;
-  try {
-    parsed = parseUploadedDataset(input.name, input.format, input.files);
-  } catch (err) {
-    throw err instanceof DatasetError
-      ? new InvalidInputError(`not a valid ${input.format} dataset: ${err.message}`)
-      : err;
-  }
+  const { format } = input;
   const id = newId();
-  const keys: Record<string, string[]> = {};
-  const written: string[] = [];
+  const limitBytes = ctx.limits.maxDatasetBytes;
+  const budget: UploadBudget = { fileBytes: limitBytes, contentBytes: limitBytes, limitBytes };
+  const files: StoredFile[] = [];
   try {
-    for (const [field, list] of Object.entries(input.files)) {
-      keys[field] = [];
-      for (const [i, bytes] of list.entries()) {
-        const key = `tenants/${principal.tenantId}/datasets/${id}/${field}-${i}`;
-        written.push(key);
-        await ctx.store.put(
-          key,
-          Readable.from([Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)]),
-        );
-        keys[field]?.push(key);
+    await new Promise<void>((resolve, reject) => {
+      let parser: busboy.Busboy;
+      try {
+        parser = busboy({
+          headers: { "content-type": input.contentType },
+          limits: { files: MAX_DATASET_FILES, fields: 16, parts: MAX_DATASET_FILES + 16 },
+        });
+      } catch (err) {
+        return reject(new DatasetError((err as Error).message));
       }
+      parser.on("file", (field, stream) => {
+        if (!UPLOAD_FIELDS[format].includes(field)) {
+          stream.resume();
+          return reject(
+            new DatasetError(
+              `${format} takes the file fields ${UPLOAD_FIELDS[format].join(", ")}, not ${field}`,
+            ),
+          );
+        }
+        const key = `tenants/${principal.tenantId}/datasets/${id}/${field}-${files.filter((f) => f.field === field).length}`;
+        const check = new DatasetFileCheck(format, budget);
+        // Listened to from the start: the store may attach its own listeners only after an await.
+        check.on("error", reject);
+        stream.on("error", (err) => check.destroy(err));
+        const done = ctx.store.put(key, stream.pipe(check));
+        done.catch(reject);
+        files.push({ field, key, check, done });
+      });
+      parser.on("filesLimit", () =>
+        reject(new DatasetError(`a dataset has at most ${MAX_DATASET_FILES} files`)),
+      );
+      parser.on("error", (err) =>
+        reject(new DatasetError(`not a valid multipart body: ${(err as Error).message}`)),
+      );
+      parser.on("close", () => Promise.all(files.map((f) => f.done)).then(() => resolve(), reject));
+      pipeUpload(input.body, parser).catch(reject);
+    });
+    const summaries: Record<string, FileSummary[]> = {};
+    const keys: Record<string, string[]> = {};
+    for (const f of files) {
+      summaries[f.field] = [...(summaries[f.field] ?? []), f.check.summary()];
+      keys[f.field] = [...(keys[f.field] ?? []), f.key];
     }
+    const described = describeUpload(format, summaries);
     const [row] = await ctx.db
       .insert(schema.datasets)
       .values({
         id,
         tenantId: principal.tenantId,
         name: input.name,
-        format: input.format,
-        shape: parsed.shape,
-        classes: parsed.classes,
-        trainCount: parsed.train.count,
-        testCount: parsed.test.count,
-        sizeBytes: Object.values(input.files)
-          .flat()
-          .reduce((n, b) => n + b.byteLength, 0),
+        format,
+        shape: described.shape,
+        classes: described.classes,
+        trainCount: described.trainCount,
+        testCount: described.testCount,
+        sizeBytes: limitBytes - budget.fileBytes,
         files: keys,
       })
       .returning();
     if (!row) throw new Error("dataset insert returned no row");
     return row;
   } catch (err) {
-    await Promise.all(written.map((k) => ctx.store.delete(k).catch(() => undefined)));
+    // Every file's write has settled (a failed one removed its own) before the rest go.
+    await Promise.allSettled(files.map((f) => f.done));
+    await Promise.all(files.map((f) => ctx.store.delete(f.key).catch(() => undefined)));
+    if (err instanceof DatasetTooLargeError) {
+      throw new PayloadTooLargeError(err.message, { limit_bytes: err.limitBytes });
+    }
+    if (err instanceof DatasetError)
+      throw new InvalidInputError(`not a valid ${format} dataset: ${err.message}`);
     throw err;
   }
 }

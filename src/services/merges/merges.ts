@@ -16,7 +16,7 @@ import {
 } from "../../merge/preflight.js";
 import { averageMembers, reestimateBatchNorm } from "../../ml/averaging.js";
 import { BackendError, type BackendName, selectBackend } from "../../ml/backend.js";
-import { DatasetError } from "../../ml/datasets.js";
+import { DatasetError } from "../../ml/dataset-formats.js";
 import { modelToSafetensors, type TfjsTopology } from "../../ml/export.js";
 import { modelFromCheckpoint } from "../../ml/import.js";
 import { batchesOf, evaluate } from "../../ml/train.js";

@@ -4,11 +4,11 @@ import { type Database, schema } from "../../db/client.js";
 import { derivedId } from "../../ids.js";
 import type { QueuedJob } from "../../jobs/queue.js";
 import { BackendError, type BackendName, selectBackend } from "../../ml/backend.js";
+import { DatasetError } from "../../ml/dataset-formats.js";
 import {
   BUILT_IN_DATASETS,
   type BuiltInDataset,
   type Dataset,
-  DatasetError,
   type LoadOptions,
   limitDataset,
   loadBuiltInDataset,
