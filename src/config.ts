@@ -43,6 +43,11 @@ const schema = z.object({
   PAPA_MAX_MERGE_HEADER_BYTES: byteCount(64 * 1024 ** 2),
   PAPA_MAX_DATASET_BYTES: byteCount(1024 ** 3),
   PAPA_MAX_JSON_BODY_BYTES: byteCount(1024 ** 2),
+  PAPA_HTTP_HEADERS_TIMEOUT_SECONDS: z.coerce.number().min(0.1).max(3600).default(20),
+  // Above the 15 s between the comments that keep quiet event streams moving.
+  PAPA_HTTP_IDLE_TIMEOUT_SECONDS: z.coerce.number().min(20).max(86400).default(60),
+  PAPA_HTTP_MAX_CONNECTIONS: z.coerce.number().int().min(1).max(1_000_000).default(10_000),
+  PAPA_HTTP_MAX_CONNECTIONS_PER_CLIENT: z.coerce.number().int().min(0).max(1_000_000).default(256),
   PAPA_PRESIGN_EXPIRES_SECONDS: z.coerce.number().int().min(1).max(604800).default(900),
   PAPA_LOG_LEVEL: z.enum(["debug", "info", "warn", "error"]).default("info"),
   PAPA_IN_PROCESS_WORKER: z.preprocess(emptyAsUndefined, booleanFlag.optional()),
@@ -75,8 +80,6 @@ export interface Limits {
   maxUploadBytes: number;
   /** Largest safetensors JSON header, in bytes. */
   maxSafetensorsHeaderBytes: number;
-  /** Largest HTTP request head (request line plus headers), in bytes. */
-  maxHttpHeaderBytes: number;
   /** Most bytes a merge may read, all inputs together. */
   maxMergeInputBytes: number;
   /** Most bytes of safetensors headers one merge may parse, all inputs together. */
@@ -85,6 +88,19 @@ export interface Limits {
   maxDatasetBytes: number;
   /** Largest JSON request body. */
   maxJsonBodyBytes: number;
+}
+
+/** The Node HTTP server's defences against slow, partial and too many connections. */
+export interface HttpServerConfig {
+  /** Largest HTTP request head (request line plus headers), in bytes: 431 beyond. */
+  maxHeaderBytes: number;
+  /** A request head must arrive within this (408, then the connection is closed). */
+  headersTimeoutSeconds: number;
+  /** A connection on which nothing moves for this long, while a body comes in or a response goes out, is closed. */
+  idleTimeoutSeconds: number;
+  maxConnections: number;
+  /** Open connections from one address; 0 for no such cap (behind a load balancer). */
+  maxConnectionsPerClient: number;
 }
 
 export interface WorkerConfig {
@@ -114,6 +130,7 @@ export interface Config {
   databaseUrl: string | undefined;
   s3: S3Config | undefined;
   limits: Limits;
+  http: HttpServerConfig;
   presignExpiresSeconds: number;
   logLevel: "debug" | "info" | "warn" | "error";
   worker: WorkerConfig;
@@ -168,11 +185,17 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     limits: {
       maxUploadBytes: e.PAPA_MAX_UPLOAD_BYTES,
       maxSafetensorsHeaderBytes: e.PAPA_MAX_SAFETENSORS_HEADER_BYTES,
-      maxHttpHeaderBytes: e.PAPA_MAX_HTTP_HEADER_BYTES,
       maxMergeInputBytes: e.PAPA_MAX_MERGE_INPUT_BYTES,
       maxMergeHeaderBytes: e.PAPA_MAX_MERGE_HEADER_BYTES,
       maxDatasetBytes: e.PAPA_MAX_DATASET_BYTES,
       maxJsonBodyBytes: e.PAPA_MAX_JSON_BODY_BYTES,
+    },
+    http: {
+      maxHeaderBytes: e.PAPA_MAX_HTTP_HEADER_BYTES,
+      headersTimeoutSeconds: e.PAPA_HTTP_HEADERS_TIMEOUT_SECONDS,
+      idleTimeoutSeconds: e.PAPA_HTTP_IDLE_TIMEOUT_SECONDS,
+      maxConnections: e.PAPA_HTTP_MAX_CONNECTIONS,
+      maxConnectionsPerClient: e.PAPA_HTTP_MAX_CONNECTIONS_PER_CLIENT,
     },
     presignExpiresSeconds: e.PAPA_PRESIGN_EXPIRES_SECONDS,
     logLevel: e.PAPA_LOG_LEVEL,

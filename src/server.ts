@@ -1,6 +1,7 @@
 #!/usr/bin/env node
-import { serve } from "@hono/node-server";
+import type { AddressInfo } from "node:net";
 import { createApp } from "./app.js";
+import { createNodeServer } from "./http/node-server.js";
 import { startWorker } from "./jobs/worker.js";
 import { exitOnStartupError, stopOnSignals } from "./lifecycle.js";
 import { createJsonLogger } from "./logger.js";
@@ -14,22 +15,16 @@ async function main(): Promise<void> {
   const runtime = await openRuntime(config, logger);
   await ensureApiKey(runtime.ctx, config.bootstrapApiKey);
   if (config.worker.inProcess) await startWorker(runtime.ctx, config.worker);
-  const server = serve(
-    {
-      fetch: createApp(runtime.ctx).fetch,
-      port: config.port,
-      hostname: config.host,
-      serverOptions: { maxHeaderSize: config.limits.maxHttpHeaderBytes, requestTimeout: 0 },
-    },
-    (info) => {
-      logger.info("listening", {
-        url: `http://${config.host === "0.0.0.0" ? "127.0.0.1" : config.host}:${info.port}`,
-        database: runtime.ctx.databaseKind,
-        store: runtime.ctx.store.kind,
-        worker: config.worker.inProcess,
-      });
-    },
-  );
+  const server = createNodeServer(createApp(runtime.ctx), config.http);
+  server.listen(config.port, config.host, () => {
+    const address = server.address() as AddressInfo;
+    logger.info("listening", {
+      url: `http://${config.host === "0.0.0.0" ? "127.0.0.1" : config.host}:${address.port}`,
+      database: runtime.ctx.databaseKind,
+      store: runtime.ctx.store.kind,
+      worker: config.worker.inProcess,
+    });
+  });
   stopOnSignals(logger, async () => {
     await new Promise((resolve) => server.close(resolve));
     await runtime.close();

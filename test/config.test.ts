@@ -21,7 +21,15 @@ describe("configuration", () => {
       limits: {
         maxUploadBytes: 20 * 1024 ** 3,
         maxSafetensorsHeaderBytes: 25_000_000,
-        maxHttpHeaderBytes: 16384,
+        maxJsonBodyBytes: 1024 ** 2,
+        maxMergeHeaderBytes: 64 * 1024 ** 2,
+      },
+      http: {
+        maxHeaderBytes: 16384,
+        headersTimeoutSeconds: 20,
+        idleTimeoutSeconds: 60,
+        maxConnections: 10_000,
+        maxConnectionsPerClient: 256,
       },
     });
   });

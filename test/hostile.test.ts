@@ -276,6 +276,21 @@ describe("merge requests with large headers", () => {
     expect(longest).toBeLessThan(250);
   });
 
+  it("does not count a handler's own work as an idle connection", async () => {
+    // Checking three ~19 MB headers takes over a second, during which nothing moves on the socket.
+    const server = await listen(h, { idleTimeoutSeconds: 0.5 });
+    try {
+      const res = await fetch(`${server.base}/v1/merges`, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${h.keyA}`, "Content-Type": "application/json" },
+        body: JSON.stringify({ method: "papa-all", inputs: inputs.slice(0, 3) }),
+      });
+      expect(res.status).toBe(202);
+    } finally {
+      await server.close();
+    }
+  });
+
   it("matches exclude patterns without backtracking (a pattern that took 27 s before)", async () => {
     const name = "a".repeat(40);
     const file = (v: number) => buildSafetensors([{ name, dtype: "F32", shape: [1], data: f32([v]) }]);

@@ -1,11 +1,12 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { mkdtemp, rm } from "node:fs/promises";
 import { request as httpRequest } from "node:http";
+import { connect as netConnect, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { emptyPostgresDatabase, testStore } from "./helpers/backends.js";
-import { type Harness, listen, startHarness, TEST_LIMITS } from "./helpers/harness.js";
+import { type Harness, listen, startHarness, TEST_HTTP } from "./helpers/harness.js";
 import { buildSafetensors, f32, smallCheckpoint } from "./helpers/safetensors.js";
 
 describe("over real sockets", () => {
@@ -74,7 +75,7 @@ describe("over real sockets", () => {
 
   it("refuses request heads over the header size limit with 431", async () => {
     const res = await fetch(`${base}/healthz`, {
-      headers: { "X-Padding": "x".repeat(TEST_LIMITS.maxHttpHeaderBytes) },
+      headers: { "X-Padding": "x".repeat(TEST_HTTP.maxHeaderBytes) },
     });
     expect(res.status).toBe(431);
   });
@@ -87,9 +88,19 @@ interface Started {
   stop(): Promise<number | null>;
 }
 
-/** Starts `src/server.ts` as a user would, with only environment variables. */
-async function startServer(env: Record<string, string>): Promise<Started> {
-  const child = spawn(process.execPath, ["--import", "tsx", "src/server.ts"], {
+/**
+ * Starts `src/server.ts` as a user would, with only environment variables; with `openFiles`,
+ * under that limit of open files (as a service manager may set one).
+ */
+async function startServer(
+  env: Record<string, string>,
+  options: { openFiles?: number } = {},
+): Promise<Started> {
+  const node = [process.execPath, "--import", "tsx", "src/server.ts"];
+  const [command, ...args] = options.openFiles
+    ? ["prlimit", `--nofile=${options.openFiles}:${options.openFiles}`, ...node]
+    : node;
+  const child = spawn(command as string, args, {
     env: { PATH: process.env.PATH ?? "", PORT: "0", HOST: "127.0.0.1", ...env },
     stdio: ["ignore", "pipe", "pipe"],
   });
@@ -192,5 +203,139 @@ describe("the server process", () => {
 
   it("fails fast naming the bad variable", async () => {
     await expect(startServer({ PORT: "eighty", PAPA_DATA_DIR: dir })).rejects.toThrow(/PORT/);
+  });
+});
+
+/** A socket to `base` from `localAddress`, connected (or failed: resolves either way). */
+function connectFrom(base: string, localAddress: string): Promise<Socket> {
+  const { hostname, port } = new URL(base);
+  return new Promise((resolve) => {
+    const socket = netConnect({ host: hostname, port: Number(port), localAddress });
+    socket.on("connect", () => resolve(socket));
+    socket.on("error", () => resolve(socket));
+  });
+}
+
+/** Resolves when the socket closes, or with "open" after `ms`. */
+function closedWithin(socket: Socket, ms: number): Promise<"closed" | "open"> {
+  if (socket.destroyed) return Promise.resolve("closed");
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => resolve("open"), ms);
+    socket.on("close", () => {
+      clearTimeout(timer);
+      resolve("closed");
+    });
+  });
+}
+
+describe("slow and partial requests", () => {
+  let h: Harness;
+  let server: Awaited<ReturnType<typeof listen>>;
+  beforeAll(async () => {
+    h = await startHarness("pglite", "filesystem");
+    server = await listen(h, { headersTimeoutSeconds: 1, idleTimeoutSeconds: 1 });
+  });
+  afterAll(async () => {
+    await server.close();
+    await h.close();
+  });
+
+  it("closes a connection whose request head does not arrive in time, however it trickles", async () => {
+    const socket = await connectFrom(server.base, "127.0.0.1");
+    let answer = "";
+    socket.on("data", (d: Buffer) => {
+      answer += d.toString();
+    });
+    // A byte every 300 ms: never idle, never a whole head.
+    const head = "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let sent = 0;
+    const trickle = setInterval(() => {
+      if (!socket.destroyed && sent < head.length) socket.write(head[sent++] ?? "");
+    }, 300);
+    const outcome = await closedWithin(socket, 6000);
+    clearInterval(trickle);
+    expect(outcome).toBe("closed");
+    expect(answer).toMatch(/^HTTP\/1.1 408/);
+  });
+
+  it("closes an upload whose body stalls, and keeps nothing of it", async () => {
+    const before = await h.leftovers();
+    const socket = await connectFrom(server.base, "127.0.0.1");
+    const file = smallCheckpoint(3);
+    socket.write(
+      `POST /v1/checkpoints?name=stalled HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${h.keyA}\r\n` +
+        `Content-Type: application/octet-stream\r\nContent-Length: ${file.length}\r\n\r\n`,
+    );
+    socket.write(file.subarray(0, 20));
+    expect(await closedWithin(socket, 4000)).toBe("closed");
+    let after = await h.leftovers();
+    for (let i = 0; i < 40 && JSON.stringify(after) !== JSON.stringify(before); i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      after = await h.leftovers();
+    }
+    expect(after).toEqual(before);
+  });
+
+  it("lets a slow upload finish as long as it keeps moving", async () => {
+    const file = buildSafetensors([
+      { name: "w", dtype: "F32", shape: [4096], data: f32(new Array(4096).fill(0.5)) },
+    ]);
+    const slices = 8;
+    const res = await fetch(`${server.base}/v1/checkpoints?name=slow`, {
+      method: "POST",
+      headers: { Authorization: `Bearer ${h.keyA}`, "Content-Type": "application/octet-stream" },
+      body: new ReadableStream({
+        async start(controller) {
+          const size = Math.ceil(file.length / slices);
+          for (let i = 0; i < slices; i++) {
+            controller.enqueue(file.subarray(i * size, (i + 1) * size));
+            await new Promise((r) => setTimeout(r, 400)); // 3.2 s in all, each pause under 1 s
+          }
+          controller.close();
+        },
+      }),
+      duplex: "half",
+    } as RequestInit);
+    expect(res.status).toBe(201);
+  });
+});
+
+describe("a client holding thousands of half-open connections", () => {
+  let dir: string;
+  beforeAll(async () => {
+    dir = await mkdtemp(join(tmpdir(), "papa-flood-"));
+  });
+  afterAll(() => rm(dir, { recursive: true, force: true }));
+
+  it("gets a capped share; /healthz from another client answers at once", async () => {
+    // A server that may hold 2048 files, as a service manager might allow; the client tries 5000.
+    const started = await startServer(
+      { PAPA_DATA_DIR: dir, PAPA_IN_PROCESS_WORKER: "false", PAPA_HTTP_MAX_CONNECTIONS_PER_CLIENT: "100" },
+      { openFiles: 2048 },
+    );
+    const flood: Socket[] = [];
+    try {
+      for (let batch = 0; batch < 50; batch++) {
+        const sockets = await Promise.all(
+          Array.from({ length: 100 }, () => connectFrom(started.base, "127.0.0.2")),
+        );
+        for (const s of sockets) {
+          s.on("error", () => undefined);
+          if (!s.destroyed) s.write("GET /healthz HTTP/1.1\r\nHost: x\r\n");
+        }
+        flood.push(...sockets);
+      }
+      await new Promise((r) => setTimeout(r, 200));
+      const t0 = performance.now();
+      const health = await fetch(`${started.base}/healthz`, { signal: AbortSignal.timeout(5000) }).catch(
+        (err: Error) => err,
+      );
+      expect(health instanceof Response ? health.status : health.message).toBe(200);
+      expect(performance.now() - t0).toBeLessThan(1000);
+      expect(flood.filter((s) => !s.destroyed).length).toBeLessThanOrEqual(100);
+    } finally {
+      for (const s of flood) s.destroy();
+      await started.stop();
+    }
   });
 });

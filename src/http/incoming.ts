@@ -7,7 +7,7 @@ import type { Context } from "hono";
  * The Node request behind a hono context, under the Node server; undefined elsewhere (Lambda,
  * tests' `app.request`), where the web `Request` is all there is.
  */
-export function incomingOf(c: Context): IncomingMessage | undefined {
+export function incomingOf(c: Pick<Context, "env">): IncomingMessage | undefined {
   const incoming = (c.env as { incoming?: unknown } | undefined)?.incoming;
   return incoming instanceof IncomingMessage ? incoming : undefined;
 }

@@ -1,9 +1,9 @@
 import type { AddressInfo } from "node:net";
-import { createAdaptorServer } from "@hono/node-server";
 import { count } from "drizzle-orm";
 import { createApp } from "../../src/app.js";
-import type { Limits, WorkerConfig } from "../../src/config.js";
+import { type HttpServerConfig, type Limits, loadConfig, type WorkerConfig } from "../../src/config.js";
 import { schema } from "../../src/db/client.js";
+import { createNodeServer } from "../../src/http/node-server.js";
 import { JobQueue } from "../../src/jobs/queue.js";
 import { startWorker } from "../../src/jobs/worker.js";
 import { createJsonLogger } from "../../src/logger.js";
@@ -16,7 +16,6 @@ import { checkResponse } from "./contract.js";
 export const TEST_LIMITS = {
   maxUploadBytes: 64 * 1024,
   maxSafetensorsHeaderBytes: 4096,
-  maxHttpHeaderBytes: 16 * 1024,
   maxMergeInputBytes: 1024 * 1024,
   maxMergeHeaderBytes: 16 * 1024,
   maxDatasetBytes: 4 * 1024 * 1024,
@@ -140,15 +139,22 @@ export function upload(
   });
 }
 
-/** Serves the harness's app on a free loopback port, as the Node server does. */
-export async function listen(h: Harness): Promise<{ base: string; close(): Promise<void> }> {
-  const server = createAdaptorServer({
-    fetch: h.app.fetch,
-    serverOptions: { maxHeaderSize: TEST_LIMITS.maxHttpHeaderBytes },
-  });
+/** The Node server's settings in tests: the defaults, with a head limit tests can reach. */
+export const TEST_HTTP: HttpServerConfig = { ...loadConfig({}).http, maxHeaderBytes: 16 * 1024 };
+
+/** Serves the harness's app on a free loopback port, with the Node server's defences. */
+export async function listen(
+  h: Harness,
+  http: Partial<HttpServerConfig> = {},
+): Promise<{ base: string; close(): Promise<void> }> {
+  const server = createNodeServer(h.app, { ...TEST_HTTP, ...http });
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
   return {
     base: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
-    close: () => new Promise((resolve) => server.close(() => resolve())),
+    close: () =>
+      new Promise((resolve) => {
+        server.closeAllConnections();
+        server.close(() => resolve());
+      }),
   };
 }
