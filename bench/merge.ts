@@ -17,14 +17,13 @@ import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
 import S3rver from "s3rver";
 import { createApp } from "../src/app.js";
-import { loadConfig } from "../src/config.js";
+import { loadConfig, type WorkerConfig } from "../src/config.js";
 import { openDatabase } from "../src/db/client.js";
-import { JobQueue } from "../src/jobs/queue.js";
 import { startWorker } from "../src/jobs/worker.js";
 import { createJsonLogger } from "../src/logger.js";
+import { assembleRuntime } from "../src/runtime.js";
 import { createApiKey } from "../src/services/api-keys/api-keys.js";
 import { createCheckpoint } from "../src/services/checkpoints/checkpoints.js";
-import type { ServiceContext } from "../src/services/context.js";
 import { createTenant } from "../src/services/tenants/create-tenant.js";
 import { FilesystemStore } from "../src/storage/fs-store.js";
 import type { ObjectStore } from "../src/storage/object-store.js";
@@ -157,23 +156,26 @@ async function mergeThroughApi(
     store = new FilesystemStore(dir);
   }
   const logger = createJsonLogger("warn");
-  const policy = { retryLimit: 0, retryDelaySeconds: 1, expireInSeconds: 3600 };
-  const queue = new JobQueue(
-    database,
-    { policies: { merge: policy, train: policy }, maintenanceIntervalSeconds: 30 },
-    logger,
-  );
-  await queue.start();
-  const limits = { ...loadConfig({}).limits, maxUploadBytes: 2 ** 34, maxMergeInputBytes: 2 ** 36 };
-  const ctx: ServiceContext = {
-    db: database.db,
-    databaseKind: database.kind,
-    store,
-    queue,
-    limits,
-    presignExpiresSeconds: 60,
-    logger,
+  const defaults = loadConfig({});
+  const worker: WorkerConfig = {
+    ...defaults.worker,
+    queues: ["merge"],
+    mergeConcurrency: 1,
+    mergeThreads: availableParallelism(),
+    retryLimit: 0,
+    drainSeconds: 1,
   };
+  const runtime = await assembleRuntime({
+    database,
+    store,
+    config: {
+      limits: { ...defaults.limits, maxUploadBytes: 2 ** 34, maxMergeInputBytes: 2 ** 36 },
+      presignExpiresSeconds: 60,
+      worker,
+    },
+    logger,
+  });
+  const { ctx } = runtime;
   const tenantId = (await createTenant({ ctx, input: { name: "bench" } })).id;
   const { secret } = await createApiKey({ ctx, principal: { tenantId }, input: {} });
   const ids: string[] = [];
@@ -183,20 +185,7 @@ async function mergeThroughApi(
       (await createCheckpoint({ ctx, principal: { tenantId }, input: { name: `member-${k}`, body } })).id,
     );
   }
-  await startWorker(ctx, {
-    inProcess: true,
-    queues: ["merge"],
-    backend: undefined,
-    fashionMnistDir: "",
-    mergeConcurrency: 1,
-    mergeThreads: availableParallelism(),
-    retryLimit: 0,
-    retryDelaySeconds: 1,
-    mergeExpireSeconds: 3600,
-    trainExpireSeconds: 3600,
-    drainSeconds: 1,
-    maintenanceSeconds: 30,
-  });
+  await startWorker(ctx, worker);
   const app = createApp(ctx);
   const started = performance.now();
   const res = await app.request("/v1/merges", {
@@ -215,7 +204,7 @@ async function mergeThroughApi(
   }
   const seconds = (performance.now() - started) / 1000;
   if (status !== "succeeded") throw new Error(`merge job ${status}`);
-  await queue.stop(1000);
+  await runtime.close();
   await database.close();
   if (server) await server.close();
   await rm(dir, { recursive: true, force: true });

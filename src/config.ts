@@ -61,10 +61,12 @@ const schema = z.object({
   PAPA_MERGE_THREADS: z.coerce.number().int().min(0).max(256).default(availableParallelism()),
   PAPA_JOB_RETRY_LIMIT: z.coerce.number().int().min(0).max(100).default(3),
   PAPA_JOB_RETRY_DELAY_SECONDS: z.coerce.number().int().min(1).max(86400).default(5),
-  PAPA_MERGE_EXPIRE_SECONDS: z.coerce.number().int().min(1).max(82800).default(3600),
-  PAPA_TRAIN_EXPIRE_SECONDS: z.coerce.number().int().min(1).max(82800).default(82800),
+  PAPA_JOB_LEASE_SECONDS: z.coerce.number().int().min(2).max(3600).default(60),
   PAPA_WORKER_DRAIN_SECONDS: z.coerce.number().min(0).max(3600).default(30),
   PAPA_QUEUE_MAINTENANCE_SECONDS: z.coerce.number().int().min(1).max(3600).default(30),
+  PAPA_SWEEP_INTERVAL_SECONDS: z.coerce.number().int().min(1).max(86400).default(300),
+  // Twice the 5 minutes between the touches of a live write, at least.
+  PAPA_ABANDONED_WRITE_SECONDS: z.coerce.number().int().min(600).max(30 * 86400).default(900),
 });
 
 export interface S3Config {
@@ -114,12 +116,18 @@ export interface WorkerConfig {
   mergeThreads: number;
   retryLimit: number;
   retryDelaySeconds: number;
-  mergeExpireSeconds: number;
-  /** A training attempt running longer (its worker died) is failed and retried, resuming its last epoch. */
-  trainExpireSeconds: number;
+  /**
+   * A running job's lease, renewed by its worker every quarter of it: a job whose worker died is
+   * failed and retried (a training resumes its last epoch) within this plus `maintenanceSeconds`.
+   */
+  leaseSeconds: number;
   drainSeconds: number;
-  /** How often expired jobs (of dead workers) are failed so that they retry. */
+  /** How often jobs whose lease ran out (their worker died) are failed so that they retry. */
   maintenanceSeconds: number;
+  /** How often the worker removes what writers that died left, and expires upload sessions. */
+  sweepIntervalSeconds: number;
+  /** A write untouched this long belongs to a writer that died. */
+  abandonedWriteSeconds: number;
 }
 
 export interface Config {
@@ -208,10 +216,11 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       mergeThreads: e.PAPA_MERGE_THREADS,
       retryLimit: e.PAPA_JOB_RETRY_LIMIT,
       retryDelaySeconds: e.PAPA_JOB_RETRY_DELAY_SECONDS,
-      mergeExpireSeconds: e.PAPA_MERGE_EXPIRE_SECONDS,
-      trainExpireSeconds: e.PAPA_TRAIN_EXPIRE_SECONDS,
+      leaseSeconds: e.PAPA_JOB_LEASE_SECONDS,
       drainSeconds: e.PAPA_WORKER_DRAIN_SECONDS,
       maintenanceSeconds: e.PAPA_QUEUE_MAINTENANCE_SECONDS,
+      sweepIntervalSeconds: e.PAPA_SWEEP_INTERVAL_SECONDS,
+      abandonedWriteSeconds: e.PAPA_ABANDONED_WRITE_SECONDS,
     },
   };
 }

@@ -1,6 +1,6 @@
 import { join, resolve } from "node:path";
 import type { Config } from "./config.js";
-import { openDatabase } from "./db/client.js";
+import { type DatabaseHandle, openDatabase } from "./db/client.js";
 import { JobQueue } from "./jobs/queue.js";
 import { createJsonLogger, type Logger } from "./logger.js";
 import { bootstrapApiKey } from "./services/api-keys/api-keys.js";
@@ -12,6 +12,47 @@ import { S3Store } from "./storage/s3-store.js";
 export interface Runtime {
   ctx: ServiceContext;
   close(): Promise<void>;
+}
+
+/** The configuration a runtime is assembled from. */
+export type RuntimeConfig = Pick<Config, "limits" | "presignExpiresSeconds" | "worker">;
+
+/**
+ * Assembles the service context on an open database and store: the job queue on that database,
+ * started. `close` drains the queue's workers; the database and the store stay the caller's.
+ * (Entry points use `openRuntime`; tests and benchmarks bring their own database and store.)
+ */
+export async function assembleRuntime(parts: {
+  database: DatabaseHandle;
+  store: ObjectStore;
+  config: RuntimeConfig;
+  logger: Logger;
+}): Promise<Runtime> {
+  const { database, store, config, logger } = parts;
+  const w = config.worker;
+  const queue = new JobQueue(
+    database,
+    {
+      policy: {
+        retryLimit: w.retryLimit,
+        retryDelaySeconds: w.retryDelaySeconds,
+        leaseSeconds: w.leaseSeconds,
+      },
+      maintenanceIntervalSeconds: w.maintenanceSeconds,
+    },
+    logger,
+  );
+  await queue.start();
+  const ctx: ServiceContext = {
+    db: database.db,
+    databaseKind: database.kind,
+    store,
+    queue,
+    limits: config.limits,
+    presignExpiresSeconds: config.presignExpiresSeconds,
+    logger,
+  };
+  return { ctx, close: () => queue.stop(w.drainSeconds * 1000) };
 }
 
 /**
@@ -30,33 +71,11 @@ export async function openRuntime(
   );
   const s3 = config.s3 ? new S3Store(config.s3) : null;
   const store: ObjectStore = s3 ?? new FilesystemStore(join(dataDir, "objects"));
-  const w = config.worker;
-  const policy = { retryLimit: w.retryLimit, retryDelaySeconds: w.retryDelaySeconds };
-  const queue = new JobQueue(
-    database,
-    {
-      policies: {
-        merge: { ...policy, expireInSeconds: w.mergeExpireSeconds },
-        train: { ...policy, expireInSeconds: w.trainExpireSeconds },
-      },
-      maintenanceIntervalSeconds: w.maintenanceSeconds,
-    },
-    logger,
-  );
-  await queue.start();
-  const ctx: ServiceContext = {
-    db: database.db,
-    databaseKind: database.kind,
-    store,
-    queue,
-    limits: config.limits,
-    presignExpiresSeconds: config.presignExpiresSeconds,
-    logger,
-  };
+  const runtime = await assembleRuntime({ database, store, config, logger });
   return {
-    ctx,
+    ctx: runtime.ctx,
     close: async () => {
-      await queue.stop(w.drainSeconds * 1000);
+      await runtime.close();
       s3?.close();
       await database.close();
     },

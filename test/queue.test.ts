@@ -6,7 +6,7 @@ import { JobQueue } from "../src/jobs/queue.js";
 import { createJsonLogger } from "../src/logger.js";
 import { type DatabaseKind, emptyPostgresDatabase, POSTGRES_URL, testDatabase } from "./helpers/backends.js";
 
-const POLICY = { retryLimit: 2, retryDelaySeconds: 60, expireInSeconds: 60 };
+const POLICY = { retryLimit: 2, retryDelaySeconds: 60, leaseSeconds: 60 };
 const logger = createJsonLogger("error", () => undefined);
 
 /**
@@ -45,11 +45,7 @@ describe.each<DatabaseKind>(["pglite", "postgres"])("the job queue on %s, stoppi
     const database = await testDatabase(kind);
     open.push(database);
     const { handle, settled } = withSlowQueries(database.value, slow, ms);
-    const queue = new JobQueue(
-      handle,
-      { policies: { merge: POLICY, train: POLICY }, maintenanceIntervalSeconds: 60 },
-      logger,
-    );
+    const queue = new JobQueue(handle, { policy: POLICY, maintenanceIntervalSeconds: 60 }, logger);
     open.push({ close: () => queue.stop(0) });
     await queue.start();
     const id = randomUUID();

@@ -6,12 +6,19 @@ import { positionalSql } from "./sql.js";
 export type QueueName = "merge" | "train";
 export const QUEUE_NAMES: QueueName[] = ["merge", "train"];
 
-/** Retry and expiry are queue options, applied by pg-boss; handlers hold no retry logic. */
+/**
+ * Retry and liveness, applied by pg-boss to each job as it is sent (not as queue settings, which
+ * every process would overwrite with its own); handlers hold no retry logic.
+ */
 export interface QueuePolicy {
   retryLimit: number;
   retryDelaySeconds: number;
-  /** An active job not finished by then (its worker died) is failed and retried. */
-  expireInSeconds: number;
+  /**
+   * A running job's lease: its worker renews it every quarter of this while the job runs,
+   * however long that is; a job whose lease runs out (its worker died or hangs) is failed by the
+   * queue's maintenance and retried, or handed to `workAbandoned` after its last attempt.
+   */
+  leaseSeconds: number;
 }
 
 export interface QueuedJob {
@@ -19,7 +26,7 @@ export interface QueuedJob {
   /** Attempts before this one. */
   retryCount: number;
   retryLimit: number;
-  /** Fired when the worker stops before the job finishes. */
+  /** Fired when the worker stops before the job finishes, or the job's lease was lost. */
   signal: AbortSignal;
 }
 
@@ -49,20 +56,23 @@ export class JobQueue {
   /** pg-boss's queries in flight: it completes and fails jobs without awaiting them. */
   private readonly queries = new Set<Promise<unknown>>();
   private started: Promise<void> | null = null;
+  /** Periodic tasks (`repeat`): their timers, and their runs in progress. */
+  private readonly timers: NodeJS.Timeout[] = [];
+  private readonly repeating = new Set<Promise<void>>();
   private stopped = false;
 
-  private readonly policies: Record<QueueName, QueuePolicy>;
+  private readonly policy: QueuePolicy;
 
   constructor(
-    database: DatabaseHandle,
+    private readonly database: DatabaseHandle,
     options: {
-      policies: Record<QueueName, QueuePolicy>;
-      /** How often expired jobs are failed (and so retried) and old ones archived. */
+      policy: QueuePolicy;
+      /** How often jobs whose lease ran out are failed (and so retried) and old ones archived. */
       maintenanceIntervalSeconds: number;
     },
     private readonly logger: Logger,
   ) {
-    this.policies = options.policies;
+    this.policy = options.policy;
     this.boss = new PgBoss({
       db: { executeSql: (text, values) => this.track(database.executeSql(text, values)) },
       supervise: true,
@@ -73,37 +83,34 @@ export class JobQueue {
     this.boss.on("error", (err) => logger.error("job queue error", { error: err }));
   }
 
-  /** Creates the pg-boss schema and the queues; idempotent. */
+  /** Creates the pg-boss schema and the queues; idempotent. Jobs carry their own policy. */
   start(): Promise<void> {
     this.started ??= (async () => {
       await this.boss.start();
-      for (const name of QUEUE_NAMES) {
-        const p = this.policies[name];
-        const abandoned = abandonedQueue(name);
-        if (!(await this.boss.getQueue(abandoned))) await this.boss.createQueue(abandoned);
-        const options = {
-          name,
-          retryLimit: p.retryLimit,
-          retryDelay: p.retryDelaySeconds,
-          retryBackoff: true,
-          expireInSeconds: p.expireInSeconds,
-          deadLetter: abandoned,
-        };
-        if (await this.boss.getQueue(name)) await this.boss.updateQueue(name, options);
-        else await this.boss.createQueue(name, options);
+      for (const name of QUEUE_NAMES.flatMap((q) => [q, abandonedQueue(q)])) {
+        if (!(await this.boss.getQueue(name))) await this.boss.createQueue(name);
       }
     })();
     return this.started;
   }
 
-  /** Enqueues job `jobId` inside the caller's transaction: it commits or rolls back with it. */
-  async enqueue(tx: Database, queue: QueueName, jobId: string): Promise<void> {
+  /**
+   * Enqueues job `jobId` inside the caller's transaction: it commits or rolls back with it. Of a
+   * queue's waiting jobs, those of higher `priority` are fetched first.
+   */
+  async enqueue(tx: Database, queue: QueueName, jobId: string, priority = 0): Promise<void> {
     await this.start();
     await this.boss.send(
       queue,
       { jobId },
       {
         id: jobId,
+        priority,
+        retryLimit: this.policy.retryLimit,
+        retryDelay: this.policy.retryDelaySeconds,
+        retryBackoff: true,
+        expireInSeconds: this.policy.leaseSeconds,
+        deadLetter: abandonedQueue(queue),
         db: {
           executeSql: async (text, values) => {
             const result = (await tx.execute(positionalSql(text, values))) as unknown as { rows: unknown[] };
@@ -141,6 +148,7 @@ export class JobQueue {
           if (this.stopped) throw new Error("worker shutting down");
           const controller = new AbortController();
           this.active.set(job.id, controller);
+          const lease = this.holdLease(queue, job.id, controller);
           try {
             await handler({
               id: job.id,
@@ -149,6 +157,7 @@ export class JobQueue {
               signal: controller.signal,
             });
           } finally {
+            clearInterval(lease);
             this.active.delete(job.id);
           }
         },
@@ -173,6 +182,24 @@ export class JobQueue {
   }
 
   /**
+   * Runs `task` every `intervalMs` (first at once) until the queue stops, which waits for a run
+   * in progress. A failure is logged; the next run comes as planned.
+   */
+  repeat(name: string, intervalMs: number, task: () => Promise<void>): void {
+    let running: Promise<void> = Promise.resolve();
+    const run = () => {
+      if (this.stopped) return;
+      running = task().catch((err: unknown) => this.logger.warn(`${name} failed`, { error: err }));
+      this.repeating.add(running);
+      void running.finally(() => this.repeating.delete(running));
+    };
+    run();
+    const timer = setInterval(run, intervalMs);
+    timer.unref();
+    this.timers.push(timer);
+  }
+
+  /**
    * Stops fetching, lets running jobs finish for up to `drainMs`, then aborts the rest (each
    * deletes what it wrote and fails its attempt, so that another worker retries it) and waits
    * until no query of the queue is in flight, so that the database can be closed. Idempotent.
@@ -180,6 +207,8 @@ export class JobQueue {
   async stop(drainMs: number): Promise<void> {
     if (this.stopped || !this.started) return;
     this.stopped = true;
+    for (const timer of this.timers) clearInterval(timer);
+    await Promise.allSettled(this.repeating);
     await this.started;
     for (const queue of QUEUE_NAMES) {
       await this.boss.offWork(queue);
@@ -199,6 +228,33 @@ export class JobQueue {
       await Promise.allSettled(this.queries);
       await new Promise((r) => setImmediate(r));
     }
+  }
+
+  /**
+   * Renews a running job's lease now and every quarter of the lease, so that it never runs out
+   * while this worker lives. A renewal that finds the job no longer active (its lease ran out
+   * anyway: a stall longer than the lease) aborts the handler, since another attempt may start.
+   */
+  private holdLease(queue: QueueName, id: string, controller: AbortController): NodeJS.Timeout {
+    const renew = () =>
+      this.track(
+        this.database.executeSql(
+          `UPDATE pgboss.job SET expire_in = (now() - started_on) + $3 * interval '1 second'
+           WHERE name = $1 AND id = $2 AND state = 'active' RETURNING id`,
+          [queue, id, this.policy.leaseSeconds],
+        ),
+      ).then(
+        ({ rows }) => {
+          if (rows.length > 0 || controller.signal.aborted) return;
+          this.logger.warn("job lease lost; stopping this attempt", { job_id: id });
+          controller.abort(new Error("the job's lease ran out"));
+        },
+        (err: unknown) => this.logger.warn("renewing a job's lease failed", { job_id: id, error: err }),
+      );
+    void renew();
+    const timer = setInterval(renew, (this.policy.leaseSeconds * 1000) / 4);
+    timer.unref();
+    return timer;
   }
 
   private async whileActive(ms: number): Promise<void> {

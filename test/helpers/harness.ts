@@ -4,9 +4,9 @@ import { createApp } from "../../src/app.js";
 import { type HttpServerConfig, type Limits, loadConfig, type WorkerConfig } from "../../src/config.js";
 import { schema } from "../../src/db/client.js";
 import { createNodeServer } from "../../src/http/node-server.js";
-import { JobQueue } from "../../src/jobs/queue.js";
 import { startWorker } from "../../src/jobs/worker.js";
 import { createJsonLogger } from "../../src/logger.js";
+import { assembleRuntime } from "../../src/runtime.js";
 import { createApiKey } from "../../src/services/api-keys/api-keys.js";
 import type { ServiceContext } from "../../src/services/context.js";
 import { createTenant } from "../../src/services/tenants/create-tenant.js";
@@ -31,10 +31,11 @@ export const TEST_WORKER: WorkerConfig = {
   mergeThreads: 1,
   retryLimit: 2,
   retryDelaySeconds: 1,
-  mergeExpireSeconds: 30,
-  trainExpireSeconds: 30,
+  leaseSeconds: 30,
   drainSeconds: 5,
   maintenanceSeconds: 1,
+  sweepIntervalSeconds: 300,
+  abandonedWriteSeconds: 900,
 };
 
 export interface Harness {
@@ -68,29 +69,17 @@ export async function startHarness(
   const objects = await testStore(store, options.storeDir);
   const logs: string[] = [];
   const logger = createJsonLogger("debug", (line) => logs.push(line));
-  const policy = {
-    retryLimit: TEST_WORKER.retryLimit,
-    retryDelaySeconds: 1,
-    expireInSeconds: TEST_WORKER.mergeExpireSeconds,
-  };
-  const queue = new JobQueue(
-    database.value,
-    {
-      policies: { merge: policy, train: policy },
-      maintenanceIntervalSeconds: TEST_WORKER.maintenanceSeconds,
+  const runtime = await assembleRuntime({
+    database: database.value,
+    store: objects.value.store,
+    config: {
+      limits: { ...TEST_LIMITS, ...options.limits },
+      presignExpiresSeconds: 900,
+      worker: TEST_WORKER,
     },
     logger,
-  );
-  await queue.start();
-  const ctx: ServiceContext = {
-    db: database.value.db,
-    databaseKind: database.value.kind,
-    store: objects.value.store,
-    queue,
-    limits: { ...TEST_LIMITS, ...options.limits },
-    presignExpiresSeconds: 900,
-    logger,
-  };
+  });
+  const { ctx } = runtime;
   if (options.worker) await startWorker(ctx, TEST_WORKER);
   const app = createApp(ctx);
   const tenantA = (await createTenant({ ctx, input: { name: "a" } })).id;
@@ -118,7 +107,7 @@ export async function startHarness(
       return { objects: await objects.value.everything(), checkpoints: rows?.n ?? -1 };
     },
     close: async () => {
-      await queue.stop(TEST_WORKER.drainSeconds * 1000);
+      await runtime.close();
       await database.close();
       await objects.close();
     },
