@@ -66,7 +66,12 @@ const schema = z.object({
   PAPA_QUEUE_MAINTENANCE_SECONDS: z.coerce.number().int().min(1).max(3600).default(30),
   PAPA_SWEEP_INTERVAL_SECONDS: z.coerce.number().int().min(1).max(86400).default(300),
   // Twice the 5 minutes between the touches of a live write, at least.
-  PAPA_ABANDONED_WRITE_SECONDS: z.coerce.number().int().min(600).max(30 * 86400).default(900),
+  PAPA_ABANDONED_WRITE_SECONDS: z.coerce
+    .number()
+    .int()
+    .min(600)
+    .max(30 * 86400)
+    .default(900),
 });
 
 export interface S3Config {

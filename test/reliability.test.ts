@@ -1,15 +1,16 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { once } from "node:events";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdir, mkdtemp, readdir, rm, utimes, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Readable } from "node:stream";
-import { eq, inArray } from "drizzle-orm";
+import { eq, inArray, sql } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { schema } from "../src/db/client.js";
 import { derivedId } from "../src/ids.js";
+import { startWorker } from "../src/jobs/worker.js";
 import { checkpointKey, createCheckpoint } from "../src/services/checkpoints/checkpoints.js";
-import { type Harness, startHarness } from "./helpers/harness.js";
+import { type Harness, startHarness, TEST_WORKER } from "./helpers/harness.js";
 import { type JobBody, postMerge, waitForJob } from "./helpers/jobs.js";
 import { buildSafetensors, f32 } from "./helpers/safetensors.js";
 
@@ -28,24 +29,25 @@ function bigMember(k: number): Buffer {
 async function spawnWorker(
   h: Harness,
   dataDir: string,
-  env: Record<string, string> = {},
+  /** Added to the worker's environment; undefined removes a variable. */
+  env: Record<string, string | undefined> = {},
 ): Promise<ChildProcess & { output(): string }> {
+  const settings: Record<string, string | undefined> = {
+    PATH: process.env.PATH ?? "",
+    DATABASE_URL: h.databaseUrl ?? "",
+    PAPA_DATA_DIR: dataDir,
+    PAPA_WORKER_QUEUES: "merge",
+    PAPA_JOB_LEASE_SECONDS: "4",
+    PAPA_QUEUE_MAINTENANCE_SECONDS: "1",
+    PAPA_JOB_RETRY_DELAY_SECONDS: "1",
+    PAPA_JOB_RETRY_LIMIT: "3",
+    PAPA_MERGE_THREADS: "1",
+    PAPA_MERGE_CONCURRENCY: "4",
+    PAPA_MAX_UPLOAD_BYTES: String(1 << 30),
+    ...env,
+  };
   const child = spawn(process.execPath, ["--import", "tsx", "src/worker.ts"], {
-    env: {
-      PATH: process.env.PATH ?? "",
-      DATABASE_URL: h.databaseUrl ?? "",
-      PAPA_DATA_DIR: dataDir,
-      PAPA_WORKER_QUEUES: "merge",
-      PAPA_MERGE_EXPIRE_SECONDS: "4",
-      PAPA_TRAIN_EXPIRE_SECONDS: "4",
-      PAPA_QUEUE_MAINTENANCE_SECONDS: "1",
-      PAPA_JOB_RETRY_DELAY_SECONDS: "1",
-      PAPA_JOB_RETRY_LIMIT: "3",
-      PAPA_MERGE_THREADS: "1",
-      PAPA_MERGE_CONCURRENCY: "4",
-      PAPA_MAX_UPLOAD_BYTES: String(1 << 30),
-      ...env,
-    },
+    env: Object.fromEntries(Object.entries(settings).filter(([, v]) => v !== undefined)),
     stdio: ["ignore", "pipe", "pipe"],
   });
   let out = "";
@@ -65,7 +67,7 @@ describe("merge workers as separate processes", () => {
   let dataDir: string;
   const workers: ChildProcess[] = [];
 
-  const startWorkerProcess = async (env: Record<string, string> = {}) => {
+  const startWorkerProcess = async (env: Record<string, string | undefined> = {}) => {
     const child = await spawnWorker(h, dataDir, env);
     workers.push(child);
     return child;
@@ -215,10 +217,11 @@ describe("merge workers as separate processes", () => {
     const inputs: string[] = [];
     for (const k of [8, 9, 10, 11]) inputs.push(await upload(bigMember(k), `big-${k}`));
     const before = await h.ctx.store.list(`tenants/${h.tenantA}/`);
-    // No retry: the first attempt is the last.
-    const env = { PAPA_JOB_RETRY_LIMIT: "0", PAPA_MERGE_THREADS: "0" };
+    const env = { PAPA_MERGE_THREADS: "0" };
     const first = await startWorkerProcess(env);
     const { id } = await createdJob(postMerge(h, { method: "papa-pull", inputs, beta: 0.5 }));
+    // No retry: the first attempt is the last. (A job carries the policy it was sent with.)
+    await h.ctx.db.execute(sql`update pgboss.job set retry_limit = 0 where id = ${id}`);
     await untilMerging(id);
     first.kill("SIGKILL");
     await once(first, "exit");
@@ -248,6 +251,72 @@ describe("a training worker that dies", () => {
     for (const w of workers) if (w.exitCode === null) w.kill("SIGKILL");
     await h.close();
     await rm(dataDir, { recursive: true, force: true });
+  });
+
+  const train = async (epochs: number): Promise<string> => {
+    const res = await h.request("/v1/trainings", {
+      method: "POST",
+      body: JSON.stringify({
+        dataset: "mnist",
+        max_train_examples: 1500,
+        max_test_examples: 100,
+        model: { kind: "mlp", hidden: [64] },
+        population: { size: 2, variant: "papa", every_k_steps: 5 },
+        epochs,
+        batch_size: 16,
+      }),
+      headers: { "Content-Type": "application/json" },
+    });
+    return ((await res.json()) as JobBody).id;
+  };
+  const jobOf = async (id: string) =>
+    (await (await h.request(`/v1/jobs/${id}`)).json()) as JobBody & {
+      started_at: string | null;
+      progress_detail: { epoch?: number } | null;
+    };
+
+  it("is retried within 2 minutes of its worker's death, on the default lease", async () => {
+    const defaults = { PAPA_JOB_LEASE_SECONDS: undefined, PAPA_QUEUE_MAINTENANCE_SECONDS: undefined };
+    const first = await spawnWorker(h, dataDir, { PAPA_WORKER_QUEUES: "train", ...defaults });
+    workers.push(first);
+    const id = await train(6);
+    let job = await jobOf(id);
+    while (job.status !== "running" || job.progress === 0) {
+      await new Promise((r) => setTimeout(r, 50));
+      job = await jobOf(id);
+    }
+    const firstStart = job.started_at;
+    first.kill("SIGKILL");
+    await once(first, "exit");
+    const killed = Date.now();
+    workers.push(await spawnWorker(h, dataDir, { PAPA_WORKER_QUEUES: "train", ...defaults }));
+    while ((await jobOf(id)).started_at === firstStart) {
+      expect(Date.now() - killed).toBeLessThan(120_000);
+      await new Promise((r) => setTimeout(r, 500));
+    }
+    const done = await waitForJob(h, id, 120_000);
+    expect(done.status, JSON.stringify(done.problem)).toBe("succeeded");
+  }, 240_000);
+
+  it("keeps a healthy job running past its lease: the lease is renewed, not a cap", async () => {
+    // A 2 s lease (PAPA_TRAIN_EXPIRE_SECONDS was the old, fixed cap) and a training of several.
+    const env = { PAPA_WORKER_QUEUES: "train", PAPA_JOB_LEASE_SECONDS: "2", PAPA_TRAIN_EXPIRE_SECONDS: "2" };
+    for (const w of workers) if (w.exitCode === null) w.kill("SIGKILL");
+    const worker = await spawnWorker(h, dataDir, env);
+    workers.push(worker);
+    const started = Date.now();
+    const id = await train(20);
+    const job = await waitForJob(h, id, 120_000);
+    expect(job.status, JSON.stringify(job.problem)).toBe("succeeded");
+    expect(Date.now() - started).toBeGreaterThan(6000);
+    worker.kill("SIGKILL");
+    // Never failed by expiry: its first attempt is the one that finished.
+    const result = await h.ctx.db.execute(sql`select retry_count from pgboss.job where id = ${id}`);
+    expect((result as unknown as { rows: unknown[] }).rows).toEqual([{ retry_count: 0 }]);
+    const lines = worker.output();
+    expect(lines).not.toContain("job attempt failed");
+    expect(lines).not.toContain("lease lost");
+    expect(lines).not.toContain("resuming training");
   });
 
   it("is retried and resumes from its last completed epoch", async () => {
@@ -297,4 +366,49 @@ describe("a training worker that dies", () => {
 
 async function outputsOfJob(h: Harness, jobId: string) {
   return h.ctx.db.select().from(schema.checkpoints).where(eq(schema.checkpoints.jobId, jobId));
+}
+
+describe("the worker's housekeeping", () => {
+  it.each(["filesystem", "s3"] as const)(
+    "removes what dead writers left on %s periodically, and leaves live writes alone",
+    async (store) => {
+      const root = await mkdtemp(join(tmpdir(), "papa-sweep-"));
+      const h = await startHarness("pglite", store, { storeDir: root });
+      try {
+        await startWorker(h.ctx, {
+          ...TEST_WORKER,
+          queues: [],
+          sweepIntervalSeconds: 1,
+          abandonedWriteSeconds: store === "s3" ? 0 : 600,
+        });
+        if (store === "filesystem") {
+          await mkdir(join(root, ".tmp"), { recursive: true });
+          await writeFile(join(root, ".tmp", "dead"), "left by a writer that died");
+          await writeFile(join(root, ".tmp", "live"), "being written");
+          const hourAgo = new Date(Date.now() - 3600 * 1000);
+          await utimes(join(root, ".tmp", "dead"), hourAgo, hourAgo);
+          await until(async () => !(await readdir(join(root, ".tmp"))).includes("dead"));
+          expect(await readdir(join(root, ".tmp"))).toEqual(["live"]);
+        } else {
+          // The marker of a multipart upload whose writer is gone (threshold 0: any marker is stale).
+          await h.ctx.store.put(
+            "_writes/dead",
+            Readable.from([JSON.stringify({ key: "x/y.bin", uploadId: "gone" })]),
+          );
+          await until(async () => (await h.ctx.store.list("_writes/")).length === 0);
+        }
+      } finally {
+        await h.close();
+        await rm(root, { recursive: true, force: true });
+      }
+    },
+  );
+});
+
+async function until(check: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`not within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
 }

@@ -7,11 +7,13 @@ import { abandonTrainingJob, runTrainingJob } from "../services/trainings/traini
 
 /** Consumes the configured queues in this process until `ctx.queue.stop()`. */
 export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Promise<void> {
-  // Temp files of workers that died mid-write; a day leaves any live upload alone.
-  const swept = await ctx.store.sweepIncomplete(24 * 3600);
-  if (swept > 0) ctx.logger.info("removed stale temp files", { count: swept });
-  const expired = await expireUploadSessions(ctx);
-  if (expired > 0) ctx.logger.info("aborted expired upload sessions", { count: expired });
+  // What writers that died left behind, and upload sessions past their expiry: now and periodically.
+  ctx.queue.repeat("sweeping abandoned writes", config.sweepIntervalSeconds * 1000, async () => {
+    const swept = await ctx.store.sweepIncomplete(config.abandonedWriteSeconds);
+    if (swept > 0) ctx.logger.info("removed writes of writers that died", { count: swept });
+    const expired = await expireUploadSessions(ctx);
+    if (expired > 0) ctx.logger.info("aborted expired upload sessions", { count: expired });
+  });
   for (const queue of config.queues) {
     if (queue === "merge") {
       const options = {

@@ -32,9 +32,10 @@ export interface ObjectStore {
   /** Throws when the store cannot be reached. */
   ping(): Promise<void>;
   /**
-   * Removes what writers that died mid-write left behind, older than `olderThanSeconds`; returns
-   * how many. The filesystem store removes its temp files; on S3, incomplete multipart uploads
-   * are the bucket lifecycle rule's job (AbortIncompleteMultipartUpload), so it returns 0.
+   * Removes what writers that died mid-write left behind: writes untouched for
+   * `olderThanSeconds` (a live writer touches its write at least every 5 minutes); returns how
+   * many. The filesystem store removes its temp files; S3 aborts the multipart uploads of `put`s
+   * whose marker went stale.
    */
   sweepIncomplete(olderThanSeconds: number): Promise<number>;
   /** Present when clients can upload parts directly (S3). */

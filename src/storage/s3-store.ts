@@ -1,4 +1,6 @@
+import { createHash } from "node:crypto";
 import { Readable } from "node:stream";
+import { text } from "node:stream/consumers";
 import {
   AbortMultipartUploadCommand,
   CompleteMultipartUploadCommand,
@@ -10,11 +12,11 @@ import {
   ListObjectsV2Command,
   NoSuchKey,
   NotFound,
+  PutObjectCommand,
   S3Client,
   type S3ClientConfig,
   UploadPartCommand,
 } from "@aws-sdk/client-s3";
-import { Upload } from "@aws-sdk/lib-storage";
 import { getSignedUrl } from "@aws-sdk/s3-request-presigner";
 import {
   assertValidKey,
@@ -31,14 +33,51 @@ export interface S3StoreOptions {
   endpoint?: string | undefined;
   forcePathStyle?: boolean | undefined;
   credentials?: { accessKeyId: string; secretAccessKey: string } | undefined;
-  /** Multipart part size for streamed uploads (S3 minimum: 5 MiB). */
+  /** Multipart part size for streamed uploads (S3 minimum: 5 MiB; default 8 MiB). */
   partSizeBytes?: number;
+}
+
+const OCTETS = "application/octet-stream";
+/** Where markers of open multipart uploads live (a prefix no checkpoint key starts with). */
+const MARKERS = "_writes/";
+const MARKER_REFRESH_MS = 5 * 60 * 1000;
+const PARTS_IN_FLIGHT = 4;
+
+/**
+ * A stream as parts of `size` bytes (the last may be shorter, or empty for an empty stream),
+ * each in a buffer of its own; `last` marks the final one.
+ */
+async function* partsOf(body: Readable, size: number): AsyncGenerator<{ data: Buffer; last: boolean }> {
+  let pending: Buffer[] = [];
+  let filled = 0;
+  let ready: Buffer | null = null;
+  for await (const chunk of body) {
+    let rest = Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk as Uint8Array | string);
+    while (rest.length > 0) {
+      const take = Math.min(rest.length, size - filled);
+      pending.push(rest.subarray(0, take));
+      filled += take;
+      rest = rest.subarray(take);
+      if (filled === size) {
+        if (ready) yield { data: ready, last: false };
+        ready = Buffer.concat(pending, size);
+        pending = [];
+        filled = 0;
+      }
+    }
+  }
+  if (filled > 0) {
+    if (ready) yield { data: ready, last: false };
+    yield { data: Buffer.concat(pending, filled), last: true };
+  } else {
+    yield { data: ready ?? Buffer.alloc(0), last: true };
+  }
 }
 
 /**
  * Object store on S3 or an S3-compatible server. Streams of unknown length go up as multipart
  * uploads (8 MiB parts, 4 in flight); a failed stream aborts the multipart upload, so no
- * partial object or orphan parts remain.
+ * partial object or orphan parts remain, and a writer that dies is swept (`sweepIncomplete`).
  */
 export class S3Store implements ObjectStore {
   readonly kind = "s3" as const;
@@ -58,29 +97,108 @@ export class S3Store implements ObjectStore {
     this.partSize = options.partSizeBytes ?? 8 * 1024 * 1024;
   }
 
+  /**
+   * Stores a stream: one PutObject when it fits a part, else a multipart upload with up to four
+   * parts in flight. While a multipart upload is open, a marker object under `_writes/` names
+   * it, rewritten every few minutes; a writer that dies leaves a marker that stops being
+   * rewritten, by which `sweepIncomplete` finds and aborts the upload.
+   */
   async put(key: string, body: Readable): Promise<{ sizeBytes: number }> {
     assertValidKey(key);
-    // The body's own error is the cause worth reporting, even when aborting the upload also fails.
-    let bodyError: unknown;
-    body.once("error", (err) => {
-      bodyError = err;
-    });
-    const upload = new Upload({
-      client: this.client,
-      params: { Bucket: this.bucket, Key: key, Body: body, ContentType: "application/octet-stream" },
-      partSize: this.partSize,
-      queueSize: 4,
-      leavePartsOnError: false,
-    });
+    let upload: { id: string; marker: string; refresh: NodeJS.Timeout } | null = null;
+    const parts: { PartNumber: number; ETag: string }[] = [];
+    const inFlight = new Set<Promise<void>>();
+    let failure: unknown = null;
+    let size = 0;
     try {
-      await upload.done();
+      for await (const part of partsOf(body, this.partSize)) {
+        size += part.data.length;
+        if (!upload && part.last) {
+          await this.client.send(
+            new PutObjectCommand({ Bucket: this.bucket, Key: key, Body: part.data, ContentType: OCTETS }),
+          );
+          break;
+        }
+        upload ??= await this.startMultipart(key);
+        const { id } = upload;
+        const partNumber = parts.length + inFlight.size + 1;
+        const sent: Promise<void> = this.client
+          .send(
+            new UploadPartCommand({
+              Bucket: this.bucket,
+              Key: key,
+              UploadId: id,
+              PartNumber: partNumber,
+              Body: part.data,
+            }),
+          )
+          .then(
+            (out) => {
+              if (!out.ETag) throw new Error(`S3 returned no ETag for part ${partNumber}`);
+              parts.push({ PartNumber: partNumber, ETag: out.ETag });
+            },
+            (err: unknown) => {
+              failure ??= err;
+            },
+          )
+          .finally(() => inFlight.delete(sent));
+        inFlight.add(sent);
+        while (inFlight.size >= PARTS_IN_FLIGHT) await Promise.race(inFlight);
+        if (failure) throw failure;
+      }
+      await Promise.all(inFlight);
+      if (failure) throw failure;
+      if (upload) {
+        parts.sort((a, b) => a.PartNumber - b.PartNumber);
+        await this.client.send(
+          new CompleteMultipartUploadCommand({
+            Bucket: this.bucket,
+            Key: key,
+            UploadId: upload.id,
+            MultipartUpload: { Parts: parts },
+          }),
+        );
+      }
     } catch (err) {
       body.destroy();
-      throw bodyError ?? err;
+      await Promise.allSettled(inFlight);
+      if (upload) {
+        await this.client
+          .send(new AbortMultipartUploadCommand({ Bucket: this.bucket, Key: key, UploadId: upload.id }))
+          .catch(() => undefined);
+      }
+      throw err;
+    } finally {
+      if (upload) {
+        clearInterval(upload.refresh);
+        await this.delete(upload.marker).catch(() => undefined);
+      }
     }
-    const stored = await this.stat(key);
-    if (!stored) throw new Error(`S3 object ${key} missing right after upload`);
-    return stored;
+    return { sizeBytes: size };
+  }
+
+  /** Opens a multipart upload and its marker, kept fresh while this process lives. */
+  private async startMultipart(
+    key: string,
+  ): Promise<{ id: string; marker: string; refresh: NodeJS.Timeout }> {
+    const out = await this.client.send(
+      new CreateMultipartUploadCommand({ Bucket: this.bucket, Key: key, ContentType: OCTETS }),
+    );
+    if (!out.UploadId) throw new Error("S3 returned no UploadId");
+    const id = out.UploadId;
+    const marker = `${MARKERS}${createHash("sha256").update(id).digest("hex")}`;
+    const write = () =>
+      this.client.send(
+        new PutObjectCommand({
+          Bucket: this.bucket,
+          Key: marker,
+          Body: JSON.stringify({ key, uploadId: id }),
+        }),
+      );
+    await write();
+    const refresh = setInterval(() => void write().catch(() => undefined), MARKER_REFRESH_MS);
+    refresh.unref();
+    return { id, marker, refresh };
   }
 
   async get(key: string, range?: ByteRange): Promise<Readable> {
@@ -177,8 +295,42 @@ export class S3Store implements ObjectStore {
     },
   };
 
-  async sweepIncomplete(): Promise<number> {
-    return 0;
+  /**
+   * Aborts the multipart uploads of writers that died: those whose marker has not been rewritten
+   * for `olderThanSeconds`. (Upload sessions' multipart uploads have no marker: their expiry
+   * aborts them.)
+   */
+  async sweepIncomplete(olderThanSeconds: number): Promise<number> {
+    const before = Date.now() - olderThanSeconds * 1000;
+    let swept = 0;
+    let token: string | undefined;
+    do {
+      const page = await this.client.send(
+        new ListObjectsV2Command({ Bucket: this.bucket, Prefix: MARKERS, ContinuationToken: token }),
+      );
+      for (const object of page.Contents ?? []) {
+        if (!object.Key || (object.LastModified?.getTime() ?? 0) > before) continue;
+        const marker = JSON.parse(await text(await this.get(object.Key))) as {
+          key: string;
+          uploadId: string;
+        };
+        await this.client
+          .send(
+            new AbortMultipartUploadCommand({
+              Bucket: this.bucket,
+              Key: marker.key,
+              UploadId: marker.uploadId,
+            }),
+          )
+          // NoSuchUpload: completed or aborted already. Any other failure is left to the bucket's
+          // lifecycle rule (AbortIncompleteMultipartUpload), the backstop for every open upload.
+          .catch(() => undefined);
+        await this.delete(object.Key);
+        swept++;
+      }
+      token = page.IsTruncated ? page.NextContinuationToken : undefined;
+    } while (token);
+    return swept;
   }
 
   async ping(): Promise<void> {
