@@ -43,6 +43,11 @@ const schema = z.object({
   PAPA_MAX_MERGE_HEADER_BYTES: byteCount(64 * 1024 ** 2),
   PAPA_MAX_DATASET_BYTES: byteCount(1024 ** 3),
   PAPA_MAX_JSON_BODY_BYTES: byteCount(1024 ** 2),
+  PAPA_TENANT_MAX_QUEUED_JOBS: z.coerce.number().int().min(1).max(1_000_000).default(100),
+  PAPA_TENANT_MAX_RUNNING_JOBS: z.coerce.number().int().min(1).max(10_000).default(4),
+  PAPA_TENANT_MAX_EVENT_STREAMS: z.coerce.number().int().min(1).max(100_000).default(20),
+  PAPA_RATE_LIMIT_PER_KEY_PER_MINUTE: z.coerce.number().int().min(0).max(100_000_000).default(6000),
+  PAPA_AUTH_FAILURES_PER_MINUTE: z.coerce.number().int().min(0).max(1_000_000).default(30),
   PAPA_HTTP_HEADERS_TIMEOUT_SECONDS: z.coerce.number().min(0.1).max(3600).default(20),
   // Above the 15 s between the comments that keep quiet event streams moving.
   PAPA_HTTP_IDLE_TIMEOUT_SECONDS: z.coerce.number().min(20).max(86400).default(60),
@@ -95,6 +100,16 @@ export interface Limits {
   maxDatasetBytes: number;
   /** Largest JSON request body. */
   maxJsonBodyBytes: number;
+  /** Jobs one tenant may have queued or running at once (429 beyond). */
+  maxQueuedJobsPerTenant: number;
+  /** Jobs of one tenant in the queue (for a worker, or running) at once; the rest wait their turn. */
+  maxRunningJobsPerTenant: number;
+  /** Event streams one tenant may have open on one API instance (429 beyond). */
+  maxEventStreamsPerTenant: number;
+  /** Requests per minute per API key, over all API instances (429 beyond); 0: none. */
+  requestsPerKeyPerMinute: number;
+  /** Requests per minute with a wrong key from one address before it is shut out for 5 minutes (429); 0: none. */
+  authFailuresPerMinute: number;
 }
 
 /** The Node HTTP server's defences against slow, partial and too many connections. */
@@ -202,6 +217,11 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       maxMergeHeaderBytes: e.PAPA_MAX_MERGE_HEADER_BYTES,
       maxDatasetBytes: e.PAPA_MAX_DATASET_BYTES,
       maxJsonBodyBytes: e.PAPA_MAX_JSON_BODY_BYTES,
+      maxQueuedJobsPerTenant: e.PAPA_TENANT_MAX_QUEUED_JOBS,
+      maxRunningJobsPerTenant: e.PAPA_TENANT_MAX_RUNNING_JOBS,
+      maxEventStreamsPerTenant: e.PAPA_TENANT_MAX_EVENT_STREAMS,
+      requestsPerKeyPerMinute: e.PAPA_RATE_LIMIT_PER_KEY_PER_MINUTE,
+      authFailuresPerMinute: e.PAPA_AUTH_FAILURES_PER_MINUTE,
     },
     http: {
       maxHeaderBytes: e.PAPA_MAX_HTTP_HEADER_BYTES,

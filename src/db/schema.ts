@@ -66,12 +66,15 @@ export const jobs = pgTable(
     startedAt: timestamp("started_at", { withTimezone: true }),
     finishedAt: timestamp("finished_at", { withTimezone: true }),
     updatedAt: timestamp("updated_at", { withTimezone: true }).notNull().defaultNow(),
+    /** When it was handed to the queue; null while it waits for a free slot of its tenant. */
+    dispatchedAt: timestamp("dispatched_at", { withTimezone: true }),
   },
   (t) => [
     uniqueIndex("jobs_idempotency_idx")
       .on(t.tenantId, t.idempotencyKey)
       .where(sql`${t.idempotencyKey} is not null`),
     index("jobs_tenant_idx").on(t.tenantId, t.id),
+    index("jobs_active_idx").on(t.tenantId, t.id).where(sql`${t.status} in ('queued', 'running')`),
   ],
 );
 
@@ -186,3 +189,10 @@ export const uploadSessions = pgTable(
   },
   (t) => [index("upload_sessions_expiry_idx").on(t.expiresAt)],
 );
+
+/** Counters of rate-limiter-flexible (per key, per client address), shared by every API instance. */
+export const rateLimits = pgTable("rate_limits", {
+  key: text("key").primaryKey(),
+  points: integer("points").notNull().default(0),
+  expire: timestamp("expire", { withTimezone: true }),
+});

@@ -2,7 +2,7 @@ import type { Context } from "hono";
 import { HTTPException } from "hono/http-exception";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import type { Logger } from "../logger.js";
-import { RangeNotSatisfiableError, ServiceError } from "../services/errors.js";
+import { RangeNotSatisfiableError, ServiceError, TooManyRequestsError } from "../services/errors.js";
 import type { AppEnv } from "./env.js";
 import { incomingOf } from "./incoming.js";
 
@@ -34,6 +34,7 @@ const SERVICE_STATUS: Record<string, ContentfulStatusCode> = {
   gone: 410,
   "range-not-satisfiable": 416,
   unauthenticated: 401,
+  "too-many-requests": 429,
   unavailable: 503,
 };
 
@@ -48,6 +49,7 @@ const TITLES: Record<number, string> = {
   415: "Unsupported Media Type",
   416: "Range Not Satisfiable",
   422: "Unprocessable Content",
+  429: "Too Many Requests",
   500: "Internal Server Error",
   503: "Service Unavailable",
 };
@@ -84,6 +86,8 @@ export function errorHandler(logger: Logger) {
     if (err instanceof ServiceError) {
       const status = SERVICE_STATUS[err.code] ?? 500;
       if (err instanceof RangeNotSatisfiableError) c.header("Content-Range", `bytes */${err.sizeBytes}`);
+      if (err instanceof TooManyRequestsError)
+        c.header("Retry-After", String(Math.ceil(err.retryAfterSeconds)));
       if (status === 401) c.header("WWW-Authenticate", 'Bearer realm="papa"');
       return problemResponse(c, status, err.code, err.message, err.details);
     }

@@ -58,6 +58,19 @@ export class UnauthenticatedError extends ServiceError {
   readonly code = "unauthenticated";
 }
 
+/** A quota or rate limit was reached; the same request may succeed after `retryAfterSeconds`. */
+export class TooManyRequestsError extends ServiceError {
+  readonly code = "too-many-requests";
+
+  constructor(
+    message: string,
+    readonly retryAfterSeconds: number,
+    details?: Record<string, unknown>,
+  ) {
+    super(message, details);
+  }
+}
+
 /** A dependency (database, store) cannot be reached. */
 export class UnavailableError extends ServiceError {
   readonly code = "unavailable";
@@ -65,8 +78,10 @@ export class UnavailableError extends ServiceError {
 
 /**
  * An error about the request or what it names (not found, invalid, gone, too large, ...): the
- * same request fails the same way however often it is retried. Only `UnavailableError` is not.
+ * same request fails the same way however often it is retried. Unavailability and rate limits pass.
  */
 export function isRequestError(err: unknown): boolean {
-  return err instanceof ServiceError && !(err instanceof UnavailableError);
+  return (
+    err instanceof ServiceError && !(err instanceof UnavailableError || err instanceof TooManyRequestsError)
+  );
 }

@@ -20,6 +20,11 @@ export const TEST_LIMITS = {
   maxMergeHeaderBytes: 16 * 1024,
   maxDatasetBytes: 4 * 1024 * 1024,
   maxJsonBodyBytes: 64 * 1024,
+  maxQueuedJobsPerTenant: 100,
+  maxRunningJobsPerTenant: 8,
+  maxEventStreamsPerTenant: 20,
+  requestsPerKeyPerMinute: 0,
+  authFailuresPerMinute: 0,
 };
 
 export const TEST_WORKER: WorkerConfig = {

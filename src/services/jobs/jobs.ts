@@ -1,10 +1,10 @@
-import { and, desc, eq, inArray, lt } from "drizzle-orm";
+import { and, count, desc, eq, inArray, isNotNull, isNull, lt } from "drizzle-orm";
 import { type Database, schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
-import type { QueuedJob, QueueName } from "../../jobs/queue.js";
+import { QUEUE_NAMES, type QueuedJob, type QueueName } from "../../jobs/queue.js";
 import { deleteOutputs } from "../checkpoints/outputs.js";
 import type { ServiceContext, TenantCall } from "../context.js";
-import { ConflictError, isRequestError, NotFoundError } from "../errors.js";
+import { ConflictError, isRequestError, NotFoundError, TooManyRequestsError } from "../errors.js";
 import { type Page, pageByIdDesc } from "../pagination.js";
 
 export type JobStatus = (typeof schema.jobStatus.enumValues)[number];
@@ -29,10 +29,70 @@ function canonicalJson(value: unknown): string {
   );
 }
 
+/** How long a tenant whose queue is full is told to wait before it asks again. */
+const FULL_QUEUE_RETRY_SECONDS = 30;
+
+const ACTIVE: JobStatus[] = ["queued", "running"];
+
 /**
- * Records a job and enqueues it in one transaction: the job exists if and only if its row
- * committed. With an idempotency key, a repeated request returns the first job (`created`
- * false); the same key with different parameters is a conflict.
+ * Takes the tenant's lock for the rest of the transaction: its job admissions, dispatches and
+ * finishes take turns, so that its counts of jobs hold while they are acted on.
+ */
+async function lockTenant(tx: Database, tenantId: string): Promise<void> {
+  await tx
+    .select({ id: schema.tenants.id })
+    .from(schema.tenants)
+    .where(eq(schema.tenants.id, tenantId))
+    .for("update");
+}
+
+/**
+ * Hands the tenant's oldest waiting jobs to the queue while it has fewer than
+ * `maxRunningJobsPerTenant` there (queued for a worker, or running). So one tenant's backlog
+ * waits in its own line, and another tenant's job reaches the queue, and a worker, behind at
+ * most that many of each tenant's. Call it under `lockTenant`; wake the workers after the commit.
+ */
+async function dispatchWaiting(ctx: ServiceContext, tx: Database, tenantId: string): Promise<void> {
+  const [dispatched] = await tx
+    .select({ n: count() })
+    .from(schema.jobs)
+    .where(
+      and(
+        eq(schema.jobs.tenantId, tenantId),
+        inArray(schema.jobs.status, ACTIVE),
+        isNotNull(schema.jobs.dispatchedAt),
+      ),
+    );
+  const free = ctx.limits.maxRunningJobsPerTenant - (dispatched?.n ?? 0);
+  if (free <= 0) return;
+  const waiting = await tx
+    .select({ id: schema.jobs.id, kind: schema.jobs.kind })
+    .from(schema.jobs)
+    .where(
+      and(
+        eq(schema.jobs.tenantId, tenantId),
+        eq(schema.jobs.status, "queued"),
+        isNull(schema.jobs.dispatchedAt),
+      ),
+    )
+    .orderBy(schema.jobs.id)
+    .limit(free);
+  for (const job of waiting) {
+    await ctx.queue.enqueue(tx, job.kind as QueueName, job.id);
+    await tx.update(schema.jobs).set({ dispatchedAt: new Date() }).where(eq(schema.jobs.id, job.id));
+  }
+}
+
+/** Tells this process's workers that jobs may have been dispatched (after the commit). */
+function wakeWorkers(ctx: ServiceContext): void {
+  for (const queue of QUEUE_NAMES) ctx.queue.wake(queue);
+}
+
+/**
+ * Records a job and dispatches it (`dispatchWaiting`) in one transaction: the job exists if and
+ * only if its row committed. A tenant with `maxQueuedJobsPerTenant` jobs queued or running
+ * already is refused (429). With an idempotency key, a repeated request returns the first job
+ * (`created` false); the same key with different parameters is a conflict.
  */
 export async function createJob({
   ctx,
@@ -63,15 +123,28 @@ export async function createJob({
   if (earlier) return earlier;
   try {
     const job = await ctx.db.transaction(async (tx) => {
+      await lockTenant(tx, principal.tenantId);
+      const [active] = await tx
+        .select({ n: count() })
+        .from(schema.jobs)
+        .where(and(eq(schema.jobs.tenantId, principal.tenantId), inArray(schema.jobs.status, ACTIVE)));
+      const limit = ctx.limits.maxQueuedJobsPerTenant;
+      if ((active?.n ?? 0) >= limit) {
+        throw new TooManyRequestsError(
+          `the tenant has ${active?.n} jobs queued or running, the most it may have; submit more as they finish`,
+          FULL_QUEUE_RETRY_SECONDS,
+          { limit },
+        );
+      }
       const [row] = await tx
         .insert(schema.jobs)
         .values({ id: newId(), tenantId: principal.tenantId, kind, params, idempotencyKey })
         .returning();
       if (!row) throw new Error("job insert returned no row");
-      await ctx.queue.enqueue(tx, kind as QueueName, row.id);
+      await dispatchWaiting(ctx, tx, principal.tenantId);
       return row;
     });
-    ctx.queue.wake(kind as QueueName);
+    wakeWorkers(ctx);
     return { job, created: true };
   } catch (err) {
     // Two requests with one key raced; the unique index let one in.
@@ -88,6 +161,19 @@ export async function getJob({ ctx, principal, input }: TenantCall<{ id: string 
     .where(and(eq(schema.jobs.id, input.id), eq(schema.jobs.tenantId, principal.tenantId)));
   if (!job) throw new NotFoundError(`job ${input.id} not found`);
   return job;
+}
+
+/**
+ * A job of the tenant (404 otherwise) and a subscription to its changes for an event stream
+ * (`JobWatch`: 429 when the tenant has its most streams open). Call `stop` when the stream ends.
+ */
+export async function followJob({
+  ctx,
+  principal,
+  input,
+}: TenantCall<{ id: string; onChange: (job: Job) => void }>): Promise<{ job: Job; stop(): void }> {
+  const job = await getJob({ ctx, principal, input });
+  return { job, stop: ctx.jobWatch.follow(job, input.onChange) };
 }
 
 export async function listJobs({
@@ -126,11 +212,7 @@ export async function cancelJob({ ctx, principal, input }: TenantCall<{ id: stri
   const job = await getJob({ ctx, principal, input });
   if (job.status === "canceled") return job;
   if (FINISHED.includes(job.status)) throw new ConflictError(`job ${job.id} already ${job.status}`);
-  const [updated] = await ctx.db
-    .update(schema.jobs)
-    .set({ status: "canceled", finishedAt: new Date(), updatedAt: new Date() })
-    .where(and(eq(schema.jobs.id, job.id), inArray(schema.jobs.status, ["queued", "running"])))
-    .returning();
+  const updated = await finishJob(ctx, job, { status: "canceled" }, { from: ACTIVE });
   if (!updated)
     return getJob({ ctx, principal, input }).then((j) =>
       j.status === "canceled" ? j : cancelJob({ ctx, principal, input }),
@@ -202,31 +284,46 @@ function progressReporter(
   };
 }
 
+type Outcome =
+  | { status: "succeeded"; result: object }
+  | { status: "failed"; problem: JobProblem }
+  | { status: "queued"; problem: JobProblem }
+  | { status: "canceled" };
+
 /**
- * Finishes a running job inside `tx` (with whatever else must commit with it). Returns false,
- * changing nothing, when the job is no longer running (canceled meanwhile).
+ * Moves a job in one of the `from` statuses (default: running) to `outcome`, or returns null,
+ * changing nothing (canceled or finished meanwhile), with `register` (the rows that commit with a
+ * success) in the same transaction. A job that leaves the queue for good frees a slot of its
+ * tenant's (`dispatchWaiting`).
  */
 async function finishJob(
-  tx: Database,
-  id: string,
-  outcome:
-    | { status: "succeeded"; result: object }
-    | { status: "failed"; problem: JobProblem }
-    | { status: "queued"; problem: JobProblem },
-): Promise<boolean> {
-  const [row] = await tx
-    .update(schema.jobs)
-    .set({
-      status: outcome.status,
-      progress: outcome.status === "succeeded" ? 1 : undefined,
-      result: outcome.status === "succeeded" ? outcome.result : null,
-      problem: outcome.status === "succeeded" ? null : outcome.problem,
-      finishedAt: outcome.status === "queued" ? null : new Date(),
-      updatedAt: new Date(),
-    })
-    .where(and(eq(schema.jobs.id, id), eq(schema.jobs.status, "running")))
-    .returning({ id: schema.jobs.id });
-  return row !== undefined;
+  ctx: ServiceContext,
+  job: { id: string; tenantId: string },
+  outcome: Outcome,
+  options: { register?: (tx: Database) => Promise<void>; from?: JobStatus[] } = {},
+): Promise<Job | null> {
+  const { register, from = ["running"] } = options;
+  const finished = await ctx.db.transaction(async (tx) => {
+    await lockTenant(tx, job.tenantId);
+    const [row] = await tx
+      .update(schema.jobs)
+      .set({
+        status: outcome.status,
+        progress: outcome.status === "succeeded" ? 1 : undefined,
+        result: outcome.status === "succeeded" ? outcome.result : null,
+        problem: "problem" in outcome ? outcome.problem : null,
+        finishedAt: outcome.status === "queued" ? null : new Date(),
+        updatedAt: new Date(),
+      })
+      .where(and(eq(schema.jobs.id, job.id), inArray(schema.jobs.status, from)))
+      .returning();
+    if (!row) return null;
+    await register?.(tx);
+    if (outcome.status !== "queued") await dispatchWaiting(ctx, tx, job.tenantId);
+    return row;
+  });
+  wakeWorkers(ctx);
+  return finished;
 }
 
 function jobProblem(title: string, detail: string): JobProblem {
@@ -242,12 +339,13 @@ function jobProblem(title: string, detail: string): JobProblem {
 async function settleFailedAttempt(
   ctx: ServiceContext,
   queued: QueuedJob,
+  job: Job,
   err: unknown,
   failure: { permanent: boolean; title: string },
 ): Promise<void> {
   if (failure.permanent) {
     const problem = jobProblem(failure.title, (err as Error).message);
-    await finishJob(ctx.db, queued.id, { status: "failed", problem });
+    await finishJob(ctx, job, { status: "failed", problem });
     return;
   }
   const attempt = queued.retryCount + 1;
@@ -257,7 +355,7 @@ async function settleFailedAttempt(
     failure.title,
     `attempt ${attempt} of ${queued.retryLimit + 1} failed; it ${last ? "will not be" : "will be"} retried`,
   );
-  await finishJob(ctx.db, queued.id, last ? { status: "failed", problem } : { status: "queued", problem });
+  await finishJob(ctx, job, last ? { status: "failed", problem } : { status: "queued", problem });
   throw err;
 }
 
@@ -325,18 +423,19 @@ export async function runJobAttempt(
     const progress = progressReporter(ctx, job.id, abort, kind.progressIntervalMs);
     const outcome = await work({ job, signal: abort.signal, progress });
     await deleteScratch(ctx, job);
-    const committed = await ctx.db.transaction(async (tx) => {
-      if (!(await finishJob(tx, job.id, { status: "succeeded", result: outcome.result }))) return false;
-      await outcome.register(tx);
-      return true;
-    });
+    const committed = await finishJob(
+      ctx,
+      job,
+      { status: "succeeded", result: outcome.result },
+      { register: outcome.register },
+    );
     if (!committed) await deleteOutputs(ctx, job.tenantId, kind.outputIds(job));
   } catch (err) {
     await deleteOutputs(ctx, job.tenantId, kind.outputIds(job));
     const permanent = kind.isPermanent(err) || isRequestError(err);
     const canceled = (await jobStatus(ctx, queued.id)) === "canceled";
     if (canceled || permanent || queued.retryCount >= queued.retryLimit) await deleteScratch(ctx, job);
-    if (!canceled) await settleFailedAttempt(ctx, queued, err, { permanent, title: kind.title });
+    if (!canceled) await settleFailedAttempt(ctx, queued, job, err, { permanent, title: kind.title });
   } finally {
     queued.signal.removeEventListener("abort", onStop);
   }
@@ -353,11 +452,11 @@ export async function failAbandonedJob(ctx: ServiceContext, id: string, kind: Jo
     kind.title,
     "every attempt stopped before it finished: its worker was killed, or ran past the queue's expiry",
   );
-  const [job] = await ctx.db
-    .update(schema.jobs)
-    .set({ status: "failed", problem, finishedAt: new Date(), updatedAt: new Date() })
-    .where(and(eq(schema.jobs.id, id), inArray(schema.jobs.status, ["queued", "running"])))
-    .returning();
+  const [found] = await ctx.db
+    .select({ id: schema.jobs.id, tenantId: schema.jobs.tenantId })
+    .from(schema.jobs)
+    .where(eq(schema.jobs.id, id));
+  const job = found && (await finishJob(ctx, found, { status: "failed", problem }, { from: ACTIVE }));
   if (!job) return;
   ctx.logger.error("job abandoned: its attempts are spent", { job_id: id });
   await deleteOutputs(ctx, job.tenantId, kind.outputIds(job));
