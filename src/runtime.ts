@@ -5,6 +5,8 @@ import { JobQueue } from "./jobs/queue.js";
 import { createJsonLogger, type Logger } from "./logger.js";
 import { bootstrapApiKey } from "./services/api-keys/api-keys.js";
 import type { ServiceContext } from "./services/context.js";
+import { JobWatch } from "./services/jobs/job-watch.js";
+import { RateLimits } from "./services/rate-limits.js";
 import { FilesystemStore } from "./storage/fs-store.js";
 import type { ObjectStore } from "./storage/object-store.js";
 import { S3Store } from "./storage/s3-store.js";
@@ -49,6 +51,8 @@ export async function assembleRuntime(parts: {
     store,
     queue,
     limits: config.limits,
+    rateLimits: new RateLimits(database.db, database.kind, config.limits),
+    jobWatch: new JobWatch(database.db, config.limits.maxEventStreamsPerTenant, logger),
     presignExpiresSeconds: config.presignExpiresSeconds,
     logger,
   };

@@ -34,3 +34,22 @@ export function requestBodyStream(c: Context): Readable {
   const body = c.req.raw.body;
   return body ? Readable.fromWeb(body as WebReadableStream<Uint8Array>) : Readable.from([]);
 }
+
+/**
+ * The client's address: the connection's peer under the Node server, API Gateway's `sourceIp`
+ * under Lambda; undefined where there is none (tests' `app.request`). Behind a load balancer
+ * the peer is the balancer: give it the per-address limits, or turn them off.
+ */
+export function clientAddress(c: Pick<Context, "env">): string | undefined {
+  const incoming = incomingOf(c);
+  if (incoming) return incoming.socket.remoteAddress;
+  const context = (c.env as { event?: { requestContext?: LambdaRequestContext } } | undefined)?.event
+    ?.requestContext;
+  return context?.http?.sourceIp ?? context?.identity?.sourceIp;
+}
+
+/** The parts of API Gateway's request context (HTTP API v2, REST v1) that name the client. */
+interface LambdaRequestContext {
+  http?: { sourceIp?: string };
+  identity?: { sourceIp?: string };
+}

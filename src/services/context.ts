@@ -3,6 +3,8 @@ import type { Database } from "../db/client.js";
 import type { JobQueue } from "../jobs/queue.js";
 import type { Logger } from "../logger.js";
 import type { ObjectStore } from "../storage/object-store.js";
+import type { JobWatch } from "./jobs/job-watch.js";
+import type { RateLimits } from "./rate-limits.js";
 
 /** Everything a service needs, built once at start and passed in. */
 export interface ServiceContext {
@@ -11,6 +13,9 @@ export interface ServiceContext {
   store: ObjectStore;
   queue: JobQueue;
   limits: Limits;
+  rateLimits: RateLimits;
+  /** Event streams' view of jobs (one process-wide poll). */
+  jobWatch: JobWatch;
   presignExpiresSeconds: number;
   logger: Logger;
 }
