@@ -1,16 +1,16 @@
 import type { Context, Hono } from "hono";
 import { streamSSE } from "hono/streaming";
 import type { TenantCall } from "../../services/context.js";
-import { cancelJob, FINISHED, getJob, type Job, listJobs } from "../../services/jobs/jobs.js";
+import { cancelJob, FINISHED, followJob, getJob, type Job, listJobs } from "../../services/jobs/jobs.js";
 import { createMergeJob } from "../../services/merges/merges.js";
 import { createTrainingJob } from "../../services/trainings/trainings.js";
 import type { AppEnv } from "../env.js";
 import { operation } from "../openapi.js";
 import { jobBody } from "../presenters.js";
 
-/** How often the event stream looks at the job, and how long it may stay open. */
-const EVENTS_POLL_MS = 250;
+/** How long an event stream may stay open, and the most time between two of its writes. */
 const EVENTS_MAX_MS = 60 * 60 * 1000;
+const HEARTBEAT_MS = 15_000;
 
 /** Creates a job from the body with the request's Idempotency-Key: 202 when new, 200 on a replay. */
 async function jobCreation<P>(
@@ -56,21 +56,51 @@ export function jobRoutes(app: Hono<AppEnv>): void {
   });
 
   operation(app, "getJobEvents", async (c, req) => {
-    const call = { ctx: c.get("ctx"), principal: c.get("principal"), input: req.path };
-    let job = await getJob(call); // 404 before the stream starts
+    // The latest state, whether it is news, and how to wake the stream's wait for news.
+    let latest: Job | null = null;
+    let news = false;
+    let wake: (() => void) | null = null;
+    const { job, stop } = await followJob({
+      ctx: c.get("ctx"),
+      principal: c.get("principal"),
+      input: {
+        id: req.path.id,
+        onChange: (changed) => {
+          latest = changed;
+          news = true;
+          wake?.();
+        },
+      },
+    });
     return streamSSE(c, async (stream) => {
+      stream.onAbort(() => wake?.());
       const until = Date.now() + EVENTS_MAX_MS;
       let sent = "";
-      for (;;) {
-        const body = JSON.stringify(jobBody(job));
-        const state = `${job.status}/${job.progress}`;
-        if (state !== sent) {
-          await stream.writeSSE({ event: "job", data: body, id: String(job.updatedAt.getTime()) });
-          sent = state;
+      try {
+        for (;;) {
+          const current = latest ?? job;
+          news = false;
+          const state = `${current.status}/${current.progress}`;
+          if (state !== sent) {
+            const data = JSON.stringify(jobBody(current));
+            await stream.writeSSE({ event: "job", data, id: String(current.updatedAt.getTime()) });
+            sent = state;
+          }
+          if (FINISHED.includes(current.status) || stream.aborted || Date.now() > until) return;
+          if (news) continue;
+          const woken = await new Promise<boolean>((resolve) => {
+            const quiet = setTimeout(() => resolve(false), HEARTBEAT_MS);
+            wake = () => {
+              clearTimeout(quiet);
+              resolve(true);
+            };
+          });
+          wake = null;
+          // A comment keeps a quiet stream from counting as an idle connection.
+          if (!woken && !stream.aborted) await stream.write(": keep-alive\n\n");
         }
-        if (FINISHED.includes(job.status) || stream.aborted || Date.now() > until) return;
-        await stream.sleep(EVENTS_POLL_MS);
-        job = await getJob(call);
+      } finally {
+        stop();
       }
     });
   });
