@@ -1,5 +1,6 @@
 import { randomUUID } from "node:crypto";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { createApiKey } from "../src/services/api-keys/api-keys.js";
 import { documentedResponses, observedResponses, operations } from "./helpers/contract.js";
 import { idxFiles, uploadDataset } from "./helpers/datasets.js";
 import { type Harness, startHarness, upload } from "./helpers/harness.js";
@@ -66,6 +67,27 @@ describe("every documented response of every operation", () => {
         }),
         415,
       );
+    }
+  });
+
+  it("refuses requests past the API key's rate (429, Retry-After)", async () => {
+    const limited = await startHarness("pglite", "filesystem", { limits: { requestsPerKeyPerMinute: 1 } });
+    try {
+      for (const op of operations.filter((o) => o.authenticated)) {
+        const { secret } = await createApiKey({
+          ctx: limited.ctx,
+          principal: { tenantId: limited.tenantA },
+          input: {},
+        });
+        await expectStatus(limited.request("/v1/api-keys", { key: secret }), 200);
+        const res = await expectStatus(
+          limited.request(concrete(op.path, randomUUID()), { method: op.method, key: secret }),
+          429,
+        );
+        expect(Number(res.headers.get("retry-after"))).toBeGreaterThan(0);
+      }
+    } finally {
+      await limited.close();
     }
   });
 
