@@ -48,7 +48,7 @@ describe.each<DatabaseKind>(["pglite", "postgres"])("job quotas and fairness on 
     expect((await mergeAs(h.keyB, { method: "papa-all", inputs: b })).status).toBe(202);
     // As its jobs finish, the tenant's queue has room again.
     await startWorker(h.ctx, TEST_WORKER);
-    const first = ((await answers[0]?.json()) as JobBody).id;
+    const first = ((await (answers[0] as Response).json()) as JobBody).id;
     await waitForJob(h, first, 60_000);
     expect((await mergeAs(h.keyA, { method: "papa-2", inputs: a, seed: 9 })).status).toBe(202);
   });
