@@ -43,6 +43,7 @@ const schema = z.object({
   PAPA_MAX_MERGE_HEADER_BYTES: byteCount(64 * 1024 ** 2),
   PAPA_MAX_DATASET_BYTES: byteCount(1024 ** 3),
   PAPA_MAX_JSON_BODY_BYTES: byteCount(1024 ** 2),
+  PAPA_MAX_TRAINING_MEMORY_BYTES: byteCount(3 * 1024 ** 3),
   PAPA_TENANT_MAX_QUEUED_JOBS: z.coerce.number().int().min(1).max(1_000_000).default(100),
   PAPA_TENANT_MAX_RUNNING_JOBS: z.coerce.number().int().min(1).max(10_000).default(4),
   PAPA_TENANT_MAX_EVENT_STREAMS: z.coerce.number().int().min(1).max(100_000).default(20),
@@ -100,6 +101,8 @@ export interface Limits {
   maxDatasetBytes: number;
   /** Largest JSON request body. */
   maxJsonBodyBytes: number;
+  /** Most memory a training may be estimated to take (422 beyond). */
+  maxTrainingMemoryBytes: number;
   /** Jobs one tenant may have queued or running at once (429 beyond). */
   maxQueuedJobsPerTenant: number;
   /** Jobs of one tenant in the queue (for a worker, or running) at once; the rest wait their turn. */
@@ -217,6 +220,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       maxMergeHeaderBytes: e.PAPA_MAX_MERGE_HEADER_BYTES,
       maxDatasetBytes: e.PAPA_MAX_DATASET_BYTES,
       maxJsonBodyBytes: e.PAPA_MAX_JSON_BODY_BYTES,
+      maxTrainingMemoryBytes: e.PAPA_MAX_TRAINING_MEMORY_BYTES,
       maxQueuedJobsPerTenant: e.PAPA_TENANT_MAX_QUEUED_JOBS,
       maxRunningJobsPerTenant: e.PAPA_TENANT_MAX_RUNNING_JOBS,
       maxEventStreamsPerTenant: e.PAPA_TENANT_MAX_EVENT_STREAMS,

@@ -165,6 +165,30 @@ describe.each<[DatabaseKind, StoreKind]>([
     expect(maxAge).toBeLessThan(h.ctx.presignExpiresSeconds);
   });
 
+  it("refuses at submit a training whose memory estimate passes the limit (422, with the estimate)", async () => {
+    const huge = {
+      dataset: "mnist",
+      model: { kind: "mlp", hidden: Array(8).fill(4096) },
+      population: { size: 32, variant: "papa" },
+      epochs: 1,
+      batch_size: 4096,
+    };
+    const res = await h.request("/v1/trainings", json(huge));
+    expect(res.status).toBe(422);
+    const problem = (await res.json()) as Problem & { estimated_bytes: number; limit_bytes: number };
+    expect(problem.limit_bytes).toBe(TEST_LIMITS.maxTrainingMemoryBytes);
+    // 32 members of ~121M parameters: weights and momentum alone are ~31 GB.
+    expect(problem.estimated_bytes).toBeGreaterThan(31e9);
+    expect(problem.detail).toContain("GiB");
+    const small = {
+      ...huge,
+      model: { kind: "mlp", hidden: [64] },
+      population: { size: 4, variant: "papa" },
+      batch_size: 64,
+    };
+    expect((await h.request("/v1/trainings", json(small))).status).toBe(202);
+  });
+
   it("refuses at submit an evaluated merge naming another tenant's dataset", async () => {
     const theirs = (await (
       await uploadDataset(

@@ -5,8 +5,9 @@ import { mergeCoefficients } from "../src/merge/methods.js";
 import { averageMembers, papaPull, reestimateBatchNorm } from "../src/ml/averaging.js";
 import { BackendError, selectBackend } from "../src/ml/backend.js";
 import { DatasetError, idxSplit } from "../src/ml/dataset-formats.js";
-import { loadBuiltInDataset } from "../src/ml/datasets.js";
-import { buildModel, namedWeights } from "../src/ml/models.js";
+import { BUILT_IN_DESCRIPTIONS, loadBuiltInDataset } from "../src/ml/datasets.js";
+import { modelSize } from "../src/ml/memory.js";
+import { buildModel, type ModelSpec, namedWeights } from "../src/ml/models.js";
 import { MemberOptimizer } from "../src/ml/optimizer.js";
 import {
   DivergenceError,
@@ -300,6 +301,18 @@ describe("model zoo", () => {
     model.dispose();
   });
 
+  it.each<[string, ModelSpec, [number, number, number], number]>([
+    ["an MLP", { kind: "mlp", hidden: [300, 100] }, [28, 28, 1], 10],
+    ["a CNN", { kind: "cnn", channels: [32, 64] }, [28, 28, 1], 10],
+    ["a CNN on odd sizes", { kind: "cnn", channels: [8, 16, 24] }, [15, 9, 3], 7],
+    ["ResNet-20", { kind: "resnet20" }, [32, 32, 3], 10],
+    ["ResNet-20 on odd sizes", { kind: "resnet20" }, [9, 11, 1], 4],
+  ])("counts the parameters of %s without building it, as TF.js does", (_name, spec, shape, classes) => {
+    const model = buildModel(spec, shape, classes, 1);
+    expect(modelSize(spec, shape, classes).parameters).toBe(model.countParams());
+    model.dispose();
+  });
+
   it("saves its BatchNorm and Conv2D layers as TF.js's own, which load and predict the same", async () => {
     const model = buildModel({ kind: "cnn", channels: [4] }, [8, 8, 1], 3, 2);
     const topology = model.toJSON(undefined, false) as unknown as {
@@ -404,6 +417,16 @@ describe("backends and datasets", () => {
     expect(() => idxSplit(images, Buffer.from([0, 0, 8, 1, 0, 0, 0, 3, 1, 2, 3]))).toThrow(
       "2 images but 3 labels",
     );
+  });
+
+  it("describes the built-in datasets as they load", async () => {
+    const mnist = await loadBuiltInDataset("mnist", { fashionMnistDir: "" });
+    expect({
+      shape: mnist.shape,
+      classes: mnist.classes,
+      trainCount: mnist.train.count,
+      testCount: mnist.test.count,
+    }).toEqual(BUILT_IN_DESCRIPTIONS.mnist);
   });
 
   it("names the missing files of a dataset that is not installed", async () => {

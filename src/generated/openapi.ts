@@ -890,6 +890,8 @@ export interface components {
             tensor?: string;
             /** @description For a quota that was reached (429), the quota. */
             limit?: number;
+            /** @description For a training refused for its memory (422), the estimate; `limit_bytes` is the limit. */
+            estimated_bytes?: number;
         };
     };
     responses: {

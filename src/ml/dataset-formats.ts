@@ -1,7 +1,7 @@
 import { Transform, type TransformCallback, Writable } from "node:stream";
 import { finished } from "node:stream/promises";
 import { createGunzip, gunzipSync } from "node:zlib";
-import type { Dataset, Split } from "./datasets.js";
+import type { Dataset, DatasetDescription, Split } from "./datasets.js";
 
 export class DatasetError extends Error {
   constructor(message: string) {
@@ -202,14 +202,6 @@ export class DatasetFileCheck extends Transform {
   }
 }
 
-/** What an upload holds, once its files' summaries agree with each other. */
-export interface UploadDescription {
-  shape: [number, number, number];
-  classes: number;
-  trainCount: number;
-  testCount: number;
-}
-
 /** An IDX images file and its labels file as one split: count, image shape, largest label. */
 function describeIdxSplit(
   images: FileSummary,
@@ -232,7 +224,7 @@ function describeIdxSplit(
 export function describeUpload(
   format: UploadFormat,
   files: Record<string, FileSummary[]>,
-): UploadDescription {
+): DatasetDescription {
   for (const field of UPLOAD_FIELDS[format]) {
     if (!files[field]?.length) throw new DatasetError(`a ${format} dataset needs the file field ${field}`);
   }

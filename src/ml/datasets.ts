@@ -23,6 +23,20 @@ export interface Dataset {
 export const BUILT_IN_DATASETS = ["mnist", "fashion-mnist"] as const;
 export type BuiltInDataset = (typeof BUILT_IN_DATASETS)[number];
 
+/** What a dataset holds, known without loading it. */
+export interface DatasetDescription {
+  shape: [number, number, number];
+  classes: number;
+  trainCount: number;
+  testCount: number;
+}
+
+/** The built-in datasets as `loadBuiltInDataset` loads them (a test checks that they agree). */
+export const BUILT_IN_DESCRIPTIONS: Record<BuiltInDataset, DatasetDescription> = {
+  mnist: { shape: [28, 28, 1], classes: 10, trainCount: 8337, testCount: 1663 },
+  "fashion-mnist": { shape: [28, 28, 1], classes: 10, trainCount: 60000, testCount: 10000 },
+};
+
 /** The examples at `ids`, in that order, as a new split. */
 export function take(split: Split, ids: number[]): Split {
   const size = split.x.length / Math.max(1, split.count);

@@ -20,6 +20,7 @@ export const TEST_LIMITS = {
   maxMergeHeaderBytes: 16 * 1024,
   maxDatasetBytes: 4 * 1024 * 1024,
   maxJsonBodyBytes: 64 * 1024,
+  maxTrainingMemoryBytes: 3 * 1024 ** 3,
   maxQueuedJobsPerTenant: 100,
   maxRunningJobsPerTenant: 8,
   maxEventStreamsPerTenant: 20,

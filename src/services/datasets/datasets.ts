@@ -14,7 +14,13 @@ import {
   type UploadBudget,
   type UploadFormat,
 } from "../../ml/dataset-formats.js";
-import { BUILT_IN_DATASETS, type Dataset } from "../../ml/datasets.js";
+import {
+  BUILT_IN_DATASETS,
+  BUILT_IN_DESCRIPTIONS,
+  type BuiltInDataset,
+  type Dataset,
+  type DatasetDescription,
+} from "../../ml/datasets.js";
 import type { ServiceContext, TenantCall } from "../context.js";
 import { InvalidInputError, NotFoundError, PayloadTooLargeError } from "../errors.js";
 import { type Page, pageByIdDesc } from "../pagination.js";
@@ -144,18 +150,22 @@ export async function getDataset({
 }
 
 /**
- * Checks, when a job is submitted, that the dataset it names can be loaded: a built-in dataset,
- * or one the tenant uploaded (another tenant's is as unknown as a missing one). 422 otherwise.
+ * What a dataset a job names holds (shape, classes, counts), checked when the job is submitted:
+ * a built-in dataset, or one the tenant uploaded (another tenant's is as unknown as a missing
+ * one). 422 otherwise.
  */
-export async function assertDatasetExists({
+export async function describeDatasetRef({
   ctx,
   principal,
   input,
-}: TenantCall<{ dataset: string }>): Promise<void> {
-  if ((BUILT_IN_DATASETS as readonly string[]).includes(input.dataset)) return;
-  await getDataset({ ctx, principal, input: { id: input.dataset } }).catch((err: unknown) => {
+}: TenantCall<{ dataset: string }>): Promise<DatasetDescription> {
+  if ((BUILT_IN_DATASETS as readonly string[]).includes(input.dataset)) {
+    return BUILT_IN_DESCRIPTIONS[input.dataset as BuiltInDataset];
+  }
+  const row = await getDataset({ ctx, principal, input: { id: input.dataset } }).catch((err: unknown) => {
     throw err instanceof NotFoundError ? new InvalidInputError(`dataset ${input.dataset} not found`) : err;
   });
+  return { shape: row.shape, classes: row.classes, trainCount: row.trainCount, testCount: row.testCount };
 }
 
 export async function listDatasets({

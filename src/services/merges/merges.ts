@@ -25,7 +25,7 @@ import { SafetensorsError, type SafetensorsSummary } from "../../tensors/safeten
 import { type ByteSource, readSafetensorsHeader, storeSource } from "../../tensors/source.js";
 import { outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { ServiceContext, TenantCall } from "../context.js";
-import { assertDatasetExists } from "../datasets/datasets.js";
+import { describeDatasetRef } from "../datasets/datasets.js";
 import { InvalidInputError, PayloadTooLargeError } from "../errors.js";
 import {
   type AttemptOutcome,
@@ -151,7 +151,7 @@ export async function createMergeJob({
   }
   const inputs = await loadInputs(ctx, principal.tenantId, params.inputs);
   if (params.evaluate) {
-    await assertDatasetExists({ ctx, principal, input: { dataset: params.evaluate.dataset } });
+    await describeDatasetRef({ ctx, principal, input: { dataset: params.evaluate.dataset } });
     const untrained = inputs.find((c) => c.topology === null);
     if (untrained) {
       throw new InvalidInputError(

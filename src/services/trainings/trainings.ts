@@ -14,11 +14,12 @@ import {
   loadBuiltInDataset,
 } from "../../ml/datasets.js";
 import { modelToSafetensors } from "../../ml/export.js";
+import { estimateTrainingMemory } from "../../ml/memory.js";
 import type { ModelSpec } from "../../ml/models.js";
 import { DivergenceError, type TrainingSpec, trainPopulation, type Variant } from "../../ml/train.js";
 import { outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { ServiceContext, TenantCall } from "../context.js";
-import { assertDatasetExists, loadUploadedDataset } from "../datasets/datasets.js";
+import { describeDatasetRef, loadUploadedDataset } from "../datasets/datasets.js";
 import { InvalidInputError } from "../errors.js";
 import {
   type AttemptOutcome,
@@ -132,17 +133,32 @@ export async function createTrainingJob({
   job: Job;
   created: boolean;
 }> {
-  const spec = trainingSpecOf(input.params);
-  await assertDatasetExists({ ctx, principal, input: { dataset: input.params.dataset } });
+  const { params } = input;
+  const spec = trainingSpecOf(params);
+  const data = await describeDatasetRef({ ctx, principal, input: { dataset: params.dataset } });
   if (spec.optimizer.minLr > spec.optimizer.lr) {
     throw new InvalidInputError(
       `optimizer.min_lr (${spec.optimizer.minLr}) exceeds optimizer.lr (${spec.optimizer.lr})`,
     );
   }
+  const examples =
+    Math.min(data.trainCount, params.max_train_examples ?? data.trainCount) +
+    Math.min(data.testCount, params.max_test_examples ?? data.testCount);
+  const memory = estimateTrainingMemory(spec, { shape: data.shape, classes: data.classes, examples });
+  const limit = ctx.limits.maxTrainingMemoryBytes;
+  if (memory.bytes > limit) {
+    const gb = (bytes: number) => `${(bytes / 1024 ** 3).toFixed(1)} GiB`;
+    throw new InvalidInputError(
+      `this training would take about ${gb(memory.bytes)} of memory (population ${gb(memory.parts.population)}, ` +
+        `a step ${gb(memory.parts.step)}, data ${gb(memory.parts.data)}, copies ${gb(memory.parts.copies)}); ` +
+        `the limit is ${gb(limit)}: train fewer or smaller members, or smaller batches`,
+      { estimated_bytes: memory.bytes, limit_bytes: limit },
+    );
+  }
   return createJob({
     ctx,
     principal,
-    input: { kind: "train", params: input.params, idempotencyKey: input.idempotencyKey },
+    input: { kind: "train", params, idempotencyKey: input.idempotencyKey },
   });
 }
 
