@@ -2,6 +2,8 @@ export type LogLevel = "debug" | "info" | "warn" | "error";
 export type LogFields = Record<string, unknown>;
 
 export interface Logger {
+  /** The least severe level it writes. */
+  readonly level: LogLevel;
   debug(message: string, fields?: LogFields): void;
   info(message: string, fields?: LogFields): void;
   warn(message: string, fields?: LogFields): void;
@@ -54,6 +56,7 @@ export function createJsonLogger(
     write(`${JSON.stringify(entry)}\n`);
   };
   return {
+    level,
     debug: (m, f) => log("debug", m, f),
     info: (m, f) => log("info", m, f),
     warn: (m, f) => log("warn", m, f),

@@ -7,9 +7,8 @@ import { bootstrapApiKey } from "./services/api-keys/api-keys.js";
 import type { ServiceContext } from "./services/context.js";
 import { JobWatch } from "./services/jobs/job-watch.js";
 import { RateLimits } from "./services/rate-limits.js";
-import { FilesystemStore } from "./storage/fs-store.js";
 import type { ObjectStore } from "./storage/object-store.js";
-import { S3Store } from "./storage/s3-store.js";
+import { openStore } from "./storage/open-store.js";
 
 export interface Runtime {
   ctx: ServiceContext;
@@ -53,6 +52,7 @@ export async function assembleRuntime(parts: {
     limits: config.limits,
     rateLimits: new RateLimits(database.db, database.kind, config.limits),
     jobWatch: new JobWatch(database.db, config.limits.maxEventStreamsPerTenant, logger),
+    trainer: { backend: null, problem: null },
     presignExpiresSeconds: config.presignExpiresSeconds,
     logger,
   };
@@ -73,14 +73,15 @@ export async function openRuntime(
     config.databaseUrl ? { url: config.databaseUrl } : { pgliteDir: join(dataDir, "pglite") },
     logger,
   );
-  const s3 = config.s3 ? new S3Store(config.s3) : null;
-  const store: ObjectStore = s3 ?? new FilesystemStore(join(dataDir, "objects"));
+  const store = openStore(
+    config.s3 ? { kind: "s3", options: config.s3 } : { kind: "filesystem", root: join(dataDir, "objects") },
+  );
   const runtime = await assembleRuntime({ database, store, config, logger });
   return {
     ctx: runtime.ctx,
     close: async () => {
       await runtime.close();
-      s3?.close();
+      store.close();
       await database.close();
     },
   };

@@ -1,9 +1,10 @@
 import type { WorkerConfig } from "../config.js";
-import { selectBackend } from "../ml/backend.js";
+import type { BackendName } from "../ml/backend.js";
 import { expireUploadSessions } from "../services/checkpoints/upload-sessions.js";
 import type { ServiceContext } from "../services/context.js";
 import { abandonMergeJob, runMergeJob } from "../services/merges/merges.js";
 import { abandonTrainingJob, runTrainingJob } from "../services/trainings/trainings.js";
+import { runTfjsTask, tfjsEnvironment } from "./tfjs-process.js";
 
 /** Consumes the configured queues in this process until `ctx.queue.stop()`. */
 export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Promise<void> {
@@ -24,13 +25,21 @@ export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Pr
       await ctx.queue.work("merge", config.mergeConcurrency, (job) => runMergeJob(ctx, job, options));
       await ctx.queue.workAbandoned("merge", (id) => abandonMergeJob(ctx, id));
     } else {
-      // TensorFlow.js has one backend and one memory per process: one training at a time.
-      // Loaded now, so a missing forced backend stops the worker at start and /readyz shows it.
-      const backend = await selectBackend({ forced: config.backend });
-      ctx.logger.info("training backend", { backend });
-      await ctx.queue.work("train", 1, (job) =>
-        runTrainingJob(ctx, job, { backend: config.backend, fashionMnistDir: config.fashionMnistDir }),
-      );
+      // Each training runs in a process of its own; a probe now tells whether they can. A worker
+      // whose backend cannot run takes no training (others may), and /readyz says why.
+      const options = { backend: config.backend, fashionMnistDir: config.fashionMnistDir };
+      try {
+        ctx.trainer.backend = await runTfjsTask<BackendName>(
+          { kind: "probe" },
+          tfjsEnvironment(ctx, options),
+        );
+        ctx.logger.info("training backend", { backend: ctx.trainer.backend });
+      } catch (err) {
+        ctx.trainer.problem = (err as Error).message;
+        ctx.logger.error("the training backend cannot run; this worker takes no training", { error: err });
+        continue;
+      }
+      await ctx.queue.work("train", 1, (job) => runTrainingJob(ctx, job, options));
       await ctx.queue.workAbandoned("train", (id) => abandonTrainingJob(ctx, id));
     }
   }

@@ -4,13 +4,6 @@ import { registerWasmKernels } from "./wasm-kernels.js";
 export type BackendName = "tensorflow" | "wasm" | "cpu";
 export const BACKENDS: BackendName[] = ["tensorflow", "wasm", "cpu"];
 
-let selected: BackendName | null = null;
-
-/** The backend this process trains on, once `selectBackend` has run; null before. */
-export function activeBackend(): BackendName | null {
-  return selected;
-}
-
 export class BackendError extends Error {
   constructor(message: string) {
     super(message);
@@ -43,23 +36,35 @@ async function load(name: BackendName): Promise<boolean> {
 /**
  * Selects the TensorFlow.js backend: `forced` (PAPA_BACKEND) or it fails naming why; otherwise the
  * fastest that loads: native TensorFlow, then wasm (with our kernels, see wasm-kernels.ts), then cpu.
+ * With `check`, it also runs a small computation on it (a worker's probe at start).
  */
 export async function selectBackend(
-  options: { forced?: BackendName | undefined } = {},
+  options: { forced?: BackendName | undefined; check?: boolean } = {},
 ): Promise<BackendName> {
   const { forced } = options;
+  let selected: BackendName | undefined;
   if (forced) {
     if (!(await load(forced))) throw new BackendError(`the ${forced} backend could not be loaded`);
-    await tf.ready();
     selected = forced;
-    return forced;
-  }
-  for (const name of BACKENDS) {
-    if (await load(name)) {
-      await tf.ready();
-      selected = name;
-      return name;
+  } else {
+    for (const name of BACKENDS) {
+      if (await load(name)) {
+        selected = name;
+        break;
+      }
     }
   }
-  throw new BackendError("no TensorFlow.js backend could be loaded");
+  if (!selected) throw new BackendError("no TensorFlow.js backend could be loaded");
+  await tf.ready();
+  if (options.check) {
+    const sum = tf.tidy(
+      () =>
+        tf
+          .matMul(tf.ones([2, 2]), tf.ones([2, 2]))
+          .sum()
+          .dataSync()[0],
+    );
+    if (sum !== 8) throw new BackendError(`the ${selected} backend computes wrong results (${sum} for 8)`);
+  }
+  return selected;
 }

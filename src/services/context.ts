@@ -16,9 +16,24 @@ export interface ServiceContext {
   rateLimits: RateLimits;
   /** Event streams' view of jobs (one process-wide poll). */
   jobWatch: JobWatch;
+  /** Whether this process's training worker can train: set by its probe at start (`startWorker`). */
+  trainer: TrainerState;
   presignExpiresSeconds: number;
   logger: Logger;
 }
+
+/** A training worker's probe of its TensorFlow.js backend; all null where no training worker runs. */
+export interface TrainerState {
+  backend: "tensorflow" | "wasm" | "cpu" | null;
+  /** Why the backend cannot run, when it cannot. */
+  problem: string | null;
+}
+
+/**
+ * What work that runs outside the service's database needs (a training's own process): the
+ * store, the limits, a logger.
+ */
+export type StoreContext = Pick<ServiceContext, "store" | "limits" | "logger">;
 
 /** Who is calling: resolved from the API key by the HTTP layer. */
 export interface Principal {

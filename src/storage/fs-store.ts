@@ -1,10 +1,16 @@
 import { randomUUID } from "node:crypto";
 import { createReadStream, createWriteStream, type Dirent } from "node:fs";
 import { access, mkdir, open, readdir, rename, rm, stat } from "node:fs/promises";
-import { dirname, join, relative, sep } from "node:path";
+import { dirname, join, relative, resolve, sep } from "node:path";
 import { Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
-import { assertValidKey, type ByteRange, ObjectNotFoundError, type ObjectStore } from "./object-store.js";
+import {
+  assertValidKey,
+  type ByteRange,
+  ObjectNotFoundError,
+  type ObjectStore,
+  type StoreLocation,
+} from "./object-store.js";
 
 const TMP_DIR = ".tmp";
 
@@ -14,8 +20,11 @@ const TMP_DIR = ".tmp";
  */
 export class FilesystemStore implements ObjectStore {
   readonly kind = "filesystem" as const;
+  readonly location: StoreLocation;
 
-  constructor(private readonly root: string) {}
+  constructor(private readonly root: string) {
+    this.location = { kind: "filesystem", root: resolve(root) };
+  }
 
   private path(key: string): string {
     assertValidKey(key);

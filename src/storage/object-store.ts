@@ -11,8 +11,23 @@ export interface ByteRange {
  * Two implementations: S3 (production) and the filesystem (embedded); one contract test suite
  * runs against both.
  */
+/** Where a store is: enough for another process to open the same store (`openStore`). */
+export type StoreLocation = { kind: "filesystem"; root: string } | { kind: "s3"; options: S3StoreOptions };
+
+/** The S3 store's settings. */
+export interface S3StoreOptions {
+  bucket: string;
+  region: string;
+  endpoint?: string | undefined;
+  forcePathStyle?: boolean | undefined;
+  credentials?: { accessKeyId: string; secretAccessKey: string } | undefined;
+  /** Multipart part size for streamed uploads (S3 minimum: 5 MiB; default 8 MiB). */
+  partSizeBytes?: number;
+}
+
 export interface ObjectStore {
   readonly kind: "filesystem" | "s3";
+  readonly location: StoreLocation;
   /**
    * Stores the stream under `key`, atomically: afterwards either the whole object exists or
    * nothing does. If `body` errors, the returned promise rejects with that error and nothing is

@@ -25,17 +25,9 @@ import {
   type MultipartUploads,
   ObjectNotFoundError,
   type ObjectStore,
+  type S3StoreOptions,
+  type StoreLocation,
 } from "./object-store.js";
-
-export interface S3StoreOptions {
-  bucket: string;
-  region: string;
-  endpoint?: string | undefined;
-  forcePathStyle?: boolean | undefined;
-  credentials?: { accessKeyId: string; secretAccessKey: string } | undefined;
-  /** Multipart part size for streamed uploads (S3 minimum: 5 MiB; default 8 MiB). */
-  partSizeBytes?: number;
-}
 
 const OCTETS = "application/octet-stream";
 /** Where markers of open multipart uploads live (a prefix no checkpoint key starts with). */
@@ -81,11 +73,13 @@ async function* partsOf(body: Readable, size: number): AsyncGenerator<{ data: Bu
  */
 export class S3Store implements ObjectStore {
   readonly kind = "s3" as const;
+  readonly location: StoreLocation;
   private readonly client: S3Client;
   private readonly bucket: string;
   private readonly partSize: number;
 
   constructor(options: S3StoreOptions) {
+    this.location = { kind: "s3", options };
     const config: S3ClientConfig = {
       region: options.region,
       forcePathStyle: options.forcePathStyle ?? false,

@@ -2,7 +2,7 @@ import type { Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import type { schema } from "../../db/client.js";
 import { type SafetensorsSummary, SafetensorsValidator } from "../../tensors/safetensors.js";
-import type { ServiceContext } from "../context.js";
+import type { StoreContext } from "../context.js";
 import { checkpointKey } from "./checkpoints.js";
 
 /**
@@ -10,7 +10,7 @@ import { checkpointKey } from "./checkpoints.js";
  * uploads; resolves with what the validator learned (size, sha256, counts).
  */
 export async function storeOutput(
-  ctx: ServiceContext,
+  ctx: StoreContext,
   tenantId: string,
   id: string,
   body: Readable,
@@ -47,6 +47,6 @@ export function outputRow(o: {
 }
 
 /** Deletes a job's outputs from the store (after a failed or canceled attempt); missing ones are fine. */
-export async function deleteOutputs(ctx: ServiceContext, tenantId: string, ids: string[]): Promise<void> {
+export async function deleteOutputs(ctx: StoreContext, tenantId: string, ids: string[]): Promise<void> {
   await Promise.all(ids.map((id) => ctx.store.delete(checkpointKey(tenantId, id)).catch(() => undefined)));
 }

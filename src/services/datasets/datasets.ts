@@ -20,8 +20,12 @@ import {
   type BuiltInDataset,
   type Dataset,
   type DatasetDescription,
+  type LoadOptions,
+  limitDataset,
+  loadBuiltInDataset,
 } from "../../ml/datasets.js";
-import type { ServiceContext, TenantCall } from "../context.js";
+import type { ObjectStore } from "../../storage/object-store.js";
+import type { TenantCall } from "../context.js";
 import { InvalidInputError, NotFoundError, PayloadTooLargeError } from "../errors.js";
 import { type Page, pageByIdDesc } from "../pagination.js";
 import { pipeUpload } from "../upload-stream.js";
@@ -199,21 +203,43 @@ export async function deleteDataset({ ctx, principal, input }: TenantCall<{ id: 
   );
 }
 
-/** Reads an uploaded dataset back from the store for training. */
-export async function loadUploadedDataset(
-  ctx: ServiceContext,
-  tenantId: string,
-  id: string,
+/**
+ * Where a job's data comes from, resolved where the database is (`datasetSource`) and loaded
+ * wherever the job runs (`loadDataset`): a built-in dataset, or an upload's files in the store.
+ */
+export type DatasetSource =
+  | { builtIn: BuiltInDataset }
+  | { uploaded: Pick<DatasetRecord, "name" | "format" | "files"> };
+
+/** The source of a dataset a job names: built-in, or uploaded by the tenant (404 otherwise). */
+export async function datasetSource({
+  ctx,
+  principal,
+  input,
+}: TenantCall<{ dataset: string }>): Promise<DatasetSource> {
+  if ((BUILT_IN_DATASETS as readonly string[]).includes(input.dataset)) {
+    return { builtIn: input.dataset as BuiltInDataset };
+  }
+  const { name, format, files } = await getDataset({ ctx, principal, input: { id: input.dataset } });
+  return { uploaded: { name, format, files } };
+}
+
+/** Loads a dataset from its source, cut to the requested subsets. */
+export async function loadDataset(
+  store: ObjectStore,
+  source: DatasetSource,
+  options: LoadOptions,
 ): Promise<Dataset> {
-  const row = await getDataset({ ctx, principal: { tenantId }, input: { id } });
+  if ("builtIn" in source) return loadBuiltInDataset(source.builtIn, options);
+  const { name, format, files: keys } = source.uploaded;
   const files: Record<string, Uint8Array[]> = {};
-  for (const [field, keys] of Object.entries(row.files)) {
+  for (const [field, list] of Object.entries(keys)) {
     files[field] = [];
-    for (const key of keys) {
+    for (const key of list) {
       const chunks: Buffer[] = [];
-      for await (const chunk of await ctx.store.get(key)) chunks.push(chunk as Buffer);
+      for await (const chunk of await store.get(key)) chunks.push(chunk as Buffer);
       files[field]?.push(new Uint8Array(Buffer.concat(chunks)));
     }
   }
-  return parseUploadedDataset(row.name, row.format as UploadFormat, files);
+  return limitDataset(parseUploadedDataset(name, format as UploadFormat, files), options);
 }

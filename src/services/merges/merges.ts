@@ -1,9 +1,8 @@
-import { Readable } from "node:stream";
-import type * as tf from "@tensorflow/tfjs";
 import { and, eq, inArray } from "drizzle-orm";
 import { type Database, schema } from "../../db/client.js";
 import { derivedId } from "../../ids.js";
 import type { QueuedJob } from "../../jobs/queue.js";
+import { runTfjsTask, type TfjsOptions, TfjsTaskError, tfjsEnvironment } from "../../jobs/tfjs-process.js";
 import { blockElementsFor, runMerge, slotCount, streamSink } from "../../merge/engine.js";
 import { type MergeMethod, MergeSpecError, mergeCoefficients } from "../../merge/methods.js";
 import { MergeMismatchError, type PlanOptions } from "../../merge/plan.js";
@@ -14,18 +13,12 @@ import {
   HeadersTooLargeError,
   planMergeOffThread,
 } from "../../merge/preflight.js";
-import { averageMembers, reestimateBatchNorm } from "../../ml/averaging.js";
-import { BackendError, type BackendName, selectBackend } from "../../ml/backend.js";
-import { DatasetError } from "../../ml/dataset-formats.js";
-import { modelToSafetensors, type TfjsTopology } from "../../ml/export.js";
-import { modelFromCheckpoint } from "../../ml/import.js";
-import { batchesOf, evaluate } from "../../ml/train.js";
 import type { FloatDtype } from "../../tensors/floats.js";
 import { SafetensorsError, type SafetensorsSummary } from "../../tensors/safetensors.js";
-import { type ByteSource, readSafetensorsHeader, storeSource } from "../../tensors/source.js";
+import { type ByteSource, storeSource } from "../../tensors/source.js";
 import { outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { ServiceContext, TenantCall } from "../context.js";
-import { describeDatasetRef } from "../datasets/datasets.js";
+import { type DatasetSource, datasetSource, describeDatasetRef } from "../datasets/datasets.js";
 import { InvalidInputError, PayloadTooLargeError } from "../errors.js";
 import {
   type AttemptOutcome,
@@ -36,7 +29,6 @@ import {
   type JobRules,
   runJobAttempt,
 } from "../jobs/jobs.js";
-import { loadTrainingData } from "../trainings/trainings.js";
 
 /** A merge request as stored in the job's params (the API's field names). */
 export interface MergeParams {
@@ -181,19 +173,17 @@ export async function createMergeJob({
   });
 }
 
-function outputName(params: MergeParams, j: number, outputs: number): string {
+export function outputName(params: MergeParams, j: number, outputs: number): string {
   const base = params.name ?? `${params.method}-merge`;
   return outputs === 1 ? base : `${base}-${j}`;
 }
 
-export interface MergeWorkerOptions {
+export interface MergeWorkerOptions extends TfjsOptions {
   threads: number;
-  backend?: BackendName | undefined;
-  fashionMnistDir: string;
 }
 
 /** What an attempt produced, ready to register. */
-interface MergeOutputs {
+export interface MergeOutputs {
   rows: ReturnType<typeof outputRow>[];
   /** Test accuracy of each output (evaluated merges only). */
   accuracies: number[] | null;
@@ -226,8 +216,7 @@ function outputId(jobId: string, j: number): string {
 const MERGE_JOB: JobRules = {
   title: "Merge failed",
   progressIntervalMs: 250,
-  isPermanent: (err) =>
-    err instanceof PermanentMergeError || err instanceof DatasetError || err instanceof BackendError,
+  isPermanent: (err) => err instanceof PermanentMergeError || (err instanceof TfjsTaskError && err.permanent),
   // Every method has at most one output per input.
   outputIds: (job) => (job.params as MergeParams).inputs.map((_, j) => outputId(job.id, j)),
 };
@@ -350,64 +339,34 @@ async function streamedMerge(a: MergeAttempt, threads: number): Promise<MergeOut
 }
 
 /**
- * The evaluated merge of models this service trained: the inputs are rebuilt as TF.js models,
- * averaged in place with the same coefficient plan, each output's BatchNorm statistics are
- * re-estimated on training batches and its test accuracy measured, then it is stored with its
- * topology.
+ * The evaluated merge of models this service trained, in a process of its own
+ * (`runEvaluationTask`), which stores its outputs.
  */
-async function evaluatedMerge(a: MergeAttempt, options: MergeWorkerOptions): Promise<MergeOutputs> {
+async function evaluatedMerge(a: MergeAttempt, options: TfjsOptions): Promise<MergeOutputs> {
   const { ctx, job, params, inputs, coefficients, ids } = a;
   const evaluation = params.evaluate;
   if (!evaluation) throw new Error("not an evaluated merge");
-  await selectBackend({ forced: options.backend });
-  const data = await loadTrainingData(ctx, job.tenantId, evaluation.dataset, {
-    fashionMnistDir: options.fashionMnistDir,
-    maxTrain: evaluation.max_train_examples,
-    maxTest: evaluation.max_test_examples,
+  const task: EvaluationTask = {
+    job: { id: job.id, tenantId: job.tenantId },
+    params,
+    inputs: inputs.map((c) => ({ storageKey: c.storageKey, sizeBytes: c.sizeBytes, topology: c.topology })),
+    coefficients,
+    ids,
+    source: await datasetSource({ ctx, principal: job, input: { dataset: evaluation.dataset } }),
+  };
+  return runTfjsTask<MergeOutputs>({ kind: "evaluate-merge", input: task }, tfjsEnvironment(ctx, options), {
+    signal: a.signal,
+    onProgress: a.progress,
   });
-  const models: tf.LayersModel[] = [];
-  const calibration = batchesOf(data.train, data.shape, 128, 8);
-  try {
-    for (const c of inputs) {
-      const source = storeSource(ctx.store, c.storageKey, c.sizeBytes);
-      const header = await readSafetensorsHeader(source, ctx.limits.maxSafetensorsHeaderBytes);
-      models.push(await modelFromCheckpoint(c.topology as TfjsTopology, source, header));
-    }
-    const expected = models[0]?.inputs[0]?.shape.slice(1).join(",");
-    if (expected !== data.shape.join(",")) {
-      throw new PermanentMergeError(
-        `the models take inputs [${expected}], ${evaluation.dataset} has [${data.shape}]`,
-      );
-    }
-    a.progress(0.3);
-    averageMembers(models, coefficients);
-    const rows: ReturnType<typeof outputRow>[] = [];
-    const accuracies: number[] = [];
-    for (const [j, id] of ids.entries()) {
-      a.signal.throwIfAborted();
-      const child = models[j] as tf.LayersModel;
-      reestimateBatchNorm(child, calibration);
-      accuracies.push(evaluate(child, data.test, data.shape));
-      const { bytes, topology } = modelToSafetensors(child, {
-        "papa.method": params.method,
-        "papa.job": job.id,
-      });
-      const summary = await storeOutput(ctx, job.tenantId, id, Readable.from([bytes]));
-      rows.push(
-        outputRow({
-          id,
-          tenantId: job.tenantId,
-          name: outputName(params, j, ids.length),
-          jobId: job.id,
-          summary,
-          topology,
-        }),
-      );
-      a.progress(0.3 + (0.7 * (j + 1)) / ids.length);
-    }
-    return { rows, accuracies };
-  } finally {
-    for (const b of calibration) b.dispose();
-    for (const m of models) m.dispose();
-  }
+}
+
+/** An evaluated merge's work, for the process that runs it (`evaluation-task.ts`). */
+export interface EvaluationTask {
+  job: { id: string; tenantId: string };
+  params: MergeParams;
+  inputs: { storageKey: string; sizeBytes: number; topology: unknown }[];
+  coefficients: number[][];
+  /** The outputs' checkpoint ids. */
+  ids: string[];
+  source: DatasetSource;
 }

@@ -2,7 +2,7 @@ import { Readable } from "node:stream";
 import type { TrainingState } from "../../ml/train.js";
 import { encodeSafetensorsHeader } from "../../tensors/safetensors.js";
 import { readBytes, readSafetensorsHeader, storeSource } from "../../tensors/source.js";
-import type { ServiceContext } from "../context.js";
+import type { StoreContext } from "../context.js";
 import { jobScratchPrefix } from "../jobs/jobs.js";
 
 /** Where a training job keeps its last completed epoch, for a retried attempt to resume from. */
@@ -11,11 +11,7 @@ export function trainingStateKey(job: { tenantId: string; id: string }): string 
 }
 
 /** Saves the state as one safetensors file (tensors `m<j>/w<i>`, `m<j>/first<i>`, `m<j>/second<i>`). */
-export async function saveTrainingState(
-  ctx: ServiceContext,
-  key: string,
-  state: TrainingState,
-): Promise<void> {
+export async function saveTrainingState(ctx: StoreContext, key: string, state: TrainingState): Promise<void> {
   const tensors: { name: string; data: Float32Array }[] = state.members.flatMap((m, j) => [
     ...m.weights.map((data, i) => ({ name: `m${j}/w${i}`, data })),
     ...m.optimizer.first.map((data, i) => ({ name: `m${j}/first${i}`, data })),
@@ -36,7 +32,7 @@ export async function saveTrainingState(
 }
 
 /** The saved state, or null when there is none. */
-export async function loadTrainingState(ctx: ServiceContext, key: string): Promise<TrainingState | null> {
+export async function loadTrainingState(ctx: StoreContext, key: string): Promise<TrainingState | null> {
   const stat = await ctx.store.stat(key);
   if (!stat) return null;
   const source = storeSource(ctx.store, key, stat.sizeBytes);

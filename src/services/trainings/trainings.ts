@@ -1,25 +1,13 @@
-import { Readable } from "node:stream";
-import type * as tf from "@tensorflow/tfjs";
 import { type Database, schema } from "../../db/client.js";
 import { derivedId } from "../../ids.js";
 import type { QueuedJob } from "../../jobs/queue.js";
-import { BackendError, type BackendName, selectBackend } from "../../ml/backend.js";
-import { DatasetError } from "../../ml/dataset-formats.js";
-import {
-  BUILT_IN_DATASETS,
-  type BuiltInDataset,
-  type Dataset,
-  type LoadOptions,
-  limitDataset,
-  loadBuiltInDataset,
-} from "../../ml/datasets.js";
-import { modelToSafetensors } from "../../ml/export.js";
+import { runTfjsTask, type TfjsOptions, TfjsTaskError, tfjsEnvironment } from "../../jobs/tfjs-process.js";
+import type { BuiltInDataset } from "../../ml/datasets.js";
 import { estimateTrainingMemory } from "../../ml/memory.js";
 import type { ModelSpec } from "../../ml/models.js";
-import { DivergenceError, type TrainingSpec, trainPopulation, type Variant } from "../../ml/train.js";
-import { outputRow, storeOutput } from "../checkpoints/outputs.js";
+import type { TrainingSpec, Variant } from "../../ml/train.js";
 import type { ServiceContext, TenantCall } from "../context.js";
-import { describeDatasetRef, loadUploadedDataset } from "../datasets/datasets.js";
+import { type DatasetSource, datasetSource, describeDatasetRef } from "../datasets/datasets.js";
 import { InvalidInputError } from "../errors.js";
 import {
   type AttemptOutcome,
@@ -30,7 +18,6 @@ import {
   type JobRules,
   runJobAttempt,
 } from "../jobs/jobs.js";
-import { loadTrainingState, saveTrainingState, trainingStateKey } from "./state.js";
 
 /** A training request as stored in the job's params (the API's field names). */
 export interface TrainingParams {
@@ -111,19 +98,6 @@ export function trainingSpecOf(p: TrainingParams): TrainingSpec {
   };
 }
 
-/** A built-in dataset by name, or an uploaded one by id, cut to the requested subsets. */
-export async function loadTrainingData(
-  ctx: ServiceContext,
-  tenantId: string,
-  dataset: string,
-  options: LoadOptions,
-): Promise<Dataset> {
-  if ((BUILT_IN_DATASETS as readonly string[]).includes(dataset)) {
-    return loadBuiltInDataset(dataset as BuiltInDataset, options);
-  }
-  return limitDataset(await loadUploadedDataset(ctx, tenantId, dataset), options);
-}
-
 /** Creates a training job after checking what the schema cannot (the dataset exists, the schedule). */
 export async function createTrainingJob({
   ctx,
@@ -162,21 +136,30 @@ export async function createTrainingJob({
   });
 }
 
-export interface TrainingWorkerOptions {
-  backend?: BackendName | undefined;
-  fashionMnistDir: string;
+/** A training job's work, for the process that trains (`training-task.ts`). */
+export interface TrainingTask {
+  job: { id: string; tenantId: string; params: TrainingParams };
+  source: DatasetSource;
+}
+
+/** What the training process hands back: the job's result, and the rows it registers. */
+export interface TrainingTaskOutput {
+  result: object;
+  rows: (typeof schema.checkpoints.$inferInsert)[];
+  edges: (typeof schema.lineageEdges.$inferInsert)[];
+  metrics: (typeof schema.metrics.$inferInsert)[];
 }
 
 /**
- * The train queue's handler: trains the population, then stores every member, the uniform soup
- * and the greedy soup as safetensors with their TF.js topology, and registers them with their
- * test accuracy (metrics), the soups' lineage edges to the members, and the job's result, in one
- * transaction. A canceled or failed attempt deletes what it stored.
+ * The train queue's handler: trains the population in a process of its own (`runTrainingTask`),
+ * then registers its outputs with their test accuracy (metrics), the soups' lineage edges to the
+ * members, and the job's result, in one transaction. A canceled or failed attempt deletes what
+ * it stored; a training process that crashes fails the attempt alone.
  */
 export async function runTrainingJob(
   ctx: ServiceContext,
   queued: QueuedJob,
-  options: TrainingWorkerOptions,
+  options: TfjsOptions,
 ): Promise<void> {
   await runJobAttempt(ctx, queued, TRAINING_JOB, (attempt) => trainingAttempt(ctx, attempt, options));
 }
@@ -187,7 +170,7 @@ export function abandonTrainingJob(ctx: ServiceContext, id: string): Promise<voi
 }
 
 /** What a training stores, in order: its members, then its uniform and its greedy soup. */
-function outputLabels(populationSize: number): string[] {
+export function outputLabels(populationSize: number): string[] {
   const members = Array.from({ length: populationSize }, (_, j) => `member-${j}`);
   return [...members, "uniform-soup", "greedy-soup"];
 }
@@ -195,8 +178,7 @@ function outputLabels(populationSize: number): string[] {
 const TRAINING_JOB: JobRules = {
   title: "Training failed",
   progressIntervalMs: 500,
-  isPermanent: (err) =>
-    err instanceof BackendError || err instanceof DatasetError || err instanceof DivergenceError,
+  isPermanent: (err) => err instanceof TfjsTaskError && err.permanent,
   outputIds: (job) =>
     outputLabels(trainingSpecOf(job.params as TrainingParams).population.size).map((label) =>
       derivedId(job.id, label),
@@ -206,118 +188,24 @@ const TRAINING_JOB: JobRules = {
 async function trainingAttempt(
   ctx: ServiceContext,
   { job, signal, progress }: JobAttempt,
-  options: TrainingWorkerOptions,
+  options: TfjsOptions,
 ): Promise<AttemptOutcome> {
   const params = job.params as TrainingParams;
-  const spec = trainingSpecOf(params);
-  const models: tf.LayersModel[] = [];
-  const started = performance.now();
-  try {
-    const backend = await selectBackend({ forced: options.backend });
-    const data = await loadTrainingData(ctx, job.tenantId, params.dataset, {
-      fashionMnistDir: options.fashionMnistDir,
-      maxTrain: params.max_train_examples,
-      maxTest: params.max_test_examples,
-    });
-    const loadSeconds = (performance.now() - started) / 1000;
-    const stateKey = trainingStateKey(job);
-    const resume = await loadTrainingState(ctx, stateKey);
-    if (resume) ctx.logger.info("resuming training", { job_id: job.id, completed_epochs: resume.epochs });
-    const outcome = await trainPopulation(spec, data, {
+  const source = await datasetSource({ ctx, principal: job, input: { dataset: params.dataset } });
+  const task: TrainingTask = { job: { id: job.id, tenantId: job.tenantId, params }, source };
+  const output = await runTfjsTask<TrainingTaskOutput>(
+    { kind: "train", input: task },
+    tfjsEnvironment(ctx, options),
+    {
       signal,
-      resume: resume ?? undefined,
-      onEpochEnd: (state) => saveTrainingState(ctx, stateKey, state),
-      onProgress: (p) =>
-        progress((0.95 * p.step) / p.steps, {
-          epoch: p.epoch,
-          step: p.step,
-          steps: p.steps,
-          loss: p.loss,
-          examples_per_second: p.examplesPerSecond,
-        }),
-    });
-    models.push(...outcome.members.map((m) => m.model), outcome.uniformSoup.model, outcome.greedySoup.model);
-
-    const base = params.name ?? `${spec.population.variant}-${params.dataset}`;
-    const labels = outputLabels(outcome.members.length);
-    const outputs = [...outcome.members, outcome.uniformSoup, outcome.greedySoup].map(
-      ({ model, accuracy }, i) => {
-        const label = labels[i] as string;
-        return { label, name: `${base}-${label}`, id: derivedId(job.id, label), model, accuracy };
-      },
-    );
-    const rows: ReturnType<typeof outputRow>[] = [];
-    for (const o of outputs) {
-      const { bytes, topology } = modelToSafetensors(o.model, { "papa.role": o.label, "papa.job": job.id });
-      const summary = await storeOutput(ctx, job.tenantId, o.id, Readable.from([bytes]));
-      rows.push(
-        outputRow({ id: o.id, tenantId: job.tenantId, name: o.name, jobId: job.id, summary, topology }),
-      );
-    }
-    const memberIds = outputs.slice(0, outcome.members.length).map((o) => o.id);
-    const [uniformId, greedyId] = [outputs.at(-2)?.id ?? "", outputs.at(-1)?.id ?? ""];
-    const edges = [
-      ...memberIds.map((parentId) => ({
-        parentId,
-        childId: uniformId,
-        coefficient: 1 / memberIds.length,
-        method: "uniform-soup",
-      })),
-      ...outcome.greedySoup.ingredients.map((i) => ({
-        parentId: memberIds[i] ?? "",
-        childId: greedyId,
-        coefficient: 1 / outcome.greedySoup.ingredients.length,
-        method: "greedy-soup",
-      })),
-    ].map((e) => ({ ...e, jobId: job.id }));
-    const result = {
-      checkpoints: rows.map((r) => ({ id: r.id, name: r.name, size_bytes: r.sizeBytes, sha256: r.sha256 })),
-      backend,
-      members: outcome.members.map((m, j) => ({
-        checkpoint_id: memberIds[j],
-        accuracy: m.accuracy,
-        held_out_accuracy: m.heldOutAccuracy,
-        diversity: {
-          mixup: m.diversity.mixup,
-          label_smoothing: m.diversity.labelSmoothing,
-          cutmix: m.diversity.cutmix,
-          random_erasing: m.diversity.randomErasing,
-        },
-      })),
-      ensemble_accuracy: outcome.ensembleAccuracy,
-      uniform_soup: { checkpoint_id: uniformId, accuracy: outcome.uniformSoup.accuracy },
-      greedy_soup: {
-        checkpoint_id: greedyId,
-        accuracy: outcome.greedySoup.accuracy,
-        members: outcome.greedySoup.ingredients.map((i) => memberIds[i]),
-      },
-      seconds: {
-        load: loadSeconds,
-        train: outcome.seconds.train,
-        evaluate: outcome.seconds.evaluate,
-        total: (performance.now() - started) / 1000,
-      },
-    };
-    const register = async (tx: Database) => {
-      await tx.insert(schema.checkpoints).values(rows).onConflictDoNothing();
-      await tx.insert(schema.lineageEdges).values(edges).onConflictDoNothing();
-      await tx
-        .insert(schema.metrics)
-        .values(
-          outputs.map((o) => ({
-            id: derivedId(job.id, `metric-${o.label}`),
-            checkpointId: o.id,
-            dataset: params.dataset,
-            split: "test",
-            name: "accuracy",
-            value: o.accuracy,
-            jobId: job.id,
-          })),
-        )
-        .onConflictDoNothing();
-    };
-    return { result, register };
-  } finally {
-    for (const m of models) m.dispose();
-  }
+      onProgress: progress,
+      onStart: (pid) => ctx.logger.info("training process started", { job_id: job.id, pid }),
+    },
+  );
+  const register = async (tx: Database) => {
+    await tx.insert(schema.checkpoints).values(output.rows).onConflictDoNothing();
+    await tx.insert(schema.lineageEdges).values(output.edges).onConflictDoNothing();
+    await tx.insert(schema.metrics).values(output.metrics).onConflictDoNothing();
+  };
+  return { result: output.result, register };
 }

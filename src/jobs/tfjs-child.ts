@@ -1,0 +1,68 @@
+import { createJsonLogger } from "../logger.js";
+import { isRequestError } from "../services/errors.js";
+import { openStore } from "../storage/open-store.js";
+import type { ChildMessage, ParentMessage, TfjsEnvironment, TfjsTask } from "./tfjs-process.js";
+
+/**
+ * A process that runs one TensorFlow.js task for its parent (`runTfjsTask`), then exits. The
+ * parent's database stays the parent's: the task works with the store and reports back.
+ */
+const abort = new AbortController();
+
+function send(message: ChildMessage): Promise<void> {
+  return new Promise((resolve) => process.send?.(message, () => resolve()) ?? resolve());
+}
+
+async function run(task: TfjsTask, environment: TfjsEnvironment): Promise<unknown> {
+  const { BackendError, selectBackend } = await import("../ml/backend.js");
+  if (task.kind === "probe") return selectBackend({ forced: environment.backend, check: true });
+  const store = openStore(environment.store);
+  const ctx = { store, limits: environment.limits, logger: createJsonLogger(environment.logLevel) };
+  const hooks = {
+    signal: abort.signal,
+    progress: (fraction: number, detail?: Record<string, number>) =>
+      void send({ type: "progress", fraction, ...(detail ? { detail } : {}) }),
+  };
+  try {
+    if (task.kind === "train") {
+      const { runTrainingTask } = await import("../services/trainings/training-task.js");
+      return await runTrainingTask(
+        ctx,
+        task.input as Parameters<typeof runTrainingTask>[1],
+        environment,
+        hooks,
+      );
+    }
+    const { runEvaluationTask } = await import("../services/merges/evaluation-task.js");
+    return await runEvaluationTask(
+      ctx,
+      task.input as Parameters<typeof runEvaluationTask>[1],
+      environment,
+      hooks,
+    );
+  } catch (err) {
+    const { DatasetError } = await import("../ml/dataset-formats.js");
+    const { DivergenceError } = await import("../ml/train.js");
+    const permanent = [BackendError, DatasetError, DivergenceError].some((type) => err instanceof type);
+    throw Object.assign(err as Error, { permanent: permanent || isRequestError(err) });
+  } finally {
+    store.close();
+  }
+}
+
+process.on("message", (message: ParentMessage) => {
+  if (message.type === "abort") {
+    abort.abort(new Error("aborted by the worker"));
+    return;
+  }
+  run(message.task, message.environment)
+    .then(
+      (result) => send({ type: "done", result }),
+      (err: Error & { permanent?: boolean }) =>
+        send({
+          type: "failed",
+          error: { name: err.name, message: err.message, permanent: err.permanent ?? false },
+        }),
+    )
+    .finally(() => process.exit(0));
+});
