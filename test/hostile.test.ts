@@ -276,6 +276,32 @@ describe("merge requests with large headers", () => {
   });
   afterAll(() => h.close());
 
+  it("parses a large header of an upload off the event loop, to the same summary", async () => {
+    const file = manyTensors(150_000, 1);
+    let longest = 0;
+    let last = performance.now();
+    const ticker = setInterval(() => {
+      const now = performance.now();
+      longest = Math.max(longest, now - last);
+      last = now;
+    }, 5);
+    const res = await upload(h, file, "big-header");
+    clearInterval(ticker);
+    expect(res.status).toBe(201);
+    expect(await res.json()).toMatchObject({
+      tensor_count: 150_000,
+      parameter_count: 150_000,
+      dtypes: ["F32"],
+    });
+    // Parsing the ~19 MB header on the event loop held it for most of a second.
+    expect(longest).toBeLessThan(250);
+    const broken = Buffer.from(file);
+    broken.write("!", 8 + 1000); // inside the header: no longer a valid one
+    const refused = await upload(h, broken, "broken");
+    expect(refused.status).toBe(422);
+    expect(((await refused.json()) as Problem).detail).toContain("not a valid safetensors file");
+  });
+
   it("refuses a merge whose headers together pass the limit (413), before parsing any", async () => {
     const res = await postMerge(h, { method: "papa-all", inputs });
     expect(res.status).toBe(413);

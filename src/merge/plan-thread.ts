@@ -1,27 +1,23 @@
 import { parentPort } from "node:worker_threads";
 import { SafetensorsError } from "../tensors/safetensors.js";
 import { headerOfFile } from "../tensors/source.js";
+import { serveThread } from "../threads.js";
 import { MergeMismatchError, planMerge } from "./plan.js";
 import type { PlanReply, PlanRequest } from "./preflight.js";
 
 /** Worker thread: parses the inputs' headers and plans the merge, off the caller's event loop. */
-parentPort?.on("message", ({ id, headers, options, wantPlan }: PlanRequest) => {
-  let reply: PlanReply;
+serveThread<PlanRequest, PlanReply>(parentPort, ({ headers, options, wantPlan }) => {
   try {
     const parsed = headers.map((h) => headerOfFile(h.bytes, h.size));
     const plan = planMerge({ ...options, headers: parsed });
-    reply = { id, plan: wantPlan ? plan : null };
+    return { plan: wantPlan ? plan : null };
   } catch (err) {
-    const error = err as Error;
-    reply = {
-      id,
-      error:
-        err instanceof SafetensorsError
-          ? { kind: "safetensors", problem: err.problem, message: err.message }
-          : err instanceof MergeMismatchError
-            ? { kind: "mismatch", tensor: err.tensor, message: err.message }
-            : { kind: "other", message: error.message },
-    };
+    if (err instanceof SafetensorsError) {
+      return { error: { kind: "safetensors", problem: err.problem, message: err.message } };
+    }
+    if (err instanceof MergeMismatchError) {
+      return { error: { kind: "mismatch", tensor: err.tensor, message: err.message } };
+    }
+    return { error: { kind: "other", message: (err as Error).message } };
   }
-  parentPort?.postMessage(reply);
 });

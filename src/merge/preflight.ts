@@ -1,7 +1,6 @@
-import type { Worker } from "node:worker_threads";
 import { SafetensorsError, type SafetensorsProblem } from "../tensors/safetensors.js";
 import { type ByteSource, readBytes, readHeaderLength } from "../tensors/source.js";
-import { startThread } from "../threads.js";
+import { ThreadService } from "../threads.js";
 import { MergeMismatchError, type MergePlan, type PlanOptions } from "./plan.js";
 
 /** A header's bytes (without the 8-byte prefix) and the size of the file it heads. */
@@ -11,7 +10,6 @@ interface HeaderBytes {
 }
 
 export interface PlanRequest {
-  id: number;
   headers: HeaderBytes[];
   options: Omit<PlanOptions, "headers">;
   /** Send the plan back (a merge about to run), or only whether there is one (a request's check). */
@@ -19,9 +17,8 @@ export interface PlanRequest {
 }
 
 export type PlanReply =
-  | { id: number; plan: MergePlan | null }
+  | { plan: MergePlan | null }
   | {
-      id: number;
       error:
         | { kind: "safetensors"; problem: SafetensorsProblem; message: string }
         | { kind: "mismatch"; tensor: string; message: string }
@@ -95,7 +92,9 @@ async function runPlan(
   const headers = await Promise.all(
     sources.map(async (s, k) => ({ bytes: await readBytes(s, 8, lengths[k] ?? 0), size: s.size })),
   );
-  const reply = await planner.run({ headers, options, wantPlan });
+  // The header bytes move to the thread rather than being copied.
+  const transfer = headers.map((h) => h.bytes.buffer as ArrayBuffer);
+  const reply = await planner.run({ headers, options, wantPlan }, transfer);
   if ("plan" in reply) return reply.plan;
   const { error } = reply;
   if (error.kind === "safetensors") throw new SafetensorsError(error.problem, error.message);
@@ -103,48 +102,5 @@ async function runPlan(
   throw new Error(error.message);
 }
 
-/**
- * The process's planning thread, started at the first plan and kept (unreferenced: it never
- * holds the process open). Plans queue on it one at a time, each bounded by the header limits.
- * A thread that dies fails the plans in flight, and the next plan starts a new one.
- */
-class PlanThread {
-  private worker: Worker | null = null;
-  private nextId = 0;
-  private readonly pending = new Map<number, { resolve(r: PlanReply): void; reject(e: Error): void }>();
-
-  run(request: Omit<PlanRequest, "id">): Promise<PlanReply> {
-    const worker = this.start();
-    const id = this.nextId++;
-    return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject });
-      const message: PlanRequest = { id, ...request };
-      // The header bytes move to the thread rather than being copied.
-      worker.postMessage(
-        message,
-        request.headers.map((h) => h.bytes.buffer as ArrayBuffer),
-      );
-    });
-  }
-
-  private start(): Worker {
-    if (this.worker) return this.worker;
-    const worker = startThread(import.meta.url, "plan-thread");
-    worker.unref();
-    worker.on("message", (reply: PlanReply) => {
-      this.pending.get(reply.id)?.resolve(reply);
-      this.pending.delete(reply.id);
-    });
-    const fail = (err: Error) => {
-      if (this.worker === worker) this.worker = null;
-      for (const p of this.pending.values()) p.reject(err);
-      this.pending.clear();
-    };
-    worker.on("error", fail);
-    worker.on("exit", (code) => fail(new Error(`the merge planning thread exited with code ${code}`)));
-    this.worker = worker;
-    return worker;
-  }
-}
-
-const planner = new PlanThread();
+/** The process's planning thread: plans queue on it one at a time, each bounded by the header limits. */
+const planner = new ThreadService<PlanRequest, PlanReply>(import.meta.url, "plan-thread");

@@ -1,5 +1,6 @@
 import { createHash, type Hash } from "node:crypto";
 import { Transform, type TransformCallback } from "node:stream";
+import { ThreadService } from "../threads.js";
 import { DTYPE_BITS, type Dtype, isDtype } from "./dtypes.js";
 import { type Json, JsonSyntaxError, parseStrictJson } from "./strict-json.js";
 
@@ -202,15 +203,49 @@ export function encodeSafetensorsHeader(
   return { bytes, header: { tensors: entries, metadata, dataStart: bytes.length, dataBytes: offset } };
 }
 
-/** What an upload pass learns about a valid file. */
-export interface SafetensorsSummary {
-  sha256: string;
-  sizeBytes: number;
+/** What a checkpoint's record keeps of its header. */
+export interface HeaderDigest {
   tensorCount: number;
+  /** Elements across all tensors. */
   parameterCount: number;
+  /** The distinct dtypes, sorted. */
   dtypes: Dtype[];
   metadata: Record<string, string> | null;
-  header: SafetensorsHeader;
+  dataStart: number;
+  dataBytes: number;
+}
+
+export function digestHeader(header: SafetensorsHeader): HeaderDigest {
+  const { tensors, metadata, dataStart, dataBytes } = header;
+  return {
+    tensorCount: tensors.length,
+    parameterCount: tensors.reduce((n, t) => n + t.shape.reduce((a, b) => a * b, 1), 0),
+    dtypes: [...new Set(tensors.map((t) => t.dtype))].sort(),
+    metadata,
+    dataStart,
+    dataBytes,
+  };
+}
+
+/** What an upload pass learns about a valid file. */
+export interface SafetensorsSummary extends HeaderDigest {
+  sha256: string;
+  sizeBytes: number;
+}
+
+/** Headers up to this size are parsed as they arrive; larger ones on a thread (`header-thread.ts`). */
+const INLINE_HEADER_BYTES = 1024 * 1024;
+
+type HeaderReply = { digest: HeaderDigest } | { error: { problem: SafetensorsProblem; message: string } };
+
+/** The process's thread for large headers: parsing 25 MB of JSON takes about a second. */
+const headerThread = new ThreadService<Uint8Array, HeaderReply>(import.meta.url, "header-thread");
+
+/** Parses a header on the header thread; rejects as `parseSafetensorsHeader` would. */
+async function digestOffThread(headerBytes: Buffer): Promise<HeaderDigest> {
+  const reply = await headerThread.run(headerBytes);
+  if ("error" in reply) throw new SafetensorsError(reply.error.problem, reply.error.message);
+  return reply.digest;
 }
 
 export interface ValidatorOptions {
@@ -223,7 +258,8 @@ export interface ValidatorOptions {
  * A pass-through stream that validates safetensors bytes as they flow and hashes them (sha256)
  * in the same pass. It errors with a `SafetensorsError` as soon as the bytes cannot be valid
  * (so a store consuming it aborts early); `summary()` is available once the stream has ended.
- * Memory: the header (at most `maxHeaderBytes`) plus one chunk.
+ * Memory: the header (at most `maxHeaderBytes`) plus one chunk. A header over 1 MiB is parsed on
+ * a worker thread, so that the event loop is not held for it.
  */
 export class SafetensorsValidator extends Transform {
   private readonly maxHeaderBytes: number;
@@ -232,7 +268,7 @@ export class SafetensorsValidator extends Transform {
   private prefix = Buffer.alloc(0);
   private headerBuffer: Buffer | null = null;
   private headerFilled = 0;
-  private header: SafetensorsHeader | null = null;
+  private header: HeaderDigest | null = null;
   private dataSeen = 0;
   private total = 0;
   private result: SafetensorsSummary | null = null;
@@ -250,14 +286,18 @@ export class SafetensorsValidator extends Transform {
   }
 
   override _transform(chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
+    const pass = () => {
+      this.hash.update(chunk);
+      callback(null, chunk);
+    };
     try {
       this.total += chunk.length;
       if (this.total > this.maxBytes) {
         throw new SafetensorsError("too_large", `file is larger than the limit of ${this.maxBytes} bytes`);
       }
-      this.consume(chunk);
-      this.hash.update(chunk);
-      callback(null, chunk);
+      const parsing = this.consume(chunk);
+      if (parsing) parsing.then(pass, (err: Error) => callback(err));
+      else pass();
     } catch (err) {
       callback(err as Error);
     }
@@ -279,23 +319,15 @@ export class SafetensorsValidator extends Transform {
           `file ends after ${this.dataSeen} of ${this.header.dataBytes} data bytes the header describes`,
         );
       }
-      const { tensors, metadata } = this.header;
-      this.result = {
-        sha256: this.hash.digest("hex"),
-        sizeBytes: this.total,
-        tensorCount: tensors.length,
-        parameterCount: tensors.reduce((n, t) => n + t.shape.reduce((a, b) => a * b, 1), 0),
-        dtypes: [...new Set(tensors.map((t) => t.dtype))].sort(),
-        metadata,
-        header: this.header,
-      };
+      this.result = { ...this.header, sha256: this.hash.digest("hex"), sizeBytes: this.total };
       callback();
     } catch (err) {
       callback(err as Error);
     }
   }
 
-  private consume(chunk: Buffer): void {
+  /** Takes in a chunk; a promise while a large header is parsed on the thread. */
+  private consume(chunk: Buffer): Promise<void> | undefined {
     let rest = chunk;
     if (!this.headerBuffer) {
       const need = 8 - this.prefix.length;
@@ -310,13 +342,25 @@ export class SafetensorsValidator extends Transform {
       this.headerFilled += take;
       rest = rest.subarray(take);
       if (this.headerFilled < this.headerBuffer.length) return;
-      this.header = parseSafetensorsHeader(this.headerBuffer);
+      if (this.headerBuffer.length > INLINE_HEADER_BYTES) {
+        const data = rest;
+        return digestOffThread(this.headerBuffer).then((digest) => {
+          this.header = digest;
+          this.countData(data);
+        });
+      }
+      this.header = digestHeader(parseSafetensorsHeader(this.headerBuffer));
     }
-    this.dataSeen += rest.length;
-    if (this.dataSeen > this.header.dataBytes) {
+    this.countData(rest);
+  }
+
+  private countData(data: Buffer): void {
+    const header = this.header as HeaderDigest;
+    this.dataSeen += data.length;
+    if (this.dataSeen > header.dataBytes) {
       throw new SafetensorsError(
         "length_mismatch",
-        `file has more than the ${this.header.dataBytes} data bytes the header describes`,
+        `file has more than the ${header.dataBytes} data bytes the header describes`,
       );
     }
   }
