@@ -80,6 +80,9 @@ const schema = z.object({
     .default(900),
 });
 
+/** Every variable `loadConfig` reads (docs/configuration.md documents each; a test checks). */
+export const CONFIG_VARIABLES = Object.keys(schema.shape);
+
 export interface S3Config {
   bucket: string;
   region: string;
