@@ -14,6 +14,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
+import { listeningUrl } from "./server.js";
 
 const { values } = parseArgs({ options: { checkout: { type: "string" } } });
 const checkout = resolve(values.checkout ?? ".");
@@ -30,15 +31,7 @@ async function main(): Promise<void> {
     stdio: ["ignore", "pipe", "inherit"],
   });
   try {
-    const base = await new Promise<string>((resolve, reject) => {
-      let out = "";
-      server.stdout.on("data", (d: Buffer) => {
-        out += d.toString();
-        const url = out.match(/"msg":"listening","url":"([^"]+)"/)?.[1];
-        if (url) resolve(url);
-      });
-      server.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
-    });
+    const base = await listeningUrl(server);
     const auth = { Authorization: `Bearer ${KEY}`, "Content-Type": "application/json" };
     const created = await fetch(`${base}/v1/trainings`, {
       method: "POST",

@@ -15,6 +15,7 @@ import { createWriteStream } from "node:fs";
 import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { listeningUrl } from "./server.js";
 
 const sizeMiB = Number(process.argv[2] ?? 1024);
 const RUNS = 3;
@@ -146,15 +147,7 @@ async function main(): Promise<void> {
         stdio: ["ignore", "pipe", "inherit"],
       },
     );
-    const base = await new Promise<string>((resolve, reject) => {
-      let out = "";
-      server.stdout.on("data", (d: Buffer) => {
-        out += d.toString();
-        const url = out.match(/"msg":"listening","url":"([^"]+)"/)?.[1];
-        if (url) resolve(url);
-      });
-      server.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
-    });
+    const base = await listeningUrl(server);
     const pid = server.pid ?? 0;
     await new Promise((r) => setTimeout(r, 500));
     const before = await rssMiB(pid);

@@ -322,20 +322,7 @@ describe("a training worker that dies", () => {
   it("is retried and resumes from its last completed epoch", async () => {
     const first = await spawnWorker(h, dataDir, { PAPA_WORKER_QUEUES: "train" });
     workers.push(first);
-    const res = await h.request("/v1/trainings", {
-      method: "POST",
-      body: JSON.stringify({
-        dataset: "mnist",
-        max_train_examples: 1500,
-        max_test_examples: 100,
-        model: { kind: "mlp", hidden: [64] },
-        population: { size: 2, variant: "papa", every_k_steps: 5 },
-        epochs: 4,
-        batch_size: 16,
-      }),
-      headers: { "Content-Type": "application/json" },
-    });
-    const { id } = (await res.json()) as JobBody;
+    const id = await train(4);
     const stateKey = `tenants/${h.tenantA}/jobs/${id}/training-state.safetensors`;
     for (;;) {
       const job = (await (await h.request(`/v1/jobs/${id}`)).json()) as JobBody & {

@@ -71,6 +71,15 @@ export async function createUploadSession({
   return { session, partUrls };
 }
 
+/** The session `id` of the tenant, while it is open (no request has claimed its completion). */
+function openSession(tenantId: string, id: string) {
+  return and(
+    eq(schema.uploadSessions.id, id),
+    eq(schema.uploadSessions.tenantId, tenantId),
+    eq(schema.uploadSessions.status, "open"),
+  );
+}
+
 async function sessionOf(ctx: ServiceContext, tenantId: string, id: string): Promise<UploadSession> {
   const [session] = await ctx.db
     .select()
@@ -99,13 +108,7 @@ export async function completeUploadSession({
   const [session] = await ctx.db
     .update(schema.uploadSessions)
     .set({ status: "completing" })
-    .where(
-      and(
-        eq(schema.uploadSessions.id, input.id),
-        eq(schema.uploadSessions.tenantId, principal.tenantId),
-        eq(schema.uploadSessions.status, "open"),
-      ),
-    )
+    .where(openSession(principal.tenantId, input.id))
     .returning();
   if (!session) {
     return { checkpoint: await completedOrBusy(ctx, principal.tenantId, input.id), created: false };
@@ -178,13 +181,7 @@ export async function abortUploadSession({
   const multipart = multipartOf(ctx);
   const [session] = await ctx.db
     .delete(schema.uploadSessions)
-    .where(
-      and(
-        eq(schema.uploadSessions.id, input.id),
-        eq(schema.uploadSessions.tenantId, principal.tenantId),
-        eq(schema.uploadSessions.status, "open"),
-      ),
-    )
+    .where(openSession(principal.tenantId, input.id))
     .returning();
   if (!session) {
     await sessionOf(ctx, principal.tenantId, input.id); // 404 unless it exists
