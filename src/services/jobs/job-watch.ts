@@ -46,7 +46,10 @@ export class JobWatch {
     const entry = this.followed.get(job.id) ?? { seen: job.updatedAt.getTime(), listeners: new Set() };
     entry.listeners.add(listener);
     this.followed.set(job.id, entry);
-    this.timer ??= setInterval(() => void this.poll(), POLL_MS);
+    if (!this.timer) {
+      this.timer = setInterval(() => void this.poll(), POLL_MS);
+      this.timer.unref(); // open streams keep their connections, not the process, alive
+    }
     let stopped = false;
     return () => {
       if (stopped) return;
