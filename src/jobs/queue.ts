@@ -94,18 +94,14 @@ export class JobQueue {
     return this.started;
   }
 
-  /**
-   * Enqueues job `jobId` inside the caller's transaction: it commits or rolls back with it. Of a
-   * queue's waiting jobs, those of higher `priority` are fetched first.
-   */
-  async enqueue(tx: Database, queue: QueueName, jobId: string, priority = 0): Promise<void> {
+  /** Enqueues job `jobId` inside the caller's transaction: it commits or rolls back with it. */
+  async enqueue(tx: Database, queue: QueueName, jobId: string): Promise<void> {
     await this.start();
     await this.boss.send(
       queue,
       { jobId },
       {
         id: jobId,
-        priority,
         retryLimit: this.policy.retryLimit,
         retryDelay: this.policy.retryDelaySeconds,
         retryBackoff: true,

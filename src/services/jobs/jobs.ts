@@ -333,8 +333,8 @@ function jobProblem(title: string, detail: string): JobProblem {
 /**
  * Settles an attempt that threw, for a job not canceled: a permanent failure fails the job (no
  * retry) with its message; anything else marks it queued for the queue's retry, or failed on the
- * last attempt, with a problem that says which it is, and rethrows so that pg-boss retries it. (A cancel meanwhile wins: `finishJob` changes only a
- * running job.)
+ * last attempt, with a problem that says which it is, and rethrows so that pg-boss retries it.
+ * (A cancel meanwhile wins: `finishJob` changes only a running job.)
  */
 async function settleFailedAttempt(
   ctx: ServiceContext,
