@@ -17,7 +17,7 @@ import { ConfigError, loadCliConfig } from "./config.js";
 import { createJsonLogger } from "./logger.js";
 import { mergeFiles } from "./merge/local.js";
 import { type MergeMethod, MergeSpecError } from "./merge/methods.js";
-import { MergeMismatchError } from "./merge/plan.js";
+import { MergeInputError } from "./merge/plan.js";
 import { openRuntime } from "./runtime.js";
 import { loadConfigWithSecrets } from "./secrets.js";
 import { createTenantWithKey } from "./services/api-keys/api-keys.js";
@@ -227,7 +227,7 @@ async function main(argv: string[]): Promise<number> {
     const known = [
       InvalidInputError,
       MergeSpecError,
-      MergeMismatchError,
+      MergeInputError,
       SafetensorsError,
       PapaProblemError,
       CliFailure,

@@ -79,16 +79,25 @@ describe.each<[DatabaseKind, StoreKind]>([
   it("papa-2, weighted and papa-pull: outputs and edge coefficients match the definitions", async () => {
     const pairs = await mergeAndWait(h, { method: "papa-2", inputs, seed: 5, name: "pairs" });
     expect(pairs.result?.checkpoints).toHaveLength(3);
+    const drawn: string[] = [];
     for (const out of pairs.result?.checkpoints ?? []) {
       const lineage = (await (await h.request(`/v1/checkpoints/${out.id}/lineage`)).json()) as Lineage;
       expect(lineage.edges.map((e) => e.coefficient)).toEqual([0.5, 0.5]);
-      const [a, b] = lineage.edges.map((e) => inputs.indexOf(e.parent_id) + 1);
-      const mean = ((a ?? 0) + (b ?? 0)) / 2;
-      expect((await weightsOf(h, out.id)).w).toEqual([mean, 2 * mean, -mean, 1]);
+      const [a = 0, b = 0] = lineage.edges.map((e) => inputs.indexOf(e.parent_id) + 1).sort();
+      drawn.push(`${a}-${b}`);
+      const mean = (a + b) / 2;
+      // The integer counter comes from the child's own first parent (10 + k), not from input 0.
+      expect(await weightsOf(h, out.id)).toEqual({ w: [mean, 2 * mean, -mean, 1], steps: BigInt(10 + a) });
     }
+    // Three inputs have three pairs: each child is a different one.
+    expect(drawn.sort()).toEqual(["1-2", "1-3", "2-3"]);
 
-    const weighted = await mergeAndWait(h, { method: "weighted", inputs, coefficients: [0.5, 0.25, 0.25] });
-    expect((await weightsOf(h, weighted.result?.checkpoints[0]?.id ?? "")).w).toEqual([1.75, 3.5, -1.75, 1]);
+    const weighted = await mergeAndWait(h, { method: "weighted", inputs, coefficients: [0.25, 0.25, 0.5] });
+    // Integers from the heaviest input.
+    expect(await weightsOf(h, weighted.result?.checkpoints[0]?.id ?? "")).toEqual({
+      w: [2.25, 4.5, -2.25, 1],
+      steps: 13n,
+    });
 
     const pulled = await mergeAndWait(h, { method: "papa-pull", inputs, beta: 0.5 });
     const outs = pulled.result?.checkpoints ?? [];
@@ -96,7 +105,7 @@ describe.each<[DatabaseKind, StoreKind]>([
     for (const [j, out] of outs.entries()) {
       const k = j + 1;
       const x = 0.5 * k + 0.5 * 2; // (1 - beta) * input_k + beta * mean, mean = 2
-      expect((await weightsOf(h, out.id)).w).toEqual([x, 2 * x, -x, 1]);
+      expect(await weightsOf(h, out.id)).toEqual({ w: [x, 2 * x, -x, 1], steps: BigInt(10 + k) });
       const { edges } = (await (await h.request(`/v1/checkpoints/${out.id}/lineage`)).json()) as Lineage;
       expect(edges.reduce((s, e) => s + e.coefficient, 0)).toBeCloseTo(1, 12);
       expect(edges.find((e) => e.parent_id === inputs[j])?.coefficient).toBeCloseTo(0.5 + 0.5 / 3, 12);
@@ -137,6 +146,32 @@ describe.each<[DatabaseKind, StoreKind]>([
     ).json()) as Lineage;
     expect(down.nodes.map((n) => n.id)).toContain(soupId);
     expect(down.contributions).toEqual([]);
+  });
+
+  it("averages F8_E4M3 for real and refuses an F4 tensor with a 422 naming it and its dtype", async () => {
+    // E4M3 codes: 0x38 = 1.0, 0x40 = 2.0, 0x3c = 1.5.
+    const f8 = (code: number, scales: string | null) =>
+      buildSafetensors([
+        { name: "q", dtype: "F8_E4M3", shape: [2], data: Buffer.from([code, 0x40]) },
+        ...(scales ? [{ name: "scales", dtype: scales, shape: [2], data: Buffer.from([0x21]) }] : []),
+      ]);
+    const ids: string[] = [];
+    for (const code of [0x38, 0x40])
+      ids.push(((await (await upload(h, f8(code, null))).json()) as { id: string }).id);
+    const soup = await mergeAndWait(h, { method: "papa-all", inputs: ids });
+    const bytes = Buffer.from(
+      await (await h.request(`/v1/checkpoints/${soup.result?.checkpoints[0]?.id}/weights`)).arrayBuffer(),
+    );
+    expect([...bytes.subarray(-2)]).toEqual([0x3c, 0x40]);
+
+    const packed: string[] = [];
+    for (const code of [0x38, 0x40])
+      packed.push(((await (await upload(h, f8(code, "F4"))).json()) as { id: string }).id);
+    const res = await postMerge(h, { method: "papa-all", inputs: packed });
+    expect(res.status).toBe(422);
+    const problem = (await expectDocumented("createMerge", res)) as { detail: string; tensor: string };
+    expect(problem.tensor).toBe("scales");
+    expect(problem.detail).toContain('"scales" is F4, which cannot be averaged');
   });
 
   it("refuses inputs that do not agree, naming the tensor, creating no job and no blob", async () => {

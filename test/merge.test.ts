@@ -6,9 +6,10 @@ import { join } from "node:path";
 import { Writable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { mergeBlock } from "../src/merge/kernel.js";
 import { mergeFiles } from "../src/merge/local.js";
 import { type MergeMethod, mergeCoefficients, papa2Pairs } from "../src/merge/methods.js";
-import { globMatcher, MergeMismatchError } from "../src/merge/plan.js";
+import { globMatcher, MergeInputError } from "../src/merge/plan.js";
 import { parseSafetensorsHeader, SafetensorsValidator } from "../src/tensors/safetensors.js";
 import { buildSafetensors, type TestTensor } from "./helpers/safetensors.js";
 
@@ -26,10 +27,66 @@ function roundToFormat(v: number, mantissaBits: number, minExp: number): number 
   return rounded * quantum;
 }
 
+/** The OCP definitions, code by code: sign, exponent field, mantissa field. */
+const formats = {
+  F8_E4M3: {
+    e: 4,
+    m: 3,
+    bias: 7,
+    special: (ef: number, mf: number) => (ef === 15 && mf === 7 ? "nan" : null),
+  },
+  F8_E5M2: {
+    e: 5,
+    m: 2,
+    bias: 15,
+    special: (ef: number, mf: number) => (ef === 31 ? (mf === 0 ? "inf" : "nan") : null),
+  },
+} as const;
+type F8 = keyof typeof formats;
+
+function f8Value(dtype: F8, code: number): number {
+  const f = formats[dtype];
+  const sign = code >> 7 ? -1 : 1;
+  const ef = (code >> f.m) & ((1 << f.e) - 1);
+  const mf = code & ((1 << f.m) - 1);
+  const special = f.special(ef, mf);
+  if (special === "nan") return Number.NaN;
+  if (special === "inf") return sign * Infinity;
+  if (ef === 0) return sign * mf * 2 ** (1 - f.bias - f.m);
+  return sign * (1 + mf / 2 ** f.m) * 2 ** (ef - f.bias);
+}
+
+/**
+ * The code nearest to v (ties to the even code), searched over every finite code; past the
+ * largest finite value by half a step or more (to the even side on the tie), E4M3 gives NaN
+ * and E5M2 infinity, as torch's casts do.
+ */
+function f8Code(dtype: F8, v: number): number {
+  const sign = v < 0 || Object.is(v, -0) ? 0x80 : 0;
+  const finite = Array.from({ length: 128 }, (_, c) => c).filter((c) => Number.isFinite(f8Value(dtype, c)));
+  const maxCode = Math.max(...finite);
+  const max = f8Value(dtype, maxCode);
+  const step = max - f8Value(dtype, maxCode - 1);
+  const a = Math.abs(v);
+  if (a > max + step / 2 || (a === max + step / 2 && maxCode % 2 === 1)) {
+    return dtype === "F8_E4M3" ? 0x7f : sign | 0x7c;
+  }
+  let best = 0;
+  for (const c of finite) {
+    const d = Math.abs(f8Value(dtype, c) - a) - Math.abs(f8Value(dtype, best) - a);
+    if (d < 0 || (d === 0 && c % 2 === 0)) best = c;
+  }
+  return sign | best;
+}
+
+const isF8 = (dtype: string): dtype is F8 => dtype in formats;
+const sizeOf = (dtype: string) => (dtype === "F64" ? 8 : dtype === "F32" ? 4 : isF8(dtype) ? 1 : 2);
+
 function encodeRef(values: number[], dtype: string): Uint8Array {
-  const out = Buffer.alloc(values.length * (dtype === "F64" ? 8 : dtype === "F32" ? 4 : 2));
+  const out = Buffer.alloc(values.length * sizeOf(dtype));
   values.forEach((v, i) => {
-    if (dtype === "F64") out.writeDoubleLE(v, i * 8);
+    if (isF8(dtype)) out[i] = f8Code(dtype, v);
+    else if (dtype === "F64") out.writeDoubleLE(v, i * 8);
     else if (dtype === "F32") out.writeFloatLE(v, i * 4);
     else if (dtype === "BF16")
       out.writeUInt16LE(
@@ -56,8 +113,8 @@ function halfBits(v: number): number {
 }
 
 function decodeRef(bytes: Buffer, dtype: string): number[] {
-  const size = dtype === "F64" ? 8 : dtype === "F32" ? 4 : 2;
-  return Array.from({ length: bytes.length / size }, (_, i) => {
+  return Array.from({ length: bytes.length / sizeOf(dtype) }, (_, i) => {
+    if (isF8(dtype)) return f8Value(dtype, bytes[i] as number);
     if (dtype === "F64") return bytes.readDoubleLE(i * 8);
     if (dtype === "F32") return bytes.readFloatLE(i * 4);
     const h = bytes.readUInt16LE(i * 2);
@@ -81,7 +138,7 @@ async function readMerged(
   return new Map(
     header.tensors.map((t) => {
       const raw = bytes.subarray(header.dataStart + t.begin, header.dataStart + t.end);
-      const float = ["F64", "F32", "F16", "BF16"].includes(t.dtype);
+      const float = ["F64", "F32", "F16", "BF16"].includes(t.dtype) || isF8(t.dtype);
       return [t.name, { dtype: t.dtype, shape: t.shape, raw, values: float ? decodeRef(raw, t.dtype) : [] }];
     }),
   );
@@ -140,6 +197,12 @@ function expected(spec: MergeMethod, n: number): number[][] {
   }
 }
 
+/** The input output j's integers come from: its first parent (papa-2), itself (papa-pull), the heaviest. */
+function copiedFrom(spec: MergeMethod, j: number): bigint {
+  if (spec.method === "papa-2") return BigInt(Math.min(...(papa2Pairs(4, spec.seed)[j] ?? [])));
+  return BigInt(spec.method === "papa-pull" ? j : 0);
+}
+
 describe("merge methods", () => {
   it.each([
     [{ method: "papa-all" } as MergeMethod],
@@ -158,21 +221,36 @@ describe("merge methods", () => {
     for (const [k, c] of [0.05, 0.85, 0.05, 0.05].entries()) expect(rows[1]?.[k]).toBeCloseTo(c, 15);
   });
 
-  it("papa-2 draws every one of the n(n-1)/2 pairs, uniformly, not just the first n", () => {
-    const n = 5;
-    const counts = new Map<string, number>();
-    const seeds = 2000;
-    for (let seed = 0; seed < seeds; seed++) {
-      for (const [a, b] of papa2Pairs(n, seed)) {
-        expect(a).toBeLessThan(b);
-        counts.set(`${a}-${b}`, (counts.get(`${a}-${b}`) ?? 0) + 1);
+  it.each([2, 3, 4, 5, 8])(
+    "papa-2 of %i: distinct pairs for every seed, every pair equally likely, in every slot",
+    (n) => {
+      const pairs = (n * (n - 1)) / 2;
+      const seeds = 4000;
+      const counts = new Map<string, number>();
+      const slotCounts = new Map<string, number>();
+      for (let seed = 0; seed < seeds; seed++) {
+        const drawn = papa2Pairs(n, seed).map(([a, b]) => {
+          expect(a).toBeLessThan(b);
+          expect(b).toBeLessThan(n);
+          return `${a}-${b}`;
+        });
+        expect(drawn).toHaveLength(n);
+        // Two inputs have one pair; otherwise no two children are the same average.
+        expect(new Set(drawn).size).toBe(Math.min(n, pairs));
+        for (const [slot, pair] of drawn.entries()) {
+          counts.set(pair, (counts.get(pair) ?? 0) + 1);
+          if (slot === 0) slotCounts.set(pair, (slotCounts.get(pair) ?? 0) + 1);
+        }
       }
-    }
-    expect(counts.size).toBe(10);
-    const expectedCount = (seeds * n) / 10;
-    for (const c of counts.values()) expect(Math.abs(c - expectedCount) / expectedCount).toBeLessThan(0.1);
-    expect(papa2Pairs(n, 3)).toEqual(papa2Pairs(n, 3));
-  });
+      expect(counts.size).toBe(pairs);
+      const each = (seeds * n) / pairs;
+      for (const c of counts.values()) expect(Math.abs(c - each) / each).toBeLessThan(0.08);
+      // The first slot is not biased toward the first pairs in lexicographic order.
+      for (const c of slotCounts.values())
+        expect(Math.abs(c - seeds / pairs) / (seeds / pairs)).toBeLessThan(0.25);
+      expect(papa2Pairs(n, 3)).toEqual(papa2Pairs(n, 3));
+    },
+  );
 
   it.each([
     [{ method: "weighted", coefficients: [0.5, 0.6] }, "sum to 1"],
@@ -183,6 +261,57 @@ describe("merge methods", () => {
   ] as [MergeMethod, string][])("rejects %j", (spec, message) => {
     expect(() => mergeCoefficients(spec, 2)).toThrow(message);
   });
+});
+
+describe("8-bit floats", () => {
+  const codes = Uint8Array.from({ length: 256 }, (_, c) => c);
+
+  function merge(dtype: F8, outDtype: "F8_E4M3" | "F8_E5M2" | "F32", inputs: Uint8Array[], row: number[]) {
+    const count = inputs[0]?.length ?? 0;
+    const out = new Uint8Array(count * (outDtype === "F32" ? 4 : 1));
+    mergeBlock({ dtype, outDtype, count, inputs, outputs: [out], coefficients: [row] });
+    return out;
+  }
+
+  it.each(["F8_E4M3", "F8_E5M2"] as const)("%s: every one of the 256 codes decodes exactly", (dtype) => {
+    const out = merge(dtype, "F32", [codes], [1]);
+    const decoded = new Float32Array(out.buffer);
+    // Object.is: NaN is NaN, and -0 is not 0.
+    for (let c = 0; c < 256; c++) expect(Object.is(decoded[c], f8Value(dtype, c))).toBe(true);
+  });
+
+  it.each(["F8_E4M3", "F8_E5M2"] as const)(
+    "%s: the average of every pair of the 256 codes rounds to the nearest code, ties to even",
+    (dtype) => {
+      const a = new Uint8Array(65536);
+      const b = new Uint8Array(65536);
+      for (let i = 0; i < 65536; i++) [a[i], b[i]] = [i >> 8, i & 255];
+      const out = merge(dtype, dtype, [a, b], [0.5, 0.5]);
+      const wrong: string[] = [];
+      for (let i = 0; i < 65536; i++) {
+        const exact = 0.5 * f8Value(dtype, i >> 8) + 0.5 * f8Value(dtype, i & 255);
+        const got = out[i] as number;
+        const right = Number.isNaN(exact) ? Number.isNaN(f8Value(dtype, got)) : got === f8Code(dtype, exact);
+        if (!right) wrong.push(`${i >> 8} & ${i & 255} -> ${got}`);
+      }
+      expect(wrong).toEqual([]);
+    },
+  );
+
+  it.each([
+    ["F8_E4M3", 448, Number.NaN], // 448 * 2 - (-448) = 1344: no infinity in E4M3
+    ["F8_E5M2", 57344, Infinity],
+  ] as const)(
+    "%s: a combination past the largest value (%d) saturates as torch's cast does",
+    (dtype, max, want) => {
+      const big = f8Code(dtype, max);
+      const out = merge(dtype, dtype, [Uint8Array.of(big), Uint8Array.of(big | 0x80)], [2, -1]);
+      expect(f8Value(dtype, out[0] as number)).toBe(want);
+      // Just under half a step past the largest value still rounds to it.
+      const near = merge(dtype, dtype, [Uint8Array.of(big)], [1.03]);
+      expect(f8Value(dtype, near[0] as number)).toBe(max);
+    },
+  );
 });
 
 describe("exclude patterns", () => {
@@ -228,9 +357,9 @@ describe("merge engine on files", () => {
     { method: "weighted", coefficients: [0.5, 0.25, 0.125, 0.125] },
     { method: "papa-pull", beta: 0.5 },
   ];
-  for (const dtype of ["F32", "F16", "BF16", "F64"]) {
+  for (const dtype of ["F32", "F16", "BF16", "F64", "F8_E4M3", "F8_E5M2"]) {
     it.each(specs)(
-      `$method on ${dtype} matches the closed form, integers copied from the first input`,
+      `$method on ${dtype} matches the closed form, integers copied from each output's own input`,
       async (spec) => {
         const inputs = await writeInputs(4, dtype);
         const paths = await mergeFiles({
@@ -247,11 +376,27 @@ describe("merge engine on files", () => {
           expect(w?.dtype).toBe(dtype);
           expect(w?.shape).toEqual([2, 2]);
           expect(w?.values).toEqual(decodeRef(Buffer.from(encodeRef(want[j] ?? [], dtype)), dtype));
-          expect(merged.get("bn.num_batches_tracked")?.raw.readBigInt64LE(0)).toBe(100n);
+          expect(merged.get("bn.num_batches_tracked")?.raw.readBigInt64LE(0)).toBe(
+            100n + copiedFrom(spec, j),
+          );
         }
       },
     );
   }
+
+  it("sums F16 inputs wider than float16: 2048 and three 1.5 average to 513, not 513.5", async () => {
+    // Accumulated in float16 (a step of 2 at 2048, 0.5 at 512), any order of the sum gives 513.5;
+    // the exact mean 513.125 rounds once to 513.
+    const inputs = await writeInputs(4, "F16", (k) => [
+      { name: "x", dtype: "F16", shape: [1], data: encodeRef([k === 0 ? 2048 : 1.5], "F16") },
+    ]);
+    const [path] = await mergeFiles({
+      inputs,
+      out: join(dir, "wide.safetensors"),
+      spec: { method: "papa-all" },
+    });
+    expect((await readMerged(path ?? "")).get("x")?.values).toEqual([513]);
+  });
 
   it("narrows to the output dtype with round-to-nearest-even", async () => {
     // 1 + 2^-11 lies halfway between two float16 values; 1 + 3 * 2^-11 too: ties go to even.
@@ -369,10 +514,34 @@ describe("merge engine on files", () => {
     await rm(join(dir, "mismatch"), { recursive: true, force: true });
     await import("node:fs/promises").then((fs) => fs.mkdir(join(dir, "mismatch")));
     const err = await mergeFiles({ inputs, out, spec: { method: "papa-all" } }).catch((e: unknown) => e);
-    expect(err).toBeInstanceOf(MergeMismatchError);
+    expect(err).toBeInstanceOf(MergeInputError);
     expect((err as Error).message).toContain(message);
     expect(await readdir(join(dir, "mismatch"))).toEqual([]);
   });
+
+  it.each([
+    ["F8_E8M0", 4],
+    ["F4", 2],
+    ["F6_E2M3", 3],
+    ["F6_E3M2", 3],
+    ["C64", 32],
+  ] as const)(
+    "refuses to average %s, naming the tensor and dtype; copies it when excluded",
+    async (dtype, bytes) => {
+      const inputs = await writeInputs(2, "F32", (k) => [
+        { name: "scales", dtype, shape: [4], data: Buffer.alloc(bytes, 0x11 * (k + 1)) },
+      ]);
+      const out = join(dir, `refused-${dtype}.safetensors`);
+      const err = await mergeFiles({ inputs, out, spec: { method: "papa-all" } }).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(MergeInputError);
+      expect((err as MergeInputError).tensor).toBe("scales");
+      expect((err as Error).message).toContain(`tensor "scales" is ${dtype}, which cannot be averaged`);
+      await expect(readFile(out)).rejects.toThrow("ENOENT");
+
+      const [path] = await mergeFiles({ inputs, out, spec: { method: "papa-all" }, exclude: ["scales"] });
+      expect((await readMerged(path ?? "")).get("scales")?.raw).toEqual(Buffer.alloc(bytes, 0x11));
+    },
+  );
 });
 
 describe("papa merge (the CLI)", () => {

@@ -206,8 +206,15 @@ export interface paths {
          *     and dtype must agree (except `exclude`d names), or the answer is 422 naming the first
          *     offending tensor. The job streams the merge tensor by tensor; when it succeeds,
          *     `result.checkpoints` lists the outputs, each with lineage edges to its inputs carrying
-         *     the coefficients. Float tensors are averaged in float32 (float64 for F64) and rounded
-         *     to nearest even; integer and bool tensors are copied from the first input.
+         *     the coefficients. F64, F32, F16, BF16, F8_E4M3 and F8_E5M2 tensors are averaged:
+         *     decoded exactly to float32 (F64 to float64), summed in float64, rounded once to the
+         *     output dtype, to nearest even (see docs/model-format.md). Other float dtypes
+         *     (F8_E8M0, F4, F6_E2M3, F6_E3M2, C64) cannot be averaged: 422 naming the tensor and its
+         *     dtype, unless `exclude`d. Integer and bool tensors are copied, for each output, from
+         *     the input with the largest coefficient in it (the lowest index on a tie): input 0 for
+         *     `papa-all`, a `papa-2` child's first parent, each input itself for `papa-pull`.
+         *     `papa-2` gives each output the average of a different pair, drawn uniformly among all
+         *     pairs (two inputs have one pair, which both outputs get).
          */
         post: operations["createMerge"];
         delete?: never;
@@ -665,13 +672,13 @@ export interface components {
             coefficients?: number[];
             /** @description `papa-pull`: the fraction each input moves toward the mean (default 0.5). */
             beta?: number;
-            /** @description Tensor name patterns (`*` matches anything) copied from the first input, not averaged or compared. */
+            /** @description Tensor name patterns (`*` matches anything) copied from the first input into every output, not averaged or compared. */
             exclude?: string[];
             /**
              * @description Dtype of the averaged tensors in the outputs (default, the inputs' dtype).
              * @enum {string}
              */
-            output_dtype?: "F32" | "F16" | "BF16" | "F64";
+            output_dtype?: "F32" | "F16" | "BF16" | "F64" | "F8_E4M3" | "F8_E5M2";
             /**
              * @description For inputs this service trained (they carry a TF.js topology): re-estimate every
              *     output's BatchNorm statistics on training batches and record its test accuracy as a

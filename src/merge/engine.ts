@@ -65,8 +65,8 @@ function allocateSlots(plan: MergePlan, inputs: number, outputs: number, count: 
 
 /**
  * Streams a planned merge: block by block, reads the block from every input into shared
- * memory, merges it on the pool (or copies it from the first input for integer, bool and
- * excluded tensors) and writes it to every output, in order. A fixed ring of slots is reused,
+ * memory, merges it on the pool (or copies it: integer and bool tensors from each output's
+ * `copyFrom` input, excluded tensors from the first input) and writes it to every output, in order. A fixed ring of slots is reused,
  * so memory does not grow with the size or the number of blocks, and nothing is allocated per
  * block on the hot path.
  */
@@ -115,8 +115,18 @@ async function processBlock(
   const start = (block.start * DTYPE_BITS[dtype]) / 8;
   const length = (block.count * DTYPE_BITS[dtype]) / 8;
   if (!tensor.averaged || !isFloatDtype(dtype) || !isFloatDtype(outDtype)) {
-    const bytes = await readBytes(sources[0] as ByteSource, (tensor.inputOffsets[0] ?? 0) + start, length);
-    return Array.from({ length: outputCount }, () => bytes);
+    // Each output's own source (`plan.copyFrom`); an excluded tensor has only the first input's.
+    const from = (j: number) => (tensor.inputOffsets.length > 1 ? (plan.copyFrom[j] ?? 0) : 0);
+    const read = new Map<number, Promise<Uint8Array>>();
+    for (let j = 0; j < outputCount; j++) {
+      const k = from(j);
+      if (!read.has(k)) {
+        read.set(k, readBytes(sources[k] as ByteSource, (tensor.inputOffsets[k] ?? 0) + start, length));
+      }
+    }
+    return Promise.all(
+      Array.from({ length: outputCount }, (_, j) => read.get(from(j)) as Promise<Uint8Array>),
+    );
   }
   const inputs = slot.inputs.map((b) => b.subarray(0, length));
   await Promise.all(

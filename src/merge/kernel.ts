@@ -89,17 +89,17 @@ function weightedSum(acc: Floats, terms: [number, Floats][], n: number): void {
 }
 
 /**
- * outputs[j] = sum_k coefficients[j][k] * inputs[k], elementwise. Accumulates in float32
- * (float64 when the inputs or the output are F64) and rounds once to the output dtype
- * (round-to-nearest-even). Each input is decoded once, however many outputs use it; F32 and
- * F64 data are used in place.
+ * outputs[j] = sum_k coefficients[j][k] * inputs[k], elementwise. Inputs are decoded exactly to
+ * float32 (F64 stays float64; F32 and F64 data are used in place), each once however many
+ * outputs use it. Each group of up to four terms is summed in float64; an F32 output accumulates
+ * in place between groups (a rounding to float32 per group of four inputs), every other output
+ * in a float64 accumulator, rounded once to the output dtype (round-to-nearest-even).
  */
 export function mergeBlock(task: BlockTask): void {
   const { dtype, outDtype, inputs, outputs, coefficients, count: n } = task;
-  const wide = dtype === "F64" || outDtype === "F64";
   const decoded = inputs.map((bytes, k): Floats => {
-    if (dtype === "F64" || (dtype === "F32" && !wide)) return view(bytes, dtype, n);
-    const values = scratchArray(`in${k}`, wide, n);
+    if (dtype === "F32" || dtype === "F64") return view(bytes, dtype, n);
+    const values = scratchArray(`in${k}`, false, n);
     decodeFloats(bytes.subarray(0, n * FLOAT_BYTES[dtype]), dtype, values);
     return values;
   });
@@ -107,10 +107,10 @@ export function mergeBlock(task: BlockTask): void {
     const out = outputs[j];
     if (!out) throw new Error(`no output buffer for output ${j}`);
     const terms = row.flatMap((c, k): [number, Floats][] => (c === 0 ? [] : [[c, decoded[k] as Floats]]));
-    const inPlace = (outDtype === "F32" && !wide) || outDtype === "F64";
-    const acc = inPlace ? view(out, outDtype as "F32" | "F64", n) : scratchArray("acc", wide, n);
+    const acc =
+      outDtype === "F32" || outDtype === "F64" ? view(out, outDtype, n) : scratchArray("acc", true, n);
     if (terms.length === 0) acc.fill(0);
     else weightedSum(acc, terms, n);
-    if (!inPlace) encodeFloatsInto(acc, outDtype, out);
+    if (outDtype !== "F32" && outDtype !== "F64") encodeFloatsInto(acc, outDtype, out);
   });
 }

@@ -26,13 +26,34 @@ export function unrankPair(index: number, n: number): [number, number] {
 }
 
 /**
- * PAPA-2 pairs: for each of the n output slots, a pair drawn uniformly from all n(n-1)/2 pairs.
- * (The authors' code draws only from the first n pairs in lexicographic order; we do not.)
+ * PAPA-2 pairs: one per output slot, `n` distinct pairs drawn uniformly (without replacement)
+ * from all n(n-1)/2 unordered pairs, in random slot order, so that no two children are the same
+ * average; for n = 3 that is all three pairs. Two inputs have one pair, which both slots get
+ * (PAPA-2 is PAPA-all there). (The authors' code draws only from the first n pairs in
+ * lexicographic order; we do not.)
  */
 export function papa2Pairs(n: number, seed: number): [number, number][] {
   const random = seededRandom(seed);
-  const pairs = (n * (n - 1)) / 2;
-  return Array.from({ length: n }, () => unrankPair(randomInt(random, pairs), n));
+  const count = (n * (n - 1)) / 2;
+  if (count < n) return Array.from({ length: n }, () => unrankPair(0, n));
+  // The first n steps of a Fisher-Yates shuffle of the pair indices, kept sparse: only the
+  // displaced indices are stored, so 1000 inputs do not allocate half a million.
+  const displaced = new Map<number, number>();
+  return Array.from({ length: n }, (_, i) => {
+    const j = i + randomInt(random, count - i);
+    const picked = displaced.get(j) ?? j;
+    displaced.set(j, displaced.get(i) ?? i);
+    return unrankPair(picked, n);
+  });
+}
+
+/**
+ * For each output (row), the input its integer and bool tensors are copied from: the input with
+ * the largest coefficient, the lowest index on a tie. Input 0 for PAPA-all, a PAPA-2 child's
+ * first parent, a pulled input itself, a weighted average's heaviest input.
+ */
+export function copySources(coefficients: number[][]): number[] {
+  return coefficients.map((row) => row.reduce((best, c, k) => (c > (row[best] as number) ? k : best), 0));
 }
 
 /**

@@ -2,7 +2,7 @@ import { parentPort } from "node:worker_threads";
 import { SafetensorsError } from "../tensors/safetensors.js";
 import { headerOfFile } from "../tensors/source.js";
 import { serveThread } from "../threads.js";
-import { MergeMismatchError, planMerge } from "./plan.js";
+import { MergeInputError, planMerge } from "./plan.js";
 import type { PlanReply, PlanRequest } from "./preflight.js";
 
 /** Worker thread: parses the inputs' headers and plans the merge, off the caller's event loop. */
@@ -15,8 +15,8 @@ serveThread<PlanRequest, PlanReply>(parentPort, ({ headers, options, wantPlan })
     if (err instanceof SafetensorsError) {
       return { error: { kind: "safetensors", problem: err.problem, message: err.message } };
     }
-    if (err instanceof MergeMismatchError) {
-      return { error: { kind: "mismatch", tensor: err.tensor, message: err.message } };
+    if (err instanceof MergeInputError) {
+      return { error: { kind: "input", tensor: err.tensor, message: err.message } };
     }
     return { error: { kind: "other", message: (err as Error).message } };
   }

@@ -1,26 +1,46 @@
 import { DTYPE_BITS, type Dtype } from "../tensors/dtypes.js";
 import { type FloatDtype, isFloatDtype } from "../tensors/floats.js";
 import { encodeSafetensorsHeader, type SafetensorsHeader } from "../tensors/safetensors.js";
+import { copySources } from "./methods.js";
 
-/** Inputs whose tensors do not line up; the message names the first offending tensor. */
-export class MergeMismatchError extends Error {
+/**
+ * Inputs that cannot be merged: tensors that do not line up, or a dtype that cannot be averaged.
+ * The message names the first offending tensor.
+ */
+export class MergeInputError extends Error {
   constructor(
     message: string,
     readonly tensor: string,
   ) {
     super(message);
-    this.name = "MergeMismatchError";
+    this.name = "MergeInputError";
   }
 }
+
+/** Dtypes copied rather than averaged: integers and bool. */
+const COPIED_DTYPES: ReadonlySet<Dtype> = new Set([
+  "BOOL",
+  "U8",
+  "I8",
+  "I16",
+  "U16",
+  "I32",
+  "U32",
+  "I64",
+  "U64",
+]);
 
 export interface PlannedTensor {
   name: string;
   dtype: Dtype;
   outDtype: Dtype;
   elements: number;
-  /** Averaged with the coefficients (floats), or copied from the first input (integers, bool, excluded). */
+  /** Averaged with the coefficients (floats), or copied (integers, bool, excluded). */
   averaged: boolean;
-  /** Absolute byte offset of the tensor's data in each input (only the first, when copied). */
+  /**
+   * Absolute byte offset of the tensor's data in each input; only the first input's for an
+   * excluded tensor, which the other inputs need not have.
+   */
   inputOffsets: number[];
   /** Absolute byte offset of the tensor's data in every output. */
   outputOffset: number;
@@ -37,6 +57,8 @@ export interface Block {
 export interface MergePlan {
   /** rows[j][k]: input k's weight in output j. */
   coefficients: number[][];
+  /** copyFrom[j]: the input output j's integer and bool tensors come from (`copySources`). */
+  copyFrom: number[];
   tensors: PlannedTensor[];
   blocks: Block[];
   /** Prefix and header of every output file (they share one layout). */
@@ -87,7 +109,9 @@ export interface PlanOptions {
 
 /**
  * Checks that the inputs agree (every tensor name, shape and dtype, except excluded names) and
- * lays out the outputs: the first input's tensor order, the output dtype for averaged tensors.
+ * that every tensor not excluded is a float the engine averages (F64, F32, F16, BF16, F8_E4M3,
+ * F8_E5M2) or an integer or bool it copies; lays out the outputs: the first input's tensor
+ * order, the output dtype for averaged tensors.
  */
 export function planMerge(options: PlanOptions): MergePlan {
   const { headers, labels, coefficients } = options;
@@ -99,19 +123,25 @@ export function planMerge(options: PlanOptions): MergePlan {
 
   for (const t of first.tensors) {
     if (isExcluded(t.name)) continue;
+    if (!isFloatDtype(t.dtype) && !COPIED_DTYPES.has(t.dtype)) {
+      throw new MergeInputError(
+        `tensor ${JSON.stringify(t.name)} is ${t.dtype}, which cannot be averaged (floats: F64, F32, F16, BF16, F8_E4M3, F8_E5M2); exclude it to copy it from the first input`,
+        t.name,
+      );
+    }
     rest.forEach((_, i) => {
       const other = byName[i + 1]?.get(t.name);
       const where = `tensor ${JSON.stringify(t.name)}`;
       if (!other)
-        throw new MergeMismatchError(`${where} is in ${labels[0]} but not in ${labels[i + 1]}`, t.name);
+        throw new MergeInputError(`${where} is in ${labels[0]} but not in ${labels[i + 1]}`, t.name);
       if (other.dtype !== t.dtype) {
-        throw new MergeMismatchError(
+        throw new MergeInputError(
           `${where} is ${t.dtype} in ${labels[0]} but ${other.dtype} in ${labels[i + 1]}`,
           t.name,
         );
       }
       if (other.shape.join(",") !== t.shape.join(",")) {
-        throw new MergeMismatchError(
+        throw new MergeInputError(
           `${where} has shape [${t.shape}] in ${labels[0]} but [${other.shape}] in ${labels[i + 1]}`,
           t.name,
         );
@@ -121,7 +151,7 @@ export function planMerge(options: PlanOptions): MergePlan {
   rest.forEach((h, i) => {
     const extra = h.tensors.find((t) => !isExcluded(t.name) && !byName[0]?.has(t.name));
     if (extra) {
-      throw new MergeMismatchError(
+      throw new MergeInputError(
         `tensor ${JSON.stringify(extra.name)} is in ${labels[i + 1]} but not in ${labels[0]}`,
         extra.name,
       );
@@ -149,7 +179,7 @@ export function planMerge(options: PlanOptions): MergePlan {
       outDtype,
       elements,
       averaged,
-      inputOffsets: averaged
+      inputOffsets: !isExcluded(t.name)
         ? headers.map((h, k) => h.dataStart + (byName[k]?.get(t.name)?.begin ?? 0))
         : [first.dataStart + t.begin],
       outputOffset: encoded.header.dataStart + out.begin,
@@ -162,6 +192,7 @@ export function planMerge(options: PlanOptions): MergePlan {
   });
   return {
     coefficients,
+    copyFrom: copySources(coefficients),
     tensors,
     blocks,
     headerBytes: encoded.bytes,

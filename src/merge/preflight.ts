@@ -1,7 +1,7 @@
 import { SafetensorsError, type SafetensorsProblem } from "../tensors/safetensors.js";
 import { type ByteSource, readBytes, readHeaderLength } from "../tensors/source.js";
 import { ThreadService } from "../threads.js";
-import { MergeMismatchError, type MergePlan, type PlanOptions } from "./plan.js";
+import { MergeInputError, type MergePlan, type PlanOptions } from "./plan.js";
 
 /** A header's bytes (without the 8-byte prefix) and the size of the file it heads. */
 interface HeaderBytes {
@@ -21,7 +21,7 @@ export type PlanReply =
   | {
       error:
         | { kind: "safetensors"; problem: SafetensorsProblem; message: string }
-        | { kind: "mismatch"; tensor: string; message: string }
+        | { kind: "input"; tensor: string; message: string }
         | { kind: "other"; message: string };
     };
 
@@ -50,7 +50,7 @@ export class HeadersTooLargeError extends Error {
  * merge on a worker thread, so that parsing them - seconds for headers of tens of MB - never
  * holds the caller's event loop. The headers may hold `maxTotalHeaderBytes` together
  * (`HeadersTooLargeError` beyond, before any is read). Rejects as planning on the calling thread
- * would: `SafetensorsError`, `MergeMismatchError`.
+ * would: `SafetensorsError`, `MergeInputError`.
  */
 export async function planMergeOffThread(
   sources: ByteSource[],
@@ -98,7 +98,7 @@ async function runPlan(
   if ("plan" in reply) return reply.plan;
   const { error } = reply;
   if (error.kind === "safetensors") throw new SafetensorsError(error.problem, error.message);
-  if (error.kind === "mismatch") throw new MergeMismatchError(error.message, error.tensor);
+  if (error.kind === "input") throw new MergeInputError(error.message, error.tensor);
   throw new Error(error.message);
 }
 

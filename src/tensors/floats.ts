@@ -1,14 +1,97 @@
 /**
  * Float conversions between the storage dtypes and float32, with round-to-nearest-even when
- * narrowing (NaN stays NaN, overflow becomes infinity), as numpy and torch do.
+ * narrowing (NaN stays NaN), as numpy, torch and ml_dtypes do. Overflow becomes infinity, except
+ * in F8_E4M3 (the "fn" format: no infinities), where it becomes NaN, as torch's
+ * `.to(torch.float8_e4m3fn)` does.
  */
-export type FloatDtype = "F16" | "BF16" | "F32" | "F64";
+export type FloatDtype = "F16" | "BF16" | "F32" | "F64" | "F8_E4M3" | "F8_E5M2";
+
+export const FLOAT_BYTES: Record<FloatDtype, number> = {
+  F16: 2,
+  BF16: 2,
+  F32: 4,
+  F64: 8,
+  F8_E4M3: 1,
+  F8_E5M2: 1,
+};
 
 export function isFloatDtype(dtype: string): dtype is FloatDtype {
-  return dtype === "F16" || dtype === "BF16" || dtype === "F32" || dtype === "F64";
+  return Object.hasOwn(FLOAT_BYTES, dtype);
 }
 
-export const FLOAT_BYTES: Record<FloatDtype, number> = { F16: 2, BF16: 2, F32: 4, F64: 8 };
+/** An 8-bit float format: exponent bias, mantissa bits, and what its top codes mean. */
+interface Minifloat {
+  bias: number;
+  mantissaBits: number;
+  /** The largest finite code (sign bit clear). */
+  maxCode: number;
+  /** What a magnitude past `maxCode` becomes: NaN (E4M3) or infinity (E5M2). */
+  overflow: number;
+  /** The code of +infinity, if the format has one. */
+  infinity: number | null;
+  nan: number;
+}
+
+const MINIFLOATS: Record<"F8_E4M3" | "F8_E5M2", Minifloat> = {
+  // OCP E4M3 ("e4m3fn"): no infinities, S.1111.111 is NaN, the largest value 448.
+  F8_E4M3: { bias: 7, mantissaBits: 3, maxCode: 0x7e, overflow: 0x7f, infinity: null, nan: 0x7f },
+  // OCP E5M2: IEEE-like, S.11111.00 is infinity, S.11111.xx NaN, the largest value 57344.
+  F8_E5M2: { bias: 15, mantissaBits: 2, maxCode: 0x7b, overflow: 0x7c, infinity: 0x7c, nan: 0x7f },
+};
+
+const minifloatTables = new Map<Minifloat, Float32Array>();
+
+/** Every one of a minifloat's 256 codes decoded (exactly: float32 holds each of them). */
+function minifloatTable(format: Minifloat): Float32Array {
+  const cached = minifloatTables.get(format);
+  if (cached) return cached;
+  const { bias, mantissaBits } = format;
+  const table = new Float32Array(256);
+  for (let code = 0; code < 256; code++) {
+    const sign = code & 0x80 ? -1 : 1;
+    const magnitude = code & 0x7f;
+    const exponent = magnitude >> mantissaBits;
+    const mantissa = magnitude & ((1 << mantissaBits) - 1);
+    const unit = 2 ** mantissaBits;
+    if (magnitude > format.maxCode)
+      table[code] = magnitude === format.infinity ? sign * Infinity : Number.NaN;
+    else if (exponent === 0) table[code] = sign * (mantissa / unit) * 2 ** (1 - bias);
+    else table[code] = sign * (1 + mantissa / unit) * 2 ** (exponent - bias);
+  }
+  minifloatTables.set(format, table);
+  return table;
+}
+
+/** q rounded to the nearest integer, ties to even. */
+function roundHalfEven(q: number): number {
+  const floor = Math.floor(q);
+  const rest = q - floor;
+  if (rest > 0.5) return floor + 1;
+  if (rest < 0.5) return floor;
+  return floor + (floor % 2);
+}
+
+/**
+ * A number -> a minifloat code, round to nearest even. The magnitude is scaled by a power of two
+ * (exact) to a count of its binade's steps (2^m to 2^(m+1) for normals, the implicit bit
+ * included; below 2^m for subnormals) and rounded once; codes are consecutive, so a rounding
+ * that carries past a binade's last mantissa lands on the next binade's first code.
+ */
+function toMinifloatBits(value: number, format: Minifloat): number {
+  if (Number.isNaN(value)) return format.nan;
+  const sign = value < 0 || Object.is(value, -0) ? 0x80 : 0;
+  const magnitude = Math.abs(value);
+  if (magnitude === Infinity) return sign | format.overflow;
+  if (magnitude === 0) return sign;
+  const { bias, mantissaBits } = format;
+  let exponent = Math.floor(Math.log2(magnitude));
+  if (2 ** exponent > magnitude) exponent--; // Math.log2 may round up
+  if (2 ** (exponent + 1) <= magnitude) exponent++; // or down
+  exponent = Math.max(1 - bias, exponent); // subnormals: the smallest exponent, field 0
+  const steps = roundHalfEven(magnitude / 2 ** (exponent - mantissaBits));
+  const code = ((exponent + bias - 1) << mantissaBits) + steps;
+  return sign | (code > format.maxCode ? format.overflow : code);
+}
 
 const f32 = new Float32Array(1);
 const u32 = new Uint32Array(f32.buffer);
@@ -88,6 +171,10 @@ export function decodeFloats(bytes: Uint8Array, dtype: FloatDtype, out: Float32A
       out.set(new Float32Array(wide.buffer));
       return;
     }
+    default: {
+      const table = minifloatTable(MINIFLOATS[dtype]);
+      for (let i = 0; i < n; i++) out[i] = table[bytes[i] as number] as number;
+    }
   }
 }
 
@@ -114,6 +201,10 @@ export function encodeFloatsInto(
       const out = new Uint16Array(target.buffer, target.byteOffset, n);
       for (let i = 0; i < n; i++) out[i] = toBfloatBits(values[i] as number);
       return;
+    }
+    default: {
+      const format = MINIFLOATS[dtype];
+      for (let i = 0; i < n; i++) target[i] = toMinifloatBits(values[i] as number, format);
     }
   }
 }

@@ -5,7 +5,7 @@ import type { QueuedJob } from "../../jobs/queue.js";
 import { runTfjsTask, type TfjsOptions, TfjsTaskError, tfjsEnvironment } from "../../jobs/tfjs-process.js";
 import { blockElementsFor, runMerge, slotCount, streamSink } from "../../merge/engine.js";
 import { type MergeMethod, MergeSpecError, mergeCoefficients } from "../../merge/methods.js";
-import { MergeMismatchError, type PlanOptions } from "../../merge/plan.js";
+import { MergeInputError, type PlanOptions } from "../../merge/plan.js";
 import { MergePool } from "../../merge/pool.js";
 import {
   checkMergeOffThread,
@@ -114,7 +114,7 @@ async function preflight<T>(plan: () => Promise<T>): Promise<T> {
   try {
     return await plan();
   } catch (err) {
-    if (err instanceof MergeMismatchError) throw new InvalidInputError(err.message, { tensor: err.tensor });
+    if (err instanceof MergeInputError) throw new InvalidInputError(err.message, { tensor: err.tensor });
     if (err instanceof HeadersTooLargeError) {
       throw new PayloadTooLargeError(err.message, { limit_bytes: err.limitBytes });
     }
