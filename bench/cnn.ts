@@ -15,7 +15,7 @@
  */
 import { selectBackend } from "../src/ml/backend.js";
 import { loadBuiltInDataset } from "../src/ml/datasets.js";
-import { type Progress, type TrainingSpec, trainPopulation, type Variant } from "../src/ml/train.js";
+import { type Progress, type TrainingSpec, trainPopulation, type Variant } from "../src/ml/population.js";
 import { printTableHeader, printTableRow } from "./table.js";
 
 const maxTrain = Number(process.argv[2] ?? 60_000);
@@ -54,6 +54,7 @@ function spec(variant: Variant, warmupSteps: number): TrainingSpec {
     },
     epochs,
     batchSize,
+    baseAugmentation: false,
   };
 }
 

@@ -17,9 +17,9 @@ import { execFileSync } from "node:child_process";
 import { parseArgs } from "node:util";
 import * as tf from "@tensorflow/tfjs";
 import { type BackendName, selectBackend } from "../src/ml/backend.js";
-import { buildModel, type ModelSpec } from "../src/ml/models.js";
+import { buildModel, logitsModel, type ModelSpec } from "../src/ml/models.js";
 import { MemberOptimizer } from "../src/ml/optimizer.js";
-import { trainStep } from "../src/ml/train.js";
+import { trainStep } from "../src/ml/step.js";
 
 const { values } = parseArgs({
   options: {
@@ -58,6 +58,7 @@ function median(xs: number[]): number {
 /** Our step on one model: `measure()` gives the median of `steps` steps; `dispose()` frees it. */
 async function ours(spec: ModelSpec) {
   const model = buildModel(spec, [28, 28, 1], 10, 1);
+  const logits = logitsModel(model);
   const trainable = model.trainableWeights.map((w) => w.read() as tf.Variable);
   const optimizer = new MemberOptimizer(
     {
@@ -76,7 +77,7 @@ async function ours(spec: ModelSpec) {
   const y = new Float32Array(BATCH * 10).fill(0.1);
   const step = () => {
     const loss = trainStep(
-      model,
+      logits,
       trainable,
       optimizer,
       tf.tensor4d(x, [BATCH, 28, 28, 1]),

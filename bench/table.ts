@@ -1,4 +1,4 @@
-import type { TrainingOutcome } from "../src/ml/train.js";
+import type { TrainingOutcome } from "../src/ml/population.js";
 
 /** The variants table of the training benchmarks: accuracies in %, then training seconds. */
 export function printTableHeader(): void {

@@ -13,7 +13,7 @@ import { papaPull } from "../src/ml/averaging.js";
 import { selectBackend } from "../src/ml/backend.js";
 import { type BuiltInDataset, loadBuiltInDataset } from "../src/ml/datasets.js";
 import { buildModel } from "../src/ml/models.js";
-import { type TrainingSpec, trainPopulation, type Variant } from "../src/ml/train.js";
+import { type TrainingSpec, trainPopulation, type Variant } from "../src/ml/population.js";
 import { printTableHeader, printTableRow } from "./table.js";
 
 const dataset = (process.argv[2] ?? "mnist") as BuiltInDataset;
@@ -47,6 +47,7 @@ function spec(variant: Variant, epochCount: number): TrainingSpec {
     },
     epochs: epochCount,
     batchSize: 128,
+    baseAugmentation: false,
   };
 }
 

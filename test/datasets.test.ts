@@ -56,6 +56,7 @@ describe("uploaded datasets", () => {
     expect(training.status).toBe(202);
     const job = await waitForJob(h, ((await training.json()) as JobBody).id, 60_000);
     expect(job.status, JSON.stringify(job.problem)).toBe("succeeded");
+    expect(job.params).toMatchObject({ base_augmentation: false }); // digits: no crop and flip
     const result = job.result as unknown as { members: { accuracy: number }[] };
     for (const m of result.members) expect(m.accuracy).toBeGreaterThan(0.6);
 
@@ -70,12 +71,30 @@ describe("uploaded datasets", () => {
       test: [Buffer.concat([record(4)])],
     });
     expect(res.status).toBe(201);
-    expect(await res.json()).toMatchObject({
-      shape: [32, 32, 3],
-      classes: 10,
-      train_count: 3,
-      test_count: 1,
-    });
+    const dataset = (await res.json()) as { id: string };
+    expect(dataset).toMatchObject({ shape: [32, 32, 3], classes: 10, train_count: 3, test_count: 1 });
+
+    // Natural images: the base augmentation (crop and flip) is on unless the request turns it off.
+    const train = async (extra: object) => {
+      const created = await h.request("/v1/trainings", {
+        method: "POST",
+        body: JSON.stringify({
+          dataset: dataset.id,
+          model: { kind: "mlp", hidden: [4] },
+          population: { size: 2, variant: "papa-2", every_k_epochs: 1 },
+          epochs: 2,
+          batch_size: 2,
+          ...extra,
+        }),
+        headers: { "Content-Type": "application/json" },
+      });
+      expect(created.status).toBe(202);
+      return waitForJob(h, ((await created.json()) as JobBody).id, 60_000);
+    };
+    const cropped = await train({});
+    expect(cropped.status, JSON.stringify(cropped.problem)).toBe("succeeded");
+    expect(cropped.params).toMatchObject({ base_augmentation: true });
+    expect((await train({ base_augmentation: false })).params).toMatchObject({ base_augmentation: false });
   });
 
   it.each([

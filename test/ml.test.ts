@@ -2,25 +2,27 @@ import { gzipSync } from "node:zlib";
 import * as tf from "@tensorflow/tfjs";
 import { beforeAll, describe, expect, it } from "vitest";
 import { mergeCoefficients } from "../src/merge/methods.js";
+import { augmentedBatch, cutmixBox, drawDiversity, ERASING } from "../src/ml/augmentation.js";
 import { averageMembers, papaPull, reestimateBatchNorm } from "../src/ml/averaging.js";
 import { BackendError, selectBackend } from "../src/ml/backend.js";
 import { DatasetError, idxSplit } from "../src/ml/dataset-formats.js";
 import { BUILT_IN_DESCRIPTIONS, loadBuiltInDataset } from "../src/ml/datasets.js";
+import { calibrationBatches, memberAndEnsembleAccuracy } from "../src/ml/evaluation.js";
 import { modelSize } from "../src/ml/memory.js";
-import { buildModel, type ModelSpec, namedWeights } from "../src/ml/models.js";
+import { buildModel, logitsModel, type ModelSpec, namedWeights } from "../src/ml/models.js";
 import { MemberOptimizer } from "../src/ml/optimizer.js";
 import {
   DivergenceError,
-  drawDiversity,
-  greedySoupIngredients,
-  learningRate,
+  holdOut,
   type OptimizerSpec,
   type PopulationSpec,
-  papaBeta,
   type TrainingState,
   trainPopulation,
-  trainStep,
-} from "../src/ml/train.js";
+} from "../src/ml/population.js";
+import { learningRate, papaBeta } from "../src/ml/schedule.js";
+import { greedySoupIngredients } from "../src/ml/soups.js";
+import { trainStep } from "../src/ml/step.js";
+import { seededRandom, streamSeed } from "../src/random.js";
 
 const SHAPE: [number, number, number] = [4, 4, 1];
 
@@ -58,6 +60,22 @@ describe("averaging members in place", () => {
         );
       }
     });
+  });
+
+  it("a PAPA event costs O(p |theta|): one mean, one interpolation per member, not a p x p matrix", async () => {
+    /** Elements every kernel of one pull writes, for a population of p. */
+    const work = async (p: number) => {
+      const members = tinyPopulation(p);
+      const info = await tf.profile(() => papaPull(members, 0.1));
+      for (const m of members) m.dispose();
+      return info.kernels.reduce(
+        (sum, k) => sum + k.outputShapes.reduce((a, shape) => a + shape.reduce((x, y) => x * y, 1), 0),
+        0,
+      );
+    };
+    const [two, sixteen] = [await work(2), await work(16)];
+    // Linear: 8x the members, about 8x the work (a p x p matrix would be 64x).
+    expect(sixteen / two).toBeLessThan(10);
   });
 
   it("PAPA-all leaves all members equal to the mean; PAPA-2 children are pair means", () => {
@@ -113,6 +131,100 @@ describe("averaging members in place", () => {
   });
 });
 
+describe("loss and BatchNorm statistics", () => {
+  it("trains on logits: a confidently wrong member still gets a gradient (log of a clipped probability gives none)", () => {
+    const model = buildModel({ kind: "mlp", hidden: [3] }, SHAPE, 2, 1);
+    const logits = model.getLayer("logits");
+    const [kernel] = logits.getWeights();
+    logits.setWeights([kernel as tf.Tensor, tf.tensor1d([40, 0])]); // p(class 1) ~ e^-40
+    const trainable = model.trainableWeights.map((w) => w.read() as tf.Variable);
+    const optimizer = new MemberOptimizer(
+      {
+        kind: "sgd",
+        lr: 0.1,
+        momentum: 0,
+        nesterov: false,
+        weightDecay: 0,
+        schedule: "constant",
+        minLr: 0,
+        warmupSteps: 0,
+      },
+      trainable,
+    );
+    const loss = trainStep(
+      logitsModel(model),
+      trainable,
+      optimizer,
+      tf.zeros([2, ...SHAPE]),
+      tf.tensor2d([0, 1, 0, 1], [2, 2]),
+      0.1,
+    );
+    // The true cross-entropy (~40), not -log(1e-7) = 16.1; and the bias moved down by lr * 1.
+    expect(loss.dataSync()[0]).toBeGreaterThan(39);
+    const [, bias] = logits.getWeights();
+    expectClose(Array.from(bias?.dataSync() ?? []), [39.9, 0.1]);
+    loss.dispose();
+    optimizer.dispose();
+    model.dispose();
+  });
+
+  it("exports models that give probabilities, from a softmax layer after the logits", () => {
+    const model = buildModel({ kind: "cnn", channels: [2] }, SHAPE, 3, 1);
+    expect(model.getLayer("logits").getConfig().activation).toBe("linear");
+    expect(model.getLayer("probabilities").getConfig().activation).toBe("softmax");
+    expect(model.outputs[0]?.sourceLayer.name).toBe("probabilities");
+    const p = model.predict(tf.randomUniform([4, ...SHAPE], 0, 1, "float32", 3)) as tf.Tensor;
+    for (const row of p.arraySync() as number[][]) expect(row.reduce((a, b) => a + b, 0)).toBeCloseTo(1, 5);
+    model.dispose();
+  });
+
+  it("re-estimates a multi-layer CNN's statistics layer after layer, each on re-estimated inputs", () => {
+    const model = buildModel({ kind: "cnn", channels: [2, 3] }, [8, 8, 1], 2, 4);
+    const batches = [0, 1].map((b) => tf.randomUniform([5, 8, 8, 1], 0, 1, "float32", 10 + b));
+    reestimateBatchNorm(model, batches);
+    for (const [layer, input, channels] of [
+      ["bn_0", "conv_0", 2],
+      ["bn_1", "conv_1", 3],
+    ] as const) {
+      // By hand, with the model as it now is: bn_1's input runs through the re-estimated bn_0.
+      const probe = tf.model({
+        inputs: model.inputs,
+        outputs: model.getLayer(input).output as tf.SymbolicTensor,
+      });
+      const values = batches.flatMap((b) => Array.from((probe.predict(b) as tf.Tensor).dataSync()));
+      const of = (c: number) => values.filter((_, i) => i % channels === c);
+      const mean = Array.from(
+        { length: channels },
+        (_, c) => of(c).reduce((a, b) => a + b, 0) / of(c).length,
+      );
+      const variance = mean.map((m, c) => of(c).reduce((a, b) => a + (b - m) ** 2, 0) / of(c).length);
+      const [movingMean, movingVariance] = model.getLayer(layer).getWeights().slice(2);
+      expectClose(Array.from(movingMean?.dataSync() ?? []), mean);
+      expectClose(Array.from(movingVariance?.dataSync() ?? []), variance);
+    }
+    model.dispose();
+  });
+
+  it("never stores a negative variance for a near-constant channel", () => {
+    // 126.74 plus noise of 1e-4 of it: E[x^2] - E[x]^2 rounds to -0.002 in float32.
+    const input = tf.input({ shape: [5, 5, 1] });
+    const model = tf.model({
+      inputs: input,
+      outputs: tf.layers.batchNormalization().apply(input) as tf.SymbolicTensor,
+    });
+    const batch = tf.tidy(() =>
+      tf.add(
+        tf.fill([3, 5, 5, 1], 126.74),
+        tf.mul(tf.randomUniform([3, 5, 5, 1], 0, 1, "float32", 2), 0.012674),
+      ),
+    );
+    reestimateBatchNorm(model, [batch]);
+    const variance = model.layers[1]?.getWeights()[3]?.dataSync()[0] ?? Number.NaN;
+    expect(variance).toBeGreaterThanOrEqual(0);
+    model.dispose();
+  });
+});
+
 describe("population training rules", () => {
   const o: OptimizerSpec = {
     kind: "sgd",
@@ -153,6 +265,20 @@ describe("population training rules", () => {
     expect(papaBeta(p, warm, 4, 110)).toBeCloseTo(0.01 * 0.5, 12);
   });
 
+  it("gives every random stream its own seed: no two (seed, purpose, member, epoch) share one", () => {
+    const seen = new Map<number, string>();
+    for (const seed of [0, 1, 2, 7, 2 ** 32 - 1])
+      for (const purpose of ["init", "data-order", "augmentation", "papa-2", "diversity", "calibration"])
+        for (let member = 0; member < 8; member++)
+          for (let epoch = 0; epoch < 30; epoch++) {
+            const key = `${seed}/${purpose}/${member}/${epoch}`;
+            const value = streamSeed(seed, purpose, member, epoch);
+            expect(seen.get(value), key).toBeUndefined();
+            seen.set(value, key);
+          }
+    expect(seen.size).toBe(5 * 6 * 8 * 30);
+  });
+
   it("draws diversity combinations without replacement", () => {
     const sets = { mixup: [0, 0.5], labelSmoothing: [0, 0.1], cutmix: [0], randomErasing: [0] };
     const drawn = drawDiversity(sets, 4, 3);
@@ -161,14 +287,214 @@ describe("population training rules", () => {
   });
 
   it("greedy soup adds a member only if held-out accuracy strictly improves", () => {
-    const soupAcc: Record<string, number> = { "1,2": 0.91, "1,2,0": 0.91, "1,2,3": 0.95 };
+    const soupAcc: Record<string, number> = { "1": 0.9, "1,2": 0.91, "1,2,0": 0.91, "1,2,3": 0.95 };
     const calls: string[] = [];
     const chosen = greedySoupIngredients([0.5, 0.9, 0.7, 0.6], (ingredients) => {
       calls.push(ingredients.join(","));
       return soupAcc[ingredients.join(",")] ?? 0;
     });
-    expect(calls).toEqual(["1,2", "1,2,3", "1,2,3,0"]);
+    expect(calls).toEqual(["1", "1,2", "1,2,3", "1,2,3,0"]);
     expect(chosen).toEqual([1, 2, 3]);
+  });
+
+  it("greedy soup scores the first member as a soup too, under the candidates' BatchNorm treatment", () => {
+    // Member 1 scores 0.9 with its own statistics but 0.8 as a soup of one (re-estimated); the
+    // two-member soup's 0.85 beats the like-for-like incumbent, not the member's own 0.9.
+    const soupAcc: Record<string, number> = { "1": 0.8, "1,0": 0.85 };
+    expect(greedySoupIngredients([0.7, 0.9], (ids) => soupAcc[ids.join(",")] ?? 0)).toEqual([1, 0]);
+  });
+
+  it("holds out a fixed 2% of the training split, disjoint from what trains", () => {
+    const split = {
+      x: Float32Array.from({ length: 1000 }, (_, i) => i),
+      y: new Int32Array(1000),
+      count: 1000,
+    };
+    const { heldOut, train } = holdOut(split);
+    expect(heldOut.count).toBe(20);
+    expect(train.count).toBe(980);
+    const ids = [...heldOut.x, ...train.x];
+    expect(new Set(ids).size).toBe(1000);
+    expect(holdOut(split).heldOut.x).toEqual(heldOut.x);
+  });
+
+  it("draws calibration batches at random from the whole split, not its first (sorted) examples", () => {
+    // Sorted by class, as the built-in MNIST is: 100 examples of each of 10 classes.
+    const count = 1000;
+    const split = {
+      x: Float32Array.from({ length: count }, (_, i) => Math.floor(i / 100)),
+      y: Int32Array.from({ length: count }, (_, i) => Math.floor(i / 100)),
+      count,
+    };
+    const batches = calibrationBatches(split, [1, 1, 1], 32, 8, 7);
+    const classes = batches.flatMap((b) => Array.from(b.dataSync()));
+    expect(classes).toHaveLength(256);
+    for (let c = 0; c < 10; c++) {
+      const share = classes.filter((x) => x === c).length / 256;
+      expect(share).toBeGreaterThan(0.04);
+      expect(share).toBeLessThan(0.18);
+    }
+    const again = calibrationBatches(split, [1, 1, 1], 32, 8, 7).flatMap((b) => Array.from(b.dataSync()));
+    expect(again).toEqual(classes);
+    for (const b of batches) b.dispose();
+  });
+
+  it("ensembles by averaging probabilities, not by majority vote nor by averaging logits", () => {
+    /** A model predicting the same logits [a, 0] for every input (class 0 vs 1: logit margin a). */
+    const constant = (margin: number) => {
+      const model = buildModel({ kind: "mlp", hidden: [] }, [1, 1, 1], 2, 1);
+      const logits = model.getLayer("logits");
+      logits.setWeights([tf.zeros([1, 2]), tf.tensor1d([margin, 0])]);
+      return model;
+    };
+    const split = { x: new Float32Array([0.5]), y: Int32Array.of(1), count: 1 };
+    // Margins 1, 1, -8: two of three vote class 0, but the mean probability of class 0 is
+    // (0.731 + 0.731 + 0.0003) / 3 < 0.5: class 1.
+    const vote = [1, 1, -8].map(constant);
+    expect(memberAndEnsembleAccuracy(vote, split, [1, 1, 1])).toEqual({ members: [0, 0, 1], ensemble: 1 });
+    // Margins 3, -1, -1: mean logit margin 1/3 (class 0), mean probability of class 0
+    // (0.953 + 0.269 + 0.269) / 3 < 0.5: class 1.
+    const logits = [3, -1, -1].map(constant);
+    expect(memberAndEnsembleAccuracy(logits, split, [1, 1, 1])).toEqual({ members: [0, 1, 1], ensemble: 1 });
+    for (const m of [...vote, ...logits]) m.dispose();
+  });
+
+  it("erases timm's boxes (2-33% of the area, aspect 0.3-3.3) and cuts timm's CutMix boxes", () => {
+    const [h, w] = [32, 32];
+    const images = 300;
+    const split = { x: new Float32Array(images * h * w).fill(2), y: new Int32Array(images), count: images };
+    const diversity = { mixup: 0, labelSmoothing: 0, cutmix: 0, randomErasing: 1 };
+    const { x } = augmentedBatch(
+      split,
+      Array.from({ length: images }, (_, i) => i),
+      [h, w, 1],
+      2,
+      { diversity, baseAugmentation: false },
+      seededRandom(5),
+    );
+    const areas: number[] = [];
+    for (let i = 0; i < images; i++) {
+      const erased: [number, number][] = [];
+      for (let p = 0; p < h * w; p++) if (x[i * h * w + p] !== 2) erased.push([Math.floor(p / w), p % w]);
+      const rows = erased.map(([r]) => r);
+      const cols = erased.map(([, q]) => q);
+      const eh = Math.max(...rows) - Math.min(...rows) + 1;
+      const ew = Math.max(...cols) - Math.min(...cols) + 1;
+      expect(eh * ew).toBe(erased.length); // one rectangle
+      // Sides are rounded from the drawn area and aspect: allow that rounding.
+      expect(erased.length).toBeGreaterThanOrEqual(Math.floor(ERASING.minArea * h * w * 0.8));
+      expect(erased.length).toBeLessThanOrEqual(Math.ceil(ERASING.maxArea * h * w * 1.2));
+      expect(eh / ew).toBeGreaterThan(0.3 * 0.7);
+      expect(eh / ew).toBeLessThan(3.34 / 0.7);
+      areas.push(erased.length / (h * w));
+    }
+    expect(areas.filter((a) => a > 0.25).length).toBeGreaterThan(images / 10);
+    expect(areas.filter((a) => a < 0.08).length).toBeGreaterThan(images / 10);
+
+    // CutMix: a box of sides floor(32 sqrt(1 - lam)) centred on a uniform pixel, clipped, and
+    // lam recomputed from what is left.
+    let clipped = 0;
+    for (let t = 0; t < 200; t++) {
+      const random = (() => {
+        let i = 0;
+        const draws = [(t % 20) / 20, Math.floor(t / 20) / 10];
+        return () => draws[i++ % 2] as number;
+      })();
+      const box = cutmixBox([32, 32], 0.75, random);
+      const [cy, cx] = [Math.floor(((t % 20) / 20) * 32), Math.floor((Math.floor(t / 20) / 10) * 32)];
+      expect(box.top).toBe(Math.max(0, cy - 8));
+      expect(box.bottom).toBe(Math.min(32, cy + 8));
+      expect(box.left).toBe(Math.max(0, cx - 8));
+      expect(box.right).toBe(Math.min(32, cx + 8));
+      expect(box.lam).toBeCloseTo(1 - ((box.bottom - box.top) * (box.right - box.left)) / 1024, 12);
+      if (box.lam > 0.75) clipped++;
+    }
+    expect(clipped).toBeGreaterThan(0);
+  });
+
+  it("crops with 4 pixels of zero padding and flips half the images, when the base augmentation is on", () => {
+    const [h, w] = [8, 8];
+    const images = 400;
+    const one = Float32Array.from({ length: h * w }, (_, i) => i + 1);
+    const split = { x: new Float32Array(images * h * w), y: new Int32Array(images), count: images };
+    for (let i = 0; i < images; i++) split.x.set(one, i * h * w);
+    const diversity = { mixup: 0, labelSmoothing: 0, cutmix: 0, randomErasing: 0 };
+    const ids = Array.from({ length: images }, (_, i) => i);
+    const { x } = augmentedBatch(
+      split,
+      ids,
+      [h, w, 1],
+      2,
+      { diversity, baseAugmentation: true },
+      seededRandom(1),
+    );
+    /** The image shifted by (dy, dx) after an optional flip, zeros where it leaves the original. */
+    const moved = (dy: number, dx: number, flip: boolean) =>
+      Array.from({ length: h * w }, (_, p) => {
+        const [r, q] = [Math.floor(p / w) + dy, (flip ? w - 1 - (p % w) : p % w) + dx];
+        return r >= 0 && r < h && q >= 0 && q < w ? (one[r * w + q] as number) : 0;
+      });
+    const seen = new Set<string>();
+    let flipped = 0;
+    for (let i = 0; i < images; i++) {
+      const got = Array.from(x.subarray(i * h * w, (i + 1) * h * w));
+      const match = [false, true].flatMap((flip) =>
+        Array.from({ length: 81 }, (_, k) => [Math.floor(k / 9) - 4, (k % 9) - 4, flip] as const).filter(
+          ([dy, dx]) => moved(dy, dx, flip).every((v, p) => v === got[p]),
+        ),
+      );
+      expect(match.length, `image ${i}`).toBeGreaterThan(0);
+      const [dy, dx, flip] = match[0] ?? [0, 0, false];
+      seen.add(`${dy},${dx}`);
+      if (flip) flipped++;
+    }
+    expect(seen.size).toBe(81); // every shift in [-4, 4]^2
+    expect(flipped / images).toBeGreaterThan(0.4);
+    expect(flipped / images).toBeLessThan(0.6);
+    // Off: the images as they are.
+    const plain = augmentedBatch(
+      split,
+      ids,
+      [h, w, 1],
+      2,
+      { diversity, baseAugmentation: false },
+      seededRandom(1),
+    );
+    expect(plain.x).toEqual(split.x);
+  });
+
+  it("PAPA-all averages every k epochs but never after the last one", async () => {
+    const data = await loadBuiltInDataset("mnist", {
+      fashionMnistDir: "/nowhere",
+      maxTrain: 100,
+      maxTest: 20,
+    });
+    const states: TrainingState[] = [];
+    const outcome = await trainPopulation(
+      {
+        model: { kind: "mlp", hidden: [8] },
+        population: { ...p, size: 2, variant: "papa-all", everyKEpochs: 1 },
+        diversity: { mixup: [0], labelSmoothing: [0, 0.1], cutmix: [0], randomErasing: [0] },
+        optimizer: o,
+        epochs: 2,
+        batchSize: 32,
+        baseAugmentation: false,
+      },
+      data,
+      { onEpochEnd: async (state) => void states.push(state) },
+    );
+    // After epoch 1 of 2: one average, both members equal.
+    const [a, b] = states[0]?.members ?? [];
+    expect(a?.weights).toEqual(b?.weights);
+    // After the last epoch: none, the members are as they trained.
+    const [first, second] = snapshot(outcome.members.map((m) => m.model));
+    expect(first).not.toEqual(second);
+    for (const m of [
+      ...outcome.members.map((x) => x.model),
+      outcome.uniformSoup.model,
+      outcome.greedySoup.model,
+    ])
+      m.dispose();
   });
 
   it("stops with a DivergenceError, not a silent NaN model, when a member's loss is not finite", async () => {
@@ -187,6 +513,7 @@ describe("population training rules", () => {
         optimizer: o,
         epochs: 1,
         batchSize: 64,
+        baseAugmentation: false,
       },
       data,
     );
@@ -212,6 +539,7 @@ describe("population training rules", () => {
         optimizer: { ...o, weightDecay: 5e-4 },
         epochs: 2,
         batchSize: 32,
+        baseAugmentation: false,
       },
       data,
       { onProgress: () => tensorsAtProgress.push(tf.memory().numTensors) },
@@ -265,6 +593,7 @@ describe("resuming a training run", () => {
       },
       epochs: 2,
       batchSize: 32,
+      baseAugmentation: true,
     };
     const straight = await trainPopulation(spec, data);
     let saved: TrainingState | undefined;
@@ -355,7 +684,7 @@ describe("model zoo", () => {
       const info = await tf.profile(() => {
         const x = tf.randomUniform([2, 8, 8, 1], 0, 1, "float32", 1);
         const y = tf.tidy(() => tf.oneHot([0, 2], 3).toFloat());
-        trainStep(model, trainable, optimizer, x, y, 0.1).dispose();
+        trainStep(logitsModel(model), trainable, optimizer, x, y, 0.1).dispose();
       });
       const names = info.kernels.map((k) => k.name);
       expect(names).toContain("Conv2DBackpropFilter");
@@ -426,6 +755,7 @@ describe("backends and datasets", () => {
       classes: mnist.classes,
       trainCount: mnist.train.count,
       testCount: mnist.test.count,
+      natural: false,
     }).toEqual(BUILT_IN_DESCRIPTIONS.mnist);
   });
 

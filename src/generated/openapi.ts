@@ -765,7 +765,9 @@ export interface components {
                 /** @description papa-all, papa-2: epochs between hard averages, never at the last (default 5). */
                 every_k_epochs?: number;
             };
-            /** @description Sets from whose product each member's combination is drawn without replacement (default, all [0]). */
+            /** @description The paper's base augmentation for natural images, for every member: a random crop with 4 pixels of zero padding, then a horizontal flip with probability 0.5. Default: on for CIFAR-10 uploads, off for digits and clothes (MNIST, Fashion-MNIST, IDX uploads), where a flip changes what an image is. */
+            base_augmentation?: boolean;
+            /** @description Sets from whose product each member's combination is drawn without replacement (default, all [0]). Per image, after the base augmentation: random erasing as timm's (the official code's): with the member's probability, up to 10 tries at a box of 2-33% of the image's area with a log-uniform aspect ratio in 0.3-3.3, the first that fits filled with uniform noise in [0, 1). Then, over the batch, mixup or CutMix (one of the two with probability 0.5 when both are on; CutMix boxes as timm's: sides sqrt(1 - lambda) of the image's, a uniform centre, clipped, lambda corrected to the box's area) and label smoothing on the targets. */
             diversity?: {
                 mixup?: components["schemas"]["DiversitySet"];
                 label_smoothing?: components["schemas"]["DiversitySet"];

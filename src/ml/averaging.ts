@@ -1,19 +1,19 @@
 import * as tf from "@tensorflow/tfjs";
-import { mergeCoefficients } from "../merge/methods.js";
 import { namedWeights } from "./models.js";
 
 /**
- * Replaces every member's float weights by a combination of all members' weights, with the same
- * coefficient matrices as the merge engine (`mergeCoefficients`): rows[j][k] is member k's weight
- * in member j's new value; a single row (PAPA-all) is given to every member. All new values are
- * computed before any member changes, as tf ops, then assigned in place. Non-float weights are
- * never averaged.
+ * Sets every target's float weights to a combination of the sources' weights, with the same
+ * coefficient matrices as the merge engine (`mergeCoefficients`): rows[j][k] is source k's
+ * weight in target j; a single row (PAPA-all, a soup) is given to every target. All new values
+ * are computed before any target changes, as tf ops, then assigned in place, so sources and
+ * targets may be the same models. Non-float weights are never averaged.
  */
-export function averageMembers(members: tf.LayersModel[], rows: number[][]): void {
-  const weights = members.map((m) => namedWeights(m).map((w) => w.variable));
-  const count = weights[0]?.length ?? 0;
+export function averageInto(sources: tf.LayersModel[], targets: tf.LayersModel[], rows: number[][]): void {
+  const from = sources.map((m) => namedWeights(m).map((w) => w.variable));
+  const into = targets.map((m) => namedWeights(m).map((w) => w.variable));
+  const count = from[0]?.length ?? 0;
   for (let i = 0; i < count; i++) {
-    const column = weights.map((w) => w[i] as tf.LayerVariable);
+    const column = from.map((w) => w[i] as tf.LayerVariable);
     if (column[0]?.dtype !== "float32") continue;
     const updated = tf.tidy(() => {
       const stacked = tf.stack(column.map((v) => v.read())); // [p, ...shape]
@@ -22,17 +22,35 @@ export function averageMembers(members: tf.LayersModel[], rows: number[][]): voi
         return tf.keep(tf.sum(tf.mul(stacked, c), 0));
       });
     });
-    for (const [j, v] of column.entries()) v.write(updated[rows.length === 1 ? 0 : j] as tf.Tensor);
+    into.forEach((w, j) => (w[i] as tf.LayerVariable).write(updated[rows.length === 1 ? 0 : j] as tf.Tensor));
     for (const t of updated) t.dispose();
   }
 }
 
+/** `averageInto` the members themselves: PAPA-all (one row), PAPA-2 (a row per member). */
+export function averageMembers(members: tf.LayersModel[], rows: number[][]): void {
+  averageInto(members, members, rows);
+}
+
 /**
  * The PAPA pull: every member moves `beta` of the way to the population mean,
- * theta_j <- (1 - beta) theta_j + beta mean, with the mean taken before any member moves.
+ * theta_j <- (1 - beta) theta_j + beta mean, with the mean taken before any member moves: the
+ * coefficients of `mergeCoefficients({ method: "papa-pull" })`, computed as one mean and one
+ * interpolation per member, O(p |theta|), not as the p x p matrix, O(p^2 |theta|).
  */
 export function papaPull(members: tf.LayersModel[], beta: number): void {
-  averageMembers(members, mergeCoefficients({ method: "papa-pull", beta }, members.length));
+  const weights = members.map((m) => namedWeights(m).map((w) => w.variable));
+  const count = weights[0]?.length ?? 0;
+  for (let i = 0; i < count; i++) {
+    const column = weights.map((w) => w[i] as tf.LayerVariable);
+    if (column[0]?.dtype !== "float32") continue;
+    const pulled = tf.tidy(() => {
+      const mean = tf.mul(tf.addN(column.map((v) => v.read())), beta / column.length);
+      return column.map((v) => tf.keep(tf.add(tf.mul(v.read(), 1 - beta), mean)));
+    });
+    column.forEach((v, j) => v.write(pulled[j] as tf.Tensor));
+    for (const t of pulled) t.dispose();
+  }
 }
 
 /**
@@ -64,7 +82,8 @@ export function reestimateBatchNorm(model: tf.LayersModel, batches: tf.Tensor[])
       }
       if (!sum || !sumSq) throw new Error("no batches to re-estimate BatchNorm statistics");
       const m = tf.div(sum, n);
-      return { mean: m, variance: tf.sub(tf.div(sumSq, n), tf.square(m)) };
+      // E[x^2] - E[x]^2 can round below 0 for a near-constant channel: clamp, as the fused kernel does.
+      return { mean: m, variance: tf.relu(tf.sub(tf.div(sumSq, n), tf.square(m))) };
     });
     meanVar.write(mean);
     varVar.write(variance);

@@ -22,6 +22,9 @@ export class DatasetTooLargeError extends DatasetError {
 
 export type UploadFormat = "idx" | "cifar10";
 
+/** Whether a format holds natural images (cropped and flipped by default when trained on). */
+export const NATURAL_IMAGES: Record<UploadFormat, boolean> = { idx: false, cifar10: true };
+
 /** The files each format needs, by form field. */
 export const UPLOAD_FIELDS: Record<UploadFormat, string[]> = {
   idx: ["train_images", "train_labels", "test_images", "test_labels"],
@@ -231,7 +234,13 @@ export function describeUpload(
   if (format === "cifar10") {
     const records = (field: string) =>
       (files[field] ?? []).reduce((n, f) => n + (f.kind === "cifar10" ? f.records : 0), 0);
-    return { shape: [32, 32, 3], classes: 10, trainCount: records("train"), testCount: records("test") };
+    return {
+      shape: [32, 32, 3],
+      classes: 10,
+      trainCount: records("train"),
+      testCount: records("test"),
+      natural: NATURAL_IMAGES.cifar10,
+    };
   }
   const one = (field: string): FileSummary => {
     const list = files[field] ?? [];
@@ -246,7 +255,13 @@ export function describeUpload(
   const classes = Math.max(train.maxLabel, test.maxLabel) + 1;
   if (classes < 2 || classes > 1000)
     throw new DatasetError(`labels span ${classes} classes; 2 to 1000 are supported`);
-  return { shape: train.shape, classes, trainCount: train.count, testCount: test.count };
+  return {
+    shape: train.shape,
+    classes,
+    trainCount: train.count,
+    testCount: test.count,
+    natural: NATURAL_IMAGES.idx,
+  };
 }
 
 /** A file's content (gunzipped when gzip), checked for `format`, with its summary. */

@@ -29,12 +29,14 @@ export interface DatasetDescription {
   classes: number;
   trainCount: number;
   testCount: number;
+  /** Natural images (CIFAR-10), which trainings crop and flip by default; not digits or clothes. */
+  natural: boolean;
 }
 
 /** The built-in datasets as `loadBuiltInDataset` loads them (a test checks that they agree). */
 export const BUILT_IN_DESCRIPTIONS: Record<BuiltInDataset, DatasetDescription> = {
-  mnist: { shape: [28, 28, 1], classes: 10, trainCount: 8337, testCount: 1663 },
-  "fashion-mnist": { shape: [28, 28, 1], classes: 10, trainCount: 60000, testCount: 10000 },
+  mnist: { shape: [28, 28, 1], classes: 10, trainCount: 8337, testCount: 1663, natural: false },
+  "fashion-mnist": { shape: [28, 28, 1], classes: 10, trainCount: 60000, testCount: 10000, natural: false },
 };
 
 /** The examples at `ids`, in that order, as a new split. */

@@ -1,5 +1,5 @@
 import type { ModelSpec } from "./models.js";
-import type { TrainingSpec } from "./train.js";
+import type { TrainingSpec } from "./population.js";
 
 /** A model's size: parameters, and activations one example leaves for the backward pass. */
 interface ModelSize {

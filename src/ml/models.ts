@@ -58,13 +58,14 @@ export type ModelSpec =
   | { kind: "resnet20" };
 
 /**
- * Builds a model for [height, width, channels] inputs and `classes` outputs (softmax), with
- * seeded initialisers: the same seed gives the same initial weights.
- * - mlp: flatten, dense-ReLU per hidden size, dense.
- * - cnn: per channel count, conv 3x3 (no bias) - BatchNorm - ReLU - maxpool 2; then dense.
+ * Builds a model for [height, width, channels] inputs and `classes` outputs, with seeded
+ * initialisers: the same seed gives the same initial weights. Every kind ends with a dense
+ * layer named `logits` and a softmax layer named `probabilities` (the model's output).
+ * - mlp: flatten, dense-ReLU per hidden size.
+ * - cnn: per channel count, conv 3x3 (no bias) - BatchNorm - ReLU - maxpool 2; flatten.
  * - resnet20: the CIFAR ResNet-20 (He et al.): conv 16, three stages of three basic blocks
  *   (16, 32, 64 channels; stride 2 and a 1x1 projection where the shape changes), global
- *   average pooling, dense.
+ *   average pooling.
  */
 export function buildModel(
   spec: ModelSpec,
@@ -101,10 +102,21 @@ export function buildModel(
     });
     x = tf.layers.flatten({ name: "flatten" }).apply(x) as tf.SymbolicTensor;
   }
-  const output = tf.layers
-    .dense({ name: "logits", units: classes, activation: "softmax", kernelInitializer: init() })
+  const logits = tf.layers
+    .dense({ name: "logits", units: classes, kernelInitializer: init() })
     .apply(x) as tf.SymbolicTensor;
-  return tf.model({ inputs: input, outputs: output });
+  const probabilities = tf.layers
+    .activation({ name: "probabilities", activation: "softmax" })
+    .apply(logits) as tf.SymbolicTensor;
+  return tf.model({ inputs: input, outputs: probabilities });
+}
+
+/**
+ * The same network up to its `logits` layer (shared layers and weights), what training
+ * differentiates: the loss takes logits, the exported model gives probabilities.
+ */
+export function logitsModel(model: tf.LayersModel): tf.LayersModel {
+  return tf.model({ inputs: model.inputs, outputs: model.getLayer("logits").output as tf.SymbolicTensor });
 }
 
 /** A model's weights in a stable order, with stable names (`layer/weight`). */

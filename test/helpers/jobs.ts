@@ -7,6 +7,7 @@ export interface JobBody {
   progress: number;
   result: { checkpoints: { id: string; name: string; sha256: string; size_bytes: number }[] } | null;
   problem: { detail: string } | null;
+  params: Record<string, unknown>;
   events_url: string;
 }
 

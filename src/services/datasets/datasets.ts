@@ -9,6 +9,7 @@ import {
   DatasetTooLargeError,
   describeUpload,
   type FileSummary,
+  NATURAL_IMAGES,
   parseUploadedDataset,
   UPLOAD_FIELDS,
   type UploadBudget,
@@ -169,7 +170,13 @@ export async function describeDatasetRef({
   const row = await getDataset({ ctx, principal, input: { id: input.dataset } }).catch((err: unknown) => {
     throw err instanceof NotFoundError ? new InvalidInputError(`dataset ${input.dataset} not found`) : err;
   });
-  return { shape: row.shape, classes: row.classes, trainCount: row.trainCount, testCount: row.testCount };
+  return {
+    shape: row.shape,
+    classes: row.classes,
+    trainCount: row.trainCount,
+    testCount: row.testCount,
+    natural: NATURAL_IMAGES[row.format as UploadFormat],
+  };
 }
 
 export async function listDatasets({

@@ -3,9 +3,11 @@ import type * as tf from "@tensorflow/tfjs";
 import type { TaskHooks, TfjsOptions } from "../../jobs/tfjs-process.js";
 import { averageMembers, reestimateBatchNorm } from "../../ml/averaging.js";
 import { selectBackend } from "../../ml/backend.js";
+import { calibrationBatches, evaluate } from "../../ml/evaluation.js";
 import { modelToSafetensors, type TfjsTopology } from "../../ml/export.js";
 import { modelFromCheckpoint } from "../../ml/import.js";
-import { batchesOf, evaluate } from "../../ml/train.js";
+import { CALIBRATION_BATCHES } from "../../ml/population.js";
+import { streamSeed } from "../../random.js";
 import { readSafetensorsHeader, storeSource } from "../../tensors/source.js";
 import { outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { StoreContext } from "../context.js";
@@ -16,7 +18,8 @@ import { type EvaluationTask, type MergeOutputs, outputName } from "./merges.js"
 /**
  * The evaluated merge of models this service trained, in the process of its own that runs it
  * (`runTfjsTask`): the inputs are rebuilt as TF.js models, averaged in place with the same
- * coefficient plan, each output's BatchNorm statistics are re-estimated on training batches and
+ * coefficient plan, each output's BatchNorm statistics are re-estimated on training batches
+ * drawn at random (`calibrationBatches`) and
  * its test accuracy measured, then it is stored with its topology.
  */
 export async function runEvaluationTask(
@@ -35,7 +38,13 @@ export async function runEvaluationTask(
     maxTest: evaluation.max_test_examples,
   });
   const models: tf.LayersModel[] = [];
-  const calibration = batchesOf(data.train, data.shape, 128, 8);
+  const calibration = calibrationBatches(
+    data.train,
+    data.shape,
+    128,
+    CALIBRATION_BATCHES,
+    streamSeed(0, "calibration"),
+  );
   try {
     for (const c of inputs) {
       const source = storeSource(ctx.store, c.storageKey, c.sizeBytes);

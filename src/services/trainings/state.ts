@@ -1,5 +1,5 @@
 import { Readable } from "node:stream";
-import type { TrainingState } from "../../ml/train.js";
+import type { TrainingState } from "../../ml/population.js";
 import { encodeSafetensorsHeader } from "../../tensors/safetensors.js";
 import { readBytes, readSafetensorsHeader, storeSource } from "../../tensors/source.js";
 import type { StoreContext } from "../context.js";

@@ -4,7 +4,7 @@ import { derivedId } from "../../ids.js";
 import type { TaskHooks, TfjsOptions } from "../../jobs/tfjs-process.js";
 import { selectBackend } from "../../ml/backend.js";
 import { modelToSafetensors } from "../../ml/export.js";
-import { trainPopulation } from "../../ml/train.js";
+import { trainPopulation } from "../../ml/population.js";
 import { outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { StoreContext } from "../context.js";
 import { loadDataset } from "../datasets/datasets.js";

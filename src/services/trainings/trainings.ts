@@ -5,7 +5,7 @@ import { runTfjsTask, type TfjsOptions, TfjsTaskError, tfjsEnvironment } from ".
 import type { BuiltInDataset } from "../../ml/datasets.js";
 import { estimateTrainingMemory } from "../../ml/memory.js";
 import type { ModelSpec } from "../../ml/models.js";
-import type { TrainingSpec, Variant } from "../../ml/train.js";
+import type { TrainingSpec, Variant } from "../../ml/population.js";
 import type { ServiceContext, TenantCall } from "../context.js";
 import { type DatasetSource, datasetSource, describeDatasetRef } from "../datasets/datasets.js";
 import { InvalidInputError } from "../errors.js";
@@ -57,6 +57,8 @@ export interface TrainingParams {
     | undefined;
   epochs: number;
   batch_size?: number | undefined;
+  /** Set when the job is created: the dataset's default (`DatasetDescription.natural`) if absent. */
+  base_augmentation?: boolean | undefined;
   name?: string | undefined;
 }
 
@@ -95,6 +97,7 @@ export function trainingSpecOf(p: TrainingParams): TrainingSpec {
     },
     epochs: p.epochs,
     batchSize: p.batch_size ?? 128,
+    baseAugmentation: p.base_augmentation ?? false,
   };
 }
 
@@ -132,7 +135,11 @@ export async function createTrainingJob({
   return createJob({
     ctx,
     principal,
-    input: { kind: "train", params, idempotencyKey: input.idempotencyKey },
+    input: {
+      kind: "train",
+      params: { ...params, base_augmentation: params.base_augmentation ?? data.natural },
+      idempotencyKey: input.idempotencyKey,
+    },
   });
 }
 
