@@ -4,6 +4,7 @@ import type { DatabaseKind, StoreKind } from "./helpers/backends.js";
 import { expectDocumented } from "./helpers/contract.js";
 import { type Harness, startHarness, TEST_WORKER, upload } from "./helpers/harness.js";
 import { type JobBody, mergeAndWait, postMerge, waitForJob } from "./helpers/jobs.js";
+import { registerPullChain } from "./helpers/lineage.js";
 import { buildSafetensors, f32 } from "./helpers/safetensors.js";
 
 /** Checkpoint k: w = [k, 2k, -k, 1] (F32) and an I64 counter 10 + k. */
@@ -38,7 +39,7 @@ async function weightsOf(h: Harness, id: string): Promise<{ w: number[]; steps: 
 interface Lineage {
   nodes: { id: string; depth: number; metrics: { name: string; value: number }[] }[];
   edges: { parent_id: string; child_id: string; coefficient: number; method: string; job_id: string }[];
-  contributions: { checkpoint_id: string; weight: number }[];
+  contributions: { checkpoint_id: string; weight: number; root: boolean }[];
 }
 
 describe.each<[DatabaseKind, StoreKind]>([
@@ -139,8 +140,14 @@ describe.each<[DatabaseKind, StoreKind]>([
     for (const [r, g] of got.entries()) expect(g).toBeCloseTo(want[r] ?? 0, 12);
     expect(got.reduce((a, b) => a + b, 0)).toBeCloseTo(1, 12);
 
+    for (const c of lineage.contributions) expect(c.root).toBe(true);
+
+    // Cut at depth 1: the walk ends at the soup's parents, and the weights are relative to them.
     const shallow = (await (await h.request(`/v1/checkpoints/${soupId}/lineage?depth=1`)).json()) as Lineage;
     expect(shallow.nodes).toHaveLength(4);
+    expect(ids.map((id) => shallow.contributions.find((x) => x.checkpoint_id === id))).toEqual(
+      c.map((weight, j) => ({ checkpoint_id: ids[j], weight, root: false })),
+    );
     const down = (await (
       await h.request(`/v1/checkpoints/${inputs[0]}/lineage?direction=descendants`)
     ).json()) as Lineage;
@@ -172,6 +179,27 @@ describe.each<[DatabaseKind, StoreKind]>([
     const problem = (await expectDocumented("createMerge", res)) as { detail: string; tensor: string };
     expect(problem.tensor).toBe("scales");
     expect(problem.detail).toContain('"scales" is F4, which cannot be averaged');
+  });
+
+  it("lineage of 30 generations of PAPA pulls over 4 models: 4^30 paths, contributions in one pass", async () => {
+    const chain = await registerPullChain(h.ctx, h.tenantA, 30, 4, 0.3);
+    const last = chain.at(-1)?.[2] ?? "";
+    const res = await h.request(`/v1/checkpoints/${last}/lineage?depth=100`);
+    const lineage = (await expectDocumented("getCheckpointLineage", res)) as Lineage;
+    expect(lineage.nodes).toHaveLength(31 * 4 - 3); // generation 30 holds only the one asked about
+    // Pulls toward a common mean: each root's weight is 1/4 + (3/4 - ...) x 0.7^30 for its own line.
+    const own = 0.25 + 0.75 * 0.7 ** 30;
+    const other = 0.25 - 0.25 * 0.7 ** 30;
+    const roots = chain[0] ?? [];
+    for (const [k, id] of roots.entries()) {
+      const got = lineage.contributions.find((x) => x.checkpoint_id === id);
+      expect(got?.root).toBe(true);
+      expect(got?.weight).toBeCloseTo(k === 2 ? own : other, 12);
+    }
+    // Cut at 10 generations: 4 frontier checkpoints whose weights still sum to 1.
+    const cut = (await (await h.request(`/v1/checkpoints/${last}/lineage?depth=10`)).json()) as Lineage;
+    expect(cut.contributions.map((x) => x.root)).toEqual([false, false, false, false]);
+    expect(cut.contributions.reduce((a, x) => a + x.weight, 0)).toBeCloseTo(1, 12);
   });
 
   it("refuses inputs that do not agree, naming the tensor, creating no job and no blob", async () => {

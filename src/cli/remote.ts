@@ -190,7 +190,11 @@ export async function followJob(r: Remote, id: string): Promise<Schemas["Job"]> 
   return last;
 }
 
-/** The lineage as an indented tree: each parent under its child, with coefficient and metrics. */
+/**
+ * The lineage as an indented tree: each parent under its child, with coefficient and metrics. A
+ * checkpoint reached again (a shared ancestor) is named, marked "(above)", and not expanded
+ * twice, so the tree has one line per edge, not one per path.
+ */
 export async function lineageTree(r: Remote, id: string, depth: number): Promise<string> {
   const l = unwrap(
     await r.client.GET("/v1/checkpoints/{id}/lineage", {
@@ -199,21 +203,26 @@ export async function lineageTree(r: Remote, id: string, depth: number): Promise
   );
   const nodes = new Map(l.nodes.map((n) => [n.id, n]));
   const lines: string[] = [];
-  const walk = (node: string, prefix: string, coefficient: number | null, seen: Set<string>) => {
+  const printed = new Set<string>();
+  const parents = new Map<string, typeof l.edges>();
+  for (const e of l.edges) parents.set(e.child_id, [...(parents.get(e.child_id) ?? []), e]);
+  const walk = (node: string, prefix: string, coefficient: number | null) => {
     const n = nodes.get(node);
     const metrics = (n?.metrics ?? []).map((m) => `${m.name}=${m.value.toFixed(4)}`).join(" ");
     const weight = coefficient === null ? "" : `${coefficient.toFixed(4)} x `;
+    const again = printed.has(node);
     lines.push(
-      `${prefix}${weight}${n?.name ?? node} (${node})${n?.status === "deleted" ? " [deleted]" : ""}${metrics ? ` ${metrics}` : ""}`,
+      `${prefix}${weight}${n?.name ?? node} (${node})${n?.status === "deleted" ? " [deleted]" : ""}${metrics ? ` ${metrics}` : ""}${again ? " (above)" : ""}`,
     );
-    if (seen.has(node)) return;
+    if (again) return;
+    printed.add(node);
     for (const e of l.edges.filter((x) => x.child_id === node))
-      walk(e.parent_id, `${prefix}  `, e.coefficient, new Set([...seen, node]));
+      walk(e.parent_id, `${prefix}  `, e.coefficient);
   };
-  walk(id, "", null, new Set());
+  walk(id, "", null);
   for (const c of l.contributions)
     lines.push(
-      `contribution ${c.weight.toFixed(4)} of ${nodes.get(c.checkpoint_id)?.name ?? c.checkpoint_id}`,
+      `contribution ${c.weight.toFixed(4)} of ${nodes.get(c.checkpoint_id)?.name ?? c.checkpoint_id}${c.root ? "" : " (where the walk stopped)"}`,
     );
   return lines.join("\n");
 }

@@ -161,7 +161,10 @@ export interface paths {
          * @description Walks lineage edges up (`ancestors`: what this model was averaged from) or down
          *     (`descendants`: what was averaged from it) to `depth` levels. For ancestors,
          *     `contributions` gives each root checkpoint's effective weight in this one: the sum over
-         *     all paths of the product of the coefficients along the path.
+         *     all paths of the product of the coefficients along the path, computed in one pass over
+         *     the graph (linear in nodes plus edges, however many paths). A walk cut at `depth` ends
+         *     at checkpoints that have parents (`root: false`): the weights are then relative to
+         *     that frontier, and still sum to 1.
          */
         get: operations["getCheckpointLineage"];
         put?: never;
@@ -636,13 +639,15 @@ export interface components {
             nodes: components["schemas"]["LineageNode"][];
             edges: components["schemas"]["LineageEdge"][];
             /**
-             * @description Ancestors only (empty for descendants): every root within `depth` (a checkpoint
-             *     with no parents) and its weight in this checkpoint, the sum over paths of the
-             *     products of coefficients.
+             * @description Ancestors only (empty for descendants): every checkpoint the walk ends at - a root
+             *     (no parents), or one at `depth` whose parents were not walked - and its weight in
+             *     this checkpoint, the sum over paths of the products of coefficients.
              */
             contributions: {
                 checkpoint_id: components["schemas"]["Id"];
                 weight: number;
+                /** @description True for a checkpoint with no parents; false where the walk stopped at `depth`. */
+                root: boolean;
             }[];
         };
         /**

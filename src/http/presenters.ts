@@ -101,7 +101,11 @@ export function lineageBody(
       method: e.method,
       job_id: e.jobId,
     })),
-    contributions: l.contributions.map((c) => ({ checkpoint_id: c.checkpointId, weight: c.weight })),
+    contributions: l.contributions.map((c) => ({
+      checkpoint_id: c.checkpointId,
+      weight: c.weight,
+      root: c.root,
+    })),
   };
 }
 

@@ -22,7 +22,9 @@ export function averageInto(sources: tf.LayersModel[], targets: tf.LayersModel[]
         return tf.keep(tf.sum(tf.mul(stacked, c), 0));
       });
     });
-    into.forEach((w, j) => (w[i] as tf.LayerVariable).write(updated[rows.length === 1 ? 0 : j] as tf.Tensor));
+    for (const [j, w] of into.entries()) {
+      (w[i] as tf.LayerVariable).write(updated[rows.length === 1 ? 0 : j] as tf.Tensor);
+    }
     for (const t of updated) t.dispose();
   }
 }
@@ -48,7 +50,7 @@ export function papaPull(members: tf.LayersModel[], beta: number): void {
       const mean = tf.mul(tf.addN(column.map((v) => v.read())), beta / column.length);
       return column.map((v) => tf.keep(tf.add(tf.mul(v.read(), 1 - beta), mean)));
     });
-    column.forEach((v, j) => v.write(pulled[j] as tf.Tensor));
+    for (const [j, v] of column.entries()) v.write(pulled[j] as tf.Tensor);
     for (const t of pulled) t.dispose();
   }
 }

@@ -21,11 +21,19 @@ export interface LineageEdge {
   jobId: string | null;
 }
 
+export interface Contribution {
+  checkpointId: string;
+  /** The sum over paths from it to the checkpoint of the products of the coefficients. */
+  weight: number;
+  /** A checkpoint with no parents; false for one the walk stopped at (the depth limit). */
+  root: boolean;
+}
+
 export interface Lineage {
   nodes: LineageNode[];
   edges: LineageEdge[];
-  /** Ancestors only: each root's weight in the checkpoint (sum over paths of coefficient products). */
-  contributions: { checkpointId: string; weight: number }[];
+  /** Ancestors only: the weight in the checkpoint of every node the walk ends at (`contributions`). */
+  contributions: Contribution[];
 }
 
 function rowsOf<T>(result: unknown): T[] {
@@ -33,9 +41,47 @@ function rowsOf<T>(result: unknown): T[] {
 }
 
 /**
- * The lineage graph around a checkpoint, walked in SQL with recursive queries: nodes with their
+ * Each source of an ancestor walk (a node without parent edges among `edges`: a root, or where
+ * the walk stopped) and its weight in `start`, in one pass over the DAG, linear in nodes plus
+ * edges: a node's weight, once all its children within the walk have added theirs, is passed to
+ * its parents times each edge's coefficient (Kahn's order, children first). Where every child's
+ * coefficients sum to 1, so do the weights: a walk cut at its depth is stated relative to its
+ * frontier.
+ */
+export function contributionsOf(
+  start: string,
+  edges: { parentId: string; childId: string; coefficient: number }[],
+): Omit<Contribution, "root">[] {
+  const parentsOf = new Map<string, { parentId: string; coefficient: number }[]>();
+  const pendingChildren = new Map<string, number>();
+  for (const e of edges) {
+    parentsOf.set(e.childId, [...(parentsOf.get(e.childId) ?? []), e]);
+    pendingChildren.set(e.parentId, (pendingChildren.get(e.parentId) ?? 0) + 1);
+  }
+  const weight = new Map<string, number>([[start, 1]]);
+  const ready = [start];
+  const sources: Omit<Contribution, "root">[] = [];
+  for (let node = ready.pop(); node !== undefined; node = ready.pop()) {
+    const w = weight.get(node) ?? 0;
+    const parents = parentsOf.get(node);
+    if (!parents) {
+      sources.push({ checkpointId: node, weight: w });
+      continue;
+    }
+    for (const { parentId, coefficient } of parents) {
+      weight.set(parentId, (weight.get(parentId) ?? 0) + w * coefficient);
+      const left = (pendingChildren.get(parentId) ?? 0) - 1;
+      pendingChildren.set(parentId, left);
+      if (left === 0) ready.push(parentId);
+    }
+  }
+  return sources.sort((a, b) => a.checkpointId.localeCompare(b.checkpointId));
+}
+
+/**
+ * The lineage graph around a checkpoint, walked in SQL with a recursive query: nodes with their
  * metrics and distance, the edges among them, and for ancestors the effective contribution of
- * every root (how much of checkpoint X is in this model).
+ * every root, or of every node where the walk stopped (`contributionsOf`).
  */
 export async function getLineage({
   ctx,
@@ -66,20 +112,23 @@ export async function getLineage({
       .where(and(inArray(schema.lineageEdges.parentId, ids), inArray(schema.lineageEdges.childId, ids))),
     metricsOf(ctx, ids),
   ]);
-  const contributions = ancestors
-    ? rowsOf<{ id: string; weight: number }>(
-        await ctx.db.execute(sql`
-          with recursive paths(id, weight, depth) as (
-            select ${id}::uuid, 1::float8, 0
-            union all
-            select e.parent_id, p.weight * e.coefficient, p.depth + 1
-            from paths p join lineage_edges e on e.child_id = p.id where p.depth < ${depth}
-          )
-          select p.id, sum(p.weight)::float8 as weight from paths p
-          where not exists (select 1 from lineage_edges e where e.child_id = p.id)
-          group by p.id order by p.id`),
-      ).map((r) => ({ checkpointId: r.id, weight: Number(r.weight) }))
-    : [];
+  const sources = ancestors ? contributionsOf(id, edges) : [];
+  const withParents = new Set(
+    sources.length === 0
+      ? []
+      : (
+          await ctx.db
+            .selectDistinct({ id: schema.lineageEdges.childId })
+            .from(schema.lineageEdges)
+            .where(
+              inArray(
+                schema.lineageEdges.childId,
+                sources.map((c) => c.checkpointId),
+              ),
+            )
+        ).map((r) => r.id),
+  );
+  const contributions = sources.map((c) => ({ ...c, root: !withParents.has(c.checkpointId) }));
   return {
     nodes: rows
       .map((r) => ({
