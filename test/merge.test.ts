@@ -6,10 +6,11 @@ import { join } from "node:path";
 import { Writable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { mergeBlock } from "../src/merge/kernel.js";
+import { type BlockTask, mergeBlock } from "../src/merge/kernel.js";
 import { mergeFiles } from "../src/merge/local.js";
 import { type MergeMethod, mergeCoefficients, papa2Pairs } from "../src/merge/methods.js";
 import { globMatcher, MergeInputError } from "../src/merge/plan.js";
+import { MergePool } from "../src/merge/pool.js";
 import { parseSafetensorsHeader, SafetensorsValidator } from "../src/tensors/safetensors.js";
 import { buildSafetensors, type TestTensor } from "./helpers/safetensors.js";
 
@@ -542,6 +543,39 @@ describe("merge engine on files", () => {
       expect((await readMerged(path ?? "")).get("scales")?.raw).toEqual(Buffer.alloc(bytes, 0x11));
     },
   );
+});
+
+describe("merge threads", () => {
+  const task = (count: number): BlockTask => {
+    const shared = (bytes: number) => new Uint8Array(new SharedArrayBuffer(bytes));
+    const inputs = [shared(count * 4), shared(count * 4)];
+    new Float32Array(inputs[0]?.buffer as SharedArrayBuffer).fill(1);
+    new Float32Array(inputs[1]?.buffer as SharedArrayBuffer).fill(3);
+    return {
+      dtype: "F32",
+      outDtype: "F32",
+      count,
+      inputs,
+      outputs: [shared(count * 4)],
+      coefficients: [[0.5, 0.5]],
+    };
+  };
+
+  it("replace a thread that dies: the task it held fails, the pool keeps its size, later tasks run", async () => {
+    const pool = new MergePool(2);
+    try {
+      const held = pool.run(task(1 << 24)).catch((err: unknown) => err);
+      await Promise.all(pool.threads.map((t) => t.terminate()));
+      expect(String(await held)).toContain("a merge thread exited");
+      const later = Array.from({ length: 6 }, () => task(1024));
+      await Promise.all(later.map((t) => pool.run(t)));
+      for (const t of later)
+        expect(new Float32Array(t.outputs[0]?.buffer as SharedArrayBuffer)[1023]).toBe(2);
+      expect(pool.threads).toHaveLength(2);
+    } finally {
+      await pool.close();
+    }
+  });
 });
 
 describe("papa merge (the CLI)", () => {

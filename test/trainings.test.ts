@@ -1,5 +1,7 @@
 import * as tf from "@tensorflow/tfjs";
+import { eq } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { schema } from "../src/db/client.js";
 import { expectDocumented } from "./helpers/contract.js";
 import { type Harness, startHarness, upload } from "./helpers/harness.js";
 import { type JobBody, waitForJob } from "./helpers/jobs.js";
@@ -142,6 +144,35 @@ describe("training jobs", () => {
     expect(shown.metrics[0]?.name).toBe("accuracy");
     expect(shown.metrics[0]?.value).toBe((child as { accuracy?: number } | undefined)?.accuracy);
     expect(shown.parents.map((p) => p.coefficient)).toEqual([0.5, 0.5]);
+
+    // A member whose topology names a layer its weights do not have cannot be imported, and no
+    // retry can change that: the job fails at its first attempt (none retried), naming the weight.
+    const [broken] = result.members;
+    const [row] = await h.ctx.db
+      .select({ topology: schema.checkpoints.topology })
+      .from(schema.checkpoints)
+      .where(eq(schema.checkpoints.id, broken?.checkpoint_id ?? ""));
+    const renamed = JSON.parse(JSON.stringify(row?.topology).replaceAll('"dense_0"', '"dense_renamed"'));
+    await h.ctx.db
+      .update(schema.checkpoints)
+      .set({ topology: renamed })
+      .where(eq(schema.checkpoints.id, broken?.checkpoint_id ?? ""));
+    const again = await h.request("/v1/merges", {
+      method: "POST",
+      body: JSON.stringify({
+        method: "papa-all",
+        inputs: result.members.map((m) => m.checkpoint_id),
+        evaluate: { dataset: "mnist", max_train_examples: 300, max_test_examples: 100 },
+      }),
+      headers: { "Content-Type": "application/json" },
+    });
+    const failedJob = await waitForJob(h, ((await again.json()) as JobBody).id, 60_000);
+    expect(failedJob.status).toBe("failed");
+    expect(failedJob.problem?.detail).toContain("weight dense_renamed/kernel is missing");
+    const attempts = h.logs.filter(
+      (l) => l.includes('"msg":"job attempt failed"') && l.includes(failedJob.id),
+    );
+    expect(attempts).toEqual([]);
   });
 
   it("refuses to evaluate a merge of checkpoints it did not train", async () => {

@@ -43,7 +43,10 @@ async function run(task: TfjsTask, environment: TfjsEnvironment): Promise<unknow
   } catch (err) {
     const { DatasetError } = await import("../ml/dataset-formats.js");
     const { DivergenceError } = await import("../ml/population.js");
-    const permanent = [BackendError, DatasetError, DivergenceError].some((type) => err instanceof type);
+    const { CheckpointImportError } = await import("../ml/import.js");
+    const permanent = [BackendError, DatasetError, DivergenceError, CheckpointImportError].some(
+      (type) => err instanceof type,
+    );
     throw Object.assign(err as Error, { permanent: permanent || isRequestError(err) });
   } finally {
     store.close();

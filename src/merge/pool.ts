@@ -10,33 +10,51 @@ interface Pending {
 
 /**
  * Runs `mergeBlock` on worker threads, one task per worker at a time. Tasks carry views on
- * SharedArrayBuffers (see `BlockBuffers`), so nothing is copied or allocated per block.
- * With `size` 0 blocks run on the calling thread.
+ * SharedArrayBuffers (see `BlockBuffers`), so nothing is copied or allocated per block. A thread
+ * that dies (an error it did not catch, an exit) fails the task it held and is replaced, so the
+ * pool keeps its size and no task waits on a thread that is gone. With `size` 0 blocks run on
+ * the calling thread.
  */
 export class MergePool {
   private readonly idle: Worker[] = [];
   private readonly waiting: { task: BlockTask; pending: Pending }[] = [];
   private readonly inFlight = new Map<Worker, Pending>();
-  private readonly workers: Worker[] = [];
+  /** The live threads (read-only for callers: a test terminates one to see the pool recover). */
+  readonly threads: Worker[] = [];
+  private closing = false;
 
   constructor(readonly size: number = availableParallelism()) {
-    for (let i = 0; i < size; i++) {
-      const worker = startThread(import.meta.url, "worker");
-      worker.unref();
-      worker.on("message", (message: { ok: boolean; error?: string }) => {
-        const pending = this.inFlight.get(worker);
-        this.inFlight.delete(worker);
-        if (message.ok) pending?.resolve();
-        else pending?.reject(new Error(message.error));
-        this.release(worker);
-      });
-      worker.on("error", (err) => {
-        this.inFlight.get(worker)?.reject(err);
-        this.inFlight.delete(worker);
-      });
-      this.workers.push(worker);
-      this.idle.push(worker);
-    }
+    for (let i = 0; i < size; i++) this.spawn();
+  }
+
+  private spawn(): void {
+    const worker = startThread(import.meta.url, "worker");
+    worker.unref();
+    worker.on("message", (message: { ok: boolean; error?: string }) => {
+      const pending = this.inFlight.get(worker);
+      this.inFlight.delete(worker);
+      if (message.ok) pending?.resolve();
+      else pending?.reject(new Error(message.error));
+      this.release(worker);
+    });
+    worker.on("error", (err) => this.retire(worker, err));
+    worker.on("exit", (code) => this.retire(worker, new Error(`a merge thread exited (code ${code})`)));
+    this.threads.push(worker);
+    this.idle.push(worker);
+  }
+
+  /** A thread is gone: fail its task, forget it, start another in its place. */
+  private retire(worker: Worker, err: Error): void {
+    const at = this.threads.indexOf(worker);
+    if (at === -1) return; // an exit after an error
+    this.threads.splice(at, 1);
+    const idleAt = this.idle.indexOf(worker);
+    if (idleAt !== -1) this.idle.splice(idleAt, 1);
+    this.inFlight.get(worker)?.reject(err);
+    this.inFlight.delete(worker);
+    if (this.closing) return;
+    this.spawn();
+    this.dispatch();
   }
 
   run(task: BlockTask): Promise<void> {
@@ -63,6 +81,7 @@ export class MergePool {
   }
 
   async close(): Promise<void> {
-    await Promise.all(this.workers.map((w) => w.terminate()));
+    this.closing = true;
+    await Promise.all(this.threads.map((w) => w.terminate()));
   }
 }
