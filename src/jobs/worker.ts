@@ -2,7 +2,7 @@ import type { WorkerConfig } from "../config.js";
 import type { BackendName } from "../ml/backend.js";
 import { expireUploadSessions } from "../services/checkpoints/upload-sessions.js";
 import type { ServiceContext } from "../services/context.js";
-import { abandonMergeJob, runMergeJob } from "../services/merges/merges.js";
+import { abandonMergeJob, runMergeJob } from "../services/merges/merge-job.js";
 import { abandonTrainingJob, runTrainingJob } from "../services/trainings/trainings.js";
 import { runTfjsTask, tfjsEnvironment } from "./tfjs-process.js";
 

@@ -13,7 +13,9 @@ import { outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { StoreContext } from "../context.js";
 import { loadDataset } from "../datasets/datasets.js";
 import { InvalidInputError } from "../errors.js";
-import { type EvaluationTask, type MergeOutputs, outputName } from "./merges.js";
+import type { EvaluationTask } from "./evaluated-merge.js";
+import type { MergeOutputs } from "./merge-job.js";
+import { outputName } from "./merges.js";
 
 /**
  * The evaluated merge of models this service trained, in the process of its own that runs it

@@ -3,7 +3,7 @@ import type { TrainingState } from "../../ml/population.js";
 import { encodeSafetensorsHeader } from "../../tensors/safetensors.js";
 import { readBytes, readSafetensorsHeader, storeSource } from "../../tensors/source.js";
 import type { StoreContext } from "../context.js";
-import { jobScratchPrefix } from "../jobs/jobs.js";
+import { jobScratchPrefix } from "../jobs/lifecycle.js";
 
 /** Where a training job keeps its last completed epoch, for a retried attempt to resume from. */
 export function trainingStateKey(job: { tenantId: string; id: string }): string {

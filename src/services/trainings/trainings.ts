@@ -11,13 +11,12 @@ import { type DatasetSource, datasetSource, describeDatasetRef } from "../datase
 import { InvalidInputError } from "../errors.js";
 import {
   type AttemptOutcome,
-  createJob,
   failAbandonedJob,
-  type Job,
   type JobAttempt,
   type JobRules,
   runJobAttempt,
-} from "../jobs/jobs.js";
+} from "../jobs/attempts.js";
+import { createJob, type Job } from "../jobs/jobs.js";
 
 /** A training request as stored in the job's params (the API's field names). */
 export interface TrainingParams {

@@ -1,0 +1,129 @@
+import { type Database, schema } from "../../db/client.js";
+import { derivedId } from "../../ids.js";
+import type { QueuedJob } from "../../jobs/queue.js";
+import { type TfjsOptions, TfjsTaskError } from "../../jobs/tfjs-process.js";
+import { MergeSpecError, mergeCoefficients } from "../../merge/methods.js";
+import type { outputRow } from "../checkpoints/outputs.js";
+import type { ServiceContext } from "../context.js";
+import {
+  type AttemptOutcome,
+  failAbandonedJob,
+  type JobAttempt,
+  type JobRules,
+  runJobAttempt,
+} from "../jobs/attempts.js";
+import { evaluatedMerge } from "./evaluated-merge.js";
+import { type CheckpointRow, loadInputs, type MergeParams, methodOf } from "./merges.js";
+import { streamedMerge } from "./streamed-merge.js";
+
+/** Why a merge cannot succeed however often it is retried. */
+class PermanentMergeError extends Error {}
+
+export interface MergeWorkerOptions extends TfjsOptions {
+  threads: number;
+}
+
+/** What an attempt produced, ready to register. */
+export interface MergeOutputs {
+  rows: ReturnType<typeof outputRow>[];
+  /** Test accuracy of each output (evaluated merges only). */
+  accuracies: number[] | null;
+}
+
+/**
+ * The merge queue's handler. Streams the merge from the store into new objects under ids
+ * derived from the job id, validating each output with the upload parser, then registers
+ * the outputs, their lineage edges and the job's success in one transaction. A canceled or
+ * failed attempt deletes what it wrote; a retry after a crash rewrites the same keys.
+ */
+export async function runMergeJob(
+  ctx: ServiceContext,
+  queued: QueuedJob,
+  options: MergeWorkerOptions,
+): Promise<void> {
+  await runJobAttempt(ctx, queued, MERGE_JOB, (attempt) => mergeAttempt(ctx, attempt, options));
+}
+
+/** The merge queue's handler for a job whose attempts are all spent (`failAbandonedJob`). */
+export function abandonMergeJob(ctx: ServiceContext, id: string): Promise<void> {
+  return failAbandonedJob(ctx, id, MERGE_JOB);
+}
+
+/** Output j of merge job `jobId`. */
+function outputId(jobId: string, j: number): string {
+  return derivedId(jobId, `output-${j}`);
+}
+
+const MERGE_JOB: JobRules = {
+  title: "Merge failed",
+  progressIntervalMs: 250,
+  isPermanent: (err) => err instanceof PermanentMergeError || (err instanceof TfjsTaskError && err.permanent),
+  // Every method has at most one output per input.
+  outputIds: (job) => (job.params as MergeParams).inputs.map((_, j) => outputId(job.id, j)),
+};
+
+async function mergeAttempt(
+  ctx: ServiceContext,
+  jobAttempt: JobAttempt,
+  options: MergeWorkerOptions,
+): Promise<AttemptOutcome> {
+  const { job } = jobAttempt;
+  const params = job.params as MergeParams;
+  // An input deleted since the submit is a request error: the runner fails the job without retries.
+  const inputs = await loadInputs(ctx, job.tenantId, params.inputs);
+  let coefficients: number[][];
+  try {
+    coefficients = mergeCoefficients(methodOf(params), inputs.length);
+  } catch (err) {
+    throw err instanceof MergeSpecError ? new PermanentMergeError(err.message) : err;
+  }
+  const ids = coefficients.map((_, j) => outputId(job.id, j));
+  const attempt = { ...jobAttempt, ctx, params, inputs, coefficients, ids };
+  const outputs = params.evaluate
+    ? await evaluatedMerge(attempt, options)
+    : await streamedMerge(attempt, options.threads);
+  const result = {
+    checkpoints: outputs.rows.map((r, j) => ({
+      id: r.id,
+      name: r.name,
+      size_bytes: r.sizeBytes,
+      sha256: r.sha256,
+      ...(outputs.accuracies ? { accuracy: outputs.accuracies[j] } : {}),
+    })),
+  };
+  const register = async (tx: Database) => {
+    await tx.insert(schema.checkpoints).values(outputs.rows).onConflictDoNothing();
+    const edges = ids.flatMap((childId, j) =>
+      inputs.flatMap((parent, k) => {
+        const coefficient = coefficients[j]?.[k] ?? 0;
+        return coefficient === 0
+          ? []
+          : [{ parentId: parent.id, childId, coefficient, method: params.method, jobId: job.id }];
+      }),
+    );
+    await tx.insert(schema.lineageEdges).values(edges).onConflictDoNothing();
+    if (outputs.accuracies && params.evaluate) {
+      const dataset = params.evaluate.dataset;
+      const metrics = ids.map((id, j) => ({
+        id: derivedId(job.id, `metric-${j}`),
+        checkpointId: id,
+        dataset,
+        split: "test",
+        name: "accuracy",
+        value: outputs.accuracies?.[j] ?? 0,
+        jobId: job.id,
+      }));
+      await tx.insert(schema.metrics).values(metrics).onConflictDoNothing();
+    }
+  };
+  return { result, register };
+}
+
+export interface MergeAttempt extends JobAttempt {
+  ctx: ServiceContext;
+  params: MergeParams;
+  inputs: CheckpointRow[];
+  coefficients: number[][];
+  /** The outputs' checkpoint ids, one per row of `coefficients`. */
+  ids: string[];
+}
