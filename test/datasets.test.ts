@@ -15,6 +15,16 @@ describe("uploaded datasets", () => {
   afterAll(() => h.close());
 
   const upload = (query: string, files: Record<string, Buffer[]>) => uploadDataset(h, query, files);
+  /** Trains on a dataset and returns the finished job. */
+  const trainOn = async (dataset: string, body: object) => {
+    const created = await h.request("/v1/trainings", {
+      method: "POST",
+      body: JSON.stringify({ dataset, ...body }),
+      headers: { "Content-Type": "application/json" },
+    });
+    expect(created.status).toBe(202);
+    return waitForJob(h, ((await created.json()) as JobBody).id, 60_000);
+  };
 
   it("accepts IDX files, describes them, and trains on them", async () => {
     const train = images(90, 0);
@@ -41,20 +51,13 @@ describe("uploaded datasets", () => {
     };
     expect(list.items.map((d) => d.id)).toContain(dataset.id);
 
-    const training = await h.request("/v1/trainings", {
-      method: "POST",
-      body: JSON.stringify({
-        dataset: dataset.id,
-        model: { kind: "mlp", hidden: [16] },
-        population: { size: 2, variant: "papa-all", every_k_epochs: 1 },
-        optimizer: { lr: 0.1 },
-        epochs: 3,
-        batch_size: 16,
-      }),
-      headers: { "Content-Type": "application/json" },
+    const job = await trainOn(dataset.id, {
+      model: { kind: "mlp", hidden: [16] },
+      population: { size: 2, variant: "papa-all", every_k_epochs: 1 },
+      optimizer: { lr: 0.1 },
+      epochs: 3,
+      batch_size: 16,
     });
-    expect(training.status).toBe(202);
-    const job = await waitForJob(h, ((await training.json()) as JobBody).id, 60_000);
     expect(job.status, JSON.stringify(job.problem)).toBe("succeeded");
     expect(job.params).toMatchObject({ base_augmentation: false }); // digits: no crop and flip
     const result = job.result as unknown as { members: { accuracy: number }[] };
@@ -75,22 +78,14 @@ describe("uploaded datasets", () => {
     expect(dataset).toMatchObject({ shape: [32, 32, 3], classes: 10, train_count: 3, test_count: 1 });
 
     // Natural images: the base augmentation (crop and flip) is on unless the request turns it off.
-    const train = async (extra: object) => {
-      const created = await h.request("/v1/trainings", {
-        method: "POST",
-        body: JSON.stringify({
-          dataset: dataset.id,
-          model: { kind: "mlp", hidden: [4] },
-          population: { size: 2, variant: "papa-2", every_k_epochs: 1 },
-          epochs: 2,
-          batch_size: 2,
-          ...extra,
-        }),
-        headers: { "Content-Type": "application/json" },
+    const train = (extra: object) =>
+      trainOn(dataset.id, {
+        model: { kind: "mlp", hidden: [4] },
+        population: { size: 2, variant: "papa-2", every_k_epochs: 1 },
+        epochs: 2,
+        batch_size: 2,
+        ...extra,
       });
-      expect(created.status).toBe(202);
-      return waitForJob(h, ((await created.json()) as JobBody).id, 60_000);
-    };
     const cropped = await train({});
     expect(cropped.status, JSON.stringify(cropped.problem)).toBe("succeeded");
     expect(cropped.params).toMatchObject({ base_augmentation: true });

@@ -36,6 +36,21 @@ function tinyPopulation(n: number, kind: "mlp" | "cnn" = "mlp"): tf.LayersModel[
   return Array.from({ length: n }, (_, j) => buildModel(spec as never, SHAPE, 2, j + 1));
 }
 
+/** SGD with Nesterov momentum at a constant lr 0.1, no weight decay: change what a test needs. */
+function sgd(change: Partial<OptimizerSpec> = {}): OptimizerSpec {
+  return {
+    kind: "sgd",
+    lr: 0.1,
+    momentum: 0.9,
+    nesterov: true,
+    weightDecay: 0,
+    schedule: "constant",
+    minLr: 0,
+    warmupSteps: 0,
+    ...change,
+  };
+}
+
 function expectClose(a: number[], b: number[]): void {
   expect(a.length).toBe(b.length);
   for (const [i, x] of a.entries()) expect(x).toBeCloseTo(b[i] ?? Number.NaN, 5);
@@ -138,19 +153,7 @@ describe("loss and BatchNorm statistics", () => {
     const [kernel] = logits.getWeights();
     logits.setWeights([kernel as tf.Tensor, tf.tensor1d([40, 0])]); // p(class 1) ~ e^-40
     const trainable = model.trainableWeights.map((w) => w.read() as tf.Variable);
-    const optimizer = new MemberOptimizer(
-      {
-        kind: "sgd",
-        lr: 0.1,
-        momentum: 0,
-        nesterov: false,
-        weightDecay: 0,
-        schedule: "constant",
-        minLr: 0,
-        warmupSteps: 0,
-      },
-      trainable,
-    );
+    const optimizer = new MemberOptimizer(sgd({ momentum: 0, nesterov: false }), trainable);
     const loss = trainStep(
       logitsModel(model),
       trainable,
@@ -226,16 +229,7 @@ describe("loss and BatchNorm statistics", () => {
 });
 
 describe("population training rules", () => {
-  const o: OptimizerSpec = {
-    kind: "sgd",
-    lr: 0.1,
-    momentum: 0.9,
-    nesterov: true,
-    weightDecay: 0,
-    schedule: "cosine",
-    minLr: 0.001,
-    warmupSteps: 0,
-  };
+  const o = sgd({ schedule: "cosine", minLr: 0.001 });
   const p: PopulationSpec = {
     size: 2,
     variant: "papa",
@@ -581,16 +575,7 @@ describe("resuming a training run", () => {
         everyKEpochs: 1,
       },
       diversity: { mixup: [0, 0.4], labelSmoothing: [0.1], cutmix: [0], randomErasing: [0.3] },
-      optimizer: {
-        kind: "sgd" as const,
-        lr: 0.05,
-        momentum: 0.9,
-        nesterov: true,
-        weightDecay: 1e-4,
-        schedule: "cosine" as const,
-        minLr: 0,
-        warmupSteps: 0,
-      },
+      optimizer: sgd({ lr: 0.05, weightDecay: 1e-4, schedule: "cosine" }),
       epochs: 2,
       batchSize: 32,
       baseAugmentation: true,
@@ -668,19 +653,7 @@ describe("model zoo", () => {
     ] as const) {
       const model = buildModel({ kind: "cnn", channels: [...channels] }, [8, 8, 1], 3, 1);
       const trainable = model.trainableWeights.map((w) => w.read() as tf.Variable);
-      const optimizer = new MemberOptimizer(
-        {
-          kind: "sgd",
-          lr: 0.1,
-          momentum: 0.9,
-          nesterov: true,
-          weightDecay: 0,
-          schedule: "constant",
-          minLr: 0,
-          warmupSteps: 0,
-        },
-        trainable,
-      );
+      const optimizer = new MemberOptimizer(sgd(), trainable);
       const info = await tf.profile(() => {
         const x = tf.randomUniform([2, 8, 8, 1], 0, 1, "float32", 1);
         const y = tf.tidy(() => tf.oneHot([0, 2], 3).toFloat());
@@ -697,25 +670,15 @@ describe("model zoo", () => {
 
 describe("member optimizers", () => {
   it("SGD with Nesterov momentum and weight decay, and AdamW, match their definitions", () => {
-    const sgd = {
-      kind: "sgd",
-      lr: 0.1,
-      momentum: 0.9,
-      nesterov: true,
-      weightDecay: 0.1,
-      schedule: "constant",
-      minLr: 0,
-      warmupSteps: 0,
-    } as const;
     const p = tf.variable(tf.tensor1d([1, 2]));
-    const opt = new MemberOptimizer(sgd, [p]);
+    const opt = new MemberOptimizer(sgd({ weightDecay: 0.1 }), [p]);
     opt.step([tf.tensor1d([0.5, -1])], 0.1);
     // d = g + wd p = [0.6, -0.8]; buf = d; direction = d + 0.9 buf = 1.9 d; p -= 0.1 x 1.9 d
     expectClose(Array.from(p.dataSync()), [1 - 0.114, 2 + 0.152]);
     opt.dispose();
 
     const q = tf.variable(tf.tensor1d([1, 2]));
-    const adamw = new MemberOptimizer({ ...sgd, kind: "adamw", weightDecay: 0.01 }, [q]);
+    const adamw = new MemberOptimizer(sgd({ kind: "adamw", weightDecay: 0.01 }), [q]);
     adamw.step([tf.tensor1d([0.5, -1])], 0.1);
     // first step: m_hat = g, v_hat = g^2, update = g / |g| = sign(g); decoupled decay first
     expectClose(Array.from(q.dataSync()), [1 * (1 - 0.001) - 0.1, 2 * (1 - 0.001) + 0.1]);

@@ -2,8 +2,8 @@ import type { WorkerConfig } from "../config.js";
 import type { BackendName } from "../ml/backend.js";
 import { expireUploadSessions } from "../services/checkpoints/upload-sessions.js";
 import type { ServiceContext } from "../services/context.js";
-import { abandonMergeJob, runMergeJob } from "../services/merges/merge-job.js";
-import { abandonTrainingJob, runTrainingJob } from "../services/trainings/trainings.js";
+import { mergeJob } from "../services/merges/merge-job.js";
+import { trainingJob } from "../services/trainings/trainings.js";
 import { runTfjsTask, tfjsEnvironment } from "./tfjs-process.js";
 
 /** Consumes the configured queues in this process until `ctx.queue.stop()`. */
@@ -22,8 +22,8 @@ export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Pr
         backend: config.backend,
         fashionMnistDir: config.fashionMnistDir,
       };
-      await ctx.queue.work("merge", config.mergeConcurrency, (job) => runMergeJob(ctx, job, options));
-      await ctx.queue.workAbandoned("merge", (id) => abandonMergeJob(ctx, id));
+      await ctx.queue.work("merge", config.mergeConcurrency, (job) => mergeJob.run(ctx, job, options));
+      await ctx.queue.workAbandoned("merge", (id) => mergeJob.abandon(ctx, id));
     } else {
       // Each training runs in a process of its own; a probe now tells whether they can. A worker
       // whose backend cannot run takes no training (others may), and /readyz says why.
@@ -39,8 +39,8 @@ export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Pr
         ctx.logger.error("the training backend cannot run; this worker takes no training", { error: err });
         continue;
       }
-      await ctx.queue.work("train", 1, (job) => runTrainingJob(ctx, job, options));
-      await ctx.queue.workAbandoned("train", (id) => abandonTrainingJob(ctx, id));
+      await ctx.queue.work("train", 1, (job) => trainingJob.run(ctx, job, options));
+      await ctx.queue.workAbandoned("train", (id) => trainingJob.abandon(ctx, id));
     }
   }
   ctx.logger.info("worker started", { queues: config.queues });

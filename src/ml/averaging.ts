@@ -1,6 +1,14 @@
 import * as tf from "@tensorflow/tfjs";
 import { namedWeights } from "./models.js";
 
+/** For each float weight (in `namedWeights` order), that weight of every model: [weight][model]. */
+function floatColumns(models: tf.LayersModel[]): tf.LayerVariable[][] {
+  const weights = models.map((m) => namedWeights(m).map((w) => w.variable));
+  return (weights[0] ?? []).flatMap((first, i) =>
+    first.dtype === "float32" ? [weights.map((w) => w[i] as tf.LayerVariable)] : [],
+  );
+}
+
 /**
  * Sets every target's float weights to a combination of the sources' weights, with the same
  * coefficient matrices as the merge engine (`mergeCoefficients`): rows[j][k] is source k's
@@ -9,12 +17,8 @@ import { namedWeights } from "./models.js";
  * targets may be the same models. Non-float weights are never averaged.
  */
 export function averageInto(sources: tf.LayersModel[], targets: tf.LayersModel[], rows: number[][]): void {
-  const from = sources.map((m) => namedWeights(m).map((w) => w.variable));
-  const into = targets.map((m) => namedWeights(m).map((w) => w.variable));
-  const count = from[0]?.length ?? 0;
-  for (let i = 0; i < count; i++) {
-    const column = from.map((w) => w[i] as tf.LayerVariable);
-    if (column[0]?.dtype !== "float32") continue;
+  const into = floatColumns(targets);
+  for (const [i, column] of floatColumns(sources).entries()) {
     const updated = tf.tidy(() => {
       const stacked = tf.stack(column.map((v) => v.read())); // [p, ...shape]
       return rows.map((row) => {
@@ -22,8 +26,8 @@ export function averageInto(sources: tf.LayersModel[], targets: tf.LayersModel[]
         return tf.keep(tf.sum(tf.mul(stacked, c), 0));
       });
     });
-    for (const [j, w] of into.entries()) {
-      (w[i] as tf.LayerVariable).write(updated[rows.length === 1 ? 0 : j] as tf.Tensor);
+    for (const [j, target] of (into[i] ?? []).entries()) {
+      target.write(updated[rows.length === 1 ? 0 : j] as tf.Tensor);
     }
     for (const t of updated) t.dispose();
   }
@@ -41,11 +45,7 @@ export function averageMembers(members: tf.LayersModel[], rows: number[][]): voi
  * interpolation per member, O(p |theta|), not as the p x p matrix, O(p^2 |theta|).
  */
 export function papaPull(members: tf.LayersModel[], beta: number): void {
-  const weights = members.map((m) => namedWeights(m).map((w) => w.variable));
-  const count = weights[0]?.length ?? 0;
-  for (let i = 0; i < count; i++) {
-    const column = weights.map((w) => w[i] as tf.LayerVariable);
-    if (column[0]?.dtype !== "float32") continue;
+  for (const column of floatColumns(members)) {
     const pulled = tf.tidy(() => {
       const mean = tf.mul(tf.addN(column.map((v) => v.read())), beta / column.length);
       return column.map((v) => tf.keep(tf.add(tf.mul(v.read(), 1 - beta), mean)));

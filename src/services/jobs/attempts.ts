@@ -126,7 +126,7 @@ export interface AttemptOutcome {
  * The job's scratch objects are deleted before the commit (a crash in between costs a retry its
  * resume point, not its result), and after a failure unless the job will be retried.
  */
-export async function runJobAttempt(
+async function runJobAttempt(
   ctx: ServiceContext,
   queued: QueuedJob,
   kind: JobRules,
@@ -165,7 +165,7 @@ export async function runJobAttempt(
  * scratch. A job that is finished or canceled is left as it is. (The queue hands such jobs to
  * `JobQueue.workAbandoned`.)
  */
-export async function failAbandonedJob(ctx: ServiceContext, id: string, kind: JobRules): Promise<void> {
+async function failAbandonedJob(ctx: ServiceContext, id: string, kind: JobRules): Promise<void> {
   const problem = jobProblem(
     kind.title,
     "every attempt stopped before it finished: its worker was killed, or ran past the queue's expiry",
@@ -179,4 +179,23 @@ export async function failAbandonedJob(ctx: ServiceContext, id: string, kind: Jo
   ctx.logger.error("job abandoned: its attempts are spent", { job_id: id });
   await deleteOutputs(ctx, job.tenantId, kind.outputIds(job));
   await deleteScratch(ctx, job);
+}
+
+/** A queue's two handlers for one kind of job. */
+export interface JobHandlers<O> {
+  /** Runs one attempt (`runJobAttempt`). */
+  run(ctx: ServiceContext, queued: QueuedJob, options: O): Promise<void>;
+  /** Fails a job whose attempts are all spent (`failAbandonedJob`). */
+  abandon(ctx: ServiceContext, id: string): Promise<void>;
+}
+
+/** The handlers of a kind of job whose attempt's work is `attempt`. */
+export function jobHandlers<O>(
+  rules: JobRules,
+  attempt: (ctx: ServiceContext, jobAttempt: JobAttempt, options: O) => Promise<AttemptOutcome>,
+): JobHandlers<O> {
+  return {
+    run: (ctx, queued, options) => runJobAttempt(ctx, queued, rules, (a) => attempt(ctx, a, options)),
+    abandon: (ctx, id) => failAbandonedJob(ctx, id, rules),
+  };
 }

@@ -1,17 +1,10 @@
 import { type Database, schema } from "../../db/client.js";
 import { derivedId } from "../../ids.js";
-import type { QueuedJob } from "../../jobs/queue.js";
 import { type TfjsOptions, TfjsTaskError } from "../../jobs/tfjs-process.js";
 import { MergeSpecError, mergeCoefficients } from "../../merge/methods.js";
 import type { outputRow } from "../checkpoints/outputs.js";
 import type { ServiceContext } from "../context.js";
-import {
-  type AttemptOutcome,
-  failAbandonedJob,
-  type JobAttempt,
-  type JobRules,
-  runJobAttempt,
-} from "../jobs/attempts.js";
+import { type AttemptOutcome, type JobAttempt, type JobRules, jobHandlers } from "../jobs/attempts.js";
 import { evaluatedMerge } from "./evaluated-merge.js";
 import { type CheckpointRow, loadInputs, type MergeParams, methodOf } from "./merges.js";
 import { streamedMerge } from "./streamed-merge.js";
@@ -30,25 +23,6 @@ export interface MergeOutputs {
   accuracies: number[] | null;
 }
 
-/**
- * The merge queue's handler. Streams the merge from the store into new objects under ids
- * derived from the job id, validating each output with the upload parser, then registers
- * the outputs, their lineage edges and the job's success in one transaction. A canceled or
- * failed attempt deletes what it wrote; a retry after a crash rewrites the same keys.
- */
-export async function runMergeJob(
-  ctx: ServiceContext,
-  queued: QueuedJob,
-  options: MergeWorkerOptions,
-): Promise<void> {
-  await runJobAttempt(ctx, queued, MERGE_JOB, (attempt) => mergeAttempt(ctx, attempt, options));
-}
-
-/** The merge queue's handler for a job whose attempts are all spent (`failAbandonedJob`). */
-export function abandonMergeJob(ctx: ServiceContext, id: string): Promise<void> {
-  return failAbandonedJob(ctx, id, MERGE_JOB);
-}
-
 /** Output j of merge job `jobId`. */
 function outputId(jobId: string, j: number): string {
   return derivedId(jobId, `output-${j}`);
@@ -61,6 +35,14 @@ const MERGE_JOB: JobRules = {
   // Every method has at most one output per input.
   outputIds: (job) => (job.params as MergeParams).inputs.map((_, j) => outputId(job.id, j)),
 };
+
+/**
+ * The merge queue's handlers. Streams the merge from the store into new objects under ids
+ * derived from the job id, validating each output with the upload parser, then registers
+ * the outputs, their lineage edges and the job's success in one transaction. A canceled or
+ * failed attempt deletes what it wrote; a retry after a crash rewrites the same keys.
+ */
+export const mergeJob = jobHandlers<MergeWorkerOptions>(MERGE_JOB, mergeAttempt);
 
 async function mergeAttempt(
   ctx: ServiceContext,

@@ -1,6 +1,5 @@
 import { type Database, schema } from "../../db/client.js";
 import { derivedId } from "../../ids.js";
-import type { QueuedJob } from "../../jobs/queue.js";
 import { runTfjsTask, type TfjsOptions, TfjsTaskError, tfjsEnvironment } from "../../jobs/tfjs-process.js";
 import type { BuiltInDataset } from "../../ml/datasets.js";
 import { estimateTrainingMemory } from "../../ml/memory.js";
@@ -9,13 +8,7 @@ import type { TrainingSpec, Variant } from "../../ml/population.js";
 import type { ServiceContext, TenantCall } from "../context.js";
 import { type DatasetSource, datasetSource, describeDatasetRef } from "../datasets/datasets.js";
 import { InvalidInputError } from "../errors.js";
-import {
-  type AttemptOutcome,
-  failAbandonedJob,
-  type JobAttempt,
-  type JobRules,
-  runJobAttempt,
-} from "../jobs/attempts.js";
+import { type AttemptOutcome, type JobAttempt, type JobRules, jobHandlers } from "../jobs/attempts.js";
 import { createJob, type Job } from "../jobs/jobs.js";
 
 /** A training request as stored in the job's params (the API's field names). */
@@ -156,25 +149,6 @@ export interface TrainingTaskOutput {
   metrics: (typeof schema.metrics.$inferInsert)[];
 }
 
-/**
- * The train queue's handler: trains the population in a process of its own (`runTrainingTask`),
- * then registers its outputs with their test accuracy (metrics), the soups' lineage edges to the
- * members, and the job's result, in one transaction. A canceled or failed attempt deletes what
- * it stored; a training process that crashes fails the attempt alone.
- */
-export async function runTrainingJob(
-  ctx: ServiceContext,
-  queued: QueuedJob,
-  options: TfjsOptions,
-): Promise<void> {
-  await runJobAttempt(ctx, queued, TRAINING_JOB, (attempt) => trainingAttempt(ctx, attempt, options));
-}
-
-/** The train queue's handler for a job whose attempts are all spent (`failAbandonedJob`). */
-export function abandonTrainingJob(ctx: ServiceContext, id: string): Promise<void> {
-  return failAbandonedJob(ctx, id, TRAINING_JOB);
-}
-
 /** What a training stores, in order: its members, then its uniform and its greedy soup. */
 export function outputLabels(populationSize: number): string[] {
   const members = Array.from({ length: populationSize }, (_, j) => `member-${j}`);
@@ -190,6 +164,14 @@ const TRAINING_JOB: JobRules = {
       derivedId(job.id, label),
     ),
 };
+
+/**
+ * The train queue's handlers: trains the population in a process of its own (`runTrainingTask`),
+ * then registers its outputs with their test accuracy (metrics), the soups' lineage edges to the
+ * members, and the job's result, in one transaction. A canceled or failed attempt deletes what
+ * it stored; a training process that crashes fails the attempt alone.
+ */
+export const trainingJob = jobHandlers<TfjsOptions>(TRAINING_JOB, trainingAttempt);
 
 async function trainingAttempt(
   ctx: ServiceContext,
