@@ -157,19 +157,23 @@ export async function completeUploadSession({
 }
 
 /**
- * For a session that could not be claimed: its checkpoint, when an earlier request completed
- * it; a conflict while another request is completing it; not found otherwise.
+ * For a session that could not be claimed: a conflict while another request is completing it;
+ * once it is gone, its checkpoint, when an earlier request completed it, or not found. The
+ * session is read first: the completer registers the checkpoint and deletes the session in one
+ * transaction, so a session gone means a checkpoint there (read the other way round, a
+ * completion committing between the two reads answered 404).
  */
 async function completedOrBusy(ctx: ServiceContext, tenantId: string, id: string): Promise<Checkpoint> {
-  const completed = await getCheckpoint({ ctx, principal: { tenantId }, input: { id } }).catch(
-    (err: unknown) => {
-      if (err instanceof NotFoundError) return null;
-      throw err;
-    },
-  );
-  if (completed) return completed;
-  await sessionOf(ctx, tenantId, id); // 404 unless it exists
-  throw new ConflictError(`upload session ${id} is being completed by another request; ask again shortly`);
+  const session = await sessionOf(ctx, tenantId, id).catch((err: unknown) => {
+    if (err instanceof NotFoundError) return null;
+    throw err;
+  });
+  if (session) {
+    throw new ConflictError(`upload session ${id} is being completed by another request; ask again shortly`);
+  }
+  return getCheckpoint({ ctx, principal: { tenantId }, input: { id } }).catch((err: unknown) => {
+    throw err instanceof NotFoundError ? new NotFoundError(`upload session ${id} not found`) : err;
+  });
 }
 
 /** Aborts a session: the parts are discarded and nothing is registered. Not one being completed (409). */
