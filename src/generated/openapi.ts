@@ -241,7 +241,16 @@ export interface paths {
          *     TensorFlow.js, each with its own seed, data order and diversity combination. When it
          *     succeeds, the job's `result` has every member's test accuracy, the ensemble's, the
          *     uniform soup's and the greedy soup's, and all of them are checkpoints (with TF.js
-         *     topology, metrics, and the soups' lineage edges to the members).
+         *     topology, metrics, and the soups' lineage edges to the members). Members train on
+         *     softmax cross-entropy of their logits; the stored models output probabilities. 2% of
+         *     the training split (a fixed draw) is held out for the greedy soup, which starts from
+         *     the member best there and adds the next only if the held-out accuracy of the soup
+         *     strictly improves (every candidate, the first included, is scored as a soup with
+         *     re-estimated BatchNorm statistics). After every hard average (PAPA-all, PAPA-2) and
+         *     for every soup, BatchNorm statistics are re-estimated on 8 batches drawn at random
+         *     from the training split. Every random stream (initialisation, data order,
+         *     augmentation, PAPA-2 pairs) has its own seed, derived from `population.seed`, the
+         *     member and the epoch.
          */
         post: operations["createTraining"];
         delete?: never;
@@ -686,7 +695,8 @@ export interface components {
             output_dtype?: "F32" | "F16" | "BF16" | "F64" | "F8_E4M3" | "F8_E5M2";
             /**
              * @description For inputs this service trained (they carry a TF.js topology): re-estimate every
-             *     output's BatchNorm statistics on training batches and record its test accuracy as a
+             *     output's BatchNorm statistics on 8 batches of 128 drawn at random from the training
+             *     split, and record its test accuracy as a
              *     metric, so every averaged model in the lineage has an accuracy. Not with `exclude`
              *     or `output_dtype`.
              */
