@@ -4,7 +4,7 @@ import type { DatabaseKind, StoreKind } from "./helpers/backends.js";
 import { expectDocumented } from "./helpers/contract.js";
 import { type Harness, startHarness, TEST_WORKER, upload } from "./helpers/harness.js";
 import { type JobBody, mergeAndWait, postMerge, waitForJob } from "./helpers/jobs.js";
-import { registerPullChain } from "./helpers/lineage.js";
+import { registerLineage, registerPullChain } from "./helpers/lineage.js";
 import { buildSafetensors, f32 } from "./helpers/safetensors.js";
 
 /** Checkpoint k: w = [k, 2k, -k, 1] (F32) and an I64 counter 10 + k. */
@@ -200,6 +200,31 @@ describe.each<[DatabaseKind, StoreKind]>([
     const cut = (await (await h.request(`/v1/checkpoints/${last}/lineage?depth=10`)).json()) as Lineage;
     expect(cut.contributions.map((x) => x.root)).toEqual([false, false, false, false]);
     expect(cut.contributions.reduce((a, x) => a + x.weight, 0)).toBeCloseTo(1, 12);
+  });
+
+  it("lineage cut at its depth stops at the frontier, even where a frontier node's parent was walked", async () => {
+    // a (root) and d (root); b = 0.5 a + 0.5 d; c = 0.5 b + 0.5 a. At depth 1 the walk holds
+    // c, b and a: b is on the frontier (its parent d is not walked) though a, its other parent, is.
+    const [a, b, c, d] = await registerLineage(h.ctx, h.tenantA, 4, [
+      [1, 0, 0.5],
+      [1, 3, 0.5],
+      [2, 1, 0.5],
+      [2, 0, 0.5],
+    ]);
+    const at = async (depth: number) =>
+      ((await (await h.request(`/v1/checkpoints/${c}/lineage?depth=${depth}`)).json()) as Lineage)
+        .contributions;
+    const shallow = await at(1);
+    expect(shallow.reduce((s, x) => s + x.weight, 0)).toBeCloseTo(1, 12);
+    expect(shallow.find((x) => x.checkpoint_id === a)).toEqual({ checkpoint_id: a, weight: 0.5, root: true });
+    expect(shallow.find((x) => x.checkpoint_id === b)).toEqual({
+      checkpoint_id: b,
+      weight: 0.5,
+      root: false,
+    });
+    const full = await at(10);
+    expect(full.find((x) => x.checkpoint_id === a)?.weight).toBe(0.75);
+    expect(full.find((x) => x.checkpoint_id === d)?.weight).toBe(0.25);
   });
 
   it("refuses inputs that do not agree, naming the tensor, creating no job and no blob", async () => {

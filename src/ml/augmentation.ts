@@ -33,7 +33,7 @@ export function drawDiversity(sets: DiversitySets, members: number, seed: number
 export const ERASING = { minArea: 0.02, maxArea: 1 / 3, minAspect: 0.3, maxAspect: 1 / 0.3, attempts: 10 };
 
 /** The paper's base augmentation for natural images: pad by 4 and crop back at random; flip half. */
-export const CROP_PADDING = 4;
+const CROP_PADDING = 4;
 
 function gamma(random: () => number, shape: number): number {
   // Marsaglia-Tsang; shape < 1 boosted.

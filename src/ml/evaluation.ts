@@ -3,16 +3,11 @@ import { type Split, shuffled, take } from "./datasets.js";
 
 type Shape = [number, number, number];
 
-/** A split's images in order, as batches of `batchSize` (the last may be smaller), at most `limit`. */
-export function batchesOf(
-  split: Split,
-  shape: Shape,
-  batchSize: number,
-  limit = Number.POSITIVE_INFINITY,
-): tf.Tensor4D[] {
+/** A split's images in order, as batches of `batchSize` (the last may be smaller). */
+function batchesOf(split: Split, shape: Shape, batchSize: number): tf.Tensor4D[] {
   const size = shape[0] * shape[1] * shape[2];
   const out: tf.Tensor4D[] = [];
-  for (let start = 0; start < split.count && out.length < limit; start += batchSize) {
+  for (let start = 0; start < split.count; start += batchSize) {
     const end = Math.min(split.count, start + batchSize);
     out.push(tf.tensor4d(split.x.subarray(start * size, end * size), [end - start, ...shape]));
   }
@@ -36,7 +31,7 @@ export function calibrationBatches(
 }
 
 /** Class probabilities of `model` on a split, as one [count, classes] tensor. */
-export function predictAll(model: tf.LayersModel, split: Split, shape: Shape): tf.Tensor2D {
+function predictAll(model: tf.LayersModel, split: Split, shape: Shape): tf.Tensor2D {
   return tf.tidy(() => {
     const parts = batchesOf(split, shape, 256).map((b) => model.predict(b) as tf.Tensor2D);
     return tf.concat(parts, 0);
@@ -44,7 +39,7 @@ export function predictAll(model: tf.LayersModel, split: Split, shape: Shape): t
 }
 
 /** The share of rows whose largest probability is at the label. */
-export function accuracyOf(probabilities: tf.Tensor2D, labels: Int32Array): number {
+function accuracyOf(probabilities: tf.Tensor2D, labels: Int32Array): number {
   const predicted = tf.tidy(() => tf.argMax(probabilities, 1).dataSync() as Int32Array);
   let right = 0;
   for (let i = 0; i < labels.length; i++) if (predicted[i] === labels[i]) right++;

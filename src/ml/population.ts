@@ -12,7 +12,6 @@ import { greedySoup, soupOf } from "./soups.js";
 import { trainStep } from "./step.js";
 import { captureState, restoreState, type TrainingState } from "./training-state.js";
 
-export type { Diversity, DiversitySets } from "./augmentation.js";
 export type { OptimizerSpec } from "./optimizer.js";
 export type { TrainingState } from "./training-state.js";
 
@@ -82,7 +81,7 @@ export interface Member {
 }
 
 /** Examples of the training split held out for the greedy soup (fixed, whatever the run's seed). */
-export const HELD_OUT_SHARE = 0.02;
+const HELD_OUT_SHARE = 0.02;
 
 /** Batches BatchNorm statistics are re-estimated on after a hard average and for soups. */
 export const CALIBRATION_BATCHES = 8;

@@ -3,26 +3,21 @@ import { schema } from "../../src/db/client.js";
 import type { ServiceContext } from "../../src/services/context.js";
 
 /**
- * Registers `generations` generations of PAPA pulls over `width` checkpoints, as rows only (no
- * blobs): generation 0 has no parents, every checkpoint of generation g is
- * (1 - beta) x its own predecessor + beta x the mean of generation g - 1. Returns the ids by
- * generation. 30 generations of 4 make 4^30 paths from the last to the first.
+ * Registers `count` checkpoints and the lineage edges between them, as rows only (no blobs):
+ * `edges` are [child, parent, coefficient] by index. Returns the ids.
  */
-export async function registerPullChain(
+export async function registerLineage(
   ctx: Pick<ServiceContext, "db">,
   tenantId: string,
-  generations: number,
-  width: number,
-  beta: number,
-): Promise<string[][]> {
-  const ids = Array.from({ length: generations + 1 }, () =>
-    Array.from({ length: width }, () => randomUUID()),
-  );
+  count: number,
+  edges: [number, number, number][],
+): Promise<string[]> {
+  const ids = Array.from({ length: count }, () => randomUUID());
   await ctx.db.insert(schema.checkpoints).values(
-    ids.flat().map((id, i) => ({
+    ids.map((id, i) => ({
       id,
       tenantId,
-      name: `pull-${Math.floor(i / width)}-${i % width}`,
+      name: `node-${i}`,
       sizeBytes: 8,
       sha256: "0".repeat(64),
       tensorCount: 0,
@@ -31,16 +26,38 @@ export async function registerPullChain(
       storageKey: `nowhere/${id}`,
     })),
   );
-  const edges = ids.slice(1).flatMap((children, g) =>
-    children.flatMap((childId, j) =>
-      (ids[g] ?? []).map((parentId, k) => ({
-        parentId,
-        childId,
-        coefficient: beta / width + (j === k ? 1 - beta : 0),
-        method: "papa-pull",
+  if (edges.length > 0) {
+    await ctx.db.insert(schema.lineageEdges).values(
+      edges.map(([child, parent, coefficient]) => ({
+        parentId: ids[parent] as string,
+        childId: ids[child] as string,
+        coefficient,
+        method: "weighted",
       })),
-    ),
-  );
-  await ctx.db.insert(schema.lineageEdges).values(edges);
+    );
+  }
   return ids;
+}
+
+/**
+ * `generations` generations of PAPA pulls over `width` checkpoints: generation 0 has no parents,
+ * every checkpoint of generation g is (1 - beta) x its own predecessor + beta x the mean of
+ * generation g - 1. Returns the ids by generation. 30 generations of 4 make 4^30 paths from the
+ * last to the first.
+ */
+export async function registerPullChain(
+  ctx: Pick<ServiceContext, "db">,
+  tenantId: string,
+  generations: number,
+  width: number,
+  beta: number,
+): Promise<string[][]> {
+  const index = (g: number, j: number) => g * width + j;
+  const edges: [number, number, number][] = [];
+  for (let g = 1; g <= generations; g++)
+    for (let j = 0; j < width; j++)
+      for (let k = 0; k < width; k++)
+        edges.push([index(g, j), index(g - 1, k), beta / width + (j === k ? 1 - beta : 0)]);
+  const ids = await registerLineage(ctx, tenantId, (generations + 1) * width, edges);
+  return Array.from({ length: generations + 1 }, (_, g) => ids.slice(g * width, (g + 1) * width));
 }

@@ -112,7 +112,10 @@ export async function getLineage({
       .where(and(inArray(schema.lineageEdges.parentId, ids), inArray(schema.lineageEdges.childId, ids))),
     metricsOf(ctx, ids),
   ]);
-  const sources = ancestors ? contributionsOf(id, edges) : [];
+  // A node at the depth limit is on the frontier: its parents were not all walked, even where
+  // some were (reached by a shorter path), so none of its edges carry its weight on.
+  const inside = edges.filter((e) => (depthOf.get(e.childId) ?? 0) < depth);
+  const sources = ancestors ? contributionsOf(id, inside) : [];
   const withParents = new Set(
     sources.length === 0
       ? []
