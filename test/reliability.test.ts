@@ -305,7 +305,8 @@ describe("a training worker that dies", () => {
     const worker = await spawnWorker(h, dataDir, env);
     workers.push(worker);
     const started = Date.now();
-    const id = await train(20);
+    // Long enough to outlive three leases on a fast day (20 epochs took 5.7 s here).
+    const id = await train(40);
     const job = await waitForJob(h, id, 120_000);
     expect(job.status, JSON.stringify(job.problem)).toBe("succeeded");
     expect(Date.now() - started).toBeGreaterThan(6000);
@@ -322,7 +323,9 @@ describe("a training worker that dies", () => {
   it("is retried and resumes from its last completed epoch", async () => {
     const first = await spawnWorker(h, dataDir, { PAPA_WORKER_QUEUES: "train" });
     workers.push(first);
-    const id = await train(4);
+    // Epochs enough that the kill, once an epoch is saved, lands before the last one (4 could
+    // all finish between two polls on a fast day).
+    const id = await train(12);
     const stateKey = `tenants/${h.tenantA}/jobs/${id}/training-state.safetensors`;
     for (;;) {
       const job = (await (await h.request(`/v1/jobs/${id}`)).json()) as JobBody & {
