@@ -66,9 +66,9 @@ function allocateSlots(plan: MergePlan, inputs: number, outputs: number, count: 
 /**
  * Streams a planned merge: block by block, reads the block from every input into shared
  * memory, merges it on the pool (or copies it: integer and bool tensors from each output's
- * `copyFrom` input, excluded tensors from the first input) and writes it to every output, in order. A fixed ring of slots is reused,
- * so memory does not grow with the size or the number of blocks, and nothing is allocated per
- * block on the hot path.
+ * `copyFrom` input, excluded tensors from the first input) and writes it to every output, in
+ * order. A fixed ring of slots is reused, so memory does not grow with the size or the number
+ * of blocks, and nothing is allocated per block on the hot path.
  */
 export async function runMerge(options: RunMergeOptions): Promise<void> {
   const { plan, sources, sinks, pool, signal } = options;

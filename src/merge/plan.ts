@@ -159,8 +159,14 @@ export function planMerge(options: PlanOptions): MergePlan {
   });
 
   const layout = first.tensors.map((t) => {
-    const averaged = !isExcluded(t.name) && isFloatDtype(t.dtype);
-    return { t, averaged, outDtype: averaged && options.outputDtype ? options.outputDtype : t.dtype };
+    const excluded = isExcluded(t.name);
+    const averaged = !excluded && isFloatDtype(t.dtype);
+    return {
+      t,
+      excluded,
+      averaged,
+      outDtype: averaged && options.outputDtype ? options.outputDtype : t.dtype,
+    };
   });
   const encoded = encodeSafetensorsHeader(
     layout.map(({ t, outDtype }) => ({ name: t.name, dtype: outDtype, shape: t.shape })),
@@ -169,7 +175,7 @@ export function planMerge(options: PlanOptions): MergePlan {
   const { blockElements } = options;
   const tensors: PlannedTensor[] = [];
   const blocks: Block[] = [];
-  layout.forEach(({ t, averaged, outDtype }, index) => {
+  layout.forEach(({ t, excluded, averaged, outDtype }, index) => {
     const elements = t.shape.reduce((a, b) => a * b, 1);
     const out = encoded.header.tensors[index];
     if (!out) throw new Error("header layout lost a tensor");
@@ -179,9 +185,9 @@ export function planMerge(options: PlanOptions): MergePlan {
       outDtype,
       elements,
       averaged,
-      inputOffsets: !isExcluded(t.name)
-        ? headers.map((h, k) => h.dataStart + (byName[k]?.get(t.name)?.begin ?? 0))
-        : [first.dataStart + t.begin],
+      inputOffsets: excluded
+        ? [first.dataStart + t.begin]
+        : headers.map((h, k) => h.dataStart + (byName[k]?.get(t.name)?.begin ?? 0)),
       outputOffset: encoded.header.dataStart + out.begin,
     });
     // Copies of sub-byte dtypes go whole; everything else in element blocks.
