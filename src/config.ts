@@ -71,6 +71,7 @@ const schema = z.object({
   PAPA_WORKER_DRAIN_SECONDS: z.coerce.number().min(0).max(3600).default(30),
   PAPA_QUEUE_MAINTENANCE_SECONDS: z.coerce.number().int().min(1).max(3600).default(30),
   PAPA_SWEEP_INTERVAL_SECONDS: z.coerce.number().int().min(1).max(86400).default(300),
+  PAPA_ROUND_CHECK_SECONDS: z.coerce.number().int().min(1).max(3600).default(2),
   // Twice the 5 minutes between the touches of a live write, at least.
   PAPA_ABANDONED_WRITE_SECONDS: z.coerce
     .number()
@@ -152,6 +153,8 @@ export interface WorkerConfig {
   maintenanceSeconds: number;
   /** How often the worker removes what writers that died left, and expires upload sessions. */
   sweepIntervalSeconds: number;
+  /** How often the worker closes populations' rounds whose timeout has passed with their quorum. */
+  roundCheckSeconds: number;
   /** A write untouched this long belongs to a writer that died. */
   abandonedWriteSeconds: number;
 }
@@ -252,6 +255,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       drainSeconds: e.PAPA_WORKER_DRAIN_SECONDS,
       maintenanceSeconds: e.PAPA_QUEUE_MAINTENANCE_SECONDS,
       sweepIntervalSeconds: e.PAPA_SWEEP_INTERVAL_SECONDS,
+      roundCheckSeconds: e.PAPA_ROUND_CHECK_SECONDS,
       abandonedWriteSeconds: e.PAPA_ABANDONED_WRITE_SECONDS,
     },
   };

@@ -25,8 +25,8 @@ describe("every documented response of every operation", () => {
   });
 
   const json = (body: unknown, init: RequestInit = {}) => ({
-    ...init,
     method: "POST",
+    ...init,
     body: typeof body === "string" ? body : JSON.stringify(body),
     headers: { "Content-Type": "application/json", ...(init.headers as Record<string, string>) },
   });
@@ -36,11 +36,12 @@ describe("every documented response of every operation", () => {
     return r;
   };
   const idOf = async (res: Promise<Response>) => ((await (await res).json()) as { id: string }).id;
-  const concrete = (path: string, id: string) => path.replace(/\{[^}]+\}/, id);
+  const concrete = (path: string, id: string) => path.replace("{id}", id).replace(/\{(round|member)\}/g, "0");
   /** Bodies valid enough to reach the resource lookup. */
   const validBodies: Record<string, unknown> = {
     createCheckpointMetric: { dataset: "mnist", split: "test", name: "accuracy", value: 0.5 },
     completeUploadSession: { parts: [{ part_number: 1, etag: "e" }] },
+    submitPopulationMember: { checkpoint_id: randomUUID() },
   };
 
   it("refuses requests without a key (401), with a malformed id (400), for unknown ids (404)", async () => {
@@ -252,6 +253,44 @@ describe("every documented response of every operation", () => {
     await expectStatus(s3.request("/v1/datasets?cursor=bm90LWFuLWlk"), 422);
     await expectStatus(s3.request(`/v1/datasets/${id}`), 200);
     await expectStatus(s3.request(`/v1/datasets/${id}`, { method: "DELETE" }), 204);
+  });
+
+  it("covers populations: rounds, submissions, next weights, events, finish", async () => {
+    await expectStatus(s3.request("/v1/populations", json({ name: "p", size: 1, method: "papa-all" })), 422);
+    await expectStatus(s3.request("/v1/populations", json("{")), 400);
+    const unknown = { name: "p", size: 2, method: "papa-all", initial_checkpoint_id: randomUUID() };
+    await expectStatus(s3.request("/v1/populations", json(unknown)), 404);
+    const id = await idOf(
+      expectStatus(s3.request("/v1/populations", json({ name: "p", size: 2, method: "papa-all" })), 201),
+    );
+    await expectStatus(s3.request("/v1/populations"), 200);
+    await expectStatus(s3.request("/v1/populations?limit=0"), 400);
+    await expectStatus(s3.request("/v1/populations?cursor=bm90LWFuLWlk"), 422);
+    await expectStatus(s3.request(`/v1/populations/${id}`), 200);
+    await expectStatus(s3.request(`/v1/populations/${id}/finish`, { method: "POST" }), 409);
+    const member = (m: number, body: Buffer) =>
+      s3.request(`/v1/populations/${id}/rounds/0/members/${m}`, {
+        method: "PUT",
+        body,
+        headers: { "Content-Type": "application/octet-stream" },
+      });
+    await expectStatus(member(0, Buffer.alloc(70 * 1024)), 413);
+    await expectStatus(member(0, rawSafetensors('{"w": nope}')), 422);
+    await expectStatus(member(0, smallCheckpoint(1)), 201);
+    await expectStatus(member(0, smallCheckpoint(1)), 200);
+    await expectStatus(member(0, smallCheckpoint(2)), 409);
+    await expectStatus(s3.request(`/v1/populations/${id}/rounds/0/members/0/weights`), 409);
+    await expectStatus(s3.request(`/v1/populations/${id}/rounds/0/members/2/weights`), 422);
+    await expectStatus(s3.request(`/v1/populations/${id}/rounds/1`), 404);
+    await expectStatus(member(1, smallCheckpoint(2)), 201);
+    await expectStatus(s3.request(`/v1/populations/${id}/rounds/0?wait=20`), 200);
+    await expectStatus(s3.request(`/v1/populations/${id}/rounds/0/members/1/weights`), 302);
+    // An open population's stream does not end: its status, not its text.
+    const events = await s3.request(`/v1/populations/${id}/events`);
+    expect(events.status).toBe(200);
+    await events.body?.cancel();
+    await expectStatus(s3.request(`/v1/populations/${id}/finish`, { method: "POST" }), 202);
+    await expectStatus(s3.request(`/v1/populations/${id}/finish`, { method: "POST" }), 200);
   });
 
   it("covers API keys", async () => {

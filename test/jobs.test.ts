@@ -3,38 +3,9 @@ import { startWorker } from "../src/jobs/worker.js";
 import type { DatabaseKind, StoreKind } from "./helpers/backends.js";
 import { expectDocumented } from "./helpers/contract.js";
 import { type Harness, startHarness, TEST_WORKER, upload } from "./helpers/harness.js";
-import { type JobBody, mergeAndWait, postMerge, waitForJob } from "./helpers/jobs.js";
+import { type JobBody, member, mergeAndWait, postMerge, waitForJob, weightsOf } from "./helpers/jobs.js";
 import { registerLineage, registerPullChain } from "./helpers/lineage.js";
-import { buildSafetensors, f32 } from "./helpers/safetensors.js";
-
-/** Checkpoint k: w = [k, 2k, -k, 1] (F32) and an I64 counter 10 + k. */
-function member(k: number, extra: { name: string; shape: number[] } | null = null): Buffer {
-  const counter = Buffer.alloc(8);
-  counter.writeBigInt64LE(BigInt(10 + k));
-  return buildSafetensors([
-    { name: "w", dtype: "F32", shape: [4], data: f32([k, 2 * k, -k, 1]) },
-    { name: "steps", dtype: "I64", shape: [], data: counter },
-    ...(extra
-      ? [{ name: extra.name, dtype: "F32", shape: extra.shape, data: f32(Array(extra.shape[0]).fill(k)) }]
-      : []),
-  ]);
-}
-
-async function weightsOf(h: Harness, id: string): Promise<{ w: number[]; steps: bigint }> {
-  const bytes = Buffer.from(await (await h.request(`/v1/checkpoints/${id}/weights`)).arrayBuffer());
-  const n = Number(bytes.readBigUInt64LE(0));
-  const header = JSON.parse(bytes.subarray(8, 8 + n).toString()) as Record<
-    string,
-    { data_offsets: [number, number] }
-  >;
-  const at = (name: string) =>
-    bytes.subarray(
-      8 + n + (header[name]?.data_offsets[0] ?? 0),
-      8 + n + (header[name]?.data_offsets[1] ?? 0),
-    );
-  const w = at("w");
-  return { w: [0, 1, 2, 3].map((i) => w.readFloatLE(i * 4)), steps: at("steps").readBigInt64LE(0) };
-}
+import { buildSafetensors } from "./helpers/safetensors.js";
 
 interface Lineage {
   nodes: { id: string; depth: number; metrics: { name: string; value: number }[] }[];

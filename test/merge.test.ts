@@ -8,7 +8,7 @@ import { pipeline } from "node:stream/promises";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type BlockTask, mergeBlock } from "../src/merge/kernel.js";
 import { mergeFiles } from "../src/merge/local.js";
-import { type MergeMethod, mergeCoefficients, papa2Pairs } from "../src/merge/methods.js";
+import { type MergeMethod, mergeCoefficients, papa2Pairs, roundCoefficients } from "../src/merge/methods.js";
 import { globMatcher, MergeInputError } from "../src/merge/plan.js";
 import { MergePool } from "../src/merge/pool.js";
 import { parseSafetensorsHeader, SafetensorsValidator } from "../src/tensors/safetensors.js";
@@ -252,6 +252,37 @@ describe("merge methods", () => {
       expect(papa2Pairs(n, 3)).toEqual(papa2Pairs(n, 3));
     },
   );
+
+  it("a population round: submitters by the method, the member that did not submit the mean", () => {
+    const third = 1 / 3;
+    const mean = [third, third, third];
+    const seed = 5;
+    // Members 0, 2 and 3 of 4 submitted (submissions 0, 1, 2).
+    const papa = roundCoefficients({ method: "papa", alpha: 0.7, seed }, 4, [0, 2, 3]);
+    expect(papa[1]).toEqual(mean);
+    for (const [j, k] of [
+      [0, 0],
+      [2, 1],
+      [3, 2],
+    ] as const) {
+      for (const i of [0, 1, 2]) expect(papa[j]?.[i]).toBeCloseTo(0.1 + (i === k ? 0.7 : 0), 15);
+    }
+    expect(roundCoefficients({ method: "papa-all", alpha: 0.7, seed }, 4, [0, 2, 3])).toEqual([
+      mean,
+      mean,
+      mean,
+      mean,
+    ]);
+    const papa2 = roundCoefficients({ method: "papa-2", alpha: 0.7, seed }, 4, [0, 2, 3]);
+    expect(papa2[1]).toEqual(mean);
+    const pairs = [papa2[0], papa2[2], papa2[3]].map((row) => row?.map((c) => (c === 0.5 ? 1 : 0)).join(""));
+    expect(new Set(pairs)).toEqual(new Set(["110", "101", "011"]));
+    expect(papa2.filter((_, j) => j !== 1)).toEqual(
+      papa2Pairs(3, seed).map(([a, b]) => [0, 1, 2].map((i) => (i === a || i === b ? 0.5 : 0))),
+    );
+    // One submission is everyone's next weights.
+    expect(roundCoefficients({ method: "papa-2", alpha: 0.7, seed }, 3, [1])).toEqual([[1], [1], [1]]);
+  });
 
   it.each([
     [{ method: "weighted", coefficients: [0.5, 0.6] }, "sum to 1"],

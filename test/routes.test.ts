@@ -18,7 +18,10 @@ const ops: Op[] = Object.entries(doc.paths).flatMap(([path, item]) =>
     .filter(([method]) => ["get", "post", "put", "delete", "patch"].includes(method))
     .map(([method, op]) => ({
       method: method.toUpperCase(),
-      path: path.replace("{id}", "01a21c82-9c47-7abd-a849-4a1c03318636"),
+      path: path
+        .replace("{id}", "01a21c82-9c47-7abd-a849-4a1c03318636")
+        .replace("{round}", "0")
+        .replace("{member}", "0"),
       operationId: op.operationId,
       public: (op.security ?? doc.security).length === 0,
     })),
@@ -55,6 +58,7 @@ describe("every operation in openapi.yaml", () => {
   const bodies: Record<string, object> = {
     createCheckpointMetric: { dataset: "mnist", split: "test", name: "accuracy", value: 0.9 },
     completeUploadSession: { parts: [{ part_number: 1, etag: '"x"' }] },
+    submitPopulationMember: { checkpoint_id: "01a21c82-9c47-7abd-a849-4a1c03318637" },
   };
   it.each(secured.filter((o) => o.path.includes("01a21c82")))(
     "$operationId answers 404 problem+json for an id that is not the tenant's",

@@ -97,12 +97,19 @@ export const checkpoints = pgTable(
     topology: jsonb("topology"),
     storageKey: text("storage_key").notNull(),
     jobId: uuid("job_id").references(() => jobs.id),
+    /** Set on a population's outputs: the round's next weights of `populationMember`, or (member null) its final soup. */
+    populationId: uuid("population_id"),
+    populationRound: integer("population_round"),
+    populationMember: integer("population_member"),
     createdAt: createdAt(),
     deletedAt: timestamp("deleted_at", { withTimezone: true }),
   },
   (t) => [
     index("checkpoints_tenant_idx").on(t.tenantId, t.id),
     index("checkpoints_name_idx").on(t.tenantId, t.name),
+    index("checkpoints_population_idx")
+      .on(t.populationId, t.populationRound)
+      .where(sql`${t.populationId} is not null`),
   ],
 );
 
@@ -196,3 +203,67 @@ export const rateLimits = pgTable("rate_limits", {
   points: integer("points").notNull().default(0),
   expire: timestamp("expire", { withTimezone: true }),
 });
+
+/**
+ * A population whose members train anywhere and meet at rounds (`populationRounds`): each round,
+ * members submit their weights and get back PAPA's averages. `finishJobId`: the merge job of
+ * its final soup, once asked for; no submission is taken after.
+ */
+export const populations = pgTable(
+  "populations",
+  {
+    id: uuid("id").primaryKey(),
+    tenantId: uuid("tenant_id")
+      .notNull()
+      .references(() => tenants.id),
+    name: text("name").notNull(),
+    size: integer("size").notNull(),
+    method: text("method").notNull(),
+    alpha: doublePrecision("alpha").notNull(),
+    seed: bigint("seed", { mode: "number" }).notNull(),
+    quorum: integer("quorum").notNull(),
+    roundTimeoutSeconds: integer("round_timeout_seconds").notNull(),
+    initialCheckpointId: uuid("initial_checkpoint_id").references(() => checkpoints.id),
+    currentRound: integer("current_round").notNull().default(0),
+    finishJobId: uuid("finish_job_id").references(() => jobs.id),
+    createdAt: createdAt(),
+  },
+  (t) => [index("populations_tenant_idx").on(t.tenantId, t.id)],
+);
+
+/**
+ * A round of a population, from its opening. Its state is its merge job's: none yet (open),
+ * queued or running (merging), succeeded (closed), failed or canceled (failed).
+ */
+export const populationRounds = pgTable(
+  "population_rounds",
+  {
+    populationId: uuid("population_id")
+      .notNull()
+      .references(() => populations.id),
+    round: integer("round").notNull(),
+    openedAt: timestamp("opened_at", { withTimezone: true }).notNull().defaultNow(),
+    jobId: uuid("job_id").references(() => jobs.id),
+  },
+  (t) => [
+    primaryKey({ columns: [t.populationId, t.round] }),
+    index("population_rounds_open_idx").on(t.openedAt).where(sql`${t.jobId} is null`),
+  ],
+);
+
+/** Member `member`'s weights at the end of its training for `round`. */
+export const populationSubmissions = pgTable(
+  "population_submissions",
+  {
+    populationId: uuid("population_id")
+      .notNull()
+      .references(() => populations.id),
+    round: integer("round").notNull(),
+    member: integer("member").notNull(),
+    checkpointId: uuid("checkpoint_id")
+      .notNull()
+      .references(() => checkpoints.id),
+    createdAt: createdAt(),
+  },
+  (t) => [primaryKey({ columns: [t.populationId, t.round, t.member] })],
+);

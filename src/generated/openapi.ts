@@ -498,6 +498,187 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/populations": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** List populations, newest first, each with its current round only. */
+        get: operations["listPopulations"];
+        put?: never;
+        /**
+         * Create a population whose members train anywhere and meet at rounds.
+         * @description The service coordinates a population of `size` members that train wherever their
+         *     owners run them (PyTorch, JAX, TF.js; one machine or many). Each round, members
+         *     `PUT` their weights; the round closes when `quorum` members have submitted and either
+         *     all have or `round_timeout_seconds` has passed since it opened. Its merge (a merge job,
+         *     retried as merge jobs are) gives every member its next weights, with m the mean of the
+         *     submissions: `papa-all` gives each member m; `papa-2` gives each submitter the average
+         *     of a distinct random pair of submissions (seeded by `seed` and the round, the rule of
+         *     merges); `papa` gives submitter j `alpha * w_j + (1 - alpha) * m`. A member that did not
+         *     submit gets m, and may submit again from the next round. Round r + 1 opens when round r
+         *     closes. Every output is a checkpoint (with `population`) whose lineage edges point at
+         *     the submissions with their coefficients.
+         */
+        post: operations["createPopulation"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/populations/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        /** A population, with the state of each of its rounds. */
+        get: operations["getPopulation"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/populations/{id}/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        /**
+         * Server-sent events with the population's state as it changes.
+         * @description A `text/event-stream`: a `population` event with the population (as
+         *     `GET /v1/populations/{id}`, its current round only) now and whenever a submission
+         *     arrives, a round changes state or the population does; the stream ends after the event
+         *     that shows it `finished` or `failed`, or after an hour. While nothing changes, a comment
+         *     line every 15 seconds keeps the connection from counting as idle. Streams count against
+         *     the tenant's open event streams (429 beyond).
+         */
+        get: operations["getPopulationEvents"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/populations/{id}/finish": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * End the population with the uniform soup of its last round's submissions, as a merge job.
+         * @description The soup averages the submissions of the current round when at least `quorum` members
+         *     submitted to it, or else those of the last closed round. From this request on, the
+         *     population takes no submission. The job's `result.soup_checkpoint_id` is the soup;
+         *     the population's `status` is `finishing`, then `finished` (or `failed` with the job).
+         *     Asking again returns the same job (200), or a new one if it failed.
+         */
+        post: operations["finishPopulation"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/populations/{id}/rounds/{round}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+                /** @description A round of the population, from 0. */
+                round: components["parameters"]["Round"];
+            };
+            cookie?: never;
+        };
+        /** A round's state; with `wait`, as soon as it closes. */
+        get: operations["getPopulationRound"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/populations/{id}/rounds/{round}/members/{member}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+                /** @description A round of the population, from 0. */
+                round: components["parameters"]["Round"];
+                /** @description A member of the population, from 0 to its size - 1 (422 beyond). */
+                member: components["parameters"]["Member"];
+            };
+            cookie?: never;
+        };
+        get?: never;
+        /**
+         * Submit a member's weights for a round.
+         * @description The body is a safetensors file (`application/octet-stream`, streamed and validated as
+         *     `POST /v1/checkpoints` does, within the same upload limit; larger members use upload
+         *     sessions), or `{"checkpoint_id": ...}` for a checkpoint already uploaded. Every
+         *     submission's tensors must agree (names, shapes, dtypes) with the population's initial
+         *     checkpoint, or else with its first submission: 422 naming the first that does not.
+         *     Submitting the same bytes again answers 200 with the first submission, even once the
+         *     round closed; other bytes for a submitted slot, a submission to a closed round or to
+         *     one not yet open, or to a finished population, answer 409. An upload that is not
+         *     recorded is deleted.
+         */
+        put: operations["submitPopulationMember"];
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/populations/{id}/rounds/{round}/members/{member}/weights": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+                /** @description A round of the population, from 0. */
+                round: components["parameters"]["Round"];
+                /** @description A member of the population, from 0 to its size - 1 (422 beyond). */
+                member: components["parameters"]["Member"];
+            };
+            cookie?: never;
+        };
+        /** A member's next weights from a round, once it closed (a redirect to the checkpoint's weights). */
+        get: operations["getPopulationMemberWeights"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/api-keys": {
         parameters: {
             query?: never;
@@ -591,6 +772,12 @@ export interface components {
             deleted_at: null | components["schemas"]["Timestamp"];
             /** @description Relative URL of the bytes. */
             weights_url: string;
+            /** @description Set on a population's outputs: the round, and the member whose next weights these are (null for the population's final soup). */
+            population: null | {
+                id: components["schemas"]["Id"];
+                round: number;
+                member: null | number;
+            };
         };
         CheckpointParent: {
             checkpoint_id: components["schemas"]["Id"];
@@ -840,8 +1027,10 @@ export interface components {
          * @description `checkpoints` lists every output. Trainings add `members` (checkpoint_id, accuracy,
          *     held_out_accuracy, diversity), `ensemble_accuracy`, `uniform_soup` and `greedy_soup`
          *     (checkpoint_id, accuracy; the greedy soup's `members`), `backend` and `seconds` per phase.
+         *     A population's finish adds `soup_checkpoint_id`.
          */
         JobResult: {
+            soup_checkpoint_id?: components["schemas"]["Id"];
             checkpoints: {
                 id: components["schemas"]["Id"];
                 name: string;
@@ -853,6 +1042,88 @@ export interface components {
         };
         JobList: {
             items: components["schemas"]["Job"][];
+            next_cursor: null | string;
+        };
+        PopulationCreate: {
+            name: components["schemas"]["CheckpointName"];
+            /** @description Members, 2 to 64. */
+            size: number;
+            /** @enum {string} */
+            method: "papa-all" | "papa-2" | "papa";
+            /**
+             * @description `papa` only: the weight each member keeps of its own submission.
+             * @default 0.99
+             */
+            alpha: number;
+            /**
+             * @description Seeds `papa-2`'s pair draws (one stream per round).
+             * @default 0
+             */
+            seed: number;
+            /** @description Submissions a round needs to close; default `size`, at most `size`. */
+            quorum?: number;
+            /**
+             * @description After this long open, a round closes as soon as it has `quorum` submissions.
+             * @default 3600
+             */
+            round_timeout_seconds: number;
+            /** @description Weights the members start from; every submission must agree with its tensors. */
+            initial_checkpoint_id?: components["schemas"]["Id"];
+        };
+        Population: {
+            id: components["schemas"]["Id"];
+            name: components["schemas"]["CheckpointName"];
+            size: number;
+            /** @enum {string} */
+            method: "papa-all" | "papa-2" | "papa";
+            alpha: number;
+            seed: number;
+            quorum: number;
+            round_timeout_seconds: number;
+            initial_checkpoint_id: null | components["schemas"]["Id"];
+            /**
+             * @description `open` takes submissions; `finishing` while the final soup's job runs, then `finished`; `failed` when a round's merge or the soup's job failed.
+             * @enum {string}
+             */
+            status: "open" | "finishing" | "finished" | "failed";
+            /** @description The round that takes submissions (or the last one, once finished). */
+            current_round: number;
+            /** @description Every round, oldest first (in listings and events, only the current one). */
+            rounds: components["schemas"]["PopulationRound"][];
+            finish_job_id: null | components["schemas"]["Id"];
+            /** @description The final uniform soup, once finished. */
+            soup_checkpoint_id: null | components["schemas"]["Id"];
+            created_at: components["schemas"]["Timestamp"];
+            events_url: string;
+        };
+        PopulationRound: {
+            round: number;
+            /**
+             * @description `open` takes submissions; `merging` while its merge job runs; `closed` once every member's next weights are ready; `failed` when its merge job failed for good.
+             * @enum {string}
+             */
+            status: "open" | "merging" | "closed" | "failed";
+            opened_at: components["schemas"]["Timestamp"];
+            closed_at: null | components["schemas"]["Timestamp"];
+            /** @description The members that submitted, ascending. */
+            submitted: number[];
+            /** @description The round's merge job, once it closed. */
+            job_id: null | components["schemas"]["Id"];
+            /** @description Once closed, every member's next weights. */
+            outputs: {
+                member: number;
+                checkpoint_id: components["schemas"]["Id"];
+            }[];
+        };
+        PopulationSubmission: {
+            population_id: components["schemas"]["Id"];
+            round: number;
+            member: number;
+            checkpoint_id: components["schemas"]["Id"];
+            created_at: components["schemas"]["Timestamp"];
+        };
+        PopulationList: {
+            items: components["schemas"]["Population"][];
             next_cursor: null | string;
         };
         ApiKeyCreate: {
@@ -956,6 +1227,17 @@ export interface components {
                 "application/problem+json": components["schemas"]["Problem"];
             };
         };
+        /** @description Not there yet (the round has not closed); `Retry-After` says when to ask again. */
+        NotReady: {
+            headers: {
+                /** @description Seconds to wait. */
+                "Retry-After"?: number;
+                [name: string]: unknown;
+            };
+            content: {
+                "application/problem+json": components["schemas"]["Problem"];
+            };
+        };
         /** @description The resource's content was deleted. */
         Gone: {
             headers: {
@@ -1030,6 +1312,10 @@ export interface components {
         Limit: number;
         /** @description The `next_cursor` of the previous page; any other value is refused with 422. */
         Cursor: string;
+        /** @description A round of the population, from 0. */
+        Round: number;
+        /** @description A member of the population, from 0 to its size - 1 (422 beyond). */
+        Member: number;
         /**
          * @description Makes the request safe to retry: a second request with the same key returns the job
          *     the first one created (200) instead of creating another; the same key with a
@@ -1869,6 +2155,271 @@ export interface operations {
             401: components["responses"]["Unauthorized"];
             404: components["responses"]["NotFound"];
             409: components["responses"]["Conflict"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
+    listPopulations: {
+        parameters: {
+            query?: {
+                /** @description Page size. */
+                limit?: components["parameters"]["Limit"];
+                /** @description The `next_cursor` of the previous page; any other value is refused with 422. */
+                cursor?: components["parameters"]["Cursor"];
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description One page of populations. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PopulationList"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            422: components["responses"]["UnprocessableContent"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
+    createPopulation: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["PopulationCreate"];
+            };
+        };
+        responses: {
+            /** @description The population, at round 0, open. */
+            201: {
+                headers: {
+                    /** @description The population's URL. */
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Population"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            413: components["responses"]["PayloadTooLarge"];
+            415: components["responses"]["UnsupportedMediaType"];
+            422: components["responses"]["UnprocessableContent"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
+    getPopulation: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The population. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Population"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
+    getPopulationEvents: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The event stream. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": string;
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
+    finishPopulation: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The job an earlier finish created. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            /** @description The soup's merge job was created. */
+            202: {
+                headers: {
+                    /** @description The job's URL. */
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            409: components["responses"]["Conflict"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
+    getPopulationRound: {
+        parameters: {
+            query?: {
+                /** @description Seconds to wait for the round to close (or fail) before answering with its state as it is. */
+                wait?: number;
+            };
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+                /** @description A round of the population, from 0. */
+                round: components["parameters"]["Round"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The round. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PopulationRound"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
+    submitPopulationMember: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+                /** @description A round of the population, from 0. */
+                round: components["parameters"]["Round"];
+                /** @description A member of the population, from 0 to its size - 1 (422 beyond). */
+                member: components["parameters"]["Member"];
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/octet-stream": string;
+                "application/json": {
+                    checkpoint_id: components["schemas"]["Id"];
+                };
+            };
+        };
+        responses: {
+            /** @description The same bytes were submitted for this slot before. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PopulationSubmission"];
+                };
+            };
+            /** @description The submission was recorded. */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PopulationSubmission"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            409: components["responses"]["Conflict"];
+            413: components["responses"]["PayloadTooLarge"];
+            415: components["responses"]["UnsupportedMediaType"];
+            422: components["responses"]["UnprocessableContent"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
+    getPopulationMemberWeights: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+                /** @description A round of the population, from 0. */
+                round: components["parameters"]["Round"];
+                /** @description A member of the population, from 0 to its size - 1 (422 beyond). */
+                member: components["parameters"]["Member"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The round closed; `Location` is the output checkpoint's weights URL. */
+            302: {
+                headers: {
+                    /** @description `/v1/checkpoints/{id}/weights` of the member's output. */
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            409: components["responses"]["NotReady"];
+            422: components["responses"]["UnprocessableContent"];
             429: components["responses"]["TooManyRequests"];
         };
     };

@@ -4,6 +4,8 @@ import type { Checkpoint, Metric } from "../services/checkpoints/checkpoints.js"
 import type { DatasetRecord } from "../services/datasets/datasets.js";
 import type { Job } from "../services/jobs/jobs.js";
 import type { Lineage } from "../services/lineage/lineage.js";
+import type { Population, Round } from "../services/populations/populations.js";
+import type { Submission } from "../services/populations/rounds.js";
 
 type Schemas = components["schemas"];
 
@@ -31,6 +33,50 @@ export function checkpointBody(c: Checkpoint): Schemas["Checkpoint"] {
     created_at: c.createdAt.toISOString(),
     deleted_at: c.deletedAt ? c.deletedAt.toISOString() : null,
     weights_url: `/v1/checkpoints/${c.id}/weights`,
+    population: c.population,
+  };
+}
+
+export function roundBody(r: Round): Schemas["PopulationRound"] {
+  return {
+    round: r.round,
+    status: r.status,
+    opened_at: r.openedAt.toISOString(),
+    closed_at: iso(r.closedAt),
+    submitted: r.submitted,
+    job_id: r.jobId,
+    outputs: r.outputs.map((o) => ({ member: o.member, checkpoint_id: o.checkpointId })),
+  };
+}
+
+export function populationBody(p: Population): Schemas["Population"] {
+  return {
+    id: p.id,
+    name: p.name,
+    size: p.size,
+    method: p.method as Schemas["Population"]["method"],
+    alpha: p.alpha,
+    seed: p.seed,
+    quorum: p.quorum,
+    round_timeout_seconds: p.roundTimeoutSeconds,
+    initial_checkpoint_id: p.initialCheckpointId,
+    status: p.status,
+    current_round: p.currentRound,
+    rounds: p.rounds.map(roundBody),
+    finish_job_id: p.finishJobId,
+    soup_checkpoint_id: p.soupCheckpointId,
+    created_at: p.createdAt.toISOString(),
+    events_url: `/v1/populations/${p.id}/events`,
+  };
+}
+
+export function submissionBody(s: Submission): Schemas["PopulationSubmission"] {
+  return {
+    population_id: s.populationId,
+    round: s.round,
+    member: s.member,
+    checkpoint_id: s.checkpointId,
+    created_at: s.createdAt.toISOString(),
   };
 }
 

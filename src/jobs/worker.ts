@@ -3,6 +3,7 @@ import type { BackendName } from "../ml/backend.js";
 import { expireUploadSessions } from "../services/checkpoints/upload-sessions.js";
 import type { ServiceContext } from "../services/context.js";
 import { mergeJob } from "../services/merges/merge-job.js";
+import { closeDueRounds } from "../services/populations/rounds.js";
 import { trainingJob } from "../services/trainings/trainings.js";
 import { runTfjsTask, tfjsEnvironment } from "./tfjs-process.js";
 
@@ -14,6 +15,10 @@ export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Pr
     if (swept > 0) ctx.logger.info("removed writes of writers that died", { count: swept });
     const expired = await expireUploadSessions(ctx);
     if (expired > 0) ctx.logger.info("aborted expired upload sessions", { count: expired });
+  });
+  ctx.queue.repeat("closing rounds past their timeout", config.roundCheckSeconds * 1000, async () => {
+    const closed = await closeDueRounds(ctx);
+    if (closed > 0) ctx.logger.info("closed rounds past their timeout", { count: closed });
   });
   for (const queue of config.queues) {
     if (queue === "merge") {

@@ -47,6 +47,11 @@ export function papa2Pairs(n: number, seed: number): [number, number][] {
   });
 }
 
+/** The coefficients of the average of inputs a and b, of n. */
+function pairRow(n: number, [a, b]: [number, number]): number[] {
+  return Array.from({ length: n }, (_, k) => (k === a || k === b ? 0.5 : 0));
+}
+
 /**
  * For each output (row), the input its integer and bool tensors are copied from: the input with
  * the largest coefficient, the lowest index on a tie. Input 0 for PAPA-all, a PAPA-2 child's
@@ -68,9 +73,7 @@ export function mergeCoefficients(spec: MergeMethod, n: number): number[][] {
       return [Array.from({ length: n }, () => 1 / n)];
     case "papa-2":
       if (n < 2) throw new MergeSpecError("papa-2 needs at least 2 inputs");
-      return papa2Pairs(n, spec.seed).map(([a, b]) =>
-        Array.from({ length: n }, (_, k) => (k === a || k === b ? 0.5 : 0)),
-      );
+      return papa2Pairs(n, spec.seed).map((pair) => pairRow(n, pair));
     case "weighted": {
       const c = spec.coefficients;
       if (c.length !== n)
@@ -89,4 +92,33 @@ export function mergeCoefficients(spec: MergeMethod, n: number): number[][] {
       );
     }
   }
+}
+
+/** How a population's round averages its members' submissions. */
+export interface RoundRule {
+  method: "papa-all" | "papa-2" | "papa";
+  /** papa: the weight each member keeps of its own submission. */
+  alpha: number;
+  /** papa-2: the seed of this round's pair draw. */
+  seed: number;
+}
+
+/**
+ * A population round's coefficients: `rows[j][k]` is the weight of submission k (of member
+ * `submitted[k]`) in member j's next weights, for each of the `size` members. With m the mean of
+ * the submissions: papa-all gives every member m; papa-2 gives each submitter the average of a
+ * distinct random pair of submissions (`papa2Pairs`; one submission is its own pair); papa gives
+ * submitter j `alpha * w_j + (1 - alpha) * m`. A member that did not submit gets m.
+ */
+export function roundCoefficients(rule: RoundRule, size: number, submitted: number[]): number[][] {
+  const n = submitted.length;
+  if (n < 1) throw new MergeSpecError("a round needs at least one submission");
+  const mean = Array.from({ length: n }, () => 1 / n);
+  const pairs = rule.method === "papa-2" && n > 1 ? papa2Pairs(n, rule.seed) : null;
+  return Array.from({ length: size }, (_, member) => {
+    const k = submitted.indexOf(member);
+    if (k < 0 || rule.method === "papa-all" || n === 1) return mean;
+    if (pairs) return pairRow(n, pairs[k] as [number, number]);
+    return mean.map((c, i) => (1 - rule.alpha) * c + (i === k ? rule.alpha : 0));
+  });
 }

@@ -31,6 +31,19 @@ export class ConflictError extends ServiceError {
   readonly code = "conflict";
 }
 
+/** What was asked for is not there yet (a round still open); the same request may succeed after `retryAfterSeconds`. */
+export class NotReadyError extends ServiceError {
+  readonly code = "conflict";
+
+  constructor(
+    message: string,
+    readonly retryAfterSeconds: number,
+    details?: Record<string, unknown>,
+  ) {
+    super(message, details);
+  }
+}
+
 /** A size limit was exceeded. */
 export class PayloadTooLargeError extends ServiceError {
   readonly code = "payload-too-large";

@@ -41,6 +41,7 @@ export const TEST_WORKER: WorkerConfig = {
   drainSeconds: 5,
   maintenanceSeconds: 1,
   sweepIntervalSeconds: 300,
+  roundCheckSeconds: 1,
   abandonedWriteSeconds: 900,
 };
 

@@ -9,8 +9,8 @@ import { operation } from "../openapi.js";
 import { jobBody } from "../presenters.js";
 
 /** How long an event stream may stay open, and the most time between two of its writes. */
-const EVENTS_MAX_MS = 60 * 60 * 1000;
-const HEARTBEAT_MS = 15_000;
+export const EVENTS_MAX_MS = 60 * 60 * 1000;
+export const HEARTBEAT_MS = 15_000;
 
 /** Creates a job from the body with the request's Idempotency-Key: 202 when new, 200 on a replay. */
 async function jobCreation<P>(

@@ -42,6 +42,8 @@ export interface Checkpoint {
   /** TF.js topology and weight manifest, for models this service trained. */
   topology: TfjsTopology | null;
   jobId: string | null;
+  /** A population's output: its round, and the member it is for (null: the final soup). */
+  population: { id: string; round: number; member: number | null } | null;
   parents: CheckpointParent[];
   metrics: Metric[];
   createdAt: Date;
@@ -71,6 +73,10 @@ function toCheckpoint(row: Row, parents: CheckpointParent[], metrics: Metric[]):
     hasTopology: row.topology !== null,
     topology: row.topology as Checkpoint["topology"],
     jobId: row.jobId,
+    population:
+      row.populationId === null
+        ? null
+        : { id: row.populationId, round: row.populationRound ?? 0, member: row.populationMember },
     parents,
     metrics,
     createdAt: row.createdAt,

@@ -32,9 +32,12 @@ export class JobWatch {
     private readonly logger: Logger,
   ) {}
 
-  /** Calls `listener` with the job each time it changes after `job`; returns how to stop. */
-  follow(job: Job, listener: (job: Job) => void): () => void {
-    const open = this.streams.get(job.tenantId) ?? 0;
+  /**
+   * Counts an event stream of the tenant's (of any resource) as open: 429 when it has its most
+   * open already. Returns how to count it closed.
+   */
+  openStream(tenantId: string): () => void {
+    const open = this.streams.get(tenantId) ?? 0;
     if (open >= this.maxStreamsPerTenant) {
       throw new TooManyRequestsError(
         `the tenant has ${open} event streams open, the most it may have; close one first`,
@@ -42,7 +45,17 @@ export class JobWatch {
         { limit: this.maxStreamsPerTenant },
       );
     }
-    this.streams.set(job.tenantId, open + 1);
+    this.streams.set(tenantId, open + 1);
+    return () => {
+      const left = (this.streams.get(tenantId) ?? 1) - 1;
+      if (left === 0) this.streams.delete(tenantId);
+      else this.streams.set(tenantId, left);
+    };
+  }
+
+  /** Calls `listener` with the job each time it changes after `job`; returns how to stop. */
+  follow(job: Job, listener: (job: Job) => void): () => void {
+    const close = this.openStream(job.tenantId);
     const entry = this.followed.get(job.id) ?? { seen: job.updatedAt.getTime(), listeners: new Set() };
     entry.listeners.add(listener);
     this.followed.set(job.id, entry);
@@ -54,9 +67,7 @@ export class JobWatch {
     return () => {
       if (stopped) return;
       stopped = true;
-      const left = (this.streams.get(job.tenantId) ?? 1) - 1;
-      if (left === 0) this.streams.delete(job.tenantId);
-      else this.streams.set(job.tenantId, left);
+      close();
       entry.listeners.delete(listener);
       if (entry.listeners.size === 0) this.followed.delete(job.id);
       if (this.followed.size === 0 && this.timer) {

@@ -1,5 +1,5 @@
 import { and, count, desc, eq, inArray, lt } from "drizzle-orm";
-import { schema } from "../../db/client.js";
+import { type Database, schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
 import type { QueueName } from "../../jobs/queue.js";
 import type { ServiceContext, TenantCall } from "../context.js";
@@ -80,13 +80,7 @@ export async function createJob({
           { limit },
         );
       }
-      const [row] = await tx
-        .insert(schema.jobs)
-        .values({ id: newId(), tenantId: principal.tenantId, kind, params, idempotencyKey })
-        .returning();
-      if (!row) throw new Error("job insert returned no row");
-      await dispatchWaiting(ctx, tx, principal.tenantId);
-      return row;
+      return admitJob(ctx, tx, principal.tenantId, { kind, params, idempotencyKey });
     });
     wakeWorkers(ctx);
     return { job, created: true };
@@ -96,6 +90,27 @@ export async function createJob({
     if (raced) return raced;
     throw err;
   }
+}
+
+/**
+ * Records a job inside the caller's transaction, under its tenant's lock, and dispatches the
+ * tenant's waiting jobs; wake the workers after the commit (`wakeWorkers`). No quota applies:
+ * `createJob` checks it for requests; work the service owes (a population's round) is admitted.
+ */
+export async function admitJob(
+  ctx: ServiceContext,
+  tx: Database,
+  tenantId: string,
+  job: { kind: JobKind; params: object; idempotencyKey?: string | undefined },
+): Promise<Job> {
+  await lockTenant(tx, tenantId);
+  const [row] = await tx
+    .insert(schema.jobs)
+    .values({ id: newId(), tenantId, ...job })
+    .returning();
+  if (!row) throw new Error("job insert returned no row");
+  await dispatchWaiting(ctx, tx, tenantId);
+  return row;
 }
 
 export async function getJob({ ctx, principal, input }: TenantCall<{ id: string }>): Promise<Job> {

@@ -1,12 +1,13 @@
 import { type Database, schema } from "../../db/client.js";
 import { derivedId } from "../../ids.js";
 import { type TfjsOptions, TfjsTaskError } from "../../jobs/tfjs-process.js";
-import { MergeSpecError, mergeCoefficients } from "../../merge/methods.js";
+import { MergeSpecError } from "../../merge/methods.js";
 import type { outputRow } from "../checkpoints/outputs.js";
 import type { ServiceContext } from "../context.js";
 import { type AttemptOutcome, type JobAttempt, type JobRules, jobHandlers } from "../jobs/attempts.js";
+import { openNextRound } from "../populations/rounds.js";
 import { evaluatedMerge } from "./evaluated-merge.js";
-import { type CheckpointRow, loadInputs, type MergeParams, methodOf } from "./merges.js";
+import { type CheckpointRow, coefficientsOf, loadInputs, type MergeParams } from "./merges.js";
 import { streamedMerge } from "./streamed-merge.js";
 
 /** Why a merge cannot succeed however often it is retried. */
@@ -32,8 +33,12 @@ const MERGE_JOB: JobRules = {
   title: "Merge failed",
   progressIntervalMs: 250,
   isPermanent: (err) => err instanceof PermanentMergeError || (err instanceof TfjsTaskError && err.permanent),
-  // Every method has at most one output per input.
-  outputIds: (job) => (job.params as MergeParams).inputs.map((_, j) => outputId(job.id, j)),
+  // Every method has at most one output per input; a population's round, one per member.
+  outputIds: (job) => {
+    const params = job.params as MergeParams;
+    const outputs = params.population?.coefficients.length ?? params.inputs.length;
+    return Array.from({ length: outputs }, (_, j) => outputId(job.id, j));
+  },
 };
 
 /**
@@ -55,7 +60,7 @@ async function mergeAttempt(
   const inputs = await loadInputs(ctx, job.tenantId, params.inputs);
   let coefficients: number[][];
   try {
-    coefficients = mergeCoefficients(methodOf(params), inputs.length);
+    coefficients = coefficientsOf(params, inputs.length);
   } catch (err) {
     throw err instanceof MergeSpecError ? new PermanentMergeError(err.message) : err;
   }
@@ -64,17 +69,27 @@ async function mergeAttempt(
   const outputs = params.evaluate
     ? await evaluatedMerge(attempt, options)
     : await streamedMerge(attempt, options.threads);
+  const population = params.population;
+  const rows = population
+    ? outputs.rows.map((r, j) => ({
+        ...r,
+        populationId: population.id,
+        populationRound: population.round,
+        populationMember: population.soup ? null : j,
+      }))
+    : outputs.rows;
   const result = {
-    checkpoints: outputs.rows.map((r, j) => ({
+    checkpoints: rows.map((r, j) => ({
       id: r.id,
       name: r.name,
       size_bytes: r.sizeBytes,
       sha256: r.sha256,
       ...(outputs.accuracies ? { accuracy: outputs.accuracies[j] } : {}),
     })),
+    ...(population?.soup ? { soup_checkpoint_id: ids[0] } : {}),
   };
   const register = async (tx: Database) => {
-    await tx.insert(schema.checkpoints).values(outputs.rows).onConflictDoNothing();
+    await tx.insert(schema.checkpoints).values(rows).onConflictDoNothing();
     const edges = ids.flatMap((childId, j) =>
       inputs.flatMap((parent, k) => {
         const coefficient = coefficients[j]?.[k] ?? 0;
@@ -97,6 +112,7 @@ async function mergeAttempt(
       }));
       await tx.insert(schema.metrics).values(metrics).onConflictDoNothing();
     }
+    if (population && !population.soup) await openNextRound(tx, population);
   };
   return { result, register };
 }

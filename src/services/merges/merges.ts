@@ -29,6 +29,24 @@ export interface MergeParams {
         max_test_examples?: number | undefined;
       }
     | undefined;
+  /** Set by the populations service, never by a request: this merge is a population's. */
+  population?: PopulationMerge | undefined;
+}
+
+/**
+ * A population's round (one output per member, in member order) or final soup (one output),
+ * with the coefficients worked out when the round closed (`roundCoefficients`).
+ */
+export interface PopulationMerge {
+  id: string;
+  round: number;
+  soup: boolean;
+  coefficients: number[][];
+}
+
+/** The merge's coefficient matrix: one row per output, one column per input. */
+export function coefficientsOf(params: MergeParams, inputs: number): number[][] {
+  return params.population?.coefficients ?? mergeCoefficients(methodOf(params), inputs);
 }
 
 export function methodOf(p: MergeParams): MergeMethod {
@@ -78,7 +96,7 @@ export function planArguments(
       maxTotalHeaderBytes: ctx.limits.maxMergeHeaderBytes,
     },
     {
-      coefficients: mergeCoefficients(methodOf(params), inputs.length),
+      coefficients: coefficientsOf(params, inputs.length),
       labels: inputs.map((c) => `checkpoint ${c.id}`),
       exclude: params.exclude,
       outputDtype: params.output_dtype,
@@ -157,5 +175,7 @@ export async function createMergeJob({
 
 export function outputName(params: MergeParams, j: number, outputs: number): string {
   const base = params.name ?? `${params.method}-merge`;
+  const population = params.population;
+  if (population) return population.soup ? `${base}-soup` : `${base}-round-${population.round}-member-${j}`;
   return outputs === 1 ? base : `${base}-${j}`;
 }
