@@ -43,4 +43,5 @@ ALTER TABLE "populations" ADD CONSTRAINT "populations_initial_checkpoint_id_chec
 ALTER TABLE "populations" ADD CONSTRAINT "populations_finish_job_id_jobs_id_fk" FOREIGN KEY ("finish_job_id") REFERENCES "public"."jobs"("id") ON DELETE no action ON UPDATE no action;--> statement-breakpoint
 CREATE INDEX "population_rounds_open_idx" ON "population_rounds" USING btree ("opened_at") WHERE "population_rounds"."job_id" is null;--> statement-breakpoint
 CREATE INDEX "populations_tenant_idx" ON "populations" USING btree ("tenant_id","id");--> statement-breakpoint
+CREATE INDEX "checkpoints_storage_key_idx" ON "checkpoints" USING btree ("storage_key");--> statement-breakpoint
 CREATE INDEX "checkpoints_population_idx" ON "checkpoints" USING btree ("population_id","population_round") WHERE "checkpoints"."population_id" is not null;

@@ -124,6 +124,25 @@ describe.each<[DatabaseKind, StoreKind]>([
     expect(redirect.headers.get("location")).toBe(`/v1/checkpoints/${out.id}/weights`);
   });
 
+  it("stores a papa-all round's outputs once, and keeps the bytes while one of them is not deleted", async () => {
+    const p = await create({ size: 3, method: "papa-all" });
+    for (const m of [0, 1, 2]) await submit(p.id, 0, m, member(m + 1));
+    const before = (await h.leftovers()).objects.length;
+    const closed = await round(p.id, 0, 20);
+    const outputs = closed.outputs.map((o) => o.checkpoint_id);
+    expect(new Set(outputs).size).toBe(3);
+    expect((await h.leftovers()).objects.length).toBe(before + 1);
+    // Deleted at once, two of the three: the third still has its bytes.
+    const deleted = await Promise.all(
+      outputs.slice(0, 2).map((id) => h.request(`/v1/checkpoints/${id}`, { method: "DELETE" })),
+    );
+    expect(deleted.map((r) => r.status)).toEqual([204, 204]);
+    expect((await weightsOf(h, outputs[2] as string)).w).toEqual([2, 4, -2, 1]);
+    expect((await h.request(`/v1/checkpoints/${outputs[0]}/weights`)).status).toBe(410);
+    expect((await h.request(`/v1/checkpoints/${outputs[2]}`, { method: "DELETE" })).status).toBe(204);
+    expect((await h.leftovers()).objects.length).toBe(before);
+  });
+
   it("takes the same bytes again (200, nothing stored) and refuses others, closed rounds and rounds not open (409)", async () => {
     const p = await create({ size: 2, method: "papa-all" });
     const first = await submit(p.id, 0, 0, member(1));

@@ -107,6 +107,7 @@ export const checkpoints = pgTable(
   (t) => [
     index("checkpoints_tenant_idx").on(t.tenantId, t.id),
     index("checkpoints_name_idx").on(t.tenantId, t.name),
+    index("checkpoints_storage_key_idx").on(t.storageKey),
     index("checkpoints_population_idx")
       .on(t.populationId, t.populationRound)
       .where(sql`${t.populationId} is not null`),

@@ -59,6 +59,8 @@ export class JobQueue {
   /** Periodic tasks (`repeat`): their timers, and their runs in progress. */
   private readonly timers: NodeJS.Timeout[] = [];
   private readonly repeating = new Set<Promise<void>>();
+  /** What to release once the workers have stopped (`afterStop`). */
+  private readonly releases: (() => Promise<void>)[] = [];
   private stopped = false;
 
   private readonly policy: QueuePolicy;
@@ -195,6 +197,11 @@ export class JobQueue {
     this.timers.push(timer);
   }
 
+  /** Runs `release` (closing what this process's workers share) at the end of `stop`. */
+  afterStop(release: () => Promise<void>): void {
+    this.releases.push(release);
+  }
+
   /**
    * Stops fetching, lets running jobs finish for up to `drainMs`, then aborts the rest (each
    * deletes what it wrote and fails its attempt, so that another worker retries it) and waits
@@ -224,6 +231,7 @@ export class JobQueue {
       await Promise.allSettled(this.queries);
       await new Promise((r) => setImmediate(r));
     }
+    await Promise.allSettled(this.releases.map((release) => release()));
   }
 
   /**

@@ -25,7 +25,14 @@ export interface TaskHooks {
 
 /** The environment of a task run for `ctx`'s store, limits and log level. */
 export function tfjsEnvironment(ctx: StoreContext, options: TfjsOptions): TfjsEnvironment {
-  return { ...options, store: ctx.store.location, limits: ctx.limits, logLevel: ctx.logger.level };
+  // Only what the child needs: the caller's options may hold more (a merge worker's threads).
+  return {
+    backend: options.backend,
+    fashionMnistDir: options.fashionMnistDir,
+    store: ctx.store.location,
+    limits: ctx.limits,
+    logLevel: ctx.logger.level,
+  };
 }
 
 /** What the child needs besides its task: the store, the limits, how to log. */

@@ -1,4 +1,5 @@
 import type { WorkerConfig } from "../config.js";
+import { MergePool } from "../merge/pool.js";
 import type { BackendName } from "../ml/backend.js";
 import { expireUploadSessions } from "../services/checkpoints/upload-sessions.js";
 import type { ServiceContext } from "../services/context.js";
@@ -22,8 +23,12 @@ export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Pr
   });
   for (const queue of config.queues) {
     if (queue === "merge") {
+      // One set of merge threads for the process, shared by its merge jobs: a job does not
+      // pay for starting threads.
+      const pool = new MergePool(config.mergeThreads);
+      ctx.queue.afterStop(() => pool.close());
       const options = {
-        threads: config.mergeThreads,
+        pool,
         backend: config.backend,
         fashionMnistDir: config.fashionMnistDir,
       };

@@ -1,5 +1,5 @@
 import type { Readable } from "node:stream";
-import { and, desc, eq, inArray, isNull, lt } from "drizzle-orm";
+import { and, desc, eq, inArray, isNull, lt, sql } from "drizzle-orm";
 import { schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
 import type { TfjsTopology } from "../../ml/export.js";
@@ -241,26 +241,30 @@ export async function getCheckpoint({
 }
 
 /**
- * Removes a checkpoint's bytes and marks it deleted; its lineage edges and metrics stay.
- * Deleting a deleted checkpoint is a no-op.
+ * Marks a checkpoint deleted and removes its bytes, unless another live checkpoint shares them
+ * (the twin outputs of one merge: a papa-all round's members); its lineage edges and metrics
+ * stay. Deleting a deleted checkpoint is a no-op.
  */
 export async function deleteCheckpoint({ ctx, principal, input }: TenantCall<{ id: string }>): Promise<void> {
-  const [marked] = await ctx.db
-    .update(schema.checkpoints)
-    .set({ deletedAt: new Date() })
-    .where(
-      and(
-        eq(schema.checkpoints.id, input.id),
-        eq(schema.checkpoints.tenantId, principal.tenantId),
-        isNull(schema.checkpoints.deletedAt),
-      ),
-    )
-    .returning({ storageKey: schema.checkpoints.storageKey });
-  if (marked) {
-    await ctx.store.delete(marked.storageKey);
-    return;
-  }
-  await getCheckpoint({ ctx, principal, input }); // 404 unless it exists and was already deleted
+  const c = schema.checkpoints;
+  const orphaned = await ctx.db.transaction(async (tx) => {
+    // Every checkpoint on the same bytes, locked in id order, so that twins deleted at once take
+    // turns (without deadlock) and the last one finds none live.
+    const sharing = await tx
+      .select({ id: c.id, deletedAt: c.deletedAt, storageKey: c.storageKey })
+      .from(c)
+      .where(
+        sql`${c.storageKey} = (select ${c.storageKey} from ${c} where ${c.id} = ${input.id} and ${c.tenantId} = ${principal.tenantId})`,
+      )
+      .orderBy(c.id)
+      .for("update");
+    const target = sharing.find((row) => row.id === input.id);
+    if (!target || target.deletedAt) return null;
+    await tx.update(c).set({ deletedAt: new Date() }).where(eq(c.id, input.id));
+    return sharing.every((row) => row.id === input.id || row.deletedAt) ? target.storageKey : undefined;
+  });
+  if (orphaned) await ctx.store.delete(orphaned);
+  if (orphaned === null) await getCheckpoint({ ctx, principal, input }); // 404 unless it was already deleted
 }
 
 /** Throws `GoneError` for a deleted checkpoint: its record remains, its bytes do not. */

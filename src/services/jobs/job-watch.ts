@@ -53,6 +53,30 @@ export class JobWatch {
     };
   }
 
+  /** Requests waiting for a job of this process to finish (`finished`), by the callback that wakes one. */
+  private readonly waiters = new Set<() => void>();
+
+  /** Tells the requests waiting in this process that a job finished here (`finishJob`, after its commit). */
+  finished(): void {
+    for (const wake of this.waiters) wake();
+  }
+
+  /**
+   * Resolves when a job of this process finishes, or after `ms`: a waiting request reads its
+   * state again then, at once when the job ran here, and at its poll interval when it ran elsewhere.
+   */
+  nextFinish(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const wake = () => {
+        clearTimeout(timer);
+        this.waiters.delete(wake);
+        resolve();
+      };
+      const timer = setTimeout(wake, ms);
+      this.waiters.add(wake);
+    });
+  }
+
   /** Calls `listener` with the job each time it changes after `job`; returns how to stop. */
   follow(job: Job, listener: (job: Job) => void): () => void {
     const close = this.openStream(job.tenantId);

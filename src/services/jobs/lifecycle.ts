@@ -103,6 +103,7 @@ export async function finishJob(
     return row;
   });
   wakeWorkers(ctx);
+  if (finished) ctx.jobWatch.finished();
   return finished;
 }
 

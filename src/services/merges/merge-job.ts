@@ -2,19 +2,21 @@ import { type Database, schema } from "../../db/client.js";
 import { derivedId } from "../../ids.js";
 import { type TfjsOptions, TfjsTaskError } from "../../jobs/tfjs-process.js";
 import { MergeSpecError } from "../../merge/methods.js";
+import type { MergePool } from "../../merge/pool.js";
 import type { outputRow } from "../checkpoints/outputs.js";
 import type { ServiceContext } from "../context.js";
 import { type AttemptOutcome, type JobAttempt, type JobRules, jobHandlers } from "../jobs/attempts.js";
 import { openNextRound } from "../populations/rounds.js";
 import { evaluatedMerge } from "./evaluated-merge.js";
-import { type CheckpointRow, coefficientsOf, loadInputs, type MergeParams } from "./merges.js";
+import { type CheckpointRow, coefficientsOf, loadInputs, type MergeParams, outputName } from "./merges.js";
 import { streamedMerge } from "./streamed-merge.js";
 
 /** Why a merge cannot succeed however often it is retried. */
 class PermanentMergeError extends Error {}
 
 export interface MergeWorkerOptions extends TfjsOptions {
-  threads: number;
+  /** The worker process's merge threads, shared by its merge jobs. */
+  pool: MergePool;
 }
 
 /** What an attempt produced, ready to register. */
@@ -65,26 +67,43 @@ async function mergeAttempt(
     throw err instanceof MergeSpecError ? new PermanentMergeError(err.message) : err;
   }
   const ids = coefficients.map((_, j) => outputId(job.id, j));
-  const attempt = { ...jobAttempt, ctx, params, inputs, coefficients, ids };
-  const outputs = params.evaluate
+  // Outputs with the same coefficients (a papa-all round's members) are one object, computed
+  // and written once, and registered under each output's id.
+  const twin = coefficients.map((row, j) =>
+    coefficients.findIndex((other, k) => k <= j && other.every((c, i) => c === row[i])),
+  );
+  const distinct = twin.flatMap((t, j) => (t === j ? [j] : []));
+  const attempt = {
+    ...jobAttempt,
+    ctx,
+    params,
+    inputs,
+    coefficients: distinct.map((j) => coefficients[j] as number[]),
+    ids: distinct.map((j) => ids[j] as string),
+  };
+  const computed = params.evaluate
     ? await evaluatedMerge(attempt, options)
-    : await streamedMerge(attempt, options.threads);
+    : await streamedMerge(attempt, options.pool);
   const population = params.population;
-  const rows = population
-    ? outputs.rows.map((r, j) => ({
-        ...r,
-        populationId: population.id,
-        populationRound: population.round,
-        populationMember: population.soup ? null : j,
-      }))
-    : outputs.rows;
+  const of = (j: number) => distinct.indexOf(twin[j] as number);
+  const rows = ids.map((id, j) => ({
+    ...(computed.rows[of(j)] as (typeof computed.rows)[number]),
+    id,
+    name: outputName(params, j, ids.length),
+    ...(population && {
+      populationId: population.id,
+      populationRound: population.round,
+      populationMember: population.soup ? null : j,
+    }),
+  }));
+  const accuracies = computed.accuracies && ids.map((_, j) => computed.accuracies?.[of(j)] as number);
   const result = {
     checkpoints: rows.map((r, j) => ({
       id: r.id,
       name: r.name,
       size_bytes: r.sizeBytes,
       sha256: r.sha256,
-      ...(outputs.accuracies ? { accuracy: outputs.accuracies[j] } : {}),
+      ...(accuracies ? { accuracy: accuracies[j] } : {}),
     })),
     ...(population?.soup ? { soup_checkpoint_id: ids[0] } : {}),
   };
@@ -99,7 +118,7 @@ async function mergeAttempt(
       }),
     );
     await tx.insert(schema.lineageEdges).values(edges).onConflictDoNothing();
-    if (outputs.accuracies && params.evaluate) {
+    if (accuracies && params.evaluate) {
       const dataset = params.evaluate.dataset;
       const metrics = ids.map((id, j) => ({
         id: derivedId(job.id, `metric-${j}`),
@@ -107,7 +126,7 @@ async function mergeAttempt(
         dataset,
         split: "test",
         name: "accuracy",
-        value: outputs.accuracies?.[j] ?? 0,
+        value: accuracies[j] ?? 0,
         jobId: job.id,
       }));
       await tx.insert(schema.metrics).values(metrics).onConflictDoNothing();

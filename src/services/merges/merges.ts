@@ -82,11 +82,12 @@ export async function loadInputs(
   });
 }
 
-/** What planning a merge of `inputs` takes: their bytes, the header limits, and the plan's options. */
+/** What planning a merge of `inputs` into the outputs of `coefficients` takes: their bytes, the header limits, and the plan's options. */
 export function planArguments(
   ctx: ServiceContext,
   params: MergeParams,
   inputs: CheckpointRow[],
+  coefficients: number[][],
   blockElements: number,
 ): [ByteSource[], HeaderLimits, Omit<PlanOptions, "headers">] {
   return [
@@ -96,7 +97,7 @@ export function planArguments(
       maxTotalHeaderBytes: ctx.limits.maxMergeHeaderBytes,
     },
     {
-      coefficients: coefficientsOf(params, inputs.length),
+      coefficients,
       labels: inputs.map((c) => `checkpoint ${c.id}`),
       exclude: params.exclude,
       outputDtype: params.output_dtype,
@@ -165,7 +166,11 @@ export async function createMergeJob({
       },
     );
   }
-  await preflight(() => checkMergeOffThread(...planArguments(ctx, params, inputs, 1 << 16)));
+  await preflight(() =>
+    checkMergeOffThread(
+      ...planArguments(ctx, params, inputs, coefficientsOf(params, inputs.length), 1 << 16),
+    ),
+  );
   return createJob({
     ctx,
     principal,

@@ -33,8 +33,8 @@ export interface Submission {
 
 /** How long a client is told to wait before it asks again for a round's outputs. */
 const NOT_READY_RETRY_SECONDS = 1;
-/** How often a waiting request reads its round. */
-const WAIT_POLL_MS = 100;
+/** How often a waiting request reads its round, unless a job of this process finishes sooner. */
+const WAIT_POLL_MS = 250;
 
 function checkMember(population: PopulationRow, member: number): void {
   if (member >= population.size) {
@@ -190,7 +190,7 @@ async function checkTensors(
   if (!reference || reference === checkpointId) return;
   const inputs = await loadInputs(ctx, population.tenantId, [reference, checkpointId]);
   const params: MergeParams = { method: "papa-all", inputs: [reference, checkpointId] };
-  await preflight(() => checkMergeOffThread(...planArguments(ctx, params, inputs, 1 << 16)));
+  await preflight(() => checkMergeOffThread(...planArguments(ctx, params, inputs, [[0.5, 0.5]], 1 << 16)));
 }
 
 /** Deletes an upload that was not recorded as a submission: its row (nothing refers to it) and its bytes. */
@@ -318,7 +318,7 @@ export async function getRound({
     if (round.status === "open" && (await closeDueRounds(ctx, population.id)) > 0) continue;
     const left = deadline - Date.now();
     if (round.status === "closed" || round.status === "failed" || left <= 0) return round;
-    await new Promise((resolve) => setTimeout(resolve, Math.min(WAIT_POLL_MS, left)));
+    await ctx.jobWatch.nextFinish(Math.min(WAIT_POLL_MS, left));
   }
 }
 
