@@ -5,7 +5,7 @@
  * (alpha 0.99 every 10 steps), `papa-all` and `papa-2` (every 2 epochs). Prints the table and
  * the wall time. The issue's run is the full 60k training set for 8 epochs (the default).
  *
- * usage: npm run bench:cnn [-- MAX_TRAIN [EPOCHS [VARIANTS [LR [WARMUP_STEPS]]]]]
+ * usage: npm run bench:cnn [-- MAX_TRAIN [EPOCHS [VARIANTS [LR [WARMUP_STEPS [SEED]]]]]]
  *   e.g. -- 6000 4 independent,papa 0.05 100
  * LR defaults to the issue's 0.05; WARMUP_STEPS defaults to one epoch of steps: without warm-up
  * (0), that rate makes this CNN's first steps blow up and members collapse to one class (PyTorch
@@ -22,6 +22,7 @@ const maxTrain = Number(process.argv[2] ?? 60_000);
 const epochs = Number(process.argv[3] ?? 8);
 const variants = (process.argv[4] ?? "independent,papa,papa-all,papa-2").split(",") as Variant[];
 const lr = Number(process.argv[5] ?? 0.05);
+const seed = Number(process.argv[7] ?? 1);
 const batchSize = 128;
 
 function spec(variant: Variant, warmupSteps: number): TrainingSpec {
@@ -30,7 +31,7 @@ function spec(variant: Variant, warmupSteps: number): TrainingSpec {
     population: {
       size: 5,
       variant,
-      seed: 1,
+      seed,
       alpha: 0.99,
       everyKSteps: 10,
       lrScaling: "linear",
@@ -66,7 +67,7 @@ const data = await loadBuiltInDataset("fashion-mnist", {
 });
 const warmupSteps = Number(process.argv[6] ?? Math.ceil(data.train.count / batchSize));
 console.log(
-  `# fashion-mnist CNN: ${data.train.count} train, ${data.test.count} test examples, ${epochs} epochs, population 5, lr ${lr}, warm-up ${warmupSteps} steps, backend ${backend}`,
+  `# fashion-mnist CNN: ${data.train.count} train, ${data.test.count} test examples, ${epochs} epochs, population 5, lr ${lr}, warm-up ${warmupSteps} steps, seed ${seed}, backend ${backend}`,
 );
 const started = performance.now();
 printTableHeader();
