@@ -9,6 +9,7 @@ import {
   followJob,
   lineageTree,
   type Remote,
+  submitMember,
   upload,
   uploadResumable,
 } from "./cli/remote.js";
@@ -37,6 +38,12 @@ const USAGE = `usage: papa <command> [options]      (server: --url, --key, or PA
   train SPEC.json [--follow]         start a training job from a JSON request body
   jobs [ID] [--follow]               list jobs, show one, or stream its progress until it finishes
   lineage ID [--depth N]             a checkpoint's ancestors as a tree with coefficients and metrics
+  population create --name NAME --size N --method papa-all|papa-2|papa
+        [--alpha A] [--seed N] [--quorum Q] [--timeout SECONDS] [--initial ID]
+  population submit ID ROUND MEMBER FILE    a member's weights for a round
+  population wait ID ROUND [--member J --out FILE]   wait until the round closes (and download
+                                     member J's next weights, sha256 verified)
+  population show ID | population finish ID [--follow]   state and rounds; the final uniform soup
   admin create-tenant NAME           (operators) create a tenant on the service's own database
                                      (DATABASE_URL, or the embedded one under PAPA_DATA_DIR with the
                                      server stopped) and print its first API key, shown only then
@@ -61,6 +68,12 @@ const options = {
   follow: { type: "boolean" },
   depth: { type: "string" },
   resumable: { type: "boolean" },
+  size: { type: "string" },
+  alpha: { type: "string" },
+  quorum: { type: "string" },
+  timeout: { type: "string" },
+  initial: { type: "string" },
+  member: { type: "string" },
 } as const;
 
 type Values = ReturnType<typeof parseArgs<{ options: typeof options; allowPositionals: true }>>["values"];
@@ -114,7 +127,17 @@ async function reportJob(r: Remote, id: string, follow: boolean | undefined): Pr
   if (job.status === "failed" || job.status === "canceled") throw new CliFailure(`job ${id} ${job.status}`);
 }
 
-const REMOTE_COMMANDS = ["upload", "ls", "show", "download", "merge", "train", "jobs", "lineage"];
+const REMOTE_COMMANDS = [
+  "upload",
+  "ls",
+  "show",
+  "download",
+  "merge",
+  "train",
+  "jobs",
+  "lineage",
+  "population",
+];
 
 async function remoteCommand(command: string, values: Values, args: string[]): Promise<void> {
   if (!REMOTE_COMMANDS.includes(command)) throw new UsageError(`unknown command ${command}`);
@@ -186,8 +209,91 @@ async function remoteCommand(command: string, values: Values, args: string[]): P
       if (!first) throw new UsageError("lineage needs an ID");
       print(await lineageTree(r, first, Number(values.depth ?? 20)));
       return;
+    case "population":
+      await populationCommand(r, values, args);
+      return;
     default:
       throw new UsageError(`unknown command ${command}`);
+  }
+}
+
+/** A whole number from the command line, or a usage error naming it. */
+function integer(value: string | undefined, what: string): number {
+  const n = Number(value);
+  if (value === undefined || !Number.isInteger(n)) throw new UsageError(`${what} must be a whole number`);
+  return n;
+}
+
+async function populationCommand(r: Remote, values: Values, args: string[]): Promise<void> {
+  const [sub, id, ...rest] = args;
+  const path = { id: id ?? "" };
+  switch (sub) {
+    case "create": {
+      const method = values.method;
+      if (method !== "papa-all" && method !== "papa-2" && method !== "papa") {
+        throw new UsageError("population create needs --method papa-all, papa-2 or papa");
+      }
+      if (!values.name) throw new UsageError("population create needs --name");
+      const optional = (v: string | undefined, what: string) =>
+        v === undefined ? undefined : integer(v, what);
+      const body = {
+        name: values.name,
+        size: integer(values.size, "--size"),
+        method,
+        ...(values.alpha === undefined ? {} : { alpha: Number(values.alpha) }),
+        ...(values.seed === undefined ? {} : { seed: optional(values.seed, "--seed") }),
+        ...(values.quorum === undefined ? {} : { quorum: optional(values.quorum, "--quorum") }),
+        ...(values.timeout === undefined
+          ? {}
+          : { round_timeout_seconds: optional(values.timeout, "--timeout") }),
+        ...(values.initial === undefined ? {} : { initial_checkpoint_id: values.initial }),
+        // The server applies the defaults the generated type marks required.
+      } as components["schemas"]["PopulationCreate"];
+      print(unwrap(await r.client.POST("/v1/populations", { body })));
+      return;
+    }
+    case "submit": {
+      const [round, member, file] = rest;
+      if (!id || !file) throw new UsageError("population submit takes ID ROUND MEMBER FILE");
+      print(await submitMember(r, id, integer(round, "ROUND"), integer(member, "MEMBER"), file));
+      return;
+    }
+    case "wait": {
+      if (!id) throw new UsageError("population wait takes ID ROUND");
+      const round = integer(rest[0], "ROUND");
+      let state: components["schemas"]["PopulationRound"];
+      do {
+        state = unwrap(
+          await r.client.GET("/v1/populations/{id}/rounds/{round}", {
+            params: { path: { id, round }, query: { wait: 60 } },
+          }),
+        );
+        r.log(`round ${round} ${state.status}: members ${state.submitted.join(",") || "none"} submitted`);
+      } while (state.status === "open" || state.status === "merging");
+      if (state.status === "failed") throw new CliFailure(`round ${round} failed (job ${state.job_id})`);
+      if (values.member !== undefined) {
+        const member = integer(values.member, "--member");
+        const output = state.outputs.find((o) => o.member === member);
+        if (!output) throw new CliFailure(`round ${round} has no output for member ${member}`);
+        const out = values.out ?? `${id}-round-${round}-member-${member}.safetensors`;
+        print(`${out} sha256 ${await download(r, output.checkpoint_id, out)}`);
+      } else {
+        print(state);
+      }
+      return;
+    }
+    case "show":
+      if (!id) throw new UsageError("population show takes ID");
+      print(unwrap(await r.client.GET("/v1/populations/{id}", { params: { path } })));
+      return;
+    case "finish": {
+      if (!id) throw new UsageError("population finish takes ID");
+      const job = unwrap(await r.client.POST("/v1/populations/{id}/finish", { params: { path } }));
+      await reportJob(r, job.id, values.follow);
+      return;
+    }
+    default:
+      throw new UsageError("population takes create, submit, wait, show or finish");
   }
 }
 

@@ -3,7 +3,8 @@ import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises"
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type Harness, listen, startHarness } from "./helpers/harness.js";
+import { type Harness, listen, startHarness, upload } from "./helpers/harness.js";
+import { member, weightsOf } from "./helpers/jobs.js";
 import { buildSafetensors, smallCheckpoint } from "./helpers/safetensors.js";
 
 /** Runs `papa` as a user would, with only the given environment. */
@@ -85,6 +86,40 @@ describe("the papa CLI against a server", () => {
     expect(tree.stdout).toContain("contribution 0.5000 of member-2");
     const jobs = await papa(["jobs"], env);
     expect(jobs.stdout).toContain("merge  succeeded  100%");
+  });
+
+  it("runs a population: create, submit, wait for the next weights, finish", async () => {
+    const created = await papa(
+      ["population", "create", "--name", "cli-pop", "--size", "2", "--method", "papa-all"],
+      env,
+    );
+    expect(created.code, created.stderr).toBe(0);
+    const { id } = JSON.parse(created.stdout) as { id: string };
+    for (const m of [0, 1]) {
+      const file = join(dir, `p${m}.safetensors`);
+      await writeFile(file, member(2 * m + 1));
+      const submitted = await papa(["population", "submit", id, "0", String(m), file], env);
+      expect(submitted.code, submitted.stderr).toBe(0);
+      expect(JSON.parse(submitted.stdout)).toMatchObject({ round: 0, member: m });
+    }
+    const out = join(dir, "next.safetensors");
+    const waited = await papa(["population", "wait", id, "0", "--member", "1", "--out", out], env);
+    expect(waited.code, waited.stderr).toBe(0);
+    expect(waited.stderr).toContain("round 0 closed");
+    const next = await upload(h, await readFile(out), "next");
+    expect((await weightsOf(h, ((await next.json()) as { id: string }).id)).w).toEqual([2, 4, -2, 1]);
+    const late = await papa(["population", "submit", id, "0", "0", out], env);
+    expect(late.code).toBe(1);
+    expect(late.stderr).toContain("409");
+    const finished = await papa(["population", "finish", id, "--follow"], env);
+    expect(finished.code, finished.stderr).toBe(0);
+    expect(JSON.parse(finished.stdout)).toHaveProperty("result.soup_checkpoint_id");
+    expect(JSON.parse((await papa(["population", "show", id], env)).stdout)).toMatchObject({
+      status: "finished",
+    });
+    expect(
+      (await papa(["population", "create", "--name", "x", "--size", "two", "--method", "papa"], env)).code,
+    ).toBe(2);
   });
 
   it("reads the config file, and fails with exit codes scripts can rely on", async () => {

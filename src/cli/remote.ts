@@ -41,11 +41,27 @@ function progressMeter(total: number, label: string, log: (line: string) => void
   });
 }
 
-export async function upload(r: Remote, file: string, name: string): Promise<Schemas["Checkpoint"]> {
+export function upload(r: Remote, file: string, name: string): Promise<Schemas["Checkpoint"]> {
+  return sendFile<Schemas["Checkpoint"]>(r, "POST", `/v1/checkpoints?name=${encodeURIComponent(name)}`, file);
+}
+
+/** Submits a file as member `member`'s weights for round `round` of population `id`. */
+export function submitMember(
+  r: Remote,
+  id: string,
+  round: number,
+  member: number,
+  file: string,
+): Promise<Schemas["PopulationSubmission"]> {
+  return sendFile(r, "PUT", `/v1/populations/${id}/rounds/${round}/members/${member}`, file);
+}
+
+/** Streams a file as the body of a request, with progress on the log; the JSON answer, or its problem thrown. */
+async function sendFile<T>(r: Remote, method: string, path: string, file: string): Promise<T> {
   const { size } = await stat(file);
   const body = Readable.toWeb(createReadStream(file).pipe(progressMeter(size, "upload", r.log)));
-  const res = await fetch(`${r.url}/v1/checkpoints?name=${encodeURIComponent(name)}`, {
-    method: "POST",
+  const res = await fetch(`${r.url}${path}`, {
+    method,
     headers: {
       Authorization: `Bearer ${r.key}`,
       "Content-Type": "application/octet-stream",
@@ -56,7 +72,7 @@ export async function upload(r: Remote, file: string, name: string): Promise<Sch
   } as RequestInit);
   const json = (await res.json()) as unknown;
   if (!res.ok) throw new PapaProblemError(json as Schemas["Problem"]);
-  return json as Schemas["Checkpoint"];
+  return json as T;
 }
 
 interface SessionState {
