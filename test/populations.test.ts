@@ -366,3 +366,50 @@ describe.each<[DatabaseKind, StoreKind]>([
     expect(afterForeign.checkpoints).toBe((before.checkpoints ?? 0) + 1);
   });
 });
+
+describe("a population whose round's merge fails", () => {
+  let h: Harness;
+  beforeAll(async () => {
+    h = await startHarness("pglite", "filesystem"); // no worker: the round's job stays queued
+  });
+  afterAll(() => h.close());
+
+  it("shows the round merging, then failed with its job, and the population failed", async () => {
+    const created = await h.request("/v1/populations", {
+      method: "POST",
+      body: JSON.stringify({ name: "doomed", size: 2, method: "papa-2" }),
+      headers: json,
+    });
+    const p = (await created.json()) as PopulationBody;
+    for (const m of [0, 1]) {
+      await h.request(`/v1/populations/${p.id}/rounds/0/members/${m}`, {
+        method: "PUT",
+        body: member(m),
+        headers: octets,
+      });
+    }
+    const merging = (await (await h.request(`/v1/populations/${p.id}/rounds/0`)).json()) as RoundBody;
+    expect(merging.status).toBe("merging");
+    const early = await h.request(`/v1/populations/${p.id}/rounds/0/members/0/weights`);
+    expect(early.status).toBe(409);
+    expect(early.headers.get("retry-after")).toBe("1");
+    expect((await h.request(`/v1/populations/${p.id}/finish`, { method: "POST" })).status).toBe(409);
+
+    await h.request(`/v1/jobs/${merging.job_id}/cancel`, { method: "POST" });
+    const population = (await (await h.request(`/v1/populations/${p.id}`)).json()) as PopulationBody;
+    expect(population.status).toBe("failed");
+    expect(population.rounds.map((r) => r.status)).toEqual(["failed"]);
+    const failed = await h.request(`/v1/populations/${p.id}/rounds/0/members/0/weights`);
+    expect(failed.status).toBe(409);
+    expect(((await failed.json()) as { detail: string }).detail).toContain("failed");
+    expect(
+      (
+        await h.request(`/v1/populations/${p.id}/rounds/1/members/0`, {
+          method: "PUT",
+          body: member(1),
+          headers: octets,
+        })
+      ).status,
+    ).toBe(409);
+  });
+});
