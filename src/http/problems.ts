@@ -2,12 +2,7 @@ import type { Context } from "hono";
 import { HTTPException } from "hono/http-exception";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import type { Logger } from "../logger.js";
-import {
-  NotReadyError,
-  RangeNotSatisfiableError,
-  ServiceError,
-  TooManyRequestsError,
-} from "../services/errors.js";
+import { RangeNotSatisfiableError, RetryLaterError, ServiceError } from "../services/errors.js";
 import type { AppEnv } from "./env.js";
 import { incomingOf } from "./incoming.js";
 
@@ -91,8 +86,7 @@ export function errorHandler(logger: Logger) {
     if (err instanceof ServiceError) {
       const status = SERVICE_STATUS[err.code] ?? 500;
       if (err instanceof RangeNotSatisfiableError) c.header("Content-Range", `bytes */${err.sizeBytes}`);
-      if (err instanceof TooManyRequestsError || err instanceof NotReadyError)
-        c.header("Retry-After", String(Math.ceil(err.retryAfterSeconds)));
+      if (err instanceof RetryLaterError) c.header("Retry-After", String(Math.ceil(err.retryAfterSeconds)));
       if (status === 401) c.header("WWW-Authenticate", 'Bearer realm="papa"');
       return problemResponse(c, status, err.code, err.message, err.details);
     }

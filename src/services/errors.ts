@@ -31,19 +31,6 @@ export class ConflictError extends ServiceError {
   readonly code = "conflict";
 }
 
-/** What was asked for is not there yet (a round still open); the same request may succeed after `retryAfterSeconds`. */
-export class NotReadyError extends ServiceError {
-  readonly code = "conflict";
-
-  constructor(
-    message: string,
-    readonly retryAfterSeconds: number,
-    details?: Record<string, unknown>,
-  ) {
-    super(message, details);
-  }
-}
-
 /** A size limit was exceeded. */
 export class PayloadTooLargeError extends ServiceError {
   readonly code = "payload-too-large";
@@ -71,10 +58,8 @@ export class UnauthenticatedError extends ServiceError {
   readonly code = "unauthenticated";
 }
 
-/** A quota or rate limit was reached; the same request may succeed after `retryAfterSeconds`. */
-export class TooManyRequestsError extends ServiceError {
-  readonly code = "too-many-requests";
-
+/** An error after which the same request may succeed, once `retryAfterSeconds` have passed. */
+export abstract class RetryLaterError extends ServiceError {
   constructor(
     message: string,
     readonly retryAfterSeconds: number,
@@ -82,6 +67,16 @@ export class TooManyRequestsError extends ServiceError {
   ) {
     super(message, details);
   }
+}
+
+/** A quota or rate limit was reached. */
+export class TooManyRequestsError extends RetryLaterError {
+  readonly code = "too-many-requests";
+}
+
+/** What was asked for is not there yet (a round still open): a conflict, for now. */
+export class NotReadyError extends RetryLaterError {
+  readonly code = "conflict";
 }
 
 /** A dependency (database, store) cannot be reached. */
