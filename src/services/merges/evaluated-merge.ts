@@ -8,7 +8,7 @@ import type { MergeParams } from "./merges.js";
  * (`runEvaluationTask`), which stores its outputs.
  */
 export async function evaluatedMerge(a: MergeAttempt, options: TfjsOptions): Promise<MergeOutputs> {
-  const { ctx, job, params, inputs, coefficients, ids } = a;
+  const { ctx, job, params, inputs, coefficients, ids, names } = a;
   const evaluation = params.evaluate;
   if (!evaluation) throw new Error("not an evaluated merge");
   const task: EvaluationTask = {
@@ -17,6 +17,7 @@ export async function evaluatedMerge(a: MergeAttempt, options: TfjsOptions): Pro
     inputs: inputs.map((c) => ({ storageKey: c.storageKey, sizeBytes: c.sizeBytes, topology: c.topology })),
     coefficients,
     ids,
+    names,
     source: await datasetSource({ ctx, principal: job, input: { dataset: evaluation.dataset } }),
   };
   return runTfjsTask<MergeOutputs>({ kind: "evaluate-merge", input: task }, tfjsEnvironment(ctx, options), {
@@ -31,7 +32,8 @@ export interface EvaluationTask {
   params: MergeParams;
   inputs: { storageKey: string; sizeBytes: number; topology: unknown }[];
   coefficients: number[][];
-  /** The outputs' checkpoint ids. */
+  /** The outputs' checkpoint ids and names. */
   ids: string[];
+  names: string[];
   source: DatasetSource;
 }

@@ -15,7 +15,6 @@ import { loadDataset } from "../datasets/datasets.js";
 import { InvalidInputError } from "../errors.js";
 import type { EvaluationTask } from "./evaluated-merge.js";
 import type { MergeOutputs } from "./merge-job.js";
-import { outputName } from "./merges.js";
 
 /**
  * The evaluated merge of models this service trained, in the process of its own that runs it
@@ -77,7 +76,7 @@ export async function runEvaluationTask(
         outputRow({
           id,
           tenantId: job.tenantId,
-          name: outputName(params, j, ids.length),
+          name: task.names[j] as string,
           jobId: job.id,
           summary,
           topology,

@@ -67,6 +67,7 @@ async function mergeAttempt(
     throw err instanceof MergeSpecError ? new PermanentMergeError(err.message) : err;
   }
   const ids = coefficients.map((_, j) => outputId(job.id, j));
+  const names = ids.map((_, j) => outputName(params, j, ids.length));
   // Outputs with the same coefficients (a papa-all round's members) are one object, computed
   // and written once, and registered under each output's id.
   const twin = coefficients.map((row, j) =>
@@ -80,16 +81,18 @@ async function mergeAttempt(
     inputs,
     coefficients: distinct.map((j) => coefficients[j] as number[]),
     ids: distinct.map((j) => ids[j] as string),
+    names: distinct.map((j) => names[j] as string),
   };
   const computed = params.evaluate
     ? await evaluatedMerge(attempt, options)
     : await streamedMerge(attempt, options.pool);
   const population = params.population;
   const of = (j: number) => distinct.indexOf(twin[j] as number);
+  // A twin is its computed output's row under its own id and name (the bytes stay where they are).
   const rows = ids.map((id, j) => ({
     ...(computed.rows[of(j)] as (typeof computed.rows)[number]),
     id,
-    name: outputName(params, j, ids.length),
+    name: names[j] as string,
     ...(population && {
       populationId: population.id,
       populationRound: population.round,
@@ -141,6 +144,7 @@ export interface MergeAttempt extends JobAttempt {
   params: MergeParams;
   inputs: CheckpointRow[];
   coefficients: number[][];
-  /** The outputs' checkpoint ids, one per row of `coefficients`. */
+  /** The outputs' checkpoint ids and names, one per row of `coefficients`. */
   ids: string[];
+  names: string[];
 }

@@ -5,7 +5,7 @@ import type { SafetensorsSummary } from "../../tensors/safetensors.js";
 import { storeSource } from "../../tensors/source.js";
 import { outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { MergeAttempt, MergeOutputs } from "./merge-job.js";
-import { outputName, planArguments, preflight } from "./merges.js";
+import { planArguments, preflight } from "./merges.js";
 
 /** The streamed merge of the bytes (any safetensors checkpoints), on the worker's merge threads. */
 export async function streamedMerge(a: MergeAttempt, pool: MergePool): Promise<MergeOutputs> {
@@ -44,7 +44,7 @@ export async function streamedMerge(a: MergeAttempt, pool: MergePool): Promise<M
       outputRow({
         id,
         tenantId: job.tenantId,
-        name: outputName(params, j, ids.length),
+        name: a.names[j] as string,
         jobId: job.id,
         summary: summaries[j] as SafetensorsSummary,
       }),
