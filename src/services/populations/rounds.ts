@@ -82,7 +82,7 @@ export async function submitMember({
     if (row?.deletedAt) throw new InvalidInputError(`checkpoint ${checkpointId} was deleted`);
   }
   try {
-    const outcome = await record(ctx, slot, checkpointId);
+    const outcome = await record(ctx, slot, checkpointId, earlier);
     if (!outcome.created && input.upload) await discardUpload(ctx, principal.tenantId, checkpointId);
     return outcome;
   } catch (err) {
@@ -130,12 +130,14 @@ function assertOpen(population: PopulationRow, round: number, merging = false): 
 
 /**
  * Records the submission under the tenant's and the population's locks (a concurrent submission
- * or close waits), and closes the round when that makes it due.
+ * or close waits), and closes the round when that makes it due. `earlier`: the slot's submission
+ * when the request began, if any (one made since is found under the locks).
  */
 async function record(
   ctx: ServiceContext,
   slot: Slot,
   checkpointId: string,
+  earlier: Submission | undefined,
 ): Promise<{ submission: Submission; created: boolean }> {
   const { population } = slot;
   const same = async (earlier: Submission) => {
@@ -147,7 +149,6 @@ async function record(
     }
     return { submission: earlier, created: false };
   };
-  const earlier = await submissionAt(ctx.db, slot);
   if (earlier) return same(earlier);
   await checkTensors(ctx, population, checkpointId);
   const outcome = await ctx.db.transaction(async (tx) => {
@@ -199,6 +200,11 @@ async function discardUpload(ctx: ServiceContext, tenantId: string, checkpointId
   await ctx.store.delete(checkpointKey(tenantId, checkpointId));
 }
 
+/** Whether a round opened at `openedAt` has been open for the population's round timeout. */
+function pastTimeout(population: PopulationRow, openedAt: Date): boolean {
+  return Date.now() >= openedAt.getTime() + population.roundTimeoutSeconds * 1000;
+}
+
 /**
  * Closes round `round` (the population's current, open, under its lock) if it is due: `quorum`
  * submissions, and all members' or its timeout passed. Its merge becomes a job, admitted in
@@ -212,8 +218,9 @@ async function closeIfDue(
   openedAt: Date,
 ): Promise<boolean> {
   const submissions = await submissionsOf(tx, population.id, round);
-  const timedOut = Date.now() >= openedAt.getTime() + population.roundTimeoutSeconds * 1000;
-  const due = submissions.length === population.size || (submissions.length >= population.quorum && timedOut);
+  const due =
+    submissions.length === population.size ||
+    (submissions.length >= population.quorum && pastTimeout(population, openedAt));
   if (!due) return false;
   const method = population.method as "papa-all" | "papa-2" | "papa";
   const merge: PopulationMerge = {
@@ -315,7 +322,9 @@ export async function getRound({
         `round ${input.round} has not opened: population ${population.id} is at round ${population.currentRound}`,
       );
     }
-    if (round.status === "open" && (await closeDueRounds(ctx, population.id)) > 0) continue;
+    // Only a round past its timeout can be due without a submission.
+    const due = round.status === "open" && pastTimeout(population, round.openedAt);
+    if (due && (await closeDueRounds(ctx, population.id)) > 0) continue;
     const left = deadline - Date.now();
     if (round.status === "closed" || round.status === "failed" || left <= 0) return round;
     await ctx.jobWatch.nextFinish(Math.min(WAIT_POLL_MS, left));
