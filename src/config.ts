@@ -64,6 +64,7 @@ const schema = z.object({
   PAPA_BACKEND: z.preprocess(emptyAsUndefined, z.enum(["tensorflow", "wasm", "cpu"]).optional()),
   PAPA_FASHION_MNIST_DIR: z.string().min(1).default("/usr/share/datasets/fashion-mnist"),
   PAPA_MERGE_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(1),
+  PAPA_TRAIN_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(1),
   PAPA_MERGE_THREADS: z.coerce.number().int().min(0).max(256).default(availableParallelism()),
   PAPA_JOB_RETRY_LIMIT: z.coerce.number().int().min(0).max(100).default(3),
   PAPA_JOB_RETRY_DELAY_SECONDS: z.coerce.number().int().min(1).max(86400).default(5),
@@ -140,6 +141,8 @@ export interface WorkerConfig {
   backend: "tensorflow" | "wasm" | "cpu" | undefined;
   fashionMnistDir: string;
   mergeConcurrency: number;
+  /** Trainings one worker process runs at once, each in a process of its own. */
+  trainConcurrency: number;
   mergeThreads: number;
   retryLimit: number;
   retryDelaySeconds: number;
@@ -248,6 +251,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       backend: e.PAPA_BACKEND,
       fashionMnistDir: e.PAPA_FASHION_MNIST_DIR,
       mergeConcurrency: e.PAPA_MERGE_CONCURRENCY,
+      trainConcurrency: e.PAPA_TRAIN_CONCURRENCY,
       mergeThreads: e.PAPA_MERGE_THREADS,
       retryLimit: e.PAPA_JOB_RETRY_LIMIT,
       retryDelaySeconds: e.PAPA_JOB_RETRY_DELAY_SECONDS,

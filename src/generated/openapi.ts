@@ -991,6 +991,29 @@ export interface components {
             };
             epochs: number;
             batch_size?: number;
+            /**
+             * @description Train the members in `workers` jobs on the train queue, which any worker process (on
+             *     any machine) may run, synchronised through a population (`result.placement.population_id`):
+             *     shard s trains members floor(s p / N) to floor((s + 1) p / N) - 1, with the same seeds
+             *     as one process. PAPA's pull (every `every_k_steps` steps) and PAPA-all's and PAPA-2's
+             *     averages (every `every_k_epochs` epochs) are the population's rounds; after the last,
+             *     one more round gathers every member's final weights for this job (the lead), which
+             *     evaluates them and stores the outputs. The other shards' jobs (`result.placement.shards`)
+             *     store nothing. A round closes without at most one shard's members once
+             *     `round_timeout_seconds` has passed, so a shard whose worker died costs time, not the
+             *     training: its retry resumes from the latest closed round (its members take that
+             *     round's weights, their optimizer state starts afresh). A shard that fails for good, or
+             *     is canceled, fails the others at their next round; canceling the lead cancels them.
+             *     Needs `workers + 1` jobs of the tenant running at once (`PAPA_TENANT_MAX_RUNNING_JOBS`,
+             *     422 otherwise), and as many training slots among the workers (`PAPA_TRAIN_CONCURRENCY`
+             *     each), or the shards wait for one another until the round timeout.
+             */
+            placement?: {
+                /** @description At most `population.size` (422 otherwise); 1 trains in one job, as without placement. */
+                workers: number;
+                /** @default 600 */
+                round_timeout_seconds: number;
+            };
         };
         DiversitySet: number[];
         /** @enum {string} */
@@ -1027,7 +1050,10 @@ export interface components {
          * @description `checkpoints` lists every output. Trainings add `members` (checkpoint_id, accuracy,
          *     held_out_accuracy, diversity), `ensemble_accuracy`, `uniform_soup` and `greedy_soup`
          *     (checkpoint_id, accuracy; the greedy soup's `members`), `backend` and `seconds` per phase.
-         *     A population's finish adds `soup_checkpoint_id`.
+         *     A population's finish adds `soup_checkpoint_id`. A placed training's lead adds
+         *     `placement` (`population_id`, `shards`: each shard's `job_id` and `members`); its other
+         *     shards' jobs have no checkpoints and `placement` (`lead_job_id`, `population_id`, `shard`,
+         *     `members`).
          */
         JobResult: {
             soup_checkpoint_id?: components["schemas"]["Id"];

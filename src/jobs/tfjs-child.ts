@@ -13,6 +13,18 @@ function send(message: ChildMessage): Promise<void> {
   return new Promise((resolve) => process.send?.(message, () => resolve()) ?? resolve());
 }
 
+/** The requests sent to the parent that await its response, by id. */
+const pending = new Map<number, { resolve(body: unknown): void; reject(err: Error): void }>();
+let lastRequest = 0;
+
+function request(body: unknown): Promise<unknown> {
+  const id = ++lastRequest;
+  return new Promise((resolve, reject) => {
+    pending.set(id, { resolve, reject });
+    void send({ type: "request", id, body });
+  });
+}
+
 async function run(task: TfjsTask, environment: TfjsEnvironment): Promise<unknown> {
   const { BackendError, selectBackend } = await import("../ml/backend.js");
   if (task.kind === "probe") return selectBackend({ forced: environment.backend, check: true });
@@ -22,6 +34,7 @@ async function run(task: TfjsTask, environment: TfjsEnvironment): Promise<unknow
     signal: abort.signal,
     progress: (fraction: number, detail?: Record<string, number>) =>
       void send({ type: "progress", fraction, ...(detail ? { detail } : {}) }),
+    request,
   };
   try {
     if (task.kind === "train") {
@@ -47,7 +60,8 @@ async function run(task: TfjsTask, environment: TfjsEnvironment): Promise<unknow
     const permanent = [BackendError, DatasetError, DivergenceError, CheckpointImportError].some(
       (type) => err instanceof type,
     );
-    throw Object.assign(err as Error, { permanent: permanent || isRequestError(err) });
+    const decided = (err as { permanent?: boolean }).permanent === true;
+    throw Object.assign(err as Error, { permanent: permanent || decided || isRequestError(err) });
   } finally {
     store.close();
   }
@@ -56,6 +70,17 @@ async function run(task: TfjsTask, environment: TfjsEnvironment): Promise<unknow
 process.on("message", (message: ParentMessage) => {
   if (message.type === "abort") {
     abort.abort(new Error("aborted by the worker"));
+    return;
+  }
+  if (message.type === "response") {
+    const waiting = pending.get(message.id);
+    pending.delete(message.id);
+    if (message.error) {
+      const { name, message: text, permanent } = message.error;
+      waiting?.reject(Object.assign(new Error(text), { name, permanent }));
+    } else {
+      waiting?.resolve(message.body);
+    }
     return;
   }
   run(message.task, message.environment)

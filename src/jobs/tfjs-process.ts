@@ -21,6 +21,8 @@ export type TfjsOptions = Pick<TfjsEnvironment, "backend" | "fashionMnistDir">;
 export interface TaskHooks {
   signal: AbortSignal;
   progress(fraction: number, detail?: Record<string, number>): void;
+  /** Asks the parent (its `onRequest`) and resolves with its answer: work that needs the database. */
+  request(body: unknown): Promise<unknown>;
 }
 
 /** The environment of a task run for `ctx`'s store, limits and log level. */
@@ -44,12 +46,23 @@ export interface TfjsEnvironment {
   fashionMnistDir: string;
 }
 
-export type ParentMessage = { type: "run"; task: TfjsTask; environment: TfjsEnvironment } | { type: "abort" };
+/** Why a task failed, as it crosses between the processes. */
+export interface TaskFailure {
+  name: string;
+  message: string;
+  permanent: boolean;
+}
+
+export type ParentMessage =
+  | { type: "run"; task: TfjsTask; environment: TfjsEnvironment }
+  | { type: "abort" }
+  | { type: "response"; id: number; body?: unknown; error?: TaskFailure };
 
 export type ChildMessage =
   | { type: "progress"; fraction: number; detail?: Record<string, number> }
+  | { type: "request"; id: number; body: unknown }
   | { type: "done"; result: unknown }
-  | { type: "failed"; error: { name: string; message: string; permanent: boolean } };
+  | { type: "failed"; error: TaskFailure };
 
 /** A task that failed in its process; `permanent` when no retry can mend it (the child's verdict). */
 export class TfjsTaskError extends Error {
@@ -66,7 +79,9 @@ export class TfjsTaskError extends Error {
 const ABORT_GRACE_MS = 10_000;
 
 /**
- * Runs `task` in a new process and resolves with its result. Progress comes through `onProgress`;
+ * Runs `task` in a new process and resolves with its result. Progress comes through `onProgress`,
+ * the child's requests through `onRequest` (a rejection reaches the child as an error whose
+ * `permanent` is the thrown error's, or else false);
  * `signal` aborts the task (the process is asked to stop, and killed if it does not). A process
  * that exits without an answer (a crash, killed for memory) fails the task, retryably.
  */
@@ -77,6 +92,7 @@ export function runTfjsTask<T>(
     signal?: AbortSignal | undefined;
     onProgress?: (fraction: number, detail?: Record<string, number>) => void;
     onStart?: (pid: number) => void;
+    onRequest?: (body: unknown) => Promise<unknown>;
   } = {},
 ): Promise<T> {
   return new Promise<T>((resolve, reject) => {
@@ -101,6 +117,7 @@ export function runTfjsTask<T>(
     if (child.pid !== undefined) hooks.onStart?.(child.pid);
     child.on("message", (message: ChildMessage) => {
       if (message.type === "progress") hooks.onProgress?.(message.fraction, message.detail);
+      else if (message.type === "request") answer(child, message, hooks.onRequest);
       else if (message.type === "done") settle(() => resolve(message.result as T));
       else {
         const { error } = message;
@@ -125,6 +142,26 @@ export function runTfjsTask<T>(
     );
     child.send({ type: "run", task, environment } satisfies ParentMessage);
   });
+}
+
+/** Answers one of the child's requests with `handler`'s result or failure. */
+function answer(
+  child: ChildProcess,
+  { id, body }: { id: number; body: unknown },
+  handler: ((body: unknown) => Promise<unknown>) | undefined,
+): void {
+  const reply = (message: ParentMessage) => {
+    if (child.connected) child.send(message, () => undefined);
+  };
+  (handler ?? (() => Promise.reject(new Error("this task's requests have no handler"))))(body).then(
+    (result) => reply({ type: "response", id, body: result }),
+    (err: Error & { permanent?: boolean }) =>
+      reply({
+        type: "response",
+        id,
+        error: { name: err.name, message: err.message, permanent: err.permanent === true },
+      }),
+  );
 }
 
 /**

@@ -49,7 +49,7 @@ export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Pr
         ctx.logger.error("the training backend cannot run; this worker takes no training", { error: err });
         continue;
       }
-      await ctx.queue.work("train", 1, (job) => trainingJob.run(ctx, job, options));
+      await ctx.queue.work("train", config.trainConcurrency, (job) => trainingJob.run(ctx, job, options));
       await ctx.queue.workAbandoned("train", (id) => trainingJob.abandon(ctx, id));
     }
   }

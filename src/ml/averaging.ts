@@ -56,6 +56,33 @@ export function papaPull(members: tf.LayersModel[], beta: number): void {
 }
 
 /**
+ * The PAPA pull toward a mean computed elsewhere (another process's members are in it):
+ * `writeMean` writes the population's mean into the members, which then keep `1 - beta` of
+ * their weights from before, theta_j <- (1 - beta) theta_j + beta mean, as `papaPull` does.
+ */
+export async function pullToward(
+  members: tf.LayersModel[],
+  beta: number,
+  writeMean: () => Promise<void>,
+): Promise<void> {
+  const columns = floatColumns(members);
+  const before = columns.map((column) => column.map((v) => tf.clone(v.read())));
+  try {
+    await writeMean();
+    for (const [i, column] of columns.entries()) {
+      for (const [j, v] of column.entries()) {
+        const old = before[i]?.[j] as tf.Tensor;
+        const pulled = tf.tidy(() => tf.add(tf.mul(old, 1 - beta), tf.mul(v.read(), beta)));
+        v.write(pulled);
+        pulled.dispose();
+      }
+    }
+  } finally {
+    for (const t of before.flat()) t.dispose();
+  }
+}
+
+/**
  * Re-estimates every BatchNorm layer's moving mean and variance from `batches` (no augmentation),
  * layer after layer, as exact averages over all examples (not an exponential average): reset,
  * then for each layer the statistics of its input, computed with the earlier layers already

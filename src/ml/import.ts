@@ -13,8 +13,8 @@ export class CheckpointImportError extends Error {
 
 /**
  * Rebuilds a TF.js model from a checkpoint this service trained: the stored topology, then every
- * weight by name from the safetensors file (F32). Throws `CheckpointImportError` for a topology
- * TF.js cannot build, or naming the first weight that is missing or has another shape.
+ * weight by name (`loadWeights`). Throws `CheckpointImportError` for a topology TF.js cannot
+ * build, or naming the first weight that is missing or has another shape.
  */
 export async function modelFromCheckpoint(
   topology: { modelTopology: unknown },
@@ -28,11 +28,28 @@ export async function modelFromCheckpoint(
         `the checkpoint's TF.js topology cannot be built: ${(err as Error).message}`,
       );
     });
+  try {
+    await loadWeights(model, source, header);
+  } catch (err) {
+    model.dispose();
+    throw err;
+  }
+  return model;
+}
+
+/**
+ * Writes every weight of `model` by name from a safetensors file (F32), naming the first weight
+ * that is missing or has another shape (`CheckpointImportError`).
+ */
+export async function loadWeights(
+  model: tf.LayersModel,
+  source: ByteSource,
+  header: SafetensorsHeader,
+): Promise<void> {
   const byName = new Map(header.tensors.map((t) => [t.name, t]));
   for (const { name, variable } of namedWeights(model)) {
     const t = byName.get(name);
     if (t?.dtype !== "F32" || t.shape.join(",") !== variable.shape.join(",")) {
-      model.dispose();
       throw new CheckpointImportError(
         `weight ${name} is missing from the checkpoint or is not F32 [${variable.shape}]`,
       );
@@ -42,5 +59,4 @@ export async function modelFromCheckpoint(
     variable.write(values);
     values.dispose();
   }
-  return model;
 }

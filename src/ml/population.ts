@@ -2,7 +2,7 @@ import * as tf from "@tensorflow/tfjs";
 import { mergeCoefficients } from "../merge/methods.js";
 import { seededRandom, streamSeed } from "../random.js";
 import { augmentedBatch, type Diversity, type DiversitySets, drawDiversity } from "./augmentation.js";
-import { averageMembers, papaPull, reestimateBatchNorm } from "./averaging.js";
+import { averageMembers, papaPull, pullToward, reestimateBatchNorm } from "./averaging.js";
 import { type Dataset, type Split, shuffled, take } from "./datasets.js";
 import { calibrationBatches, evaluate, memberAndEnsembleAccuracy } from "./evaluation.js";
 import { buildModel, logitsModel, type ModelSpec } from "./models.js";
@@ -93,22 +93,31 @@ export function holdOut(split: Split): { heldOut: Split; train: Split } {
   return { heldOut: take(split, order.slice(0, count)), train: take(split, order.slice(count)) };
 }
 
-function createMembers(spec: TrainingSpec, data: Dataset): Member[] {
+/** The diversity of every member of the population, a fixed draw from its seed. */
+export function populationDiversity(spec: TrainingSpec): Diversity[] {
   const { population: pop } = spec;
-  return drawDiversity(spec.diversity, pop.size, streamSeed(pop.seed, "diversity")).map(
-    (diversity, index) => {
-      const model = buildModel(spec.model, data.shape, data.classes, streamSeed(pop.seed, "init", index));
-      const trainable = model.trainableWeights.map((w) => w.read() as tf.Variable);
-      return {
-        index,
-        model,
-        logits: logitsModel(model),
-        trainable,
-        optimizer: new MemberOptimizer(spec.optimizer, trainable),
-        diversity,
-      };
-    },
-  );
+  return drawDiversity(spec.diversity, pop.size, streamSeed(pop.seed, "diversity"));
+}
+
+/** Member `index`'s network as initialised (its seed's draw), whichever process builds it. */
+export function memberModel(spec: TrainingSpec, data: Dataset, index: number): tf.LayersModel {
+  return buildModel(spec.model, data.shape, data.classes, streamSeed(spec.population.seed, "init", index));
+}
+
+function createMembers(spec: TrainingSpec, data: Dataset, indices: number[]): Member[] {
+  const diversity = populationDiversity(spec);
+  return indices.map((index) => {
+    const model = memberModel(spec, data, index);
+    const trainable = model.trainableWeights.map((w) => w.read() as tf.Variable);
+    return {
+      index,
+      model,
+      logits: logitsModel(model),
+      trainable,
+      optimizer: new MemberOptimizer(spec.optimizer, trainable),
+      diversity: diversity[index] as Diversity,
+    };
+  });
 }
 
 /** PAPA-all or PAPA-2 at the end of an epoch: the members' new weights, then their BatchNorm statistics. */
@@ -126,60 +135,130 @@ function hardAverage(members: Member[], spec: TrainingSpec, epoch: number, calib
   for (const m of members) reestimateBatchNorm(m.model, calibration);
 }
 
+/** What training and evaluation share: the held-out and training examples, the calibration batches. */
+export interface PreparedData {
+  heldOut: Split;
+  train: Split;
+  calibration: tf.Tensor[];
+}
+
+/** Splits the data (`holdOut`) and draws the calibration batches; dispose `calibration` after. */
+export function prepareData(spec: TrainingSpec, data: Dataset): PreparedData {
+  const { heldOut, train } = holdOut(data.train);
+  const seed = streamSeed(spec.population.seed, "calibration");
+  const calibration = calibrationBatches(train, data.shape, spec.batchSize, CALIBRATION_BATCHES, seed);
+  return { heldOut, train, calibration };
+}
+
 /**
- * Trains a population with PAPA (or PAPA-all, PAPA-2, independent) and evaluates the members,
- * their ensemble, the uniform soup and the greedy soup. Every step runs inside `tf.tidy`;
- * averaging runs as tf ops on the members' variables. `HELD_OUT_SHARE` of the training set is
- * held out for the greedy soup. Every random stream (initialisation, data order, augmentation,
- * PAPA-2 pairs, calibration) has its own seed, `streamSeed(seed, purpose, member, epoch)`.
+ * A part of a population trained in this process while the rest trains elsewhere: the members it
+ * trains, and how they average with the others. The population's sync points are numbered
+ * rounds (`syncRounds`); after the last, every member's final weights are gathered elsewhere.
  */
-export async function trainPopulation(
+export interface Shard {
+  /** The members this process trains (indices into the population). */
+  members: number[];
+  /**
+   * Gives the population these members' weights at sync round `round` and writes into each what
+   * the population gives back: the population's mean (papa, which then pulls by the schedule's
+   * beta here) or the member's new weights (papa-all, papa-2).
+   */
+  exchange(round: number, members: Member[]): Promise<void>;
+  /**
+   * Where a shard that starts again (a retried job) resumes: writes into the members their
+   * weights from the latest closed round and returns it, or returns null when none has closed.
+   */
+  resume(members: Member[]): Promise<number | null>;
+}
+
+/**
+ * The sync rounds of a training: papa pulls every `everyKSteps` steps, papa-all and papa-2
+ * average every `everyKEpochs` epochs but never after the last, independent never. `count`
+ * rounds, round r after global step `after(r)`.
+ */
+export function syncRounds(
+  spec: TrainingSpec,
+  stepsPerEpoch: number,
+): { count: number; after(r: number): number } {
+  const { population: pop, epochs } = spec;
+  if (pop.size < 2 || pop.variant === "independent") return { count: 0, after: () => 0 };
+  if (pop.variant === "papa") {
+    return {
+      count: Math.floor((stepsPerEpoch * epochs) / pop.everyKSteps),
+      after: (r) => (r + 1) * pop.everyKSteps,
+    };
+  }
+  return {
+    count: Math.floor((epochs - 1) / pop.everyKEpochs),
+    after: (r) => (r + 1) * pop.everyKEpochs * stepsPerEpoch,
+  };
+}
+
+/** Steps per epoch for the training examples of `prepared`. */
+export function stepsPerEpoch(spec: TrainingSpec, prepared: PreparedData): number {
+  return Math.ceil(prepared.train.count / spec.batchSize);
+}
+
+export interface TrainOptions {
+  onProgress?: (p: Progress) => void;
+  signal?: AbortSignal;
+  /** Called after every epoch but the last with what `resume` needs to continue from there. */
+  onEpochEnd?: (state: TrainingState) => Promise<void>;
+  /** Continue a run from the state its `onEpochEnd` saved. */
+  resume?: TrainingState | undefined;
+}
+
+/**
+ * Trains the members of a population (all, or a `shard`'s) with PAPA (or PAPA-all, PAPA-2,
+ * independent) and returns them. Every step runs inside `tf.tidy`; averaging runs as tf ops on
+ * the members' variables, or through the shard. Every random stream (initialisation, data order,
+ * augmentation, PAPA-2 pairs, calibration) has its own seed, `streamSeed(seed, purpose, member,
+ * epoch)`, so a member trains the same in any process.
+ */
+export async function trainMembers(
   spec: TrainingSpec,
   data: Dataset,
-  options: {
-    onProgress?: (p: Progress) => void;
-    signal?: AbortSignal;
-    /** Called after every epoch but the last with what `resume` needs to continue from there. */
-    onEpochEnd?: (state: TrainingState) => Promise<void>;
-    /** Continue a run from the state its `onEpochEnd` saved. */
-    resume?: TrainingState | undefined;
-  } = {},
-): Promise<TrainingOutcome> {
+  prepared: PreparedData,
+  options: TrainOptions & { shard?: Shard | undefined } = {},
+): Promise<Member[]> {
   const { population: pop, optimizer: o } = spec;
-  const { heldOut, train } = holdOut(data.train);
-
-  const members = createMembers(spec, data);
-  const stepsPerEpoch = Math.ceil(train.count / spec.batchSize);
-  const total = stepsPerEpoch * spec.epochs;
-  const calibration = calibrationBatches(
-    train,
-    data.shape,
-    spec.batchSize,
-    CALIBRATION_BATCHES,
-    streamSeed(pop.seed, "calibration"),
-  );
+  const { train, calibration } = prepared;
+  const { shard } = options;
+  const members = createMembers(spec, data, shard?.members ?? Array.from({ length: pop.size }, (_, j) => j));
+  const perEpoch = stepsPerEpoch(spec, prepared);
+  const total = perEpoch * spec.epochs;
+  const rounds = syncRounds(spec, perEpoch);
   const started = performance.now();
+  const reestimate = () => {
+    for (const m of members) reestimateBatchNorm(m.model, calibration);
+  };
   let step = options.resume?.step ?? 0;
   try {
     if (options.resume) restoreState(members, options.resume);
-    for (let epoch = options.resume?.epochs ?? 0; epoch < spec.epochs; epoch++) {
+    const resumed = shard ? await shard.resume(members) : null;
+    if (resumed !== null) {
+      step = rounds.after(resumed);
+      if (pop.variant !== "papa") reestimate();
+    }
+    const firstStep = step;
+    for (let epoch = Math.floor(step / perEpoch); epoch < spec.epochs; epoch++) {
       const orders = members.map((m) =>
         shuffled(train.count, streamSeed(pop.seed, "data-order", m.index, epoch)),
       );
       const randoms = members.map((m) => seededRandom(streamSeed(pop.seed, "augmentation", m.index, epoch)));
-      for (let s = 0; s < stepsPerEpoch; s++) {
+      for (let s = step - epoch * perEpoch; s < perEpoch; s++) {
         options.signal?.throwIfAborted();
         const lr = learningRate(o, step, total);
         let lossSum = 0;
-        for (const member of members) {
-          const ids = (orders[member.index] as number[]).slice(s * spec.batchSize, (s + 1) * spec.batchSize);
+        for (const [k, member] of members.entries()) {
+          const ids = (orders[k] as number[]).slice(s * spec.batchSize, (s + 1) * spec.batchSize);
           const batch = augmentedBatch(
             train,
             ids,
             data.shape,
             data.classes,
             { diversity: member.diversity, baseAugmentation: spec.baseAugmentation },
-            randoms[member.index] as () => number,
+            randoms[k] as () => number,
           );
           const loss = trainStep(
             member.logits,
@@ -200,11 +279,12 @@ export async function trainPopulation(
           lossSum += value;
         }
         step++;
-        if (pop.variant === "papa" && members.length > 1 && step % pop.everyKSteps === 0) {
-          papaPull(
-            members.map((m) => m.model),
-            papaBeta(pop, o, step, total),
-          );
+        if (pop.variant === "papa" && rounds.count > 0 && step % pop.everyKSteps === 0) {
+          const beta = papaBeta(pop, o, step, total);
+          const models = members.map((m) => m.model);
+          const round = step / pop.everyKSteps - 1;
+          if (shard) await pullToward(models, beta, () => shard.exchange(round, members));
+          else papaPull(models, beta);
         }
         if (s % 10 === 0) {
           const seconds = (performance.now() - started) / 1000;
@@ -213,43 +293,87 @@ export async function trainPopulation(
             step,
             steps: total,
             loss: lossSum / members.length,
-            examplesPerSecond: (step * spec.batchSize * members.length) / Math.max(seconds, 1e-9),
+            examplesPerSecond:
+              ((step - firstStep) * spec.batchSize * members.length) / Math.max(seconds, 1e-9),
           });
         }
         await tf.nextFrame();
       }
-      const hard = (pop.variant === "papa-all" || pop.variant === "papa-2") && members.length > 1;
-      if (hard && (epoch + 1) % pop.everyKEpochs === 0 && epoch + 1 < spec.epochs) {
-        hardAverage(members, spec, epoch, calibration);
+      const hard = pop.variant === "papa-all" || pop.variant === "papa-2";
+      if (hard && rounds.count > 0 && (epoch + 1) % pop.everyKEpochs === 0 && epoch + 1 < spec.epochs) {
+        if (shard) {
+          await shard.exchange((epoch + 1) / pop.everyKEpochs - 1, members);
+          reestimate();
+        } else {
+          hardAverage(members, spec, epoch, calibration);
+        }
       }
       if (options.onEpochEnd && epoch + 1 < spec.epochs) {
         await options.onEpochEnd(captureState(members, epoch + 1, step));
       }
     }
-    const trainSeconds = (performance.now() - started) / 1000;
-    const evalStart = performance.now();
-    const models = members.map((m) => m.model);
-    const tested = memberAndEnsembleAccuracy(models, data.test, data.shape);
-    const heldOutAccuracy = models.map((m) => evaluate(m, heldOut, data.shape));
-    const uniform = soupOf(models, spec.model, data, calibration);
-    const greedy = greedySoup(models, heldOutAccuracy, heldOut, spec.model, data, calibration);
-    return {
-      members: members.map((m) => ({
-        model: m.model,
-        accuracy: tested.members[m.index] ?? 0,
-        heldOutAccuracy: heldOutAccuracy[m.index] ?? 0,
-        diversity: m.diversity,
-      })),
-      ensembleAccuracy: tested.ensemble,
-      uniformSoup: { model: uniform, accuracy: evaluate(uniform, data.test, data.shape) },
-      greedySoup: { ...greedy, accuracy: evaluate(greedy.model, data.test, data.shape) },
-      seconds: { train: trainSeconds, evaluate: (performance.now() - evalStart) / 1000 },
-    };
+    return members;
   } catch (err) {
     for (const m of members) m.model.dispose();
     throw err;
   } finally {
-    for (const b of calibration) b.dispose();
     for (const m of members) m.optimizer.dispose();
+  }
+}
+
+/**
+ * Evaluates a trained population (`models`, in member order): each member and their ensemble on
+ * the test split, each member on the held-out examples, the uniform soup and the greedy soup.
+ */
+export function evaluatePopulation(
+  spec: TrainingSpec,
+  data: Dataset,
+  prepared: PreparedData,
+  models: tf.LayersModel[],
+  trainSeconds: number,
+): TrainingOutcome {
+  const { heldOut, calibration } = prepared;
+  const started = performance.now();
+  const diversity = populationDiversity(spec);
+  const tested = memberAndEnsembleAccuracy(models, data.test, data.shape);
+  const heldOutAccuracy = models.map((m) => evaluate(m, heldOut, data.shape));
+  const uniform = soupOf(models, spec.model, data, calibration);
+  const greedy = greedySoup(models, heldOutAccuracy, heldOut, spec.model, data, calibration);
+  return {
+    members: models.map((model, j) => ({
+      model,
+      accuracy: tested.members[j] ?? 0,
+      heldOutAccuracy: heldOutAccuracy[j] ?? 0,
+      diversity: diversity[j] as Diversity,
+    })),
+    ensembleAccuracy: tested.ensemble,
+    uniformSoup: { model: uniform, accuracy: evaluate(uniform, data.test, data.shape) },
+    greedySoup: { ...greedy, accuracy: evaluate(greedy.model, data.test, data.shape) },
+    seconds: { train: trainSeconds, evaluate: (performance.now() - started) / 1000 },
+  };
+}
+
+/**
+ * Trains a whole population in this process (`trainMembers`) and evaluates it
+ * (`evaluatePopulation`). `HELD_OUT_SHARE` of the training set is held out for the greedy soup.
+ */
+export async function trainPopulation(
+  spec: TrainingSpec,
+  data: Dataset,
+  options: TrainOptions = {},
+): Promise<TrainingOutcome> {
+  const prepared = prepareData(spec, data);
+  try {
+    const started = performance.now();
+    const members = await trainMembers(spec, data, prepared, options);
+    const models = members.map((m) => m.model);
+    try {
+      return evaluatePopulation(spec, data, prepared, models, (performance.now() - started) / 1000);
+    } catch (err) {
+      for (const m of models) m.dispose();
+      throw err;
+    }
+  } finally {
+    for (const b of prepared.calibration) b.dispose();
   }
 }

@@ -34,6 +34,7 @@ export const TEST_WORKER: WorkerConfig = {
   backend: "cpu",
   fashionMnistDir: "/nonexistent/fashion-mnist",
   mergeConcurrency: 2,
+  trainConcurrency: 2,
   mergeThreads: 1,
   retryLimit: 2,
   retryDelaySeconds: 1,

@@ -5,6 +5,7 @@ import type { QueueName } from "../../jobs/queue.js";
 import type { ServiceContext, TenantCall } from "../context.js";
 import { ConflictError, NotFoundError, TooManyRequestsError } from "../errors.js";
 import { type Page, pageByIdDesc } from "../pagination.js";
+import { placementOf } from "../trainings/shards.js";
 import { ACTIVE, deleteScratch, dispatchWaiting, finishJob, lockTenant, wakeWorkers } from "./lifecycle.js";
 
 export type JobStatus = (typeof schema.jobStatus.enumValues)[number];
@@ -96,19 +97,23 @@ export async function createJob({
  * Records a job inside the caller's transaction, under its tenant's lock, and dispatches the
  * tenant's waiting jobs; wake the workers after the commit (`wakeWorkers`). No quota applies:
  * `createJob` checks it for requests; work the service owes (a population's round) is admitted.
+ * `now`: the job goes to the queue at once, past the tenant's line (a round's merge, which the
+ * tenant's running jobs may be waiting for).
  */
 export async function admitJob(
   ctx: ServiceContext,
   tx: Database,
   tenantId: string,
-  job: { kind: JobKind; params: object; idempotencyKey?: string | undefined },
+  job: { id?: string; kind: JobKind; params: object; idempotencyKey?: string | undefined },
+  options: { now?: boolean } = {},
 ): Promise<Job> {
   await lockTenant(tx, tenantId);
   const [row] = await tx
     .insert(schema.jobs)
-    .values({ id: newId(), tenantId, ...job })
+    .values({ ...job, id: job.id ?? newId(), tenantId, dispatchedAt: options.now ? new Date() : null })
     .returning();
   if (!row) throw new Error("job insert returned no row");
+  if (options.now) await ctx.queue.enqueue(tx, row.kind as QueueName, row.id);
   await dispatchWaiting(ctx, tx, tenantId);
   return row;
 }
@@ -180,6 +185,13 @@ export async function cancelJob({ ctx, principal, input }: TenantCall<{ id: stri
   // A job queued for its retry has no worker to delete its scratch; a running one's worker
   // deletes again what it writes after this.
   await deleteScratch(ctx, updated);
+  // The lead of a placed training takes its other shards with it.
+  const placement = job.kind === "train" ? placementOf(job) : null;
+  for (const id of placement?.shard === 0 ? placement.jobIds.slice(1) : []) {
+    await cancelJob({ ctx, principal, input: { id } }).catch((err: unknown) => {
+      if (!(err instanceof ConflictError || err instanceof NotFoundError)) throw err;
+    });
+  }
   return updated;
 }
 

@@ -80,8 +80,8 @@ export async function createPopulation({
     if (initial.deletedAt) throw new InvalidInputError(`checkpoint ${input.initialCheckpointId} was deleted`);
   }
   const id = newId();
-  await ctx.db.transaction(async (tx) => {
-    await tx.insert(schema.populations).values({
+  await ctx.db.transaction((tx) =>
+    insertPopulation(tx, {
       id,
       tenantId: principal.tenantId,
       name: input.name,
@@ -92,10 +92,18 @@ export async function createPopulation({
       quorum,
       roundTimeoutSeconds: input.roundTimeoutSeconds ?? 3600,
       initialCheckpointId: input.initialCheckpointId ?? null,
-    });
-    await tx.insert(schema.populationRounds).values({ populationId: id, round: 0 });
-  });
+    }),
+  );
   return getPopulation({ ctx, principal, input: { id } });
+}
+
+/** Records a population and opens its round 0, in the caller's transaction. */
+export async function insertPopulation(
+  tx: Database,
+  population: typeof schema.populations.$inferInsert,
+): Promise<void> {
+  await tx.insert(schema.populations).values(population);
+  await tx.insert(schema.populationRounds).values({ populationId: population.id, round: 0 });
 }
 
 /** The population's row, for the tenant (404 otherwise); `lock` takes it for update. */

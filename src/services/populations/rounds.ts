@@ -140,14 +140,14 @@ async function record(
   earlier: Submission | undefined,
 ): Promise<{ submission: Submission; created: boolean }> {
   const { population } = slot;
-  const same = async (earlier: Submission) => {
-    const [a, b] = await loadInputs(ctx, population.tenantId, [earlier.checkpointId, checkpointId]);
+  const same = async (existing: Submission) => {
+    const [a, b] = await loadInputs(ctx, population.tenantId, [existing.checkpointId, checkpointId]);
     if (a?.sha256 !== b?.sha256) {
       throw new ConflictError(
-        `member ${slot.member} already submitted other weights to round ${slot.round} (checkpoint ${earlier.checkpointId})`,
+        `member ${slot.member} already submitted other weights to round ${slot.round} (checkpoint ${existing.checkpointId})`,
       );
     }
-    return { submission: earlier, created: false };
+    return { submission: existing, created: false };
   };
   if (earlier) return same(earlier);
   await checkTensors(ctx, population, checkpointId);
@@ -171,7 +171,7 @@ async function record(
 
 /**
  * 422 unless the checkpoint's tensors agree with the population's (names, shapes, dtypes): its
- * initial checkpoint's, or else its first submission's. The first of all sets them.
+ * initial checkpoint's, or else its first submission's still stored. The first of all sets them.
  */
 async function checkTensors(
   ctx: ServiceContext,
@@ -183,7 +183,13 @@ async function checkTensors(
     const [first] = await ctx.db
       .select({ checkpointId: schema.populationSubmissions.checkpointId })
       .from(schema.populationSubmissions)
-      .where(eq(schema.populationSubmissions.populationId, population.id))
+      .innerJoin(schema.checkpoints, eq(schema.checkpoints.id, schema.populationSubmissions.checkpointId))
+      .where(
+        and(
+          eq(schema.populationSubmissions.populationId, population.id),
+          isNull(schema.checkpoints.deletedAt),
+        ),
+      )
       .orderBy(asc(schema.populationSubmissions.createdAt))
       .limit(1);
     reference = first?.checkpointId ?? null;
@@ -240,7 +246,9 @@ async function closeIfDue(
     name: population.name,
     population: merge,
   };
-  const job = await admitJob(ctx, tx, population.tenantId, { kind: "merge", params });
+  // Dispatched at once: the tenant's running jobs may be the members waiting for it (a placed
+  // training's shards), which would otherwise hold every slot of its line.
+  const job = await admitJob(ctx, tx, population.tenantId, { kind: "merge", params }, { now: true });
   await tx
     .update(schema.populationRounds)
     .set({ jobId: job.id })

@@ -4,10 +4,25 @@ import { derivedId } from "../../ids.js";
 import type { TaskHooks, TfjsOptions } from "../../jobs/tfjs-process.js";
 import { selectBackend } from "../../ml/backend.js";
 import { modelToSafetensors } from "../../ml/export.js";
-import { trainPopulation } from "../../ml/population.js";
+import { loadWeights } from "../../ml/import.js";
+import {
+  evaluatePopulation,
+  type Member,
+  memberModel,
+  type PreparedData,
+  type Progress,
+  prepareData,
+  type Shard,
+  stepsPerEpoch,
+  syncRounds,
+  trainMembers,
+} from "../../ml/population.js";
+import { readSafetensorsHeader, storeSource } from "../../tensors/source.js";
 import { outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { StoreContext } from "../context.js";
 import { loadDataset } from "../datasets/datasets.js";
+import type { MemberBytes, ShardRequest, StoredWeights } from "./placement.js";
+import { type Placement, shardMembers } from "./shards.js";
 import { loadTrainingState, saveTrainingState, trainingStateKey } from "./state.js";
 import { outputLabels, type TrainingTask, type TrainingTaskOutput, trainingSpecOf } from "./trainings.js";
 
@@ -15,18 +30,22 @@ import { outputLabels, type TrainingTask, type TrainingTaskOutput, trainingSpecO
  * A training job's work, in the process of its own that runs it (`runTfjsTask`): trains the
  * population (resuming from the job's last saved epoch, saving each epoch), then stores every
  * member, the uniform soup and the greedy soup as safetensors with their TF.js topology. What it
- * returns is registered by the job's worker, with the job's success, in one transaction.
+ * returns is registered by the job's worker, with the job's success, in one transaction. A shard
+ * of a placed training trains its members, averaging through the population (and resuming from
+ * its latest closed round); the lead then gathers every member and goes on as above, the others
+ * return.
  */
 export async function runTrainingTask(
   ctx: StoreContext,
-  { job, source }: TrainingTask,
+  { job, source, placement }: TrainingTask,
   options: TfjsOptions,
-  { signal, progress }: TaskHooks,
+  hooks: TaskHooks,
 ): Promise<TrainingTaskOutput> {
   const { params } = job;
   const spec = trainingSpecOf(params);
   const models: tf.LayersModel[] = [];
   const started = performance.now();
+  let prepared: PreparedData | undefined;
   try {
     const backend = await selectBackend({ forced: options.backend });
     const data = await loadDataset(ctx.store, source, {
@@ -35,23 +54,58 @@ export async function runTrainingTask(
       maxTest: params.max_test_examples,
     });
     const loadSeconds = (performance.now() - started) / 1000;
-    const stateKey = trainingStateKey(job);
-    const resume = await loadTrainingState(ctx, stateKey);
-    if (resume) ctx.logger.info("resuming training", { job_id: job.id, completed_epochs: resume.epochs });
-    const outcome = await trainPopulation(spec, data, {
-      signal,
-      resume: resume ?? undefined,
-      onEpochEnd: (state) => saveTrainingState(ctx, stateKey, state),
-      onProgress: (p) =>
-        progress((0.95 * p.step) / p.steps, {
-          epoch: p.epoch,
-          step: p.step,
-          steps: p.steps,
-          loss: p.loss,
-          examples_per_second: p.examplesPerSecond,
-        }),
-    });
-    models.push(...outcome.members.map((m) => m.model), outcome.uniformSoup.model, outcome.greedySoup.model);
+    prepared = prepareData(spec, data);
+    const onProgress = (p: Progress) =>
+      hooks.progress((0.95 * p.step) / p.steps, {
+        epoch: p.epoch,
+        step: p.step,
+        steps: p.steps,
+        loss: p.loss,
+        examples_per_second: p.examplesPerSecond,
+      });
+    let population: tf.LayersModel[];
+    if (placement) {
+      const shard = remoteShard(ctx, placement, hooks.request);
+      const members = await trainMembers(spec, data, prepared, { signal: hooks.signal, onProgress, shard });
+      models.push(...members.map((m) => m.model));
+      const round = syncRounds(spec, stepsPerEpoch(spec, prepared)).count;
+      const gathered = (await hooks.request({
+        kind: "gather",
+        round,
+        weights: weightsOf(members, job.id),
+      } satisfies ShardRequest)) as StoredWeights[];
+      if (placement.shard !== 0) {
+        const seconds = { load: loadSeconds, total: (performance.now() - started) / 1000 };
+        return { result: shardResult(placement, backend, seconds), rows: [], edges: [], metrics: [] };
+      }
+      population = [];
+      for (const w of gathered) {
+        const own = members.find((m) => m.index === w.member);
+        if (own) {
+          population.push(own.model);
+        } else {
+          const model = memberModel(spec, data, w.member);
+          models.push(model);
+          await writeWeights(ctx, model, w);
+          population.push(model);
+        }
+      }
+    } else {
+      const stateKey = trainingStateKey(job);
+      const resume = await loadTrainingState(ctx, stateKey);
+      if (resume) ctx.logger.info("resuming training", { job_id: job.id, completed_epochs: resume.epochs });
+      const members = await trainMembers(spec, data, prepared, {
+        signal: hooks.signal,
+        resume: resume ?? undefined,
+        onEpochEnd: (state) => saveTrainingState(ctx, stateKey, state),
+        onProgress,
+      });
+      population = members.map((m) => m.model);
+      models.push(...population);
+    }
+    const trainSeconds = (performance.now() - started) / 1000 - loadSeconds;
+    const outcome = evaluatePopulation(spec, data, prepared, population, trainSeconds);
+    models.push(outcome.uniformSoup.model, outcome.greedySoup.model);
 
     const base = params.name ?? `${spec.population.variant}-${params.dataset}`;
     const labels = outputLabels(outcome.members.length);
@@ -88,6 +142,7 @@ export async function runTrainingTask(
     const result = {
       checkpoints: rows.map((r) => ({ id: r.id, name: r.name, size_bytes: r.sizeBytes, sha256: r.sha256 })),
       backend,
+      ...(placement ? { placement: placementResult(placement, params.population.size) } : {}),
       members: outcome.members.map((m, j) => ({
         checkpoint_id: memberIds[j],
         accuracy: m.accuracy,
@@ -124,6 +179,83 @@ export async function runTrainingTask(
     }));
     return { result, rows, edges, metrics };
   } finally {
+    for (const b of prepared?.calibration ?? []) b.dispose();
     for (const m of models) m.dispose();
   }
+}
+
+/** A lead's account of its placement: its population and each shard's job and members. */
+function placementResult(placement: Placement, size: number): object {
+  return {
+    population_id: placement.populationId,
+    shards: placement.jobIds.map((jobId, s) => ({
+      job_id: jobId,
+      members: shardMembers(size, placement.workers, s),
+    })),
+  };
+}
+
+/** The result of a shard other than the lead: it stores nothing, the lead has its members. */
+function shardResult(
+  placement: Placement,
+  backend: string,
+  seconds: { load: number; total: number },
+): object {
+  return {
+    checkpoints: [],
+    backend,
+    placement: {
+      lead_job_id: placement.leadJobId,
+      population_id: placement.populationId,
+      shard: placement.shard,
+      members: placement.members,
+    },
+    seconds,
+  };
+}
+
+/** The members' weights as safetensors, for their population. */
+function weightsOf(members: Member[], jobId: string): MemberBytes[] {
+  return members.map((m) => ({
+    member: m.index,
+    bytes: modelToSafetensors(m.model, { "papa.role": `member-${m.index}`, "papa.job": jobId }).bytes,
+  }));
+}
+
+/** Writes the weights the population stored for a member into its model. */
+async function writeWeights(ctx: StoreContext, model: tf.LayersModel, weights: StoredWeights): Promise<void> {
+  const source = storeSource(ctx.store, weights.key, weights.sizeBytes);
+  await loadWeights(model, source, await readSafetensorsHeader(source, ctx.limits.maxSafetensorsHeaderBytes));
+}
+
+/** A shard whose averaging goes through its worker (`shardRequests`) and so through the population. */
+function remoteShard(ctx: StoreContext, placement: Placement, request: TaskHooks["request"]): Shard {
+  const write = async (members: Member[], weights: StoredWeights[]) => {
+    for (const w of weights) {
+      const member = members.find((m) => m.index === w.member);
+      if (member) await writeWeights(ctx, member.model, w);
+    }
+  };
+  return {
+    members: placement.members,
+    async exchange(round, members) {
+      const weights = weightsOf(members, placement.jobIds[placement.shard] ?? "");
+      await write(
+        members,
+        (await request({ kind: "exchange", round, weights } satisfies ShardRequest)) as StoredWeights[],
+      );
+    },
+    async resume(members) {
+      const point = (await request({
+        kind: "resume",
+        members: placement.members,
+      } satisfies ShardRequest)) as {
+        round: number;
+        weights: StoredWeights[];
+      } | null;
+      if (!point) return null;
+      await write(members, point.weights);
+      return point.round;
+    },
+  };
 }

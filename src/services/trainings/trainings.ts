@@ -10,6 +10,8 @@ import { type DatasetSource, datasetSource, describeDatasetRef } from "../datase
 import { InvalidInputError } from "../errors.js";
 import { type AttemptOutcome, type JobAttempt, type JobRules, jobHandlers } from "../jobs/attempts.js";
 import { createJob, type Job } from "../jobs/jobs.js";
+import { placeShards, shardRequests } from "./placement.js";
+import { type Placement, placementOf } from "./shards.js";
 
 /** A training request as stored in the job's params (the API's field names). */
 export interface TrainingParams {
@@ -52,6 +54,10 @@ export interface TrainingParams {
   /** Set when the job is created: the dataset's default (`DatasetDescription.natural`) if absent. */
   base_augmentation?: boolean | undefined;
   name?: string | undefined;
+  /** Train the members in `workers` jobs that average through a population (`placement.ts`). */
+  placement?: { workers: number; round_timeout_seconds?: number | undefined } | undefined;
+  /** Set on the jobs a placed training makes for its other shards, never by a request. */
+  shard?: { lead_job_id: string; index: number } | undefined;
 }
 
 /** The request with PAPA.md's defaults filled in (alpha 0.99 from scratch, every 10 steps, ...). */
@@ -110,6 +116,19 @@ export async function createTrainingJob({
       `optimizer.min_lr (${spec.optimizer.minLr}) exceeds optimizer.lr (${spec.optimizer.lr})`,
     );
   }
+  const workers = params.placement?.workers ?? 1;
+  if (workers > spec.population.size) {
+    throw new InvalidInputError(
+      `placement.workers (${workers}) exceeds the population (${spec.population.size} members): each worker trains one member at least`,
+    );
+  }
+  if (workers > 1 && workers + 1 > ctx.limits.maxRunningJobsPerTenant) {
+    throw new InvalidInputError(
+      `placement.workers (${workers}) needs ${workers + 1} jobs running at once (the shards and a round's merge); ` +
+        `this service runs at most ${ctx.limits.maxRunningJobsPerTenant} of a tenant's (PAPA_TENANT_MAX_RUNNING_JOBS)`,
+      { limit: ctx.limits.maxRunningJobsPerTenant - 1 },
+    );
+  }
   const examples =
     Math.min(data.trainCount, params.max_train_examples ?? data.trainCount) +
     Math.min(data.testCount, params.max_test_examples ?? data.testCount);
@@ -139,6 +158,8 @@ export async function createTrainingJob({
 export interface TrainingTask {
   job: { id: string; tenantId: string; params: TrainingParams };
   source: DatasetSource;
+  /** The job's shard of a training placed on several workers. */
+  placement: Placement | null;
 }
 
 /** What the training process hands back: the job's result, and the rows it registers. */
@@ -159,10 +180,13 @@ const TRAINING_JOB: JobRules = {
   title: "Training failed",
   progressIntervalMs: 500,
   isPermanent: (err) => err instanceof TfjsTaskError && err.permanent,
+  // A placed training's other shards store nothing of their own: the lead stores the outputs.
   outputIds: (job) =>
-    outputLabels(trainingSpecOf(job.params as TrainingParams).population.size).map((label) =>
-      derivedId(job.id, label),
-    ),
+    (job.params as TrainingParams).shard
+      ? []
+      : outputLabels(trainingSpecOf(job.params as TrainingParams).population.size).map((label) =>
+          derivedId(job.id, label),
+        ),
 };
 
 /**
@@ -180,7 +204,9 @@ async function trainingAttempt(
 ): Promise<AttemptOutcome> {
   const params = job.params as TrainingParams;
   const source = await datasetSource({ ctx, principal: job, input: { dataset: params.dataset } });
-  const task: TrainingTask = { job: { id: job.id, tenantId: job.tenantId, params }, source };
+  const placement = placementOf(job);
+  if (placement?.shard === 0) await placeShards(ctx, job, placement);
+  const task: TrainingTask = { job: { id: job.id, tenantId: job.tenantId, params }, source, placement };
   const output = await runTfjsTask<TrainingTaskOutput>(
     { kind: "train", input: task },
     tfjsEnvironment(ctx, options),
@@ -188,9 +214,12 @@ async function trainingAttempt(
       signal,
       onProgress: progress,
       onStart: (pid) => ctx.logger.info("training process started", { job_id: job.id, pid }),
+      ...(placement ? { onRequest: shardRequests(ctx, job, placement, signal) } : {}),
     },
   );
   const register = async (tx: Database) => {
+    // A placed training's other shards register nothing.
+    if (output.rows.length === 0) return;
     await tx.insert(schema.checkpoints).values(output.rows).onConflictDoNothing();
     await tx.insert(schema.lineageEdges).values(output.edges).onConflictDoNothing();
     await tx.insert(schema.metrics).values(output.metrics).onConflictDoNothing();
