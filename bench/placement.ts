@@ -14,6 +14,7 @@
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { once } from "node:events";
+import { createWriteStream } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -33,6 +34,7 @@ interface Result {
   ensemble_accuracy: number;
   uniform_soup: { accuracy: number };
   greedy_soup: { accuracy: number; members: string[] };
+  seconds: { load: number; train: number; evaluate: number };
 }
 
 const pct = (x: number) => (100 * x).toFixed(2);
@@ -60,9 +62,28 @@ function start(
   }) as ChildProcess & { stdout: NonNullable<ChildProcess["stdout"]> };
 }
 
-/** One training of `variant` by `workers` worker processes: its wall time and result. */
+/** Resolves once the process's output has a line with `text`. */
+function logged(
+  process: ChildProcess & { stdout: NonNullable<ChildProcess["stdout"]> },
+  text: string,
+): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let out = "";
+    process.stdout.on("data", (d: Buffer) => {
+      out += d.toString();
+      if (out.includes(text)) resolve();
+    });
+    process.on("exit", (code) => reject(new Error(`exited with ${code} before logging ${text}`)));
+  });
+}
+
+/**
+ * One training of `variant` by `workers` worker processes: its wall time and result. The
+ * processes' logs go to `papa-bench-placement-VARIANT-Nw-*.log` in the temp directory.
+ */
 async function run(variant: string, workers: number): Promise<{ seconds: number; result: Result }> {
   const dir = await mkdtemp(join(tmpdir(), "papa-bench-placement-"));
+  const logs = join(tmpdir(), `papa-bench-placement-${variant}-${workers}w`);
   const name = `papa_bench_${process.pid}_${Date.now()}`;
   await admin(`create database ${name}`);
   const url = new URL(adminUrl);
@@ -77,16 +98,16 @@ async function run(variant: string, workers: number): Promise<{ seconds: number;
   const processes = [server];
   try {
     const base = await listeningUrl(server);
-    server.stdout.resume();
+    server.stdout.pipe(createWriteStream(`${logs}-server.log`));
+    const ready: Promise<unknown>[] = [];
     for (let w = 0; w < workers; w++) {
-      const worker = start("src/worker.ts", {
-        ...shared,
-        PAPA_WORKER_QUEUES: "train",
-        PAPA_LOG_LEVEL: "warn",
-      });
-      worker.stdout.resume();
+      const worker = start("src/worker.ts", { ...shared, PAPA_WORKER_QUEUES: "train" });
       processes.push(worker);
+      worker.stdout.pipe(createWriteStream(`${logs}-worker-${w}.log`));
+      ready.push(logged(worker, '"msg":"worker started"'));
     }
+    // The clock starts once every worker has probed its backend and listens.
+    await Promise.all(ready);
     const auth = { Authorization: `Bearer ${KEY}`, "Content-Type": "application/json" };
     const started = performance.now();
     const created = await fetch(`${base}/v1/trainings`, {
@@ -139,9 +160,9 @@ console.log(
     `workers ${workerCounts.join(" and ")}, Postgres + filesystem store`,
 );
 console.log(
-  "| variant | workers | members mean | min | max | ensemble | uniform soup | greedy soup | POST to success s |",
+  "| variant | workers | members mean | min | max | ensemble | uniform soup | greedy soup | POST to success s | lead's load / train / evaluate s |",
 );
-console.log("|---|---|---|---|---|---|---|---|---|");
+console.log("|---|---|---|---|---|---|---|---|---|---|");
 const walls = new Map<string, number>();
 for (const variant of variants) {
   for (const workers of workerCounts) {
@@ -150,7 +171,8 @@ for (const variant of variants) {
     const acc = r.members.map((m) => m.accuracy);
     console.log(
       `| ${variant} | ${workers} | ${pct(acc.reduce((a, b) => a + b, 0) / acc.length)} | ${pct(Math.min(...acc))} | ${pct(Math.max(...acc))} | ` +
-        `${pct(r.ensemble_accuracy)} | ${pct(r.uniform_soup.accuracy)} | ${pct(r.greedy_soup.accuracy)} (${r.greedy_soup.members.length} of ${acc.length}) | ${seconds.toFixed(1)} |`,
+        `${pct(r.ensemble_accuracy)} | ${pct(r.uniform_soup.accuracy)} | ${pct(r.greedy_soup.accuracy)} (${r.greedy_soup.members.length} of ${acc.length}) | ${seconds.toFixed(1)} | ` +
+        `${r.seconds.load.toFixed(1)} / ${r.seconds.train.toFixed(1)} / ${r.seconds.evaluate.toFixed(1)} |`,
     );
   }
 }

@@ -245,7 +245,10 @@ describe("a training worker that dies", () => {
   const workers: ChildProcess[] = [];
   beforeAll(async () => {
     dataDir = await mkdtemp(join(tmpdir(), "papa-trainers-"));
-    h = await startHarness("postgres", "filesystem", { storeDir: join(dataDir, "objects") });
+    // The API's lease is short too: a job's first lease (when it was enqueued with the lease as
+    // its pg-boss expiry) must not cut a healthy attempt either.
+    const queue = { leaseSeconds: 2 };
+    h = await startHarness("postgres", "filesystem", { storeDir: join(dataDir, "objects"), queue });
   });
   afterAll(async () => {
     for (const w of workers) if (w.exitCode === null) w.kill("SIGKILL");

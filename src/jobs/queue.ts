@@ -40,6 +40,12 @@ function abandonedQueue(queue: QueueName): string {
   return `${queue}-abandoned`;
 }
 
+/**
+ * The longest an attempt may run: pg-boss's ceiling on a job's expiry (under 24 hours), which its
+ * worker enforces on the handler whatever the lease (`holdLease`).
+ */
+export const MAX_RUN_SECONDS = 24 * 3600 - 1;
+
 /** How long an aborted handler gets, after the drain, to delete what it wrote and fail its attempt. */
 const ABORT_GRACE_MS = 10_000;
 
@@ -107,7 +113,7 @@ export class JobQueue {
         retryLimit: this.policy.retryLimit,
         retryDelay: this.policy.retryDelaySeconds,
         retryBackoff: true,
-        expireInSeconds: this.policy.leaseSeconds,
+        expireInSeconds: MAX_RUN_SECONDS,
         deadLetter: abandonedQueue(queue),
         db: {
           executeSql: async (text, values) => {
@@ -238,12 +244,15 @@ export class JobQueue {
    * Renews a running job's lease now and every quarter of the lease, so that it never runs out
    * while this worker lives. A renewal that finds the job no longer active (its lease ran out
    * anyway: a stall longer than the lease) aborts the handler, since another attempt may start.
+   * pg-boss expires a job at `started_on + expire_in` (its maintenance: a dead worker's job), but
+   * its worker also fails a handler still running `expire_in` after the fetch, so `expire_in`
+   * stays `MAX_RUN_SECONDS` and the lease moves `started_on` instead.
    */
   private holdLease(queue: QueueName, id: string, controller: AbortController): NodeJS.Timeout {
     const renew = () =>
       this.track(
         this.database.executeSql(
-          `UPDATE pgboss.job SET expire_in = (now() - started_on) + $3 * interval '1 second'
+          `UPDATE pgboss.job SET started_on = now() + $3 * interval '1 second' - expire_in
            WHERE name = $1 AND id = $2 AND state = 'active' RETURNING id`,
           [queue, id, this.policy.leaseSeconds],
         ),

@@ -71,7 +71,12 @@ export interface Harness {
 export async function startHarness(
   db: DatabaseKind,
   store: StoreKind,
-  options: { worker?: boolean; storeDir?: string; limits?: Partial<Limits> } = {},
+  options: {
+    worker?: boolean;
+    storeDir?: string;
+    limits?: Partial<Limits>;
+    queue?: Partial<WorkerConfig>;
+  } = {},
 ): Promise<Harness> {
   const database = await testDatabase(db);
   const objects = await testStore(store, options.storeDir);
@@ -83,12 +88,12 @@ export async function startHarness(
     config: {
       limits: { ...TEST_LIMITS, ...options.limits },
       presignExpiresSeconds: 900,
-      worker: TEST_WORKER,
+      worker: { ...TEST_WORKER, ...options.queue },
     },
     logger,
   });
   const { ctx } = runtime;
-  if (options.worker) await startWorker(ctx, TEST_WORKER);
+  if (options.worker) await startWorker(ctx, { ...TEST_WORKER, ...options.queue });
   const app = createApp(ctx);
   const tenantA = (await createTenant({ ctx, input: { name: "a" } })).id;
   const tenantB = (await createTenant({ ctx, input: { name: "b" } })).id;
