@@ -7,7 +7,7 @@ import { averageMembers, papaPull, reestimateBatchNorm } from "../src/ml/averagi
 import { BackendError, selectBackend } from "../src/ml/backend.js";
 import { DatasetError, idxSplit } from "../src/ml/dataset-formats.js";
 import { BUILT_IN_DESCRIPTIONS, loadBuiltInDataset } from "../src/ml/datasets.js";
-import { calibrationBatches, memberAndEnsembleAccuracy } from "../src/ml/evaluation.js";
+import { calibrationBatches, ensembleAccuracy, memberAccuracies } from "../src/ml/evaluation.js";
 import { modelSize } from "../src/ml/memory.js";
 import { buildModel, logitsModel, type ModelSpec, namedWeights } from "../src/ml/models.js";
 import { MemberOptimizer } from "../src/ml/optimizer.js";
@@ -344,12 +344,16 @@ describe("population training rules", () => {
     const split = { x: new Float32Array([0.5]), y: Int32Array.of(1), count: 1 };
     // Margins 1, 1, -8: two of three vote class 0, but the mean probability of class 0 is
     // (0.731 + 0.731 + 0.0003) / 3 < 0.5: class 1.
+    const tested = (models: tf.LayersModel[]) => {
+      const { members, probabilities } = memberAccuracies(models, split, [1, 1, 1], 2);
+      return { members, ensemble: ensembleAccuracy(probabilities, 2, split.y) };
+    };
     const vote = [1, 1, -8].map(constant);
-    expect(memberAndEnsembleAccuracy(vote, split, [1, 1, 1])).toEqual({ members: [0, 0, 1], ensemble: 1 });
+    expect(tested(vote)).toEqual({ members: [0, 0, 1], ensemble: 1 });
     // Margins 3, -1, -1: mean logit margin 1/3 (class 0), mean probability of class 0
     // (0.953 + 0.269 + 0.269) / 3 < 0.5: class 1.
     const logits = [3, -1, -1].map(constant);
-    expect(memberAndEnsembleAccuracy(logits, split, [1, 1, 1])).toEqual({ members: [0, 1, 1], ensemble: 1 });
+    expect(tested(logits)).toEqual({ members: [0, 1, 1], ensemble: 1 });
     for (const m of [...vote, ...logits]) m.dispose();
   });
 

@@ -10,6 +10,7 @@ import { type JobBody, waitForJob } from "./helpers/jobs.js";
 
 interface PlacedResult {
   members: { checkpoint_id: string; accuracy: number }[];
+  ensemble_accuracy: number;
   checkpoints: { id: string }[];
   placement: { population_id: string; shards: { job_id: string; members: number[] }[] };
 }
@@ -120,11 +121,24 @@ describe.each<[DatabaseKind, StoreKind]>([
       const helper = (await (
         await h.request(`/v1/jobs/${result.placement.shards[1]?.job_id}`)
       ).json()) as JobBody & {
-        result: { checkpoints: unknown[]; placement: { lead_job_id: string; members: number[] } };
+        result: {
+          checkpoints: unknown[];
+          placement: {
+            lead_job_id: string;
+            members: number[];
+            evaluation: { members: { member: number; accuracy: number }[] };
+          };
+        };
       };
       expect(helper.status).toBe("succeeded");
       expect(helper.result.checkpoints).toEqual([]);
       expect(helper.result.placement).toMatchObject({ lead_job_id: lead.id, members: [1, 2] });
+      // It evaluated its members; the lead took their accuracies and test probabilities.
+      const evaluated = helper.result.placement.evaluation.members;
+      expect(evaluated.map((m) => m.member)).toEqual([1, 2]);
+      for (const m of evaluated) expect(result.members[m.member]?.accuracy).toBe(m.accuracy);
+      const aloneResult = alone.result as unknown as PlacedResult;
+      expect(Math.abs(result.ensemble_accuracy - aloneResult.ensemble_accuracy)).toBeLessThanOrEqual(0.02);
 
       // Each member as one job trains it: the same seeds, the same averages (computed by the
       // merge engine instead of tf ops, so equal up to float rounding).

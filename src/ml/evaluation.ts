@@ -54,21 +54,40 @@ export function evaluate(model: tf.LayersModel, split: Split, shape: Shape): num
 }
 
 /**
- * Each member's accuracy and the ensemble's: the ensemble predicts the class of the members'
- * mean probability (the paper's "average of the predicted probabilities").
+ * Each member's accuracy on the split, and the sum of their class probabilities ([count, classes]
+ * row-major), to which members evaluated elsewhere add theirs (`ensembleAccuracy`).
  */
-export function memberAndEnsembleAccuracy(
+export function memberAccuracies(
   members: tf.LayersModel[],
   split: Split,
   shape: Shape,
-): { members: number[]; ensemble: number } {
-  const probabilities = members.map((m) => predictAll(m, split, shape));
-  try {
-    const ensemble = tf.tidy(() => tf.div(tf.addN(probabilities), probabilities.length) as tf.Tensor2D);
-    const accuracy = accuracyOf(ensemble, split.y);
-    ensemble.dispose();
-    return { members: probabilities.map((p) => accuracyOf(p, split.y)), ensemble: accuracy };
-  } finally {
-    for (const p of probabilities) p.dispose();
+  classes: number,
+): { members: number[]; probabilities: Float32Array } {
+  const sum = new Float32Array(split.count * classes);
+  const accuracies = members.map((m) => {
+    const p = predictAll(m, split, shape);
+    const values = p.dataSync();
+    for (let i = 0; i < sum.length; i++) sum[i] = (sum[i] as number) + (values[i] as number);
+    const accuracy = accuracyOf(p, split.y);
+    p.dispose();
+    return accuracy;
+  });
+  return { members: accuracies, probabilities: sum };
+}
+
+/**
+ * The ensemble's accuracy from the sum of its members' class probabilities: it predicts the class
+ * of their mean probability (the paper's "average of the predicted probabilities").
+ */
+export function ensembleAccuracy(probabilities: Float32Array, classes: number, labels: Int32Array): number {
+  let right = 0;
+  for (let i = 0; i < labels.length; i++) {
+    let best = 0;
+    for (let c = 1; c < classes; c++) {
+      if ((probabilities[i * classes + c] as number) > (probabilities[i * classes + best] as number))
+        best = c;
+    }
+    if (best === labels[i]) right++;
   }
+  return labels.length === 0 ? 0 : right / labels.length;
 }

@@ -4,7 +4,7 @@ import { seededRandom, streamSeed } from "../random.js";
 import { augmentedBatch, type Diversity, type DiversitySets, drawDiversity } from "./augmentation.js";
 import { averageMembers, papaPull, pullToward, reestimateBatchNorm } from "./averaging.js";
 import { type Dataset, type Split, shuffled, take } from "./datasets.js";
-import { calibrationBatches, evaluate, memberAndEnsembleAccuracy } from "./evaluation.js";
+import { calibrationBatches, ensembleAccuracy, evaluate, memberAccuracies } from "./evaluation.js";
 import { buildModel, logitsModel, type ModelSpec } from "./models.js";
 import { MemberOptimizer, type OptimizerSpec } from "./optimizer.js";
 import { learningRate, papaBeta } from "./schedule.js";
@@ -321,9 +321,39 @@ export async function trainMembers(
   }
 }
 
+/** Members' evaluation by the process that has them: each one's accuracies, their test probabilities summed. */
+export interface MemberEvaluation {
+  members: { member: number; accuracy: number; heldOutAccuracy: number }[];
+  /** [test examples, classes], row-major: the sum of these members' class probabilities. */
+  probabilities: Float32Array;
+}
+
+/** Evaluates members (`index`: their place in the population) on the test and held-out examples. */
+export function evaluateMembers(
+  members: { index: number; model: tf.LayersModel }[],
+  data: Dataset,
+  prepared: PreparedData,
+): MemberEvaluation {
+  const tested = memberAccuracies(
+    members.map((m) => m.model),
+    data.test,
+    data.shape,
+    data.classes,
+  );
+  return {
+    members: members.map((m, k) => ({
+      member: m.index,
+      accuracy: tested.members[k] ?? 0,
+      heldOutAccuracy: evaluate(m.model, prepared.heldOut, data.shape),
+    })),
+    probabilities: tested.probabilities,
+  };
+}
+
 /**
  * Evaluates a trained population (`models`, in member order): each member and their ensemble on
- * the test split, each member on the held-out examples, the uniform soup and the greedy soup.
+ * the test split, each member on the held-out examples (except the members `elsewhere`, which
+ * other processes evaluated), the uniform soup and the greedy soup.
  */
 export function evaluatePopulation(
   spec: TrainingSpec,
@@ -331,22 +361,28 @@ export function evaluatePopulation(
   prepared: PreparedData,
   models: tf.LayersModel[],
   trainSeconds: number,
+  elsewhere: MemberEvaluation[] = [],
 ): TrainingOutcome {
   const { heldOut, calibration } = prepared;
   const started = performance.now();
   const diversity = populationDiversity(spec);
-  const tested = memberAndEnsembleAccuracy(models, data.test, data.shape);
-  const heldOutAccuracy = models.map((m) => evaluate(m, heldOut, data.shape));
+  const done = new Set(elsewhere.flatMap((e) => e.members.map((m) => m.member)));
+  const here = models.flatMap((model, index) => (done.has(index) ? [] : [{ index, model }]));
+  const evaluations = [evaluateMembers(here, data, prepared), ...elsewhere];
+  const byMember = new Map(evaluations.flatMap((e) => e.members.map((m) => [m.member, m])));
+  const sum = new Float32Array(data.test.count * data.classes);
+  for (const e of evaluations) e.probabilities.forEach((p, i) => (sum[i] = (sum[i] as number) + p));
+  const heldOutAccuracy = models.map((_, j) => byMember.get(j)?.heldOutAccuracy ?? 0);
   const uniform = soupOf(models, spec.model, data, calibration);
   const greedy = greedySoup(models, heldOutAccuracy, heldOut, spec.model, data, calibration);
   return {
     members: models.map((model, j) => ({
       model,
-      accuracy: tested.members[j] ?? 0,
+      accuracy: byMember.get(j)?.accuracy ?? 0,
       heldOutAccuracy: heldOutAccuracy[j] ?? 0,
       diversity: diversity[j] as Diversity,
     })),
-    ensembleAccuracy: tested.ensemble,
+    ensembleAccuracy: ensembleAccuracy(sum, data.classes, data.test.y),
     uniformSoup: { model: uniform, accuracy: evaluate(uniform, data.test, data.shape) },
     greedySoup: { ...greedy, accuracy: evaluate(greedy.model, data.test, data.shape) },
     seconds: { train: trainSeconds, evaluate: (performance.now() - started) / 1000 },

@@ -5,7 +5,7 @@ import { deleteCheckpoint } from "../checkpoints/checkpoints.js";
 import type { ServiceContext } from "../context.js";
 import { ConflictError } from "../errors.js";
 import { admitJob, cancelJob, FINISHED, type Job } from "../jobs/jobs.js";
-import { lockTenant, wakeWorkers } from "../jobs/lifecycle.js";
+import { jobScratchPrefix, lockTenant, wakeWorkers } from "../jobs/lifecycle.js";
 import {
   insertPopulation,
   type PopulationMethod,
@@ -91,7 +91,18 @@ export interface StoredWeights {
 export type ShardRequest =
   | { kind: "resume"; members: number[] }
   | { kind: "exchange"; round: number; weights: MemberBytes[] }
-  | { kind: "gather"; round: number; weights: MemberBytes[] };
+  | { kind: "gather"; round: number; weights: MemberBytes[] }
+  | { kind: "evaluations" };
+
+/** A shard's evaluation of its members, as its job's result holds it (the API's field names). */
+export interface ShardEvaluation {
+  members: { member: number; accuracy: number; held_out_accuracy: number }[];
+}
+
+/** Where shard `shard` leaves its members' test probabilities for the lead (the lead's scratch). */
+export function probabilitiesKey(tenantId: string, placement: Placement, shard: number): string {
+  return `${jobScratchPrefix({ tenantId, id: placement.leadJobId })}shard-${shard}-test-probabilities.f32`;
+}
 
 /** A failure of a placed training that no retry of this shard can mend. */
 class PlacementError extends Error {
@@ -169,6 +180,7 @@ export function shardRequests(
       if (point) ctx.logger.info("shard resumes from its population", { job_id: job.id, round: point.round });
       return point;
     }
+    if (request.kind === "evaluations") return shardEvaluations(ctx, job, placement, signal);
     await submit(request.round, request.weights);
     if (request.kind === "gather" && placement.shard !== 0) return [];
     const round = await closed(request.round);
@@ -192,6 +204,42 @@ export function shardRequests(
       })),
     );
   };
+}
+
+/**
+ * The lead's wait for the other shards' evaluations of their members (each in its job's result,
+ * its test probabilities in the store): each shard's once its job has succeeded. A shard that
+ * failed, or has not finished within the round timeout, is left out: the lead evaluates its
+ * members itself.
+ */
+async function shardEvaluations(
+  ctx: ServiceContext,
+  job: Job,
+  placement: Placement,
+  signal: AbortSignal,
+): Promise<(ShardEvaluation & { key: string })[]> {
+  const params = job.params as TrainingParams;
+  const deadline =
+    Date.now() + (params.placement?.round_timeout_seconds ?? DEFAULT_ROUND_TIMEOUT_SECONDS) * 1000;
+  const evaluations = [];
+  for (const [s, id] of placement.jobIds.entries()) {
+    if (s === 0) continue;
+    for (;;) {
+      signal.throwIfAborted();
+      const [shard] = await ctx.db
+        .select({ status: schema.jobs.status, result: schema.jobs.result })
+        .from(schema.jobs)
+        .where(eq(schema.jobs.id, id));
+      const evaluation = (shard?.result as { placement?: { evaluation?: ShardEvaluation } } | null)?.placement
+        ?.evaluation;
+      if (shard?.status === "succeeded" && evaluation) {
+        evaluations.push({ ...evaluation, key: probabilitiesKey(job.tenantId, placement, s) });
+      }
+      if (!shard || FINISHED.includes(shard.status) || Date.now() > deadline) break;
+      await ctx.jobWatch.nextFinish(250);
+    }
+  }
+  return evaluations;
 }
 
 /**

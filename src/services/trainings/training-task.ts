@@ -6,8 +6,10 @@ import { selectBackend } from "../../ml/backend.js";
 import { modelToSafetensors } from "../../ml/export.js";
 import { loadWeights } from "../../ml/import.js";
 import {
+  evaluateMembers,
   evaluatePopulation,
   type Member,
+  type MemberEvaluation,
   memberModel,
   type PreparedData,
   type Progress,
@@ -21,7 +23,13 @@ import { readSafetensorsHeader, storeSource } from "../../tensors/source.js";
 import { outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { StoreContext } from "../context.js";
 import { loadDataset } from "../datasets/datasets.js";
-import type { MemberBytes, ShardRequest, StoredWeights } from "./placement.js";
+import {
+  type MemberBytes,
+  probabilitiesKey,
+  type ShardEvaluation,
+  type ShardRequest,
+  type StoredWeights,
+} from "./placement.js";
 import { type Placement, shardMembers } from "./shards.js";
 import { loadTrainingState, saveTrainingState, trainingStateKey } from "./state.js";
 import { outputLabels, type TrainingTask, type TrainingTaskOutput, trainingSpecOf } from "./trainings.js";
@@ -64,19 +72,36 @@ export async function runTrainingTask(
         examples_per_second: p.examplesPerSecond,
       });
     let population: tf.LayersModel[];
+    let trainSeconds = 0;
+    const elsewhere: MemberEvaluation[] = [];
     if (placement) {
       const shard = remoteShard(ctx, placement, hooks.request);
       const members = await trainMembers(spec, data, prepared, { signal: hooks.signal, onProgress, shard });
       models.push(...members.map((m) => m.model));
+      trainSeconds = (performance.now() - started) / 1000 - loadSeconds;
       const round = syncRounds(spec, stepsPerEpoch(spec, prepared)).count;
       const gathered = (await hooks.request({
         kind: "gather",
         round,
         weights: weightsOf(members, job.id),
       } satisfies ShardRequest)) as StoredWeights[];
+      // Each shard evaluates its own members (in parallel with the others); the lead adds theirs.
+      const own = evaluateMembers(members, data, prepared);
       if (placement.shard !== 0) {
+        const key = probabilitiesKey(job.tenantId, placement, placement.shard);
+        await ctx.store.put(key, Readable.from([Buffer.from(own.probabilities.buffer)]));
         const seconds = { load: loadSeconds, total: (performance.now() - started) / 1000 };
-        return { result: shardResult(placement, backend, seconds), rows: [], edges: [], metrics: [] };
+        return { result: shardResult(placement, backend, own, seconds), rows: [], edges: [], metrics: [] };
+      }
+      const theirs = (await hooks.request({
+        kind: "evaluations",
+      } satisfies ShardRequest)) as (ShardEvaluation & {
+        key: string;
+      })[];
+      elsewhere.push(own);
+      for (const e of theirs) {
+        const members = e.members.map((m) => ({ ...m, heldOutAccuracy: m.held_out_accuracy }));
+        elsewhere.push({ members, probabilities: await readFloats(ctx, e.key) });
       }
       population = [];
       for (const w of gathered) {
@@ -102,9 +127,9 @@ export async function runTrainingTask(
       });
       population = members.map((m) => m.model);
       models.push(...population);
+      trainSeconds = (performance.now() - started) / 1000 - loadSeconds;
     }
-    const trainSeconds = (performance.now() - started) / 1000 - loadSeconds;
-    const outcome = evaluatePopulation(spec, data, prepared, population, trainSeconds);
+    const outcome = evaluatePopulation(spec, data, prepared, population, trainSeconds, elsewhere);
     models.push(outcome.uniformSoup.model, outcome.greedySoup.model);
 
     const base = params.name ?? `${spec.population.variant}-${params.dataset}`;
@@ -163,8 +188,8 @@ export async function runTrainingTask(
       },
       seconds: {
         load: loadSeconds,
-        train: outcome.seconds.train,
-        evaluate: outcome.seconds.evaluate,
+        train: trainSeconds,
+        evaluate: (performance.now() - started) / 1000 - loadSeconds - trainSeconds,
         total: (performance.now() - started) / 1000,
       },
     };
@@ -195,12 +220,21 @@ function placementResult(placement: Placement, size: number): object {
   };
 }
 
-/** The result of a shard other than the lead: it stores nothing, the lead has its members. */
+/**
+ * The result of a shard other than the lead: it stores nothing (the lead has its members), and
+ * holds its members' evaluation for the lead (their test probabilities are in the store).
+ */
 function shardResult(
   placement: Placement,
   backend: string,
+  evaluation: MemberEvaluation,
   seconds: { load: number; total: number },
 ): object {
+  const members = evaluation.members.map((m) => ({
+    member: m.member,
+    accuracy: m.accuracy,
+    held_out_accuracy: m.heldOutAccuracy,
+  }));
   return {
     checkpoints: [],
     backend,
@@ -209,9 +243,18 @@ function shardResult(
       population_id: placement.populationId,
       shard: placement.shard,
       members: placement.members,
+      evaluation: { members } satisfies ShardEvaluation,
     },
     seconds,
   };
+}
+
+/** A float32 array the store holds. */
+async function readFloats(ctx: StoreContext, key: string): Promise<Float32Array> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of await ctx.store.get(key)) chunks.push(chunk as Buffer);
+  const bytes = Buffer.concat(chunks);
+  return new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
 }
 
 /** The members' weights as safetensors, for their population. */
