@@ -21,8 +21,9 @@ import type { TrainingParams } from "./trainings.js";
 // makes a population and N - 1 more train jobs, one per shard, which any worker may run. Each
 // shard trains its members and meets the others at the population's rounds (`syncRounds`): it
 // submits its members' weights, waits for the round to close, and takes back the outputs. After
-// the last sync round, one more round gathers every member's final weights for the lead, which
-// evaluates the population and stores the outputs as a one-process training does.
+// the last sync round, one more round gathers every member's final weights for the lead; each
+// shard evaluates its own members, and the lead adds the others' evaluations to its own, makes
+// the soups and stores the outputs as a one-process training does.
 
 /** How long a waiting shard reads its round before it looks at the other shards' jobs again. */
 const WAIT_SLICE_SECONDS = 1;

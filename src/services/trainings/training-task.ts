@@ -130,6 +130,7 @@ export async function runTrainingTask(
       trainSeconds = (performance.now() - started) / 1000 - loadSeconds;
     }
     const outcome = evaluatePopulation(spec, data, prepared, population, trainSeconds, elsewhere);
+    const evaluateSeconds = (performance.now() - started) / 1000 - loadSeconds - trainSeconds;
     models.push(outcome.uniformSoup.model, outcome.greedySoup.model);
 
     const base = params.name ?? `${spec.population.variant}-${params.dataset}`;
@@ -189,7 +190,7 @@ export async function runTrainingTask(
       seconds: {
         load: loadSeconds,
         train: trainSeconds,
-        evaluate: (performance.now() - started) / 1000 - loadSeconds - trainSeconds,
+        evaluate: evaluateSeconds,
         total: (performance.now() - started) / 1000,
       },
     };
