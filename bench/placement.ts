@@ -1,8 +1,8 @@
 /**
  * The CNN experiment (bench:cnn's network and settings) through the service, trained by 1 and by
  * N worker processes (issue 14): Postgres (a fresh database on DATABASE_URL's server), the
- * filesystem store, an API process whose in-process worker takes the merge queue only, and N
- * worker processes on the train queue (`node --import tsx src/worker.ts`). With N > 1 the
+ * filesystem store, an API process without a worker, and N worker processes on both queues
+ * (`node --import tsx src/worker.ts`; the rounds' merges run on them too). With N > 1 the
  * training is placed (`placement: {workers: N}`). Prints, per variant and worker count, the wall
  * time from the POST to the job's success and the accuracy table, then each speedup.
  * Target: 2 workers at least 1.7x faster than 1, the same accuracies within noise.
@@ -93,7 +93,7 @@ async function run(variant: string, workers: number): Promise<{ seconds: number;
     ...shared,
     PORT: "0",
     HOST: "127.0.0.1",
-    PAPA_WORKER_QUEUES: "merge",
+    PAPA_IN_PROCESS_WORKER: "false",
   });
   const processes = [server];
   try {
@@ -101,7 +101,7 @@ async function run(variant: string, workers: number): Promise<{ seconds: number;
     server.stdout.pipe(createWriteStream(`${logs}-server.log`));
     const ready: Promise<unknown>[] = [];
     for (let w = 0; w < workers; w++) {
-      const worker = start("src/worker.ts", { ...shared, PAPA_WORKER_QUEUES: "train" });
+      const worker = start("src/worker.ts", shared);
       processes.push(worker);
       worker.stdout.pipe(createWriteStream(`${logs}-worker-${w}.log`));
       ready.push(logged(worker, '"msg":"worker started"'));

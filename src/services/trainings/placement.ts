@@ -25,8 +25,13 @@ import type { TrainingParams } from "./trainings.js";
 // shard evaluates its own members, and the lead adds the others' evaluations to its own, makes
 // the soups and stores the outputs as a one-process training does.
 
-/** How long a waiting shard reads its round before it looks at the other shards' jobs again. */
-const WAIT_SLICE_SECONDS = 1;
+/**
+ * How often a waiting shard reads its round (unless a job of its process finishes sooner: the
+ * round's merge, often), and looks at the other shards' jobs. A shard waits at every sync point,
+ * so this is part of each round's cost: shorter than an API client's poll.
+ */
+const POLL_MS = 50;
+const SIBLINGS_EVERY_MS = 1000;
 
 /** The population's averaging rule for a variant: papa pulls toward the mean by its own schedule. */
 function populationMethod(params: TrainingParams): PopulationMethod {
@@ -81,6 +86,12 @@ export interface MemberBytes {
   bytes: Uint8Array;
 }
 
+/** What `gather` answers: whether the final weights were taken, and (the lead's) every member's. */
+export interface Gathered {
+  taken: boolean;
+  weights: StoredWeights[];
+}
+
 /** Where a member's weights from the population are in the store. */
 export interface StoredWeights {
   member: number;
@@ -113,9 +124,9 @@ class PlacementError extends Error {
 /**
  * The worker's side of a shard's training process: `resume` finds the latest closed round (and
  * these members' weights from it); `exchange` submits the members' weights to a round, waits for
- * it to close and returns their new weights; `gather` submits the final weights and, for the
- * lead only, waits and returns every member's (its submission, or the round's output for a
- * member whose shard did not submit). While waiting, a shard whose sibling failed or was
+ * it to close and returns their new weights; `gather` submits the final weights (and says
+ * whether they were taken) and, for the lead only, waits and returns every member's (its
+ * submission, or the round's output for a member whose shard did not submit). While waiting, a shard whose sibling failed or was
  * canceled fails for good. A slot that an earlier attempt filled keeps that submission, and a
  * round that closed without a member gives it its output.
  */
@@ -128,36 +139,46 @@ export function shardRequests(
   const principal = { tenantId: job.tenantId };
   const id = placement.populationId;
 
-  const submit = async (round: number, weights: MemberBytes[]) => {
-    for (const { member, bytes } of weights) {
-      const upload = { body: Readable.from([Buffer.from(bytes)]), declaredBytes: bytes.byteLength };
-      try {
-        await submitMember({ ctx, principal, input: { id, round, member, upload } });
-      } catch (err) {
-        // The slot keeps what an earlier attempt submitted, or the round closed without it (its
-        // timeout passed): either way the member takes the round's output.
-        if (!(err instanceof ConflictError)) throw err;
-        ctx.logger.warn("a member's submission was not taken", {
-          job_id: job.id,
-          round,
-          member,
-          reason: err.message,
-        });
-      }
+  /** Submits the members' weights, at once; returns whether every one was taken. */
+  const submit = async (round: number, weights: MemberBytes[]): Promise<boolean> => {
+    const taken = await Promise.all(weights.map(({ member, bytes }) => submitOne(round, member, bytes)));
+    return taken.every(Boolean);
+  };
+
+  const submitOne = async (round: number, member: number, bytes: Uint8Array): Promise<boolean> => {
+    const upload = { body: Readable.from([Buffer.from(bytes)]), declaredBytes: bytes.byteLength };
+    try {
+      await submitMember({ ctx, principal, input: { id, round, member, upload } });
+      return true;
+    } catch (err) {
+      // The slot keeps what an earlier attempt submitted, or the round closed without it (its
+      // timeout passed): either way the member takes the round's output.
+      if (!(err instanceof ConflictError)) throw err;
+      ctx.logger.warn("a member's submission was not taken", {
+        job_id: job.id,
+        round,
+        member,
+        reason: err.message,
+      });
+      return false;
     }
   };
 
   const closed = async (round: number) => {
-    for (;;) {
+    for (let checked = Date.now(); ; ) {
       signal.throwIfAborted();
-      const state = await getRound({ ctx, principal, input: { id, round, waitSeconds: WAIT_SLICE_SECONDS } });
+      const state = await getRound({ ctx, principal, input: { id, round } });
       if (state.status === "closed") return state;
       if (state.status === "failed") {
         throw new PlacementError(
           `round ${round} of population ${id} failed: its merge job ${state.jobId} did not succeed`,
         );
       }
-      await assertSiblingsLive(ctx.db, job, placement);
+      if (Date.now() - checked > SIBLINGS_EVERY_MS) {
+        await assertSiblingsLive(ctx.db, job, placement);
+        checked = Date.now();
+      }
+      await ctx.jobWatch.nextFinish(POLL_MS);
     }
   };
 
@@ -182,8 +203,10 @@ export function shardRequests(
       return point;
     }
     if (request.kind === "evaluations") return shardEvaluations(ctx, job, placement, signal);
-    await submit(request.round, request.weights);
-    if (request.kind === "gather" && placement.shard !== 0) return [];
+    const taken = await submit(request.round, request.weights);
+    // A shard other than the lead is done; its evaluation counts if its final weights are the
+    // ones the lead gathers.
+    if (request.kind === "gather" && placement.shard !== 0) return { taken, weights: [] };
     const round = await closed(request.round);
     await forget(request.round - 1);
     const outputs = new Map(round.outputs.map((o) => [o.member, o.checkpointId]));
@@ -197,13 +220,14 @@ export function shardRequests(
     const submitted = new Map(
       (await submissionsOf(ctx.db, id, request.round)).map((s) => [s.member, s.checkpointId]),
     );
-    return storedWeights(
+    const weights = await storedWeights(
       ctx.db,
       [...outputs.keys()].map((member) => ({
         member,
         checkpointId: submitted.get(member) ?? outputs.get(member) ?? "",
       })),
     );
+    return { taken, weights };
   };
 }
 

@@ -24,6 +24,7 @@ import { outputRow, storeOutput } from "../checkpoints/outputs.js";
 import type { StoreContext } from "../context.js";
 import { loadDataset } from "../datasets/datasets.js";
 import {
+  type Gathered,
   type MemberBytes,
   probabilitiesKey,
   type ShardEvaluation,
@@ -84,15 +85,17 @@ export async function runTrainingTask(
         kind: "gather",
         round,
         weights: weightsOf(members, job.id),
-      } satisfies ShardRequest)) as StoredWeights[];
+      } satisfies ShardRequest)) as Gathered;
       // Each shard evaluates its own members (in parallel with the others); the lead adds theirs.
-      const own = evaluateMembers(members, data, prepared);
+      // A shard whose final weights were not taken (an earlier attempt's are) leaves it to the lead.
       if (placement.shard !== 0) {
+        const own = gathered.taken ? evaluateMembers(members, data, prepared) : null;
         const key = probabilitiesKey(job.tenantId, placement, placement.shard);
-        await ctx.store.put(key, Readable.from([Buffer.from(own.probabilities.buffer)]));
+        if (own) await ctx.store.put(key, Readable.from([Buffer.from(own.probabilities.buffer)]));
         const seconds = { load: loadSeconds, total: (performance.now() - started) / 1000 };
         return { result: shardResult(placement, backend, own, seconds), rows: [], edges: [], metrics: [] };
       }
+      const own = evaluateMembers(members, data, prepared);
       const theirs = (await hooks.request({
         kind: "evaluations",
       } satisfies ShardRequest)) as (ShardEvaluation & {
@@ -104,7 +107,7 @@ export async function runTrainingTask(
         elsewhere.push({ members, probabilities: await readFloats(ctx, e.key) });
       }
       population = [];
-      for (const w of gathered) {
+      for (const w of gathered.weights) {
         const own = members.find((m) => m.index === w.member);
         if (own) {
           population.push(own.model);
@@ -228,10 +231,10 @@ function placementResult(placement: Placement, size: number): object {
 function shardResult(
   placement: Placement,
   backend: string,
-  evaluation: MemberEvaluation,
+  evaluation: MemberEvaluation | null,
   seconds: { load: number; total: number },
 ): object {
-  const members = evaluation.members.map((m) => ({
+  const members = evaluation?.members.map((m) => ({
     member: m.member,
     accuracy: m.accuracy,
     held_out_accuracy: m.heldOutAccuracy,
@@ -244,7 +247,7 @@ function shardResult(
       population_id: placement.populationId,
       shard: placement.shard,
       members: placement.members,
-      evaluation: { members } satisfies ShardEvaluation,
+      ...(members ? { evaluation: { members } satisfies ShardEvaluation } : {}),
     },
     seconds,
   };
