@@ -371,7 +371,9 @@ export function evaluatePopulation(
   const evaluations = [evaluateMembers(here, data, prepared), ...elsewhere];
   const byMember = new Map(evaluations.flatMap((e) => e.members.map((m) => [m.member, m])));
   const sum = new Float32Array(data.test.count * data.classes);
-  for (const e of evaluations) e.probabilities.forEach((p, i) => (sum[i] = (sum[i] as number) + p));
+  for (const e of evaluations) {
+    for (let i = 0; i < sum.length; i++) sum[i] = (sum[i] as number) + (e.probabilities[i] as number);
+  }
   const heldOutAccuracy = models.map((_, j) => byMember.get(j)?.heldOutAccuracy ?? 0);
   const uniform = soupOf(models, spec.model, data, calibration);
   const greedy = greedySoup(models, heldOutAccuracy, heldOut, spec.model, data, calibration);
