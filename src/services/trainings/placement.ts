@@ -92,6 +92,12 @@ export interface Gathered {
   weights: StoredWeights[];
 }
 
+/** Where a resumed shard starts: the latest closed round, and its members' weights from it. */
+export interface ResumePoint {
+  round: number;
+  weights: StoredWeights[];
+}
+
 /** Where a member's weights from the population are in the store. */
 export interface StoredWeights {
   member: number;
@@ -126,8 +132,8 @@ class PlacementError extends Error {
  * these members' weights from it); `exchange` submits the members' weights to a round, waits for
  * it to close and returns their new weights; `gather` submits the final weights (and says
  * whether they were taken) and, for the lead only, waits and returns every member's (its
- * submission, or the round's output for a member whose shard did not submit). While waiting, a shard whose sibling failed or was
- * canceled fails for good. A slot that an earlier attempt filled keeps that submission, and a
+ * submission, or the round's output for a member whose shard did not submit). While waiting, a
+ * shard whose sibling failed or was canceled fails for good. A slot that an earlier attempt filled keeps that submission, and a
  * round that closed without a member gives it its output.
  */
 export function shardRequests(
@@ -294,7 +300,7 @@ async function resumePoint(
   tenantId: string,
   populationId: string,
   members: number[],
-): Promise<{ round: number; weights: StoredWeights[] } | null> {
+): Promise<ResumePoint | null> {
   const population = await populationRow(db, tenantId, populationId);
   const round = population.currentRound - 1;
   if (round < 0) return null;

@@ -27,6 +27,7 @@ import {
   type Gathered,
   type MemberBytes,
   probabilitiesKey,
+  type ResumePoint,
   type ShardEvaluation,
   type ShardRequest,
   type StoredWeights,
@@ -76,7 +77,7 @@ export async function runTrainingTask(
     let trainSeconds = 0;
     const elsewhere: MemberEvaluation[] = [];
     if (placement) {
-      const shard = remoteShard(ctx, placement, hooks.request);
+      const shard = remoteShard(ctx, job.id, placement, hooks.request);
       const members = await trainMembers(spec, data, prepared, { signal: hooks.signal, onProgress, shard });
       models.push(...members.map((m) => m.model));
       trainSeconds = (performance.now() - started) / 1000 - loadSeconds;
@@ -276,7 +277,12 @@ async function writeWeights(ctx: StoreContext, model: tf.LayersModel, weights: S
 }
 
 /** A shard whose averaging goes through its worker (`shardRequests`) and so through the population. */
-function remoteShard(ctx: StoreContext, placement: Placement, request: TaskHooks["request"]): Shard {
+function remoteShard(
+  ctx: StoreContext,
+  jobId: string,
+  placement: Placement,
+  request: TaskHooks["request"],
+): Shard {
   const write = async (members: Member[], weights: StoredWeights[]) => {
     for (const w of weights) {
       const member = members.find((m) => m.index === w.member);
@@ -286,7 +292,7 @@ function remoteShard(ctx: StoreContext, placement: Placement, request: TaskHooks
   return {
     members: placement.members,
     async exchange(round, members) {
-      const weights = weightsOf(members, placement.jobIds[placement.shard] ?? "");
+      const weights = weightsOf(members, jobId);
       await write(
         members,
         (await request({ kind: "exchange", round, weights } satisfies ShardRequest)) as StoredWeights[],
@@ -296,10 +302,7 @@ function remoteShard(ctx: StoreContext, placement: Placement, request: TaskHooks
       const point = (await request({
         kind: "resume",
         members: placement.members,
-      } satisfies ShardRequest)) as {
-        round: number;
-        weights: StoredWeights[];
-      } | null;
+      } satisfies ShardRequest)) as ResumePoint | null;
       if (!point) return null;
       await write(members, point.weights);
       return point.round;
