@@ -11,6 +11,7 @@ import { type JobBody, waitForJob } from "./helpers/jobs.js";
 interface PlacedResult {
   members: { checkpoint_id: string; accuracy: number }[];
   ensemble_accuracy: number;
+  uniform_soup: { checkpoint_id: string; accuracy: number };
   checkpoints: { id: string }[];
   placement: { population_id: string; shards: { job_id: string; members: number[] }[] };
 }
@@ -126,7 +127,10 @@ describe.each<[DatabaseKind, StoreKind]>([
           placement: {
             lead_job_id: string;
             members: number[];
-            evaluation: { members: { member: number; accuracy: number }[] };
+            evaluation: {
+              members: { member: number; accuracy: number }[];
+              uniform_soup: { accuracy: number };
+            };
           };
         };
       };
@@ -137,7 +141,13 @@ describe.each<[DatabaseKind, StoreKind]>([
       const evaluated = helper.result.placement.evaluation.members;
       expect(evaluated.map((m) => m.member)).toEqual([1, 2]);
       for (const m of evaluated) expect(result.members[m.member]?.accuracy).toBe(m.accuracy);
+      // The last shard made and evaluated the uniform soup (while the lead made the greedy one):
+      // the lead stored those weights and reported that accuracy.
       const aloneResult = alone.result as unknown as PlacedResult;
+      expect(result.uniform_soup.accuracy).toBe(helper.result.placement.evaluation.uniform_soup.accuracy);
+      expect(
+        await largestDifference(result.uniform_soup.checkpoint_id, aloneResult.uniform_soup.checkpoint_id),
+      ).toBeLessThan(1e-3);
       expect(Math.abs(result.ensemble_accuracy - aloneResult.ensemble_accuracy)).toBeLessThanOrEqual(0.02);
 
       // Each member as one job trains it: the same seeds, the same averages (computed by the

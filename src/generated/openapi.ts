@@ -1053,8 +1053,8 @@ export interface components {
          *     A population's finish adds `soup_checkpoint_id`. A placed training's lead adds
          *     `placement` (`population_id`, `shards`: each shard's `job_id` and `members`); its other
          *     shards' jobs have no checkpoints and `placement` (`lead_job_id`, `population_id`, `shard`,
-         *     `members`, and `evaluation`: each member's `accuracy` and `held_out_accuracy`, which the
-         *     lead reports).
+         *     `members`, and `evaluation`: each member's test `accuracy`, and from the last shard the
+         *     `uniform_soup`'s `accuracy`, which the lead reports).
          */
         JobResult: {
             soup_checkpoint_id?: components["schemas"]["Id"];

@@ -321,18 +321,17 @@ export async function trainMembers(
   }
 }
 
-/** Members' evaluation by the process that has them: each one's accuracies, their test probabilities summed. */
+/** Members' evaluation by the process that has them: each one's test accuracy, their test probabilities summed. */
 export interface MemberEvaluation {
-  members: { member: number; accuracy: number; heldOutAccuracy: number }[];
+  members: { member: number; accuracy: number }[];
   /** [test examples, classes], row-major: the sum of these members' class probabilities. */
   probabilities: Float32Array;
 }
 
-/** Evaluates members (`index`: their place in the population) on the test and held-out examples. */
+/** Evaluates members (`index`: their place in the population) on the test examples. */
 export function evaluateMembers(
   members: { index: number; model: tf.LayersModel }[],
   data: Dataset,
-  prepared: PreparedData,
 ): MemberEvaluation {
   const tested = memberAccuracies(
     members.map((m) => m.model),
@@ -341,52 +340,70 @@ export function evaluateMembers(
     data.classes,
   );
   return {
-    members: members.map((m, k) => ({
-      member: m.index,
-      accuracy: tested.members[k] ?? 0,
-      heldOutAccuracy: evaluate(m.model, prepared.heldOut, data.shape),
-    })),
+    members: members.map((m, k) => ({ member: m.index, accuracy: tested.members[k] ?? 0 })),
     probabilities: tested.probabilities,
   };
 }
 
+/** The uniform soup of a trained population (`models`, in member order), evaluated on the test examples. */
+export function uniformSoup(
+  spec: TrainingSpec,
+  data: Dataset,
+  prepared: PreparedData,
+  models: tf.LayersModel[],
+): Evaluated {
+  const model = soupOf(models, spec.model, data, prepared.calibration);
+  return { model, accuracy: evaluate(model, data.test, data.shape) };
+}
+
+/** What other processes evaluated of a population: some members, and perhaps the uniform soup. */
+export interface EvaluatedElsewhere {
+  evaluations: MemberEvaluation[];
+  uniformSoup: Evaluated | null;
+}
+
 /**
- * Evaluates a trained population (`models`, in member order): each member and their ensemble on
- * the test split, each member on the held-out examples (except the members `elsewhere`, which
- * other processes evaluated), the uniform soup and the greedy soup.
+ * Evaluates a trained population (`models`, in member order): each member on the held-out
+ * examples, the greedy soup, each member and their ensemble on the test examples, and the
+ * uniform soup. A placed training's lead evaluates the members `here` and the greedy soup, then
+ * takes what the other shards evaluated meanwhile (`elsewhere`) and does what they did not.
  */
-export function evaluatePopulation(
+export async function evaluatePopulation(
   spec: TrainingSpec,
   data: Dataset,
   prepared: PreparedData,
   models: tf.LayersModel[],
   trainSeconds: number,
-  elsewhere: MemberEvaluation[] = [],
-): TrainingOutcome {
+  placed?: { here: number[]; elsewhere: () => Promise<EvaluatedElsewhere> },
+): Promise<TrainingOutcome> {
   const { heldOut, calibration } = prepared;
   const started = performance.now();
   const diversity = populationDiversity(spec);
-  const done = new Set(elsewhere.flatMap((e) => e.members.map((m) => m.member)));
-  const here = models.flatMap((model, index) => (done.has(index) ? [] : [{ index, model }]));
-  const evaluations = [evaluateMembers(here, data, prepared), ...elsewhere];
-  const byMember = new Map(evaluations.flatMap((e) => e.members.map((m) => [m.member, m])));
+  const heldOutAccuracy = models.map((model) => evaluate(model, heldOut, data.shape));
+  const greedy = greedySoup(models, heldOutAccuracy, heldOut, spec.model, data, calibration);
+  const greedyAccuracy = evaluate(greedy.model, data.test, data.shape);
+  const membersOf = (indices: number[]) =>
+    indices.map((index) => ({ index, model: models[index] as tf.LayersModel }));
+  const evaluations = [evaluateMembers(membersOf(placed?.here ?? models.map((_, j) => j)), data)];
+  const elsewhere = (await placed?.elsewhere()) ?? { evaluations: [], uniformSoup: null };
+  evaluations.push(...elsewhere.evaluations);
+  const done = new Set(evaluations.flatMap((e) => e.members.map((m) => m.member)));
+  evaluations.push(evaluateMembers(membersOf(models.flatMap((_, j) => (done.has(j) ? [] : [j]))), data));
+  const byMember = new Map(evaluations.flatMap((e) => e.members.map((m) => [m.member, m.accuracy])));
   const sum = new Float32Array(data.test.count * data.classes);
   for (const e of evaluations) {
     for (let i = 0; i < sum.length; i++) sum[i] = (sum[i] as number) + (e.probabilities[i] as number);
   }
-  const heldOutAccuracy = models.map((_, j) => byMember.get(j)?.heldOutAccuracy ?? 0);
-  const uniform = soupOf(models, spec.model, data, calibration);
-  const greedy = greedySoup(models, heldOutAccuracy, heldOut, spec.model, data, calibration);
   return {
     members: models.map((model, j) => ({
       model,
-      accuracy: byMember.get(j)?.accuracy ?? 0,
+      accuracy: byMember.get(j) ?? 0,
       heldOutAccuracy: heldOutAccuracy[j] ?? 0,
       diversity: diversity[j] as Diversity,
     })),
     ensembleAccuracy: ensembleAccuracy(sum, data.classes, data.test.y),
-    uniformSoup: { model: uniform, accuracy: evaluate(uniform, data.test, data.shape) },
-    greedySoup: { ...greedy, accuracy: evaluate(greedy.model, data.test, data.shape) },
+    uniformSoup: elsewhere.uniformSoup ?? uniformSoup(spec, data, prepared, models),
+    greedySoup: { ...greedy, accuracy: greedyAccuracy },
     seconds: { train: trainSeconds, evaluate: (performance.now() - started) / 1000 },
   };
 }
@@ -406,7 +423,7 @@ export async function trainPopulation(
     const members = await trainMembers(spec, data, prepared, options);
     const models = members.map((m) => m.model);
     try {
-      return evaluatePopulation(spec, data, prepared, models, (performance.now() - started) / 1000);
+      return await evaluatePopulation(spec, data, prepared, models, (performance.now() - started) / 1000);
     } catch (err) {
       for (const m of models) m.dispose();
       throw err;

@@ -14,16 +14,17 @@ import {
   submissionsOf,
 } from "../populations/populations.js";
 import { getRound, submitMember } from "../populations/rounds.js";
-import { type Placement, shardMembers } from "./shards.js";
+import { makesUniformSoup, type Placement, shardMembers } from "./shards.js";
 import type { TrainingParams } from "./trainings.js";
 
 // A training placed on N workers (`placement: {workers: N}`): its job is shard 0, the lead; it
 // makes a population and N - 1 more train jobs, one per shard, which any worker may run. Each
 // shard trains its members and meets the others at the population's rounds (`syncRounds`): it
 // submits its members' weights, waits for the round to close, and takes back the outputs. After
-// the last sync round, one more round gathers every member's final weights for the lead; each
-// shard evaluates its own members, and the lead adds the others' evaluations to its own, makes
-// the soups and stores the outputs as a one-process training does.
+// the last sync round, one more round gathers every member's final weights for the lead (and the
+// last shard). Each shard evaluates its own members, the last one the uniform soup too, while the
+// lead makes the greedy soup; the lead adds the others' evaluations to its own and stores the
+// outputs as a one-process training does.
 
 /**
  * How often a waiting shard reads its round (unless a job of its process finishes sooner: the
@@ -86,7 +87,10 @@ export interface MemberBytes {
   bytes: Uint8Array;
 }
 
-/** What `gather` answers: whether the final weights were taken, and (the lead's) every member's. */
+/**
+ * What `gather` answers: whether the final weights were taken, and (to the lead and the shard that
+ * makes the uniform soup) every member's.
+ */
 export interface Gathered {
   taken: boolean;
   weights: StoredWeights[];
@@ -112,14 +116,26 @@ export type ShardRequest =
   | { kind: "gather"; round: number; weights: MemberBytes[] }
   | { kind: "evaluations" };
 
-/** A shard's evaluation of its members, as its job's result holds it (the API's field names). */
+/**
+ * A shard's evaluation of its members (and, by the shard that `makesUniformSoup`, of the uniform
+ * soup), as its job's result holds it (the API's field names).
+ */
 export interface ShardEvaluation {
-  members: { member: number; accuracy: number; held_out_accuracy: number }[];
+  members: { member: number; accuracy: number }[];
+  uniform_soup?: { accuracy: number };
 }
 
-/** Where shard `shard` leaves its members' test probabilities for the lead (the lead's scratch). */
-export function probabilitiesKey(tenantId: string, placement: Placement, shard: number): string {
-  return `${jobScratchPrefix({ tenantId, id: placement.leadJobId })}shard-${shard}-test-probabilities.f32`;
+/**
+ * Where shard `shard` leaves what the lead takes from it, in the lead's scratch: its members'
+ * test probabilities, and the uniform soup's weights.
+ */
+export function shardOutputKey(
+  tenantId: string,
+  placement: Placement,
+  shard: number,
+  what: "test-probabilities.f32" | "uniform-soup.safetensors",
+): string {
+  return `${jobScratchPrefix({ tenantId, id: placement.leadJobId })}shard-${shard}-${what}`;
 }
 
 /** A failure of a placed training that no retry of this shard can mend. */
@@ -131,10 +147,11 @@ class PlacementError extends Error {
  * The worker's side of a shard's training process: `resume` finds the latest closed round (and
  * these members' weights from it); `exchange` submits the members' weights to a round, waits for
  * it to close and returns their new weights; `gather` submits the final weights (and says
- * whether they were taken) and, for the lead only, waits and returns every member's (its
- * submission, or the round's output for a member whose shard did not submit). While waiting, a
- * shard whose sibling failed or was canceled fails for good. A slot that an earlier attempt filled keeps that submission, and a
- * round that closed without a member gives it its output.
+ * whether they were taken) and, for the lead and the uniform soup's shard, waits and returns
+ * every member's (its submission, or the round's output for a member whose shard did not
+ * submit). While waiting, a shard whose sibling failed or was canceled fails for good. A slot
+ * that an earlier attempt filled keeps that submission, and a round that closed without a member
+ * gives it its output.
  */
 export function shardRequests(
   ctx: ServiceContext,
@@ -189,7 +206,9 @@ export function shardRequests(
   };
 
   // Only the latest closed round is kept (a retried shard resumes from it): the lead deletes the
-  // round before, whose merge and readers are done (their records and lineage stay).
+  // round before, whose merge and readers are done (their records and lineage stay). It does so
+  // while its members train for the next round (`forgetting`, awaited at its next request).
+  let forgetting: Promise<void> = Promise.resolve();
   const forget = async (round: number) => {
     if (placement.shard !== 0 || round < 0) return;
     const [state] = await roundsOf(ctx.db, await populationRow(ctx.db, job.tenantId, id), round);
@@ -203,6 +222,7 @@ export function shardRequests(
 
   return async (body) => {
     const request = body as ShardRequest;
+    await forgetting;
     if (request.kind === "resume") {
       const point = await resumePoint(ctx.db, job.tenantId, id, request.members);
       if (point) ctx.logger.info("shard resumes from its population", { job_id: job.id, round: point.round });
@@ -210,11 +230,15 @@ export function shardRequests(
     }
     if (request.kind === "evaluations") return shardEvaluations(ctx, job, placement, signal);
     const taken = await submit(request.round, request.weights);
-    // A shard other than the lead is done; its evaluation counts if its final weights are the
-    // ones the lead gathers.
-    if (request.kind === "gather" && placement.shard !== 0) return { taken, weights: [] };
+    // A shard other than the lead is done, unless it makes the uniform soup; its evaluation counts
+    // if its final weights are the ones the lead gathers.
+    const lead = placement.shard === 0;
+    if (request.kind === "gather" && !lead && !(taken && makesUniformSoup(placement))) {
+      return { taken, weights: [] };
+    }
     const round = await closed(request.round);
-    await forget(request.round - 1);
+    forgetting = forget(request.round - 1);
+    forgetting.catch(() => {}); // Thrown by the next request's await.
     const outputs = new Map(round.outputs.map((o) => [o.member, o.checkpointId]));
     if (request.kind === "exchange") {
       return storedWeights(
@@ -222,7 +246,7 @@ export function shardRequests(
         request.weights.map((w) => ({ member: w.member, checkpointId: outputs.get(w.member) ?? "" })),
       );
     }
-    await cancelShardsBehind(ctx, job, placement, round.submitted);
+    if (lead) await cancelShardsBehind(ctx, job, placement, round.submitted);
     const submitted = new Map(
       (await submissionsOf(ctx.db, id, request.round)).map((s) => [s.member, s.checkpointId]),
     );
@@ -248,7 +272,7 @@ async function shardEvaluations(
   job: Job,
   placement: Placement,
   signal: AbortSignal,
-): Promise<(ShardEvaluation & { key: string })[]> {
+): Promise<(ShardEvaluation & { shard: number })[]> {
   const params = job.params as TrainingParams;
   const deadline =
     Date.now() + (params.placement?.round_timeout_seconds ?? DEFAULT_ROUND_TIMEOUT_SECONDS) * 1000;
@@ -264,7 +288,7 @@ async function shardEvaluations(
       const evaluation = (shard?.result as { placement?: { evaluation?: ShardEvaluation } } | null)?.placement
         ?.evaluation;
       if (shard?.status === "succeeded" && evaluation) {
-        evaluations.push({ ...evaluation, key: probabilitiesKey(job.tenantId, placement, s) });
+        evaluations.push({ ...evaluation, shard: s });
       }
       if (!shard || FINISHED.includes(shard.status) || Date.now() > deadline) break;
       await ctx.jobWatch.nextFinish(250);

@@ -20,6 +20,14 @@ export function shardMembers(size: number, workers: number, shard: number): numb
   return Array.from({ length: end - first }, (_, k) => first + k);
 }
 
+/**
+ * Whether this shard evaluates the uniform soup for the lead (the last shard, so that the lead's
+ * greedy soup and it run in parallel): it gathers every member's final weights as the lead does.
+ */
+export function makesUniformSoup(placement: Placement): boolean {
+  return placement.shard === placement.workers - 1;
+}
+
 /** The job's place in a training placed on several workers, or null for a training in one job. */
 export function placementOf(job: { id: string; params: unknown }): Placement | null {
   const params = job.params as TrainingParams;

@@ -3,13 +3,15 @@ import type * as tf from "@tensorflow/tfjs";
 import { derivedId } from "../../ids.js";
 import type { TaskHooks, TfjsOptions } from "../../jobs/tfjs-process.js";
 import { selectBackend } from "../../ml/backend.js";
+import type { Dataset } from "../../ml/datasets.js";
 import { modelToSafetensors } from "../../ml/export.js";
 import { loadWeights } from "../../ml/import.js";
+import { buildModel } from "../../ml/models.js";
 import {
+  type EvaluatedElsewhere,
   evaluateMembers,
   evaluatePopulation,
   type Member,
-  type MemberEvaluation,
   memberModel,
   type PreparedData,
   type Progress,
@@ -17,7 +19,9 @@ import {
   type Shard,
   stepsPerEpoch,
   syncRounds,
+  type TrainingSpec,
   trainMembers,
+  uniformSoup,
 } from "../../ml/population.js";
 import { readSafetensorsHeader, storeSource } from "../../tensors/source.js";
 import { outputRow, storeOutput } from "../checkpoints/outputs.js";
@@ -26,11 +30,11 @@ import { loadDataset } from "../datasets/datasets.js";
 import {
   type Gathered,
   type MemberBytes,
-  probabilitiesKey,
   type ResumePoint,
   type ShardEvaluation,
   type ShardRequest,
   type StoredWeights,
+  shardOutputKey,
 } from "./placement.js";
 import { type Placement, shardMembers } from "./shards.js";
 import { loadTrainingState, saveTrainingState, trainingStateKey } from "./state.js";
@@ -75,50 +79,67 @@ export async function runTrainingTask(
       });
     let population: tf.LayersModel[];
     let trainSeconds = 0;
-    const elsewhere: MemberEvaluation[] = [];
+    let placed: Parameters<typeof evaluatePopulation>[5];
     if (placement) {
       const shard = remoteShard(ctx, job.id, placement, hooks.request);
       const members = await trainMembers(spec, data, prepared, { signal: hooks.signal, onProgress, shard });
       models.push(...members.map((m) => m.model));
       trainSeconds = (performance.now() - started) / 1000 - loadSeconds;
+      /** Every member's network with its gathered final weights (this shard's as it trained them). */
+      const gatheredModels = async (weights: StoredWeights[]) => {
+        const population: tf.LayersModel[] = [];
+        for (const w of weights) {
+          const own = members.find((m) => m.index === w.member);
+          if (own) {
+            population.push(own.model);
+          } else {
+            const model = memberModel(spec, data, w.member);
+            models.push(model);
+            await writeWeights(ctx, model, w);
+            population.push(model);
+          }
+        }
+        return population;
+      };
       const round = syncRounds(spec, stepsPerEpoch(spec, prepared)).count;
       const gathered = (await hooks.request({
         kind: "gather",
         round,
         weights: weightsOf(members, job.id),
       } satisfies ShardRequest)) as Gathered;
-      // Each shard evaluates its own members (in parallel with the others); the lead adds theirs.
-      // A shard whose final weights were not taken (an earlier attempt's are) leaves it to the lead.
+      // Each shard evaluates its own members (in parallel with the others), the last the uniform
+      // soup too; the lead adds theirs. A shard whose final weights were not taken (an earlier
+      // attempt's are) leaves it to the lead.
       if (placement.shard !== 0) {
-        const own = gathered.taken ? evaluateMembers(members, data, prepared) : null;
-        const key = probabilitiesKey(job.tenantId, placement, placement.shard);
-        if (own) await ctx.store.put(key, Readable.from([Buffer.from(own.probabilities.buffer)]));
-        const seconds = { load: loadSeconds, total: (performance.now() - started) / 1000 };
-        return { result: shardResult(placement, backend, own, seconds), rows: [], edges: [], metrics: [] };
-      }
-      const own = evaluateMembers(members, data, prepared);
-      const theirs = (await hooks.request({
-        kind: "evaluations",
-      } satisfies ShardRequest)) as (ShardEvaluation & {
-        key: string;
-      })[];
-      elsewhere.push(own);
-      for (const e of theirs) {
-        const members = e.members.map((m) => ({ ...m, heldOutAccuracy: m.held_out_accuracy }));
-        elsewhere.push({ members, probabilities: await readFloats(ctx, e.key) });
-      }
-      population = [];
-      for (const w of gathered.weights) {
-        const own = members.find((m) => m.index === w.member);
-        if (own) {
-          population.push(own.model);
-        } else {
-          const model = memberModel(spec, data, w.member);
-          models.push(model);
-          await writeWeights(ctx, model, w);
-          population.push(model);
+        let evaluation: ShardEvaluation | null = null;
+        if (gathered.taken) {
+          const own = evaluateMembers(members, data);
+          const key = shardOutputKey(job.tenantId, placement, placement.shard, "test-probabilities.f32");
+          await ctx.store.put(key, Readable.from([Buffer.from(own.probabilities.buffer)]));
+          evaluation = { members: own.members };
         }
+        if (evaluation && gathered.weights.length > 0) {
+          const soup = uniformSoup(spec, data, prepared, await gatheredModels(gathered.weights));
+          models.push(soup.model);
+          const key = shardOutputKey(job.tenantId, placement, placement.shard, "uniform-soup.safetensors");
+          const { bytes } = modelToSafetensors(soup.model, {
+            "papa.role": "uniform-soup",
+            "papa.job": job.id,
+          });
+          await ctx.store.put(key, Readable.from([bytes]));
+          evaluation.uniform_soup = { accuracy: soup.accuracy };
+        }
+        const seconds = { load: loadSeconds, total: (performance.now() - started) / 1000 };
+        return {
+          result: shardResult(placement, backend, evaluation, seconds),
+          rows: [],
+          edges: [],
+          metrics: [],
+        };
       }
+      population = await gatheredModels(gathered.weights);
+      const elsewhere = () => evaluatedElsewhere(ctx, job.tenantId, placement, hooks, spec, data);
+      placed = { here: placement.members, elsewhere };
     } else {
       const stateKey = trainingStateKey(job);
       const resume = await loadTrainingState(ctx, stateKey);
@@ -133,7 +154,7 @@ export async function runTrainingTask(
       models.push(...population);
       trainSeconds = (performance.now() - started) / 1000 - loadSeconds;
     }
-    const outcome = evaluatePopulation(spec, data, prepared, population, trainSeconds, elsewhere);
+    const outcome = await evaluatePopulation(spec, data, prepared, population, trainSeconds, placed);
     const evaluateSeconds = (performance.now() - started) / 1000 - loadSeconds - trainSeconds;
     models.push(outcome.uniformSoup.model, outcome.greedySoup.model);
 
@@ -232,14 +253,9 @@ function placementResult(placement: Placement, size: number): object {
 function shardResult(
   placement: Placement,
   backend: string,
-  evaluation: MemberEvaluation | null,
+  evaluation: ShardEvaluation | null,
   seconds: { load: number; total: number },
 ): object {
-  const members = evaluation?.members.map((m) => ({
-    member: m.member,
-    accuracy: m.accuracy,
-    held_out_accuracy: m.heldOutAccuracy,
-  }));
   return {
     checkpoints: [],
     backend,
@@ -248,10 +264,41 @@ function shardResult(
       population_id: placement.populationId,
       shard: placement.shard,
       members: placement.members,
-      ...(members ? { evaluation: { members } satisfies ShardEvaluation } : {}),
+      ...(evaluation ? { evaluation } : {}),
     },
     seconds,
   };
+}
+
+/**
+ * What the other shards evaluated, for the lead: their members' test accuracies and
+ * probabilities, and the uniform soup (its weights as that shard made them).
+ */
+async function evaluatedElsewhere(
+  ctx: StoreContext,
+  tenantId: string,
+  placement: Placement,
+  hooks: TaskHooks,
+  spec: TrainingSpec,
+  data: Dataset,
+): Promise<EvaluatedElsewhere> {
+  const theirs = (await hooks.request({ kind: "evaluations" } satisfies ShardRequest)) as (ShardEvaluation & {
+    shard: number;
+  })[];
+  const elsewhere: EvaluatedElsewhere = { evaluations: [], uniformSoup: null };
+  for (const { shard, members, uniform_soup } of theirs) {
+    const probabilities = await readFloats(
+      ctx,
+      shardOutputKey(tenantId, placement, shard, "test-probabilities.f32"),
+    );
+    elsewhere.evaluations.push({ members, probabilities });
+    if (!uniform_soup) continue;
+    const key = shardOutputKey(tenantId, placement, shard, "uniform-soup.safetensors");
+    const model = buildModel(spec.model, data.shape, data.classes, 0);
+    await writeWeights(ctx, model, { key, sizeBytes: (await ctx.store.stat(key))?.sizeBytes ?? 0 });
+    elsewhere.uniformSoup = { model, accuracy: uniform_soup.accuracy };
+  }
+  return elsewhere;
 }
 
 /** A float32 array the store holds. */
@@ -271,7 +318,11 @@ function weightsOf(members: Member[], jobId: string): MemberBytes[] {
 }
 
 /** Writes the weights the population stored for a member into its model. */
-async function writeWeights(ctx: StoreContext, model: tf.LayersModel, weights: StoredWeights): Promise<void> {
+async function writeWeights(
+  ctx: StoreContext,
+  model: tf.LayersModel,
+  weights: Pick<StoredWeights, "key" | "sizeBytes">,
+): Promise<void> {
   const source = storeSource(ctx.store, weights.key, weights.sizeBytes);
   await loadWeights(model, source, await readSafetensorsHeader(source, ctx.limits.maxSafetensorsHeaderBytes));
 }
