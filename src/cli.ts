@@ -26,32 +26,46 @@ import { InvalidInputError } from "./services/errors.js";
 import { isFloatDtype } from "./tensors/floats.js";
 import { SafetensorsError } from "./tensors/safetensors.js";
 
-const USAGE = `usage: papa <command> [options]      (server: --url, --key, or PAPA_URL, PAPA_API_KEY, or ~/.config/papa/config.json)
-  upload FILE --name NAME [--resumable]   upload a checkpoint (progress on stderr), or on S3 deployments
-                                     in presigned parts, resumable: rerun after an interruption
-  ls [--name NAME] [--limit N]       list checkpoints, newest first
-  show ID                            a checkpoint as JSON
-  download ID [--out FILE]           download, verifying the sha256
-  merge --method M --out OUT IN...   merge local files (papa-all, papa-2, weighted, papa-pull)
+/** Each command's usage, as `papa --help` prints them all and `papa COMMAND --help` its own. */
+const COMMANDS: Record<string, string> = {
+  upload: `  upload FILE --name NAME [--resumable]   upload a checkpoint (progress on stderr), or on S3 deployments
+                                     in presigned parts, resumable: rerun after an interruption`,
+  ls: "  ls [--name NAME] [--limit N]       list checkpoints, newest first",
+  show: "  show ID                            a checkpoint as JSON",
+  download: "  download ID [--out FILE]           download, verifying the sha256",
+  merge: `  merge --method M --out OUT IN...   merge local files (papa-all, papa-2, weighted, papa-pull)
         --seed N  --coefficients a,b,..  --beta B  --exclude PATTERN  --output-dtype DTYPE  --threads N
-  merge --remote --method M [--name NAME] ID...   the same merge as a job on the server (--follow waits)
-  train SPEC.json [--follow]         start a training job from a JSON request body
-  jobs [ID] [--follow]               list jobs, show one, or stream its progress until it finishes
-  lineage ID [--depth N]             a checkpoint's ancestors as a tree with coefficients and metrics
-  population create --name NAME --size N --method papa-all|papa-2|papa
+  merge --remote --method M [--name NAME] ID...   the same merge as a job on the server (--follow waits)`,
+  train: "  train SPEC.json [--follow]         start a training job from a JSON request body",
+  jobs: "  jobs [ID] [--follow]               list jobs, show one, or stream its progress until it finishes",
+  lineage:
+    "  lineage ID [--depth N]             a checkpoint's ancestors as a tree with coefficients and metrics",
+  population: `  population create --name NAME --size N --method papa-all|papa-2|papa
         [--alpha A] [--seed N] [--quorum Q] [--timeout SECONDS] [--initial ID]
   population submit ID ROUND MEMBER FILE    a member's weights for a round
   population wait ID ROUND [--member J --out FILE]   wait until the round closes (and download
                                      member J's next weights, sha256 verified)
-  population show ID | population finish ID [--follow]   state and rounds; the final uniform soup
-  admin create-tenant NAME           (operators) create a tenant on the service's own database
+  population show ID | population finish ID [--follow]   state and rounds; the final uniform soup`,
+  admin: `  admin create-tenant NAME           (operators) create a tenant on the service's own database
                                      (DATABASE_URL, or the embedded one under PAPA_DATA_DIR with the
-                                     server stopped) and print its first API key, shown only then
+                                     server stopped) and print its first API key, shown only then`,
+};
+
+/** `papa`'s usage, or one command's (with the options every remote command takes). */
+function usage(command?: string): string {
+  const server = "server: --url, --key, or PAPA_URL, PAPA_API_KEY, or ~/.config/papa/config.json";
+  const one = command === undefined ? undefined : COMMANDS[command];
+  if (one !== undefined) return `usage: papa ${command} ...      (${server})\n${one}`;
+  return `usage: papa <command> [options]      (${server})
+${Object.values(COMMANDS).join("\n")}
+  COMMAND --help                     that command's usage
 Exit codes: 0 success; 1 the operation or the job failed; 2 the command line is wrong.`;
+}
 
 class UsageError extends Error {}
 
 const options = {
+  help: { type: "boolean", short: "h" },
   url: { type: "string" },
   key: { type: "string" },
   name: { type: "string" },
@@ -317,9 +331,18 @@ async function adminCommand(args: string[]): Promise<void> {
 }
 
 async function main(argv: string[]): Promise<number> {
+  // `npm run papa -- ...` runs in the package's directory: the caller's paths are relative to
+  // where npm was started.
+  if (process.env.npm_lifecycle_event === "papa" && process.env.INIT_CWD) process.chdir(process.env.INIT_CWD);
+  let command: string | undefined;
   try {
     const { values, positionals } = parseArgs({ args: argv, options, allowPositionals: true });
-    const [command, ...args] = positionals;
+    const [first, ...args] = positionals;
+    command = first;
+    if (values.help || command === "help") {
+      print(usage(command === "help" ? args[0] : command));
+      return 0;
+    }
     if (!command) throw new UsageError("no command");
     if (command === "merge" && !values.remote) await localMerge(values, args);
     else if (command === "admin") await adminCommand(args);
@@ -327,7 +350,7 @@ async function main(argv: string[]): Promise<number> {
     return 0;
   } catch (err) {
     if (err instanceof UsageError || (err as { code?: string }).code?.startsWith("ERR_PARSE_ARGS")) {
-      process.stderr.write(`papa: ${(err as Error).message}\n${USAGE}\n`);
+      process.stderr.write(`papa: ${(err as Error).message}\n${usage(command)}\n`);
       return 2;
     }
     const known = [
@@ -339,7 +362,10 @@ async function main(argv: string[]): Promise<number> {
       CliFailure,
       ConfigError,
     ].some((type) => err instanceof type);
-    process.stderr.write(`papa: ${known ? (err as Error).message : ((err as Error).stack ?? String(err))}\n`);
+    // A file that is not there, a directory that cannot be written: the system's message says it.
+    const system = typeof (err as NodeJS.ErrnoException).syscall === "string";
+    const message = known || system ? (err as Error).message : ((err as Error).stack ?? String(err));
+    process.stderr.write(`papa: ${message}\n`);
     return 1;
   }
 }

@@ -4,12 +4,14 @@ import { Worker as WorkerThread } from "node:worker_threads";
 /**
  * A worker thread running the module beside `base` named `name` (without extension): the
  * compiled `.js`, or from TypeScript sources (tests, `npm run papa`) the `.ts` loaded through
- * tsx, since on Node 20 a worker does not honour `--import` loaders in `execArgv`.
+ * tsx, since on Node 20 a worker does not honour `--import` loaders in `execArgv` (tsx found
+ * from here: an eval'd module resolves packages from the working directory, which may be any).
  */
 export function startThread(base: string, name: string): Worker {
   if (!base.endsWith(".ts")) return new WorkerThread(new URL(`./${name}.js`, base));
   const url = JSON.stringify(new URL(`./${name}.ts`, base).href);
-  return new WorkerThread(`import("tsx/esm/api").then((tsx) => tsx.tsImport(${url}, ${url}));`, {
+  const tsx = JSON.stringify(import.meta.resolve("tsx/esm/api"));
+  return new WorkerThread(`import(${tsx}).then((tsx) => tsx.tsImport(${url}, ${url}));`, {
     eval: true,
   });
 }

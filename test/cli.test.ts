@@ -1,5 +1,6 @@
 import { spawn } from "node:child_process";
 import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises";
+import { type AddressInfo, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -136,6 +137,105 @@ describe("the papa CLI against a server", () => {
     expect(noKey.code).toBe(1);
     expect(noKey.stderr).toContain("no API key");
     expect((await papa(["show"], env)).code).toBe(2);
+  });
+
+  it("says which URL it cannot reach, and which file is not there, without a stack trace", async () => {
+    // A port nothing listens on: one the system just gave out and took back.
+    const closed = createServer();
+    await new Promise<void>((r) => closed.listen(0, "127.0.0.1", r));
+    const { port } = closed.address() as AddressInfo;
+    await new Promise((r) => closed.close(r));
+    const down = await papa(["ls"], { ...env, PAPA_URL: `http://127.0.0.1:${port}` });
+    expect(down.code).toBe(1);
+    expect(down.stderr).toBe(
+      `papa: cannot reach http://127.0.0.1:${port}/v1/checkpoints?limit=50: ECONNREFUSED\n`,
+    );
+    const missing = await papa(
+      ["merge", "--method", "papa-all", "--out", join(dir, "o.safetensors"), "nope.safetensors"],
+      env,
+    );
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toContain("nope.safetensors");
+    expect(missing.stderr).not.toContain("    at ");
+  });
+});
+
+describe("papa --help", () => {
+  it("prints every command's usage, or one command's, and exits 0", async () => {
+    const all = await papa(["--help"], {});
+    expect(all.code).toBe(0);
+    for (const command of [
+      "upload",
+      "ls",
+      "show",
+      "download",
+      "merge",
+      "train",
+      "jobs",
+      "lineage",
+      "population",
+      "admin",
+    ]) {
+      expect(all.stdout).toContain(`\n  ${command} `);
+    }
+    for (const command of ["merge", "population", "upload"]) {
+      const one = await papa([command, "--help"], {});
+      expect(one.code, command).toBe(0);
+      expect(one.stdout, command).toContain(`\n  ${command} `);
+      expect(
+        one.stdout
+          .split("\n")
+          .filter((l) => /^ {2}[a-z]/.test(l))
+          .every((l) => l.startsWith(`  ${command} `)),
+      ).toBe(true);
+    }
+    expect((await papa(["help", "train"], {})).stdout).toContain("train SPEC.json");
+    const wrong = await papa(["merge", "--nope"], {});
+    expect(wrong.code).toBe(2);
+    expect(wrong.stderr).toContain("merge --method M");
+  });
+});
+
+describe("npm run papa", () => {
+  it("reads the caller's relative paths, not the package directory's", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "papa-npm-"));
+    try {
+      await writeFile(join(dir, "a.safetensors"), smallCheckpoint(1));
+      await writeFile(join(dir, "b.safetensors"), smallCheckpoint(2));
+      const merged = await new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
+        const child = spawn(
+          "npm",
+          [
+            "--prefix",
+            process.cwd(),
+            "run",
+            "papa",
+            "--",
+            "merge",
+            "--method",
+            "papa-all",
+            "--out",
+            "soup.safetensors",
+            "a.safetensors",
+            "b.safetensors",
+          ],
+          { cwd: dir, env: { PATH: process.env.PATH ?? "", HOME: dir } },
+        );
+        let stdout = "";
+        let stderr = "";
+        child.stdout.on("data", (d: Buffer) => {
+          stdout += d.toString();
+        });
+        child.stderr.on("data", (d: Buffer) => {
+          stderr += d.toString();
+        });
+        child.on("exit", (code) => resolve({ code, stdout, stderr }));
+      });
+      expect(merged.code, merged.stderr).toBe(0);
+      expect((await stat(join(dir, "soup.safetensors"))).size).toBeGreaterThan(0);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });
 

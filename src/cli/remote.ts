@@ -21,7 +21,24 @@ export interface Remote {
 export function connect(url: string, key: string | undefined, log: (line: string) => void): Remote {
   if (!key)
     throw new CliFailure("no API key: pass --key, set PAPA_API_KEY, or write ~/.config/papa/config.json");
-  return { client: createPapaClient({ baseUrl: url, apiKey: key }), url, key, log };
+  return {
+    client: createPapaClient({ baseUrl: url, apiKey: key, fetch: (request) => reach(request) }),
+    url,
+    key,
+    log,
+  };
+}
+
+/** `fetch`, whose failure to reach the server (or a presigned URL) names the URL. */
+async function reach(input: string | Request, init?: RequestInit): Promise<Response> {
+  try {
+    return await fetch(input, init);
+  } catch (err) {
+    if (!(err instanceof TypeError)) throw err;
+    const url = typeof input === "string" ? input : input.url;
+    const cause = err.cause as { code?: string; message?: string } | undefined;
+    throw new CliFailure(`cannot reach ${url}: ${cause?.code ?? cause?.message ?? err.message}`);
+  }
 }
 
 /** Counts bytes through a stream and reports progress at most every 200 ms. */
@@ -60,7 +77,7 @@ export function submitMember(
 async function sendFile<T>(r: Remote, method: string, path: string, file: string): Promise<T> {
   const { size } = await stat(file);
   const body = Readable.toWeb(createReadStream(file).pipe(progressMeter(size, "upload", r.log)));
-  const res = await fetch(`${r.url}${path}`, {
+  const res = await reach(`${r.url}${path}`, {
     method,
     headers: {
       Authorization: `Bearer ${r.key}`,
@@ -117,7 +134,7 @@ export async function uploadResumable(
     if (state.etags[part.part_number]) continue;
     const start = (part.part_number - 1) * partSize;
     const slice = await readBytes(file, start, Math.min(partSize, size - start));
-    const res = await fetch(part.url, { method: "PUT", body: slice });
+    const res = await reach(part.url, { method: "PUT", body: slice });
     if (!res.ok) throw new CliFailure(`part ${part.part_number} failed: ${res.status} ${await res.text()}`);
     state.etags[part.part_number] = res.headers.get("etag") ?? "";
     await writeFile(stateFile, JSON.stringify(state));
@@ -148,7 +165,7 @@ async function readBytes(file: string, start: number, length: number): Promise<U
 
 /** Downloads to `out` (a temp name, renamed when the sha256 matches the server's ETag). */
 export async function download(r: Remote, id: string, out: string): Promise<string> {
-  const res = await fetch(`${r.url}/v1/checkpoints/${id}/weights`, {
+  const res = await reach(`${r.url}/v1/checkpoints/${id}/weights`, {
     headers: { Authorization: `Bearer ${r.key}` },
   });
   if (!res.ok || !res.body) throw new PapaProblemError((await res.json()) as Schemas["Problem"]);
@@ -180,7 +197,7 @@ export async function download(r: Remote, id: string, out: string): Promise<stri
 }
 
 export async function followJob(r: Remote, id: string): Promise<Schemas["Job"]> {
-  const res = await fetch(`${r.url}/v1/jobs/${id}/events`, { headers: { Authorization: `Bearer ${r.key}` } });
+  const res = await reach(`${r.url}/v1/jobs/${id}/events`, { headers: { Authorization: `Bearer ${r.key}` } });
   if (!res.ok || !res.body) throw new PapaProblemError((await res.json()) as Schemas["Problem"]);
   let last: Schemas["Job"] | null = null;
   let buffer = "";
