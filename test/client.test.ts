@@ -1,3 +1,5 @@
+import { join, resolve } from "node:path";
+import ts from "typescript";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createPapaClient, PapaProblemError, unwrap } from "../src/client.js";
 import { createLambdaHandler } from "../src/lambda.js";
@@ -91,5 +93,45 @@ describe("the typed client and the Lambda entry", () => {
 
     const denied = await handler({ ...event("GET", "/v1/checkpoints"), headers: { host: "x" } } as never);
     expect(denied.statusCode).toBe(401);
+  });
+});
+
+describe("the types openapi-typescript generates from openapi.yaml", () => {
+  /** The compiler's errors for `source`, a module beside the tests that imports the generated types. */
+  function compile(source: string): string[] {
+    const file = join(process.cwd(), "test", "typed-result-program.ts");
+    const host = ts.createCompilerHost({});
+    const read = host.readFile;
+    host.readFile = (name) => (resolve(name) === file ? source : read(name));
+    const exists = host.fileExists;
+    host.fileExists = (name) => resolve(name) === file || exists(name);
+    const program = ts.createProgram(
+      [file],
+      { strict: true, noEmit: true, module: ts.ModuleKind.NodeNext, target: ts.ScriptTarget.ES2022 },
+      host,
+    );
+    return ts.getPreEmitDiagnostics(program).map((d) => ts.flattenDiagnosticMessageText(d.messageText, "\n"));
+  }
+  const header = `import type { components } from "../src/generated/openapi.js";
+type Job = components["schemas"]["Job"];
+`;
+
+  it("lets a client read a training's soup accuracy once it checks the result's kind, without a cast", () => {
+    expect(
+      compile(`${header}
+export function soups(job: Job): number[] {
+  const r = job.result;
+  if (r?.kind === "training") return [r.uniform_soup.accuracy, r.greedy_soup.accuracy, ...r.members.map((m) => m.held_out_accuracy)];
+  if (r?.kind === "training-shard") return (r.placement.evaluation?.members ?? []).map((m) => m.accuracy);
+  if (r?.kind === "merge") return r.checkpoints.map((c) => c.accuracy ?? 0);
+  return [];
+}
+`),
+    ).toEqual([]);
+    // Not typed as anything goes: a merge's result has no soups.
+    const errors = compile(`${header}
+export const soup = (job: Job): number | undefined => job.result?.uniform_soup.accuracy;
+`);
+    expect(errors.join("\n")).toContain("uniform_soup");
   });
 });

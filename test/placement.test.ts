@@ -119,9 +119,10 @@ describe.each<[DatabaseKind, StoreKind]>([
       expect(result.placement.shards[0]?.job_id).toBe(lead.id);
 
       // The other shard's job stored nothing and names its lead.
-      const helper = (await (
-        await h.request(`/v1/jobs/${result.placement.shards[1]?.job_id}`)
-      ).json()) as JobBody & {
+      const helper = (await expectDocumented(
+        "getJob",
+        await h.request(`/v1/jobs/${result.placement.shards[1]?.job_id}`),
+      )) as JobBody & {
         result: {
           checkpoints: unknown[];
           placement: {
@@ -136,6 +137,7 @@ describe.each<[DatabaseKind, StoreKind]>([
       };
       expect(helper.status).toBe("succeeded");
       expect(helper.result.checkpoints).toEqual([]);
+      expect(helper.result).toMatchObject({ kind: "training-shard" });
       expect(helper.result.placement).toMatchObject({ lead_job_id: lead.id, members: [1, 2] });
       // It evaluated its members; the lead took their accuracies and test probabilities.
       const evaluated = helper.result.placement.evaluation.members;

@@ -1033,7 +1033,7 @@ export interface components {
             params: {
                 [key: string]: unknown;
             };
-            /** @description Set when the job succeeded; for merges, `checkpoints` lists the outputs. */
+            /** @description Set when the job succeeded; `kind` says which result it is. */
             result: null | components["schemas"]["JobResult"];
             /** @description Why the job failed (or why its last attempt did, while it waits for a retry). A job whose every attempt stopped without finishing (its worker killed, or past the queue's expiry) fails with the detail saying so. */
             problem: null | {
@@ -1046,26 +1046,97 @@ export interface components {
             finished_at: null | components["schemas"]["Timestamp"];
             events_url: string;
         };
-        /**
-         * @description `checkpoints` lists every output. Trainings add `members` (checkpoint_id, accuracy,
-         *     held_out_accuracy, diversity), `ensemble_accuracy`, `uniform_soup` and `greedy_soup`
-         *     (checkpoint_id, accuracy; the greedy soup's `members`), `backend` and `seconds` per phase.
-         *     A population's finish adds `soup_checkpoint_id`. A placed training's lead adds
-         *     `placement` (`population_id`, `shards`: each shard's `job_id` and `members`); its other
-         *     shards' jobs have no checkpoints and `placement` (`lead_job_id`, `population_id`, `shard`,
-         *     `members`, and `evaluation`: each member's test `accuracy`, and from the last shard the
-         *     `uniform_soup`'s `accuracy`, which the lead reports).
-         */
-        JobResult: {
+        /** @description What a succeeded job made, by `kind`: `merge` (merges, a population's round merges and its finish), `training` (a training, or a placed training's lead) or `training-shard` (a placed training's other shards, which store nothing: the lead reports their members). */
+        JobResult: components["schemas"]["MergeResult"] | components["schemas"]["TrainingResult"] | components["schemas"]["TrainingShardResult"];
+        OutputCheckpoint: {
+            id: components["schemas"]["Id"];
+            name: string;
+            size_bytes: number;
+            sha256: string;
+            /** @description Evaluated merges and trainings - the output's test accuracy. */
+            accuracy?: number;
+        };
+        MergeResult: {
+            /** @enum {string} */
+            kind: "merge";
+            /** @description Every output, in the order the merge names them. */
+            checkpoints: components["schemas"]["OutputCheckpoint"][];
+            /** @description A population's finish - the uniform soup of the last round's submissions. */
             soup_checkpoint_id?: components["schemas"]["Id"];
-            checkpoints: {
-                id: components["schemas"]["Id"];
-                name: string;
-                size_bytes: number;
-                sha256: string;
-                /** @description Evaluated merges and trainings - the output's test accuracy. */
-                accuracy?: number;
+        };
+        TrainingResult: {
+            /** @enum {string} */
+            kind: "training";
+            /** @description Every output - the members, then the uniform soup and the greedy soup. */
+            checkpoints: components["schemas"]["OutputCheckpoint"][];
+            /** @description The TensorFlow.js backend that trained it (tensorflow, wasm or cpu). */
+            backend: string;
+            members: {
+                checkpoint_id: components["schemas"]["Id"];
+                /** @description Test accuracy. */
+                accuracy: number;
+                /** @description Accuracy on the training examples held out for the greedy soup. */
+                held_out_accuracy: number;
+                diversity: {
+                    mixup: number;
+                    label_smoothing: number;
+                    cutmix: number;
+                    random_erasing: number;
+                };
             }[];
+            /** @description Test accuracy of the members' mean class probabilities. */
+            ensemble_accuracy: number;
+            uniform_soup: {
+                checkpoint_id: components["schemas"]["Id"];
+                accuracy: number;
+            };
+            greedy_soup: {
+                checkpoint_id: components["schemas"]["Id"];
+                accuracy: number;
+                /** @description The members' checkpoints in the soup, in the order they were added. */
+                members: components["schemas"]["Id"][];
+            };
+            /** @description A placed training's lead - its population, and each shard's job and members. */
+            placement?: {
+                population_id: components["schemas"]["Id"];
+                shards: {
+                    job_id: components["schemas"]["Id"];
+                    members: number[];
+                }[];
+            };
+            seconds: {
+                load: number;
+                train: number;
+                evaluate: number;
+                total: number;
+            };
+        };
+        TrainingShardResult: {
+            /** @enum {string} */
+            kind: "training-shard";
+            /** @description Always empty - the lead stores every output. */
+            checkpoints: components["schemas"]["OutputCheckpoint"][];
+            backend: string;
+            placement: {
+                lead_job_id: components["schemas"]["Id"];
+                population_id: components["schemas"]["Id"];
+                shard: number;
+                members: number[];
+                /** @description What this shard evaluated for the lead, absent when its final weights were not the ones gathered - its members' test accuracy, and (the last shard) the uniform soup's. */
+                evaluation?: {
+                    members: {
+                        member: number;
+                        accuracy: number;
+                    }[];
+                    uniform_soup?: {
+                        accuracy: number;
+                    };
+                };
+            };
+            seconds: {
+                load: number;
+                total: number;
+            };
         };
         JobList: {
             items: components["schemas"]["Job"][];

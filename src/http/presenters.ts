@@ -104,6 +104,17 @@ export function metricBody(m: Metric): Schemas["Metric"] {
 
 const iso = (d: Date | null) => (d ? d.toISOString() : null);
 
+/**
+ * A succeeded job's result with its `kind`: the job's, and for a training, whether it is a placed
+ * training's shard other than the lead (whose result names its lead).
+ */
+function resultBody(j: Job): Schemas["JobResult"] | null {
+  if (!j.result) return null;
+  const result = j.result as { placement?: { lead_job_id?: string } };
+  const kind = j.kind === "merge" ? "merge" : result.placement?.lead_job_id ? "training-shard" : "training";
+  return { kind, ...result } as Schemas["JobResult"];
+}
+
 export function jobBody(j: Job): Schemas["Job"] {
   return {
     id: j.id,
@@ -112,7 +123,7 @@ export function jobBody(j: Job): Schemas["Job"] {
     progress: j.progress,
     progress_detail: (j.progressDetail ?? null) as Schemas["Job"]["progress_detail"],
     params: j.params as Record<string, unknown>,
-    result: j.result as Schemas["Job"]["result"],
+    result: resultBody(j),
     problem: j.problem as Schemas["Job"]["problem"],
     created_at: j.createdAt.toISOString(),
     started_at: iso(j.startedAt),
