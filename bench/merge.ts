@@ -172,6 +172,7 @@ async function mergeThroughApi(
       limits: { ...defaults.limits, maxUploadBytes: 2 ** 34, maxMergeInputBytes: 2 ** 36 },
       presignExpiresSeconds: 60,
       worker,
+      datasets: defaults.datasets,
     },
     logger,
   });

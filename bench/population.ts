@@ -56,7 +56,7 @@ async function measure(mb: number): Promise<void> {
   const runtime = await assembleRuntime({
     database,
     store: new FilesystemStore(dir),
-    config: { limits: defaults.limits, presignExpiresSeconds: 60, worker },
+    config: { limits: defaults.limits, presignExpiresSeconds: 60, worker, datasets: defaults.datasets },
     logger: createJsonLogger("warn"),
   });
   const { ctx } = runtime;

@@ -1,5 +1,6 @@
 import { availableParallelism } from "node:os";
 import { z } from "zod";
+import type { BuiltInDataset } from "./ml/datasets.js";
 
 const booleanFlag = z
   .enum(["true", "false", "1", "0"], { message: "must be true, false, 1 or 0" })
@@ -63,6 +64,16 @@ const schema = z.object({
     .default("merge,train"),
   PAPA_BACKEND: z.preprocess(emptyAsUndefined, z.enum(["tensorflow", "wasm", "cpu"]).optional()),
   PAPA_FASHION_MNIST_DIR: z.string().min(1).default("/usr/share/datasets/fashion-mnist"),
+  PAPA_DATASETS: z.preprocess(
+    emptyAsUndefined,
+    z
+      .string()
+      .regex(
+        /^(mnist|fashion-mnist)(,(mnist|fashion-mnist))*$/,
+        "must list datasets among: mnist, fashion-mnist",
+      )
+      .optional(),
+  ),
   PAPA_MERGE_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(1),
   PAPA_TRAIN_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(1),
   PAPA_MERGE_THREADS: z.coerce.number().int().min(0).max(256).default(availableParallelism()),
@@ -174,6 +185,11 @@ export interface Config {
   presignExpiresSeconds: number;
   logLevel: "debug" | "info" | "warn" | "error";
   worker: WorkerConfig;
+  /**
+   * The built-in datasets trainings and evaluated merges may name; unset: `mnist`, and
+   * `fashion-mnist` where its files are in the worker's `fashionMnistDir` on this machine.
+   */
+  datasets: readonly BuiltInDataset[] | undefined;
 }
 
 export class ConfigError extends Error {
@@ -245,6 +261,10 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     },
     presignExpiresSeconds: e.PAPA_PRESIGN_EXPIRES_SECONDS,
     logLevel: e.PAPA_LOG_LEVEL,
+    datasets:
+      e.PAPA_DATASETS === undefined
+        ? undefined
+        : ([...new Set(e.PAPA_DATASETS.split(","))] as BuiltInDataset[]),
     worker: {
       inProcess: e.PAPA_IN_PROCESS_WORKER ?? true,
       queues: [...new Set(e.PAPA_WORKER_QUEUES.split(","))] as ("merge" | "train")[],

@@ -3,6 +3,7 @@ import type { Config } from "./config.js";
 import { type DatabaseHandle, openDatabase } from "./db/client.js";
 import { JobQueue } from "./jobs/queue.js";
 import { createJsonLogger, type Logger } from "./logger.js";
+import { installedDatasets } from "./ml/datasets.js";
 import { bootstrapApiKey } from "./services/api-keys/api-keys.js";
 import type { ServiceContext } from "./services/context.js";
 import { JobWatch } from "./services/jobs/job-watch.js";
@@ -16,7 +17,7 @@ export interface Runtime {
 }
 
 /** The configuration a runtime is assembled from. */
-export type RuntimeConfig = Pick<Config, "limits" | "presignExpiresSeconds" | "worker">;
+export type RuntimeConfig = Pick<Config, "limits" | "presignExpiresSeconds" | "worker" | "datasets">;
 
 /**
  * Assembles the service context on an open database and store: the job queue on that database,
@@ -53,6 +54,7 @@ export async function assembleRuntime(parts: {
     rateLimits: new RateLimits(database.db, database.kind, config.limits),
     jobWatch: new JobWatch(database.db, config.limits.maxEventStreamsPerTenant, logger),
     trainer: { backend: null, problem: null },
+    datasets: config.datasets ?? (await installedDatasets(w.fashionMnistDir)),
     presignExpiresSeconds: config.presignExpiresSeconds,
     logger,
   };

@@ -66,6 +66,7 @@ describe("configuration", () => {
     [{ S3_BUCKET: "bucket", S3_ACCESS_KEY_ID: "id" }, "S3_SECRET_ACCESS_KEY"],
     [{ PAPA_MAX_UPLOAD_BYTES: "-1" }, "PAPA_MAX_UPLOAD_BYTES"],
     [{ PAPA_MAX_SAFETENSORS_HEADER_BYTES: "1.5" }, "PAPA_MAX_SAFETENSORS_HEADER_BYTES"],
+    [{ PAPA_DATASETS: "mnist,cifar-100" }, "PAPA_DATASETS"],
   ])("rejects %j naming %s", (env, variable) => {
     expect(() => loadConfig(env)).toThrow(ConfigError);
     expect(() => loadConfig(env)).toThrow(variable);

@@ -1,3 +1,6 @@
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { gzipSync } from "node:zlib";
 import * as tf from "@tensorflow/tfjs";
 import { beforeAll, describe, expect, it } from "vitest";
@@ -6,7 +9,7 @@ import { augmentedBatch, cutmixBox, drawDiversity, ERASING } from "../src/ml/aug
 import { averageMembers, papaPull, reestimateBatchNorm } from "../src/ml/averaging.js";
 import { BackendError, selectBackend } from "../src/ml/backend.js";
 import { DatasetError, idxSplit } from "../src/ml/dataset-formats.js";
-import { BUILT_IN_DESCRIPTIONS, loadBuiltInDataset } from "../src/ml/datasets.js";
+import { BUILT_IN_DESCRIPTIONS, installedDatasets, loadBuiltInDataset } from "../src/ml/datasets.js";
 import { calibrationBatches, ensembleAccuracy, memberAccuracies } from "../src/ml/evaluation.js";
 import { modelSize } from "../src/ml/memory.js";
 import { buildModel, logitsModel, type ModelSpec, namedWeights } from "../src/ml/models.js";
@@ -730,5 +733,20 @@ describe("backends and datasets", () => {
     await expect(loadBuiltInDataset("fashion-mnist", { fashionMnistDir: "/nowhere" })).rejects.toThrow(
       "/nowhere/train-images-idx3-ubyte",
     );
+  });
+
+  it("finds Fashion-MNIST installed only where all four files are, plain or gzipped", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "papa-fashion-"));
+    try {
+      expect(await installedDatasets(dir)).toEqual(["mnist"]);
+      await writeFile(join(dir, "train-images-idx3-ubyte.gz"), "");
+      await writeFile(join(dir, "train-labels-idx1-ubyte"), "");
+      await writeFile(join(dir, "t10k-images-idx3-ubyte.gz"), "");
+      expect(await installedDatasets(dir)).toEqual(["mnist"]);
+      await writeFile(join(dir, "t10k-labels-idx1-ubyte.gz"), "");
+      expect(await installedDatasets(dir)).toEqual(["mnist", "fashion-mnist"]);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

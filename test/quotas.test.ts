@@ -86,7 +86,12 @@ describe("request rate limits", () => {
     const second = await assembleRuntime({
       database,
       store: h.ctx.store,
-      config: { limits: h.ctx.limits, presignExpiresSeconds: 900, worker: TEST_WORKER },
+      config: {
+        limits: h.ctx.limits,
+        presignExpiresSeconds: 900,
+        worker: TEST_WORKER,
+        datasets: h.ctx.datasets,
+      },
       logger: h.ctx.logger,
     });
     const apps = [h.app, createApp(second.ctx)];

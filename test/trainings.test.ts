@@ -206,11 +206,43 @@ describe("training jobs", () => {
     expect(JSON.stringify(await expectDocumented("createTraining", res))).toContain(field);
   });
 
-  it("fails clearly when the dataset is not installed", async () => {
+  it("refuses, at submit, a built-in dataset this service has not installed, and makes no job", async () => {
+    // The harness's workers look for Fashion-MNIST in a directory that does not exist.
+    const jobs = async () => (await h.ctx.db.select({ id: schema.jobs.id }).from(schema.jobs)).length;
+    const before = await jobs();
     const res = await postTraining(h, { ...quick, dataset: "fashion-mnist" });
-    const job = await waitForJob(h, ((await res.json()) as JobBody).id);
-    expect(job.status).toBe("failed");
-    expect(job.problem?.detail).toContain("/nonexistent/fashion-mnist/train-images-idx3-ubyte");
+    expect(res.status).toBe(422);
+    const problem = (await expectDocumented("createTraining", res)) as { detail: string };
+    expect(problem.detail).toContain(
+      "dataset fashion-mnist is not installed on this service (it offers mnist;",
+    );
+    const ids = [];
+    for (const k of [1, 2])
+      ids.push(((await (await upload(h, smallCheckpoint(k))).json()) as { id: string }).id);
+    const merge = await h.request("/v1/merges", {
+      method: "POST",
+      body: JSON.stringify({ method: "papa-all", inputs: ids, evaluate: { dataset: "fashion-mnist" } }),
+      headers: { "Content-Type": "application/json" },
+    });
+    expect(merge.status).toBe(422);
+    expect(((await merge.json()) as { detail: string }).detail).toContain("fashion-mnist is not installed");
+    expect(await jobs()).toBe(before);
+  });
+
+  it("fails a training clearly when PAPA_DATASETS offers a dataset its worker does not have", async () => {
+    const offering = await startHarness("pglite", "filesystem", {
+      worker: true,
+      datasets: ["mnist", "fashion-mnist"],
+    });
+    try {
+      const res = await postTraining(offering, { ...quick, dataset: "fashion-mnist" });
+      expect(res.status).toBe(202);
+      const job = await waitForJob(offering, ((await res.json()) as JobBody).id);
+      expect(job.status).toBe("failed");
+      expect(job.problem?.detail).toContain("/nonexistent/fashion-mnist/train-images-idx3-ubyte");
+    } finally {
+      await offering.close();
+    }
   });
 
   it("cancels a running training after an epoch: no output registered, no saved state left", async () => {

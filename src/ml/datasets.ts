@@ -1,4 +1,4 @@
-import { readFile } from "node:fs/promises";
+import { access, readFile } from "node:fs/promises";
 import { createRequire } from "node:module";
 import { join } from "node:path";
 import { seededRandom } from "../random.js";
@@ -89,9 +89,37 @@ async function loadMnistPackage(): Promise<Dataset> {
   return { name: "mnist", shape: [28, 28, 1], classes: 10, train: pack(train), test: pack(test) };
 }
 
+/** Fashion-MNIST's IDX files, each plain or gzipped: train images and labels, test images and labels. */
+const FASHION_MNIST_FILES = [
+  "train-images-idx3-ubyte",
+  "train-labels-idx1-ubyte",
+  "t10k-images-idx3-ubyte",
+  "t10k-labels-idx1-ubyte",
+] as const;
+
+const eitherName = (base: string) => [base, `${base}.gz`];
+
+/** The built-in datasets this machine has: `mnist` (a dependency), `fashion-mnist` if its files are in `fashionMnistDir`. */
+export async function installedDatasets(fashionMnistDir: string): Promise<BuiltInDataset[]> {
+  const present = async (base: string) => {
+    for (const file of eitherName(base)) {
+      if (
+        await access(join(fashionMnistDir, file)).then(
+          () => true,
+          () => false,
+        )
+      )
+        return true;
+    }
+    return false;
+  };
+  const fashion = (await Promise.all(FASHION_MNIST_FILES.map(present))).every(Boolean);
+  return fashion ? ["mnist", "fashion-mnist"] : ["mnist"];
+}
+
 async function loadIdxDir(name: string, dir: string): Promise<Dataset> {
   const read = async (base: string) => {
-    for (const file of [base, `${base}.gz`]) {
+    for (const file of eitherName(base)) {
       try {
         return new Uint8Array(await readFile(join(dir, file)));
       } catch {
@@ -102,8 +130,9 @@ async function loadIdxDir(name: string, dir: string): Promise<Dataset> {
       `${name}: ${join(dir, base)}(.gz) not found; install it or set PAPA_FASHION_MNIST_DIR`,
     );
   };
-  const train = idxSplit(await read("train-images-idx3-ubyte"), await read("train-labels-idx1-ubyte"));
-  const test = idxSplit(await read("t10k-images-idx3-ubyte"), await read("t10k-labels-idx1-ubyte"));
+  const [trainImages, trainLabels, testImages, testLabels] = FASHION_MNIST_FILES;
+  const train = idxSplit(await read(trainImages), await read(trainLabels));
+  const test = idxSplit(await read(testImages), await read(testLabels));
   return { name, shape: train.shape, classes: 10, train: train.split, test: test.split };
 }
 

@@ -2,6 +2,7 @@ import type { Limits } from "../config.js";
 import type { Database } from "../db/client.js";
 import type { JobQueue } from "../jobs/queue.js";
 import type { Logger } from "../logger.js";
+import type { BuiltInDataset } from "../ml/datasets.js";
 import type { ObjectStore } from "../storage/object-store.js";
 import type { JobWatch } from "./jobs/job-watch.js";
 import type { RateLimits } from "./rate-limits.js";
@@ -18,6 +19,8 @@ export interface ServiceContext {
   jobWatch: JobWatch;
   /** Whether this process's training worker can train: set by its probe at start (`startWorker`). */
   trainer: TrainerState;
+  /** The built-in datasets a training or an evaluated merge may name here (`PAPA_DATASETS`). */
+  datasets: readonly BuiltInDataset[];
   presignExpiresSeconds: number;
   logger: Logger;
 }

@@ -6,6 +6,7 @@ import { schema } from "../../src/db/client.js";
 import { createNodeServer } from "../../src/http/node-server.js";
 import { startWorker } from "../../src/jobs/worker.js";
 import { createJsonLogger } from "../../src/logger.js";
+import type { BuiltInDataset } from "../../src/ml/datasets.js";
 import { assembleRuntime } from "../../src/runtime.js";
 import { createApiKey } from "../../src/services/api-keys/api-keys.js";
 import type { ServiceContext } from "../../src/services/context.js";
@@ -76,6 +77,8 @@ export async function startHarness(
     storeDir?: string;
     limits?: Partial<Limits>;
     queue?: Partial<WorkerConfig>;
+    /** The built-in datasets it offers; by default, what this machine has. */
+    datasets?: BuiltInDataset[];
   } = {},
 ): Promise<Harness> {
   const database = await testDatabase(db);
@@ -89,6 +92,7 @@ export async function startHarness(
       limits: { ...TEST_LIMITS, ...options.limits },
       presignExpiresSeconds: 900,
       worker: { ...TEST_WORKER, ...options.queue },
+      datasets: options.datasets,
     },
     logger,
   });

@@ -165,7 +165,15 @@ export async function describeDatasetRef({
   input,
 }: TenantCall<{ dataset: string }>): Promise<DatasetDescription> {
   if ((BUILT_IN_DATASETS as readonly string[]).includes(input.dataset)) {
-    return BUILT_IN_DESCRIPTIONS[input.dataset as BuiltInDataset];
+    const name = input.dataset as BuiltInDataset;
+    if (!ctx.datasets.includes(name)) {
+      throw new InvalidInputError(
+        `dataset ${name} is not installed on this service (it offers ${ctx.datasets.join(", ")}; ` +
+          "an operator installs Fashion-MNIST with Debian's dataset-fashion-mnist or PAPA_FASHION_MNIST_DIR, " +
+          "and lists what the workers have in PAPA_DATASETS)",
+      );
+    }
+    return BUILT_IN_DESCRIPTIONS[name];
   }
   const row = await getDataset({ ctx, principal, input: { id: input.dataset } }).catch((err: unknown) => {
     throw err instanceof NotFoundError ? new InvalidInputError(`dataset ${input.dataset} not found`) : err;
