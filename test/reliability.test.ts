@@ -111,11 +111,8 @@ describe("merge workers as separate processes", () => {
       limits: { maxUploadBytes: 2 ** 30, maxMergeInputBytes: 2 ** 31 },
     });
   });
-  // A test that fails leaves no worker to take the next test's jobs.
-  afterEach(() => {
-    for (const w of workers.splice(0)) if (w.exitCode === null) w.kill("SIGKILL");
-  });
   afterAll(async () => {
+    for (const w of workers) if (w.exitCode === null) w.kill("SIGKILL");
     await h.close();
     await rm(dataDir, { recursive: true, force: true });
   });
