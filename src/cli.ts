@@ -141,17 +141,8 @@ async function reportJob(r: Remote, id: string, follow: boolean | undefined): Pr
   if (job.status === "failed" || job.status === "canceled") throw new CliFailure(`job ${id} ${job.status}`);
 }
 
-const REMOTE_COMMANDS = [
-  "upload",
-  "ls",
-  "show",
-  "download",
-  "merge",
-  "train",
-  "jobs",
-  "lineage",
-  "population",
-];
+/** The commands that call the server (`admin` works on its database). */
+const REMOTE_COMMANDS = Object.keys(COMMANDS).filter((c) => c !== "admin");
 
 async function remoteCommand(command: string, values: Values, args: string[]): Promise<void> {
   if (!REMOTE_COMMANDS.includes(command)) throw new UsageError(`unknown command ${command}`);

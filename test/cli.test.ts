@@ -8,15 +8,15 @@ import { type Harness, listen, startHarness, upload } from "./helpers/harness.js
 import { member, weightsOf } from "./helpers/jobs.js";
 import { buildSafetensors, smallCheckpoint } from "./helpers/safetensors.js";
 
-/** Runs `papa` as a user would, with only the given environment. */
-function papa(
+/** Runs a command with only the given environment, and collects what it prints. */
+function run(
+  command: string,
   args: string[],
   env: Record<string, string>,
+  cwd?: string,
 ): Promise<{ code: number | null; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, ["--import", "tsx", "src/cli.ts", ...args], {
-      env: { PATH: process.env.PATH ?? "", ...env },
-    });
+    const child = spawn(command, args, { cwd, env: { PATH: process.env.PATH ?? "", ...env } });
     let stdout = "";
     let stderr = "";
     child.stdout.on("data", (d: Buffer) => {
@@ -28,6 +28,10 @@ function papa(
     child.on("exit", (code) => resolve({ code, stdout, stderr }));
   });
 }
+
+/** Runs `papa` as a user would, with only the given environment. */
+const papa = (args: string[], env: Record<string, string>) =>
+  run(process.execPath, ["--import", "tsx", "src/cli.ts", ...args], env);
 
 describe("the papa CLI against a server", () => {
   let h: Harness;
@@ -202,35 +206,21 @@ describe("npm run papa", () => {
     try {
       await writeFile(join(dir, "a.safetensors"), smallCheckpoint(1));
       await writeFile(join(dir, "b.safetensors"), smallCheckpoint(2));
-      const merged = await new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
-        const child = spawn(
-          "npm",
-          [
-            "--prefix",
-            process.cwd(),
-            "run",
-            "papa",
-            "--",
-            "merge",
-            "--method",
-            "papa-all",
-            "--out",
-            "soup.safetensors",
-            "a.safetensors",
-            "b.safetensors",
-          ],
-          { cwd: dir, env: { PATH: process.env.PATH ?? "", HOME: dir } },
-        );
-        let stdout = "";
-        let stderr = "";
-        child.stdout.on("data", (d: Buffer) => {
-          stdout += d.toString();
-        });
-        child.stderr.on("data", (d: Buffer) => {
-          stderr += d.toString();
-        });
-        child.on("exit", (code) => resolve({ code, stdout, stderr }));
-      });
+      const merge = [
+        "merge",
+        "--method",
+        "papa-all",
+        "--out",
+        "soup.safetensors",
+        "a.safetensors",
+        "b.safetensors",
+      ];
+      const merged = await run(
+        "npm",
+        ["--prefix", process.cwd(), "run", "papa", "--", ...merge],
+        { HOME: dir },
+        dir,
+      );
       expect(merged.code, merged.stderr).toBe(0);
       expect((await stat(join(dir, "soup.safetensors"))).size).toBeGreaterThan(0);
     } finally {

@@ -175,15 +175,20 @@ describe("training jobs", () => {
     expect(attempts).toEqual([]);
   });
 
-  it("refuses to evaluate a merge of checkpoints it did not train", async () => {
+  /** Uploads two checkpoints without a TF.js topology and asks for their merge, evaluated on `dataset`. */
+  const evaluatedMerge = async (dataset: string) => {
     const ids = [];
     for (const k of [1, 2])
       ids.push(((await (await upload(h, smallCheckpoint(k))).json()) as { id: string }).id);
-    const res = await h.request("/v1/merges", {
+    return h.request("/v1/merges", {
       method: "POST",
-      body: JSON.stringify({ method: "papa-all", inputs: ids, evaluate: { dataset: "mnist" } }),
+      body: JSON.stringify({ method: "papa-all", inputs: ids, evaluate: { dataset } }),
       headers: { "Content-Type": "application/json" },
     });
+  };
+
+  it("refuses to evaluate a merge of checkpoints it did not train", async () => {
+    const res = await evaluatedMerge("mnist");
     expect(res.status).toBe(422);
     expect(((await res.json()) as { detail: string }).detail).toContain("no TF.js topology");
   });
@@ -216,14 +221,7 @@ describe("training jobs", () => {
     expect(problem.detail).toContain(
       "dataset fashion-mnist is not installed on this service (it offers mnist;",
     );
-    const ids = [];
-    for (const k of [1, 2])
-      ids.push(((await (await upload(h, smallCheckpoint(k))).json()) as { id: string }).id);
-    const merge = await h.request("/v1/merges", {
-      method: "POST",
-      body: JSON.stringify({ method: "papa-all", inputs: ids, evaluate: { dataset: "fashion-mnist" } }),
-      headers: { "Content-Type": "application/json" },
-    });
+    const merge = await evaluatedMerge("fashion-mnist");
     expect(merge.status).toBe(422);
     expect(((await merge.json()) as { detail: string }).detail).toContain("fashion-mnist is not installed");
     expect(await jobs()).toBe(before);
