@@ -387,8 +387,10 @@ export async function evaluatePopulation(
   const evaluations = [evaluateMembers(membersOf(placed?.here ?? models.map((_, j) => j)), data)];
   const elsewhere = (await placed?.elsewhere()) ?? { evaluations: [], uniformSoup: null };
   evaluations.push(...elsewhere.evaluations);
+  // What a shard that failed (or whose final weights were not taken) would have evaluated.
   const done = new Set(evaluations.flatMap((e) => e.members.map((m) => m.member)));
-  evaluations.push(evaluateMembers(membersOf(models.flatMap((_, j) => (done.has(j) ? [] : [j]))), data));
+  const missing = models.flatMap((_, j) => (done.has(j) ? [] : [j]));
+  if (missing.length > 0) evaluations.push(evaluateMembers(membersOf(missing), data));
   const byMember = new Map(evaluations.flatMap((e) => e.members.map((m) => [m.member, m.accuracy])));
   const sum = new Float32Array(data.test.count * data.classes);
   for (const e of evaluations) {
