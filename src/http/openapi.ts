@@ -69,17 +69,23 @@ export interface ValidRequest<K extends OperationId> {
   body: JsonBody<K>;
 }
 
+/** An operation's request validators (Ajv's compiled functions). */
+interface Validators {
+  path: ValidateFunction;
+  query: ValidateFunction;
+  header: ValidateFunction;
+  json: ValidateFunction | null;
+}
+
 interface CompiledOperation {
   method: string;
   honoPath: string;
   public: boolean;
   mediaTypes: string[];
   bodyRequired: boolean;
-  path: ValidateFunction;
-  query: ValidateFunction;
-  header: ValidateFunction;
   headerNames: string[];
-  json: ValidateFunction | null;
+  /** Compiled at the operation's first request, not at start: a cold start compiles none. */
+  validators: () => Validators;
 }
 
 function resolveParameter(p: Parameter | { $ref: string }): Parameter {
@@ -120,17 +126,21 @@ for (const [path, item] of Object.entries(document.paths)) {
     const params = [...(item.parameters ?? []), ...(op.parameters ?? [])].map(resolveParameter);
     const content = op.requestBody?.content ?? {};
     const jsonSchema = content["application/json"]?.schema;
+    let validators: Validators | undefined;
     compiled.set(op.operationId, {
       method: method.toUpperCase(),
       honoPath: path.replace(/\{([^}]+)\}/g, ":$1"),
       public: (op.security ?? document.security ?? []).length === 0,
       mediaTypes: Object.keys(content),
       bodyRequired: op.requestBody?.required ?? false,
-      path: compileParameters(params, "path", true),
-      query: compileParameters(params, "query", true),
-      header: compileParameters(params, "header", false),
       headerNames: params.filter((p) => p.in === "header").map((p) => p.name.toLowerCase()),
-      json: jsonSchema ? ajv.compile(withComponentRefs(jsonSchema)) : null,
+      validators: () =>
+        (validators ??= {
+          path: compileParameters(params, "path", true),
+          query: compileParameters(params, "query", true),
+          header: compileParameters(params, "header", false),
+          json: jsonSchema ? ajv.compile(withComponentRefs(jsonSchema)) : null,
+        }),
     });
   }
 }
@@ -156,17 +166,18 @@ function mismatches(
 
 function validator(id: string, op: CompiledOperation): MiddlewareHandler<AppEnv> {
   return async (c, next) => {
+    const v = op.validators();
     const errors: RequestMismatch[] = [];
     const path = { ...c.req.param() };
-    if (!op.path(path)) errors.push(...mismatches("path", op.path.errors));
+    if (!v.path(path)) errors.push(...mismatches("path", v.path.errors));
     const query: Record<string, string | string[]> = {};
     for (const [name, values] of Object.entries(c.req.queries()))
       query[name] = values.length === 1 ? (values[0] ?? "") : values;
-    if (!op.query(query)) errors.push(...mismatches("query", op.query.errors));
+    if (!v.query(query)) errors.push(...mismatches("query", v.query.errors));
     const headers = Object.fromEntries(
       op.headerNames.flatMap((h) => (c.req.header(h) === undefined ? [] : [[h, c.req.header(h)]])),
     );
-    if (!op.header(headers)) errors.push(...mismatches("header", op.header.errors));
+    if (!v.header(headers)) errors.push(...mismatches("header", v.header.errors));
 
     let body: unknown;
     if (op.mediaTypes.length > 0 && (op.bodyRequired || hasRequestBody(c))) {
@@ -178,15 +189,15 @@ function validator(id: string, op: CompiledOperation): MiddlewareHandler<AppEnv>
           `${id} takes ${op.mediaTypes.join(" or ")}, not ${mediaType === "" ? "a body without Content-Type" : mediaType}`,
         );
       }
-      if (op.json && mediaType === "application/json") {
+      if (v.json && mediaType === "application/json") {
         body = await readJsonBody(c);
-        if (!op.json(body)) {
+        if (!v.json(body)) {
           // The body parsed but its content is wrong: 422, with every mismatch.
           throw new HttpProblem(
             422,
             "invalid-body",
             `the request body does not match ${id} in openapi.yaml`,
-            [...errors, ...mismatches("body", op.json.errors)],
+            [...errors, ...mismatches("body", v.json.errors)],
           );
         }
       }
