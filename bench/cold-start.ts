@@ -1,0 +1,165 @@
+/**
+ * Cold start (issue 16), from the compiled service (`npm run build`): for the API process
+ * (`node dist/server.js`), the time from spawning it to its first answered request (GET
+ * /healthz); for the Lambda handler (`dist/lambda.js`), the process's own clock: Node's start,
+ * the handler's import, and its first invocation (GET /healthz through an API Gateway v2 event),
+ * which builds the service context. Each on the embedded default (PGlite and the filesystem
+ * store in a fresh data dir) and on Postgres (a fresh database on DATABASE_URL's server) with
+ * s3rver; the API process also with its in-process worker. Prints the median of RUNS runs, and
+ * whether the Lambda process loaded TensorFlow.js (its engine in the global namespace).
+ * Target: the Lambda handler's init (import and first invocation) under 500 ms.
+ *
+ * usage: npm run bench:cold [-- RUNS]   (default 5)
+ */
+import { spawn } from "node:child_process";
+import { once } from "node:events";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import pg from "pg";
+import S3rver from "s3rver";
+import { listeningUrl } from "./server.js";
+
+const runs = Number(process.argv[2] ?? 5);
+const adminUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test";
+const KEY = "papa_bench-key-0123456789abcdefghijklmnop";
+
+type Env = Record<string, string>;
+
+async function admin(sql: string): Promise<void> {
+  const client = new pg.Client({ connectionString: adminUrl });
+  await client.connect();
+  try {
+    await client.query(sql);
+  } finally {
+    await client.end();
+  }
+}
+
+/** Runs `measure` with a fresh setup's environment each time, and cleans up after. */
+async function fresh<T>(setup: "embedded" | "postgres+s3", s3: string, measure: (env: Env) => Promise<T>) {
+  const dir = await mkdtemp(join(tmpdir(), "papa-bench-cold-"));
+  const name = `papa_bench_cold_${process.pid}_${Date.now()}`;
+  const env: Env = { PATH: process.env.PATH ?? "", PAPA_DATA_DIR: dir, PAPA_API_KEY: KEY };
+  if (setup === "postgres+s3") {
+    await admin(`create database ${name}`);
+    const url = new URL(adminUrl);
+    url.pathname = `/${name}`;
+    Object.assign(env, {
+      DATABASE_URL: url.toString(),
+      S3_BUCKET: "bench",
+      S3_ENDPOINT: s3,
+      S3_FORCE_PATH_STYLE: "true",
+      S3_ACCESS_KEY_ID: "S3RVER",
+      S3_SECRET_ACCESS_KEY: "S3RVER",
+    });
+  }
+  try {
+    return await measure(env);
+  } finally {
+    if (setup === "postgres+s3") await admin(`drop database if exists ${name} with (force)`);
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+/** Milliseconds from spawning the API process to its first answer to GET /healthz. */
+async function serverStart(env: Env): Promise<number> {
+  const started = performance.now();
+  const server = spawn(process.execPath, ["dist/server.js"], {
+    env: { ...env, PORT: "0", HOST: "127.0.0.1" },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  try {
+    const base = await listeningUrl(server);
+    const res = await fetch(`${base}/healthz`);
+    if (!res.ok) throw new Error(`/healthz: ${res.status}`);
+    return performance.now() - started;
+  } finally {
+    server.kill("SIGTERM");
+    if (server.exitCode === null) await once(server, "exit");
+  }
+}
+
+/** What the Lambda process measures on its own clock (ms since its start). */
+interface LambdaInit {
+  node: number;
+  imported: number;
+  answered: number;
+  status: number;
+  tfjs: boolean;
+}
+
+const LAMBDA_PROBE = `
+const node = performance.now();
+const { handler } = await import("./dist/lambda.js");
+const imported = performance.now();
+const http = { method: "GET", path: "/healthz", protocol: "HTTP/1.1", sourceIp: "127.0.0.1", userAgent: "bench" };
+const reply = await handler({
+  version: "2.0", routeKey: "$default", rawPath: "/healthz", rawQueryString: "",
+  headers: { host: "bench.example" }, isBase64Encoded: false,
+  requestContext: { accountId: "0", apiId: "bench", domainName: "bench.example", domainPrefix: "bench", http,
+    requestId: "cold", routeKey: "$default", stage: "$default", time: "", timeEpoch: Date.now() },
+}, {});
+const answered = performance.now();
+process.stdout.write(JSON.stringify({ node, imported, answered, status: reply.statusCode, tfjs: "_tfengine" in globalThis }));
+process.exit(0);
+`;
+
+/** The Lambda handler's init in a new process, as its own clock measures it. */
+async function lambdaInit(env: Env): Promise<LambdaInit> {
+  const probe = spawn(process.execPath, ["--input-type=module", "-e", LAMBDA_PROBE], {
+    env: { ...env, PAPA_IN_PROCESS_WORKER: "false" },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  let out = "";
+  probe.stdout.on("data", (d: Buffer) => {
+    out += d.toString();
+  });
+  const [code] = await once(probe, "exit");
+  if (code !== 0) throw new Error(`the Lambda probe exited with ${code}`);
+  const init = JSON.parse(out.slice(out.lastIndexOf("{"))) as LambdaInit;
+  if (init.status !== 200) throw new Error(`the Lambda's /healthz: ${init.status}`);
+  return init;
+}
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? Number.NaN;
+
+const s3dir = await mkdtemp(join(tmpdir(), "papa-bench-cold-s3-"));
+const s3rver = new S3rver({
+  port: 0,
+  address: "127.0.0.1",
+  silent: true,
+  directory: s3dir,
+  configureBuckets: [{ name: "bench", configs: [] }],
+});
+const { port } = (await s3rver.run()) as { port: number };
+const s3 = `http://127.0.0.1:${port}`;
+try {
+  console.log(`# cold start, median of ${runs} runs (ms)`);
+  console.log("| process | setup | Node started | handler imported | first answer | TF.js loaded |");
+  console.log("|---|---|---|---|---|---|");
+  const setups = ["embedded", "postgres+s3"] as const;
+  for (const setup of setups) {
+    const inits: LambdaInit[] = [];
+    for (let r = 0; r < runs; r++) inits.push(await fresh(setup, s3, lambdaInit));
+    const at = (k: "node" | "imported" | "answered") => median(inits.map((i) => i[k])).toFixed(0);
+    const tfjs = inits.some((i) => i.tfjs) ? "yes" : "no";
+    console.log(
+      `| Lambda handler | ${setup} | ${at("node")} | ${at("imported")} | ${at("answered")} | ${tfjs} |`,
+    );
+  }
+  const servers = [
+    ["embedded, in-process worker", "embedded", {}],
+    ["embedded, API only", "embedded", { PAPA_IN_PROCESS_WORKER: "false" }],
+    ["postgres+s3, API only", "postgres+s3", { PAPA_IN_PROCESS_WORKER: "false" }],
+  ] as const;
+  for (const [label, setup, extra] of servers) {
+    const times: number[] = [];
+    for (let r = 0; r < runs; r++)
+      times.push(await fresh(setup, s3, (env) => serverStart({ ...env, ...extra })));
+    console.log(`| API process (spawn to answer) | ${label} | - | - | ${median(times).toFixed(0)} | - |`);
+  }
+} finally {
+  await s3rver.close();
+  await rm(s3dir, { recursive: true, force: true });
+}
