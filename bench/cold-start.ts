@@ -16,37 +16,22 @@ import { once } from "node:events";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import pg from "pg";
 import S3rver from "s3rver";
-import { listeningUrl } from "./server.js";
+import { freshDatabase, listeningUrl } from "./server.js";
 
 const runs = Number(process.argv[2] ?? 5);
-const adminUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test";
 const KEY = "papa_bench-key-0123456789abcdefghijklmnop";
 
 type Env = Record<string, string>;
 
-async function admin(sql: string): Promise<void> {
-  const client = new pg.Client({ connectionString: adminUrl });
-  await client.connect();
-  try {
-    await client.query(sql);
-  } finally {
-    await client.end();
-  }
-}
-
 /** Runs `measure` with a fresh setup's environment each time, and cleans up after. */
 async function fresh<T>(setup: "embedded" | "postgres+s3", s3: string, measure: (env: Env) => Promise<T>) {
   const dir = await mkdtemp(join(tmpdir(), "papa-bench-cold-"));
-  const name = `papa_bench_cold_${process.pid}_${Date.now()}`;
   const env: Env = { PATH: process.env.PATH ?? "", PAPA_DATA_DIR: dir, PAPA_API_KEY: KEY };
-  if (setup === "postgres+s3") {
-    await admin(`create database ${name}`);
-    const url = new URL(adminUrl);
-    url.pathname = `/${name}`;
+  const database = setup === "postgres+s3" ? await freshDatabase() : null;
+  if (database) {
     Object.assign(env, {
-      DATABASE_URL: url.toString(),
+      DATABASE_URL: database.url,
       S3_BUCKET: "bench",
       S3_ENDPOINT: s3,
       S3_FORCE_PATH_STYLE: "true",
@@ -57,7 +42,7 @@ async function fresh<T>(setup: "embedded" | "postgres+s3", s3: string, measure: 
   try {
     return await measure(env);
   } finally {
-    if (setup === "postgres+s3") await admin(`drop database if exists ${name} with (force)`);
+    await database?.drop();
     await rm(dir, { recursive: true, force: true });
   }
 }

@@ -18,15 +18,13 @@ import { createWriteStream } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import pg from "pg";
-import { listeningUrl } from "./server.js";
+import { freshDatabase, listeningUrl } from "./server.js";
 
 const maxTrain = Number(process.argv[2] ?? 6000);
 const epochs = Number(process.argv[3] ?? 4);
 const variants = (process.argv[4] ?? "papa-all,papa").split(",");
 const workerCounts = (process.argv[5] ?? "1,2").split(",").map(Number);
 const size = Number(process.argv[6] ?? 4);
-const adminUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test";
 const KEY = "papa_bench-key-0123456789abcdefghijklmnop";
 
 interface Result {
@@ -38,16 +36,6 @@ interface Result {
 }
 
 const pct = (x: number) => (100 * x).toFixed(2);
-
-async function admin(sql: string): Promise<void> {
-  const client = new pg.Client({ connectionString: adminUrl });
-  await client.connect();
-  try {
-    await client.query(sql);
-  } finally {
-    await client.end();
-  }
-}
 
 function start(
   script: string,
@@ -84,11 +72,8 @@ function logged(
 async function run(variant: string, workers: number): Promise<{ seconds: number; result: Result }> {
   const dir = await mkdtemp(join(tmpdir(), "papa-bench-placement-"));
   const logs = join(tmpdir(), `papa-bench-placement-${variant}-${workers}w`);
-  const name = `papa_bench_${process.pid}_${Date.now()}`;
-  await admin(`create database ${name}`);
-  const url = new URL(adminUrl);
-  url.pathname = `/${name}`;
-  const shared = { DATABASE_URL: url.toString(), PAPA_DATA_DIR: dir, PAPA_API_KEY: KEY };
+  const database = await freshDatabase();
+  const shared = { DATABASE_URL: database.url, PAPA_DATA_DIR: dir, PAPA_API_KEY: KEY };
   const server = start("src/server.ts", {
     ...shared,
     PORT: "0",
@@ -150,7 +135,7 @@ async function run(variant: string, workers: number): Promise<{ seconds: number;
   } finally {
     for (const p of processes) p.kill("SIGTERM");
     await Promise.all(processes.map((p) => (p.exitCode === null ? once(p, "exit") : undefined)));
-    await admin(`drop database if exists ${name} with (force)`);
+    await database.drop();
     await rm(dir, { recursive: true, force: true });
   }
 }

@@ -1,5 +1,6 @@
 import type { ChildProcess } from "node:child_process";
 import type { Readable } from "node:stream";
+import pg from "pg";
 
 /** The URL a starting server logs once it listens (its JSON log line `listening`). */
 export function listeningUrl(server: ChildProcess & { stdout: Readable }): Promise<string> {
@@ -12,4 +13,26 @@ export function listeningUrl(server: ChildProcess & { stdout: Readable }): Promi
     });
     server.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
   });
+}
+
+/** The Postgres server benchmarks make their databases on (DATABASE_URL's). */
+const adminUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test";
+
+async function admin(sql: string): Promise<void> {
+  const client = new pg.Client({ connectionString: adminUrl });
+  await client.connect();
+  try {
+    await client.query(sql);
+  } finally {
+    await client.end();
+  }
+}
+
+/** A new, empty database next to DATABASE_URL's: its URL, and `drop` to remove it. */
+export async function freshDatabase(): Promise<{ url: string; drop(): Promise<void> }> {
+  const name = `papa_bench_${process.pid}_${Date.now()}`;
+  await admin(`create database ${name}`);
+  const url = new URL(adminUrl);
+  url.pathname = `/${name}`;
+  return { url: url.toString(), drop: () => admin(`drop database if exists ${name} with (force)`) };
 }
