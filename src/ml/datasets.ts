@@ -101,18 +101,12 @@ const eitherName = (base: string) => [base, `${base}.gz`];
 
 /** The built-in datasets this machine has: `mnist` (a dependency), `fashion-mnist` if its files are in `fashionMnistDir`. */
 export async function installedDatasets(fashionMnistDir: string): Promise<BuiltInDataset[]> {
-  const present = async (base: string) => {
-    for (const file of eitherName(base)) {
-      if (
-        await access(join(fashionMnistDir, file)).then(
-          () => true,
-          () => false,
-        )
-      )
-        return true;
-    }
-    return false;
-  };
+  const exists = (file: string) =>
+    access(join(fashionMnistDir, file)).then(
+      () => true,
+      () => false,
+    );
+  const present = async (base: string) => (await Promise.all(eitherName(base).map(exists))).some(Boolean);
   const fashion = (await Promise.all(FASHION_MNIST_FILES.map(present))).every(Boolean);
   return fashion ? ["mnist", "fashion-mnist"] : ["mnist"];
 }
