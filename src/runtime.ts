@@ -4,10 +4,11 @@ import { type DatabaseHandle, openDatabase } from "./db/client.js";
 import { JobQueue } from "./jobs/queue.js";
 import { createJsonLogger, type Logger } from "./logger.js";
 import { installedDatasets } from "./ml/datasets.js";
-import { bootstrapApiKey } from "./services/api-keys/api-keys.js";
+import { bootstrapApiKey, KEY_TRUST_MS } from "./services/api-keys/api-keys.js";
 import type { ServiceContext } from "./services/context.js";
 import { JobWatch } from "./services/jobs/job-watch.js";
 import { RateLimits } from "./services/rate-limits.js";
+import { RecentValues } from "./services/recent-values.js";
 import type { ObjectStore } from "./storage/object-store.js";
 import { openStore } from "./storage/open-store.js";
 
@@ -52,6 +53,7 @@ export async function assembleRuntime(parts: {
     queue,
     limits: config.limits,
     rateLimits: new RateLimits(database.db, database.kind, config.limits),
+    knownKeys: new RecentValues(KEY_TRUST_MS),
     jobWatch: new JobWatch(database.db, config.limits.maxEventStreamsPerTenant, logger),
     trainer: { backend: null, problem: null },
     datasets: config.datasets ?? (await installedDatasets(w.fashionMnistDir)),

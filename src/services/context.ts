@@ -6,6 +6,7 @@ import type { BuiltInDataset } from "../ml/datasets.js";
 import type { ObjectStore } from "../storage/object-store.js";
 import type { JobWatch } from "./jobs/job-watch.js";
 import type { RateLimits } from "./rate-limits.js";
+import type { RecentValues } from "./recent-values.js";
 
 /** Everything a service needs, built once at start and passed in. */
 export interface ServiceContext {
@@ -15,6 +16,8 @@ export interface ServiceContext {
   queue: JobQueue;
   limits: Limits;
   rateLimits: RateLimits;
+  /** API keys this instance looked up lately, by hash (see `authenticateApiKey`). */
+  knownKeys: RecentValues<string, Principal>;
   /** Event streams' view of jobs (one process-wide poll). */
   jobWatch: JobWatch;
   /** Whether this process's training worker can train: set by its probe at start (`startWorker`). */

@@ -8,6 +8,12 @@ import { createTenant } from "../tenants/create-tenant.js";
 
 const KEY_PREFIX = "papa_";
 
+/**
+ * How long an instance trusts a key it has looked up without asking the database again. A key
+ * revoked through one instance stops working there at once, and on the others within this.
+ */
+export const KEY_TRUST_MS = 1000;
+
 export interface ApiKey {
   id: string;
   tenantId: string;
@@ -122,16 +128,25 @@ export async function revokeApiKey({ ctx, principal, input }: TenantCall<{ id: s
     }
     await tx.update(schema.apiKeys).set({ revokedAt: new Date() }).where(eq(schema.apiKeys.id, input.id));
   });
+  ctx.knownKeys.clear();
 }
 
-/** Resolves a bearer secret to its tenant; unknown and revoked keys are the same error. */
+/**
+ * Resolves a bearer secret to its tenant; unknown and revoked keys are the same error. A key
+ * found is trusted for KEY_TRUST_MS; a wrong one is asked about every time.
+ */
 export async function authenticateApiKey({ ctx, input }: SystemCall<{ secret: string }>): Promise<Principal> {
+  const hash = hashApiKey(input.secret);
+  const known = ctx.knownKeys.get(hash);
+  if (known) return known;
   const [row] = await ctx.db
     .select({ id: schema.apiKeys.id, tenantId: schema.apiKeys.tenantId })
     .from(schema.apiKeys)
-    .where(and(eq(schema.apiKeys.keyHash, hashApiKey(input.secret)), isNull(schema.apiKeys.revokedAt)));
+    .where(and(eq(schema.apiKeys.keyHash, hash), isNull(schema.apiKeys.revokedAt)));
   if (!row) throw new UnauthenticatedError("the API key is unknown or revoked");
-  return { tenantId: row.tenantId, apiKeyId: row.id };
+  const principal = { tenantId: row.tenantId, apiKeyId: row.id };
+  ctx.knownKeys.set(hash, principal);
+  return principal;
 }
 
 /**

@@ -1,5 +1,5 @@
 import type { Readable } from "node:stream";
-import { and, desc, eq, inArray, isNull, lt, sql } from "drizzle-orm";
+import { and, desc, eq, getTableColumns, inArray, isNull, lt, sql } from "drizzle-orm";
 import { schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
 import type { TfjsTopology } from "../../ml/export.js";
@@ -100,28 +100,35 @@ export async function metricsOf(ctx: ServiceContext, ids: string[]): Promise<Map
   return byCheckpoint;
 }
 
-async function withRelations(ctx: ServiceContext, rows: Row[]): Promise<Checkpoint[]> {
-  if (rows.length === 0) return [];
-  const ids = rows.map((r) => r.id);
-  const edges = await ctx.db
-    .select()
-    .from(schema.lineageEdges)
-    .where(inArray(schema.lineageEdges.childId, ids))
-    .orderBy(schema.lineageEdges.parentId);
-  const metrics = await metricsOf(ctx, ids);
-  return rows.map((row) =>
-    toCheckpoint(
-      row,
-      edges
-        .filter((e) => e.childId === row.id)
-        .map((e) => ({
-          checkpointId: e.parentId,
-          coefficient: e.coefficient,
-          method: e.method,
-          jobId: e.jobId,
-        })),
-      metrics.get(row.id) ?? [],
-    ),
+const e = schema.lineageEdges;
+const m = schema.metrics;
+
+/**
+ * A checkpoint's columns with its parents (by parent id) and metrics (oldest first) as JSON
+ * arrays: one query for a page of checkpoints, not three.
+ */
+type MetricJson = Omit<Metric, "createdAt"> & { createdAt: string };
+
+const withRelations = {
+  ...getTableColumns(schema.checkpoints),
+  parents: sql<CheckpointParent[]>`coalesce((select json_agg(json_build_object(
+    'checkpointId', ${e.parentId}, 'coefficient', ${e.coefficient}, 'method', ${e.method}, 'jobId', ${e.jobId}
+  ) order by ${e.parentId}) from ${e} where ${e.childId} = ${schema.checkpoints.id}), '[]')`,
+  metrics: sql<MetricJson[]>`coalesce((select json_agg(json_build_object(
+    'id', ${m.id}, 'dataset', ${m.dataset}, 'split', ${m.split}, 'name', ${m.name}, 'value', ${m.value},
+    'jobId', ${m.jobId}, 'createdAt', ${m.createdAt}
+  ) order by ${m.id}) from ${m} where ${m.checkpointId} = ${schema.checkpoints.id}), '[]')`,
+};
+
+function withRelationsToCheckpoint({
+  parents,
+  metrics,
+  ...row
+}: Row & { parents: CheckpointParent[]; metrics: MetricJson[] }): Checkpoint {
+  return toCheckpoint(
+    row,
+    parents,
+    metrics.map((metric) => ({ ...metric, createdAt: new Date(metric.createdAt) })),
   );
 }
 
@@ -209,7 +216,7 @@ export async function listCheckpoints({
 > {
   const page = await pageByIdDesc(input, (before, take) =>
     ctx.db
-      .select()
+      .select(withRelations)
       .from(schema.checkpoints)
       .where(
         and(
@@ -222,7 +229,7 @@ export async function listCheckpoints({
       .orderBy(desc(schema.checkpoints.id))
       .limit(take),
   );
-  return { items: await withRelations(ctx, page.items), nextCursor: page.nextCursor };
+  return { items: page.items.map(withRelationsToCheckpoint), nextCursor: page.nextCursor };
 }
 
 /** A checkpoint of the caller's tenant, deleted ones included (their lineage stays meaningful). */
@@ -231,13 +238,12 @@ export async function getCheckpoint({
   principal,
   input,
 }: TenantCall<{ id: string }>): Promise<Checkpoint> {
-  const rows = await ctx.db
-    .select()
+  const [row] = await ctx.db
+    .select(withRelations)
     .from(schema.checkpoints)
     .where(and(eq(schema.checkpoints.id, input.id), eq(schema.checkpoints.tenantId, principal.tenantId)));
-  const [checkpoint] = await withRelations(ctx, rows);
-  if (!checkpoint) throw new NotFoundError(`checkpoint ${input.id} not found`);
-  return checkpoint;
+  if (!row) throw new NotFoundError(`checkpoint ${input.id} not found`);
+  return withRelationsToCheckpoint(row);
 }
 
 /**

@@ -1,0 +1,108 @@
+/**
+ * Reads through the API under load (issue 16): the compiled service (`node dist/server.js`, its
+ * in-process worker on) on a fresh PGlite data dir and on a fresh database on DATABASE_URL's
+ * Postgres, filesystem store, seeded through the API with CHECKPOINTS small uploaded checkpoints
+ * and one finished merge job. Then autocannon (50 connections, DURATION seconds each, after a
+ * 2 s warm-up) asks, with one API key:
+ *   GET /v1/checkpoints?limit=50, GET /v1/checkpoints/{id}, GET /v1/jobs/{id}, and /healthz
+ * (no database, no key: the server's own ceiling). Prints requests/s, p50, p99 and non-2xx
+ * answers per URL. The key's rate limit is raised out of the way (it is still counted).
+ * Targets: 2,000 requests/s on Postgres and 500 on PGlite, p99 under 100 ms.
+ *
+ * usage: npm run bench:api [-- DURATION [CHECKPOINTS]]   (default 10 s, 200 checkpoints)
+ */
+import { spawn } from "node:child_process";
+import { once } from "node:events";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import autocannon from "autocannon";
+import { encodeSafetensorsHeader } from "../src/tensors/safetensors.js";
+import { freshDatabase, listeningUrl } from "./server.js";
+
+const duration = Number(process.argv[2] ?? 10);
+const checkpoints = Number(process.argv[3] ?? 200);
+const KEY = "papa_bench-key-0123456789abcdefghijklmnop";
+const auth = { Authorization: `Bearer ${KEY}` };
+
+/** A 1 KiB safetensors file, different for each seed. */
+function checkpointBytes(seed: number): Buffer {
+  const { bytes } = encodeSafetensorsHeader([{ name: "w", dtype: "F32", shape: [256] }], null);
+  return Buffer.concat([bytes, Buffer.from(new Float32Array(256).fill(seed).buffer)]);
+}
+
+async function call<T>(base: string, path: string, init: RequestInit = {}): Promise<T> {
+  const res = await fetch(`${base}${path}`, { ...init, headers: { ...auth, ...init.headers } });
+  if (!res.ok) throw new Error(`${init.method ?? "GET"} ${path}: ${res.status} ${await res.text()}`);
+  return (await res.json()) as T;
+}
+
+/** Uploads the checkpoints and merges the first four; the ids to ask for. */
+async function seed(base: string): Promise<{ checkpointId: string; jobId: string }> {
+  const ids: string[] = [];
+  for (let i = 0; i < checkpoints; i++) {
+    const { id } = await call<{ id: string }>(base, `/v1/checkpoints?name=bench-${i}`, {
+      method: "POST",
+      headers: { "Content-Type": "application/octet-stream" },
+      body: checkpointBytes(i),
+    });
+    ids.push(id);
+  }
+  const job = await call<{ id: string }>(base, "/v1/merges", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ method: "papa-all", inputs: ids.slice(0, 4) }),
+  });
+  let status = "queued";
+  while (status !== "succeeded") {
+    ({ status } = await call<{ status: string }>(base, `/v1/jobs/${job.id}`));
+    if (status === "failed") throw new Error("the seed merge failed");
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return { checkpointId: ids[0] ?? "", jobId: job.id };
+}
+
+async function load(url: string, headers: Record<string, string>, seconds: number) {
+  return autocannon({ url, connections: 50, duration: seconds, headers });
+}
+
+async function measure(db: "pglite" | "postgres"): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), "papa-bench-api-"));
+  const database = db === "postgres" ? await freshDatabase() : null;
+  const server = spawn(process.execPath, ["dist/server.js"], {
+    env: {
+      PATH: process.env.PATH,
+      PORT: "0",
+      HOST: "127.0.0.1",
+      PAPA_DATA_DIR: dir,
+      PAPA_API_KEY: KEY,
+      PAPA_RATE_LIMIT_PER_KEY_PER_MINUTE: "100000000",
+      ...(database ? { DATABASE_URL: database.url } : {}),
+    },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  try {
+    const base = await listeningUrl(server);
+    const { checkpointId, jobId } = await seed(base);
+    const targets: [string, string, Record<string, string>][] = [
+      ["/v1/checkpoints?limit=50", `${base}/v1/checkpoints?limit=50`, auth],
+      ["/v1/checkpoints/{id}", `${base}/v1/checkpoints/${checkpointId}`, auth],
+      ["/v1/jobs/{id}", `${base}/v1/jobs/${jobId}`, auth],
+      ["/healthz", `${base}/healthz`, {}],
+    ];
+    for (const [label, url, headers] of targets) {
+      await load(url, headers, 2);
+      const r = await load(url, headers, duration);
+      console.log(
+        `api db=${db} url=${label} rps=${r.requests.average.toFixed(0)} p50_ms=${r.latency.p50} p99_ms=${r.latency.p99} non2xx=${r.non2xx} errors=${r.errors}`,
+      );
+    }
+  } finally {
+    server.kill();
+    await once(server, "exit");
+    await database?.drop();
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+for (const db of ["postgres", "pglite"] as const) await measure(db);
