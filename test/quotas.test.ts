@@ -115,6 +115,50 @@ describe("request rate limits", () => {
     }
   });
 
+  it("counts a key's concurrent requests one by one: exactly its rate passes", async () => {
+    const h = await startHarness("postgres", "filesystem", { limits: { requestsPerKeyPerMinute: 7 } });
+    try {
+      const statuses = await Promise.all(
+        Array.from({ length: 12 }, async () => (await h.request("/v1/checkpoints")).status),
+      );
+      expect(statuses.filter((s) => s === 200)).toHaveLength(7);
+      expect(statuses.filter((s) => s === 429)).toHaveLength(5);
+      expect((await h.request("/v1/checkpoints")).status).toBe(429);
+    } finally {
+      await h.close();
+    }
+  });
+
+  it("refuses a key revoked on another instance within a second", async () => {
+    const h = await startHarness("postgres", "filesystem");
+    const database = await openDatabase({ url: h.databaseUrl ?? "" });
+    const second = await assembleRuntime({
+      database,
+      store: h.ctx.store,
+      config: {
+        limits: h.ctx.limits,
+        presignExpiresSeconds: 900,
+        worker: TEST_WORKER,
+        datasets: h.ctx.datasets,
+      },
+      logger: h.ctx.logger,
+    });
+    const other = createApp(second.ctx);
+    try {
+      const created = await h.request("/v1/api-keys", { method: "POST" });
+      const { id, key } = (await created.json()) as { id: string; key: string };
+      const ask = () => other.request("/v1/checkpoints", { headers: { Authorization: `Bearer ${key}` } });
+      expect((await ask()).status).toBe(200);
+      expect((await h.request(`/v1/api-keys/${id}`, { method: "DELETE" })).status).toBe(204);
+      await new Promise((r) => setTimeout(r, 1100));
+      expect((await ask()).status).toBe(401);
+    } finally {
+      await second.close();
+      await database.close();
+      await h.close();
+    }
+  });
+
   it("shuts out an address that tries wrong keys, not the others", async () => {
     const h = await startHarness("pglite", "filesystem", { limits: { authFailuresPerMinute: 5 } });
     const server = await listen(h);
