@@ -72,3 +72,20 @@ export async function openDatabase(target: DatabaseTarget, logger?: Logger): Pro
     close: () => client.close(),
   };
 }
+
+/**
+ * A query built once per database and prepared there (a named statement on each Postgres
+ * connection), run with its placeholders' values: hot reads skip drizzle's query building and
+ * Postgres's parsing.
+ */
+export function preparedQuery<Q>(build: (db: Database) => Q): (db: Database) => Q {
+  const byDatabase = new WeakMap<Database, Q>();
+  return (db) => {
+    let query = byDatabase.get(db);
+    if (query === undefined) {
+      query = build(db);
+      byDatabase.set(db, query);
+    }
+    return query;
+  };
+}

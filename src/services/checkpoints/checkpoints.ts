@@ -1,6 +1,6 @@
 import type { Readable } from "node:stream";
 import { and, desc, eq, getTableColumns, inArray, isNull, lt, sql } from "drizzle-orm";
-import { schema } from "../../db/client.js";
+import { preparedQuery, schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
 import type { TfjsTopology } from "../../ml/export.js";
 import type { ByteRange } from "../../storage/object-store.js";
@@ -206,6 +206,47 @@ function asUploadError(reason: unknown, maxUploadBytes: number, maxHeaderBytes: 
   }
 }
 
+/** A page of a tenant's live checkpoints, newest first; one prepared query with and one without each filter. */
+function checkpointPage(afterCursor: boolean, named: boolean) {
+  const c = schema.checkpoints;
+  return preparedQuery((db) =>
+    db
+      .select(withRelations)
+      .from(c)
+      .where(
+        and(
+          eq(c.tenantId, sql.placeholder("tenantId")),
+          isNull(c.deletedAt),
+          named ? eq(c.name, sql.placeholder("name")) : undefined,
+          afterCursor ? lt(c.id, sql.placeholder("before")) : undefined,
+        ),
+      )
+      .orderBy(desc(c.id))
+      .limit(sql.placeholder("take"))
+      .prepare(`checkpoint_page_${afterCursor}_${named}`),
+  );
+}
+
+const checkpointPages = {
+  "false false": checkpointPage(false, false),
+  "false true": checkpointPage(false, true),
+  "true false": checkpointPage(true, false),
+  "true true": checkpointPage(true, true),
+};
+
+const checkpointOfTenant = preparedQuery((db) =>
+  db
+    .select(withRelations)
+    .from(schema.checkpoints)
+    .where(
+      and(
+        eq(schema.checkpoints.id, sql.placeholder("id")),
+        eq(schema.checkpoints.tenantId, sql.placeholder("tenantId")),
+      ),
+    )
+    .prepare("checkpoint_of_tenant"),
+);
+
 /** Newest first; deleted checkpoints are left out. `cursor` is the previous page's `nextCursor`. */
 export async function listCheckpoints({
   ctx,
@@ -214,20 +255,9 @@ export async function listCheckpoints({
 }: TenantCall<{ limit: number; cursor?: string | undefined; name?: string | undefined }>): Promise<
   Page<Checkpoint>
 > {
+  const query = checkpointPages[`${input.cursor !== undefined} ${input.name !== undefined}`];
   const page = await pageByIdDesc(input, (before, take) =>
-    ctx.db
-      .select(withRelations)
-      .from(schema.checkpoints)
-      .where(
-        and(
-          eq(schema.checkpoints.tenantId, principal.tenantId),
-          isNull(schema.checkpoints.deletedAt),
-          input.name === undefined ? undefined : eq(schema.checkpoints.name, input.name),
-          before === undefined ? undefined : lt(schema.checkpoints.id, before),
-        ),
-      )
-      .orderBy(desc(schema.checkpoints.id))
-      .limit(take),
+    query(ctx.db).execute({ tenantId: principal.tenantId, name: input.name, before, take }),
   );
   return { items: page.items.map(withRelationsToCheckpoint), nextCursor: page.nextCursor };
 }
@@ -238,10 +268,7 @@ export async function getCheckpoint({
   principal,
   input,
 }: TenantCall<{ id: string }>): Promise<Checkpoint> {
-  const [row] = await ctx.db
-    .select(withRelations)
-    .from(schema.checkpoints)
-    .where(and(eq(schema.checkpoints.id, input.id), eq(schema.checkpoints.tenantId, principal.tenantId)));
+  const [row] = await checkpointOfTenant(ctx.db).execute({ id: input.id, tenantId: principal.tenantId });
   if (!row) throw new NotFoundError(`checkpoint ${input.id} not found`);
   return withRelationsToCheckpoint(row);
 }

@@ -1,5 +1,5 @@
-import { and, count, desc, eq, inArray, lt } from "drizzle-orm";
-import { type Database, schema } from "../../db/client.js";
+import { and, count, desc, eq, inArray, lt, sql } from "drizzle-orm";
+import { type Database, preparedQuery, schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
 import type { QueueName } from "../../jobs/queue.js";
 import type { ServiceContext, TenantCall } from "../context.js";
@@ -118,11 +118,18 @@ export async function admitJob(
   return row;
 }
 
-export async function getJob({ ctx, principal, input }: TenantCall<{ id: string }>): Promise<Job> {
-  const [job] = await ctx.db
+const jobOfTenant = preparedQuery((db) =>
+  db
     .select()
     .from(schema.jobs)
-    .where(and(eq(schema.jobs.id, input.id), eq(schema.jobs.tenantId, principal.tenantId)));
+    .where(
+      and(eq(schema.jobs.id, sql.placeholder("id")), eq(schema.jobs.tenantId, sql.placeholder("tenantId"))),
+    )
+    .prepare("job_of_tenant"),
+);
+
+export async function getJob({ ctx, principal, input }: TenantCall<{ id: string }>): Promise<Job> {
+  const [job] = await jobOfTenant(ctx.db).execute({ id: input.id, tenantId: principal.tenantId });
   if (!job) throw new NotFoundError(`job ${input.id} not found`);
   return job;
 }
