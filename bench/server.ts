@@ -2,15 +2,22 @@ import type { ChildProcess } from "node:child_process";
 import type { Readable } from "node:stream";
 import pg from "pg";
 
-/** The URL a starting server logs once it listens (its JSON log line `listening`). */
+/**
+ * The URL a starting server logs once it listens (its JSON log line `listening`). Its later
+ * output is read and dropped, so that its logs neither fill the pipe nor cost the benchmark.
+ */
 export function listeningUrl(server: ChildProcess & { stdout: Readable }): Promise<string> {
   return new Promise((resolve, reject) => {
     let out = "";
-    server.stdout.on("data", (d: Buffer) => {
+    const read = (d: Buffer) => {
       out += d.toString();
       const url = out.match(/"msg":"listening","url":"([^"]+)"/)?.[1];
-      if (url) resolve(url);
-    });
+      if (!url) return;
+      server.stdout.off("data", read);
+      server.stdout.resume();
+      resolve(url);
+    };
+    server.stdout.on("data", read);
     server.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
   });
 }
