@@ -712,7 +712,9 @@ export interface paths {
         /**
          * Revoke a key; requests with it then answer 401. Revoking twice is a no-op.
          * @description The tenant's last active key cannot be revoked (409): create another first. (Operators
-         *     create tenants and their first key with `papa admin create-tenant NAME`.)
+         *     create tenants and their first key with `papa admin create-tenant NAME`.) The key is
+         *     refused at once by the API instance that revoked it, and by every other instance within
+         *     a second (each trusts a key it has looked up for 1 s).
          */
         delete: operations["revokeApiKey"];
         options?: never;
