@@ -333,6 +333,42 @@ describe.each<[DatabaseKind, StoreKind]>([
     expect(next.items.map((i) => i.id)).toEqual([a.id]);
   });
 
+  it("lists a page of populations, each with its current round, in queries that do not grow with the page", async () => {
+    const queries = async (limit: number) => {
+      let selects = 0;
+      const select = h.ctx.db.select.bind(h.ctx.db);
+      h.ctx.db.select = ((...args: Parameters<typeof select>) => {
+        selects++;
+        return select(...args);
+      }) as typeof select;
+      try {
+        const res = await h.request(`/v1/populations?limit=${limit}`);
+        expect(res.status).toBe(200);
+        return { selects, items: ((await res.json()) as { items: PopulationBody[] }).items };
+      } finally {
+        h.ctx.db.select = select;
+      }
+    };
+    const made = [];
+    for (let i = 0; i < 4; i++) made.push(await create({ size: 2, method: "papa-all", name: `paged-${i}` }));
+    const [, second, third] = made;
+    expect((await submit(second?.id ?? "", 0, 1, member(1))).status).toBe(201);
+    expect((await submit(third?.id ?? "", 0, 0, member(1))).status).toBe(201);
+    expect((await submit(third?.id ?? "", 0, 1, member(3))).status).toBe(201);
+    expect((await round(third?.id ?? "", 0, 20)).status).toBe("closed");
+
+    const two = await queries(2);
+    const four = await queries(4);
+    expect(four.selects).toBe(two.selects);
+    const byId = new Map(four.items.map((p) => [p.id, p]));
+    expect(byId.get(made[0]?.id ?? "")?.rounds).toMatchObject([{ round: 0, status: "open", submitted: [] }]);
+    expect(byId.get(second?.id ?? "")?.rounds).toMatchObject([{ round: 0, status: "open", submitted: [1] }]);
+    expect(byId.get(third?.id ?? "")).toMatchObject({
+      current_round: 1,
+      rounds: [{ round: 1, status: "open", submitted: [], outputs: [] }],
+    });
+  });
+
   it("answers bad input with a problem and keeps nothing", async () => {
     const p = await create({ size: 2, method: "papa-all" });
     const before = await counts();

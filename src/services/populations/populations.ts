@@ -1,4 +1,5 @@
-import { and, asc, desc, eq, isNotNull, lt } from "drizzle-orm";
+import { and, asc, desc, eq, inArray, isNotNull, lt, type SQL, sql } from "drizzle-orm";
+import type { AnyPgColumn } from "drizzle-orm/pg-core";
 import { type Database, schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
 import type { TenantCall } from "../context.js";
@@ -122,67 +123,71 @@ export async function populationRow(
   return row;
 }
 
-/** The rounds of a population (`only`: just that one), oldest first, with their jobs' states. */
-export async function roundsOf(db: Database, population: PopulationRow, only?: number): Promise<Round[]> {
-  const where = (round: typeof schema.populationRounds.round | typeof schema.populationSubmissions.round) =>
-    only === undefined ? undefined : eq(round, only);
+/** Rounds chosen by a condition on a population id and a round number, oldest first, by population. */
+async function loadRounds(
+  db: Database,
+  which: (populationId: AnyPgColumn, round: AnyPgColumn) => SQL | undefined,
+): Promise<(Round & { populationId: string })[]> {
+  const r = schema.populationRounds;
+  const s = schema.populationSubmissions;
+  const c = schema.checkpoints;
   const rows = await db
     .select({
-      round: schema.populationRounds.round,
-      openedAt: schema.populationRounds.openedAt,
-      jobId: schema.populationRounds.jobId,
+      populationId: r.populationId,
+      round: r.round,
+      openedAt: r.openedAt,
+      jobId: r.jobId,
       jobStatus: schema.jobs.status,
       finishedAt: schema.jobs.finishedAt,
     })
-    .from(schema.populationRounds)
-    .leftJoin(schema.jobs, eq(schema.jobs.id, schema.populationRounds.jobId))
-    .where(and(eq(schema.populationRounds.populationId, population.id), where(schema.populationRounds.round)))
-    .orderBy(asc(schema.populationRounds.round));
+    .from(r)
+    .leftJoin(schema.jobs, eq(schema.jobs.id, r.jobId))
+    .where(which(r.populationId, r.round))
+    .orderBy(asc(r.round));
   const submissions = await db
-    .select({ round: schema.populationSubmissions.round, member: schema.populationSubmissions.member })
-    .from(schema.populationSubmissions)
-    .where(
-      and(
-        eq(schema.populationSubmissions.populationId, population.id),
-        where(schema.populationSubmissions.round),
-      ),
-    )
-    .orderBy(asc(schema.populationSubmissions.member));
+    .select({ populationId: s.populationId, round: s.round, member: s.member })
+    .from(s)
+    .where(which(s.populationId, s.round))
+    .orderBy(asc(s.member));
   const outputs = await db
-    .select({
-      id: schema.checkpoints.id,
-      round: schema.checkpoints.populationRound,
-      member: schema.checkpoints.populationMember,
-    })
-    .from(schema.checkpoints)
-    .where(
-      and(
-        eq(schema.checkpoints.populationId, population.id),
-        isNotNull(schema.checkpoints.populationMember),
-        only === undefined ? undefined : eq(schema.checkpoints.populationRound, only),
-      ),
-    )
-    .orderBy(asc(schema.checkpoints.populationMember));
-  return rows.map((r) => {
-    const state = stateOf(r.jobStatus ? { status: r.jobStatus as JobStatus } : undefined);
+    .select({ id: c.id, populationId: c.populationId, round: c.populationRound, member: c.populationMember })
+    .from(c)
+    .where(and(which(c.populationId, c.populationRound), isNotNull(c.populationMember)))
+    .orderBy(asc(c.populationMember));
+  const of = (row: (typeof rows)[number]) => (o: { populationId: string | null; round: number | null }) =>
+    o.populationId === row.populationId && o.round === row.round;
+  return rows.map((row) => {
+    const state = stateOf(row.jobStatus ? { status: row.jobStatus as JobStatus } : undefined);
     return {
-      round: r.round,
+      populationId: row.populationId,
+      round: row.round,
       status: ROUND_STATUS[state],
-      openedAt: r.openedAt,
-      closedAt: state === "succeeded" ? r.finishedAt : null,
-      submitted: submissions.filter((s) => s.round === r.round).map((s) => s.member),
-      jobId: r.jobId,
-      outputs: outputs
-        .filter((o) => o.round === r.round)
-        .map((o) => ({ member: o.member as number, checkpointId: o.id })),
+      openedAt: row.openedAt,
+      closedAt: state === "succeeded" ? row.finishedAt : null,
+      submitted: submissions.filter(of(row)).map((s) => s.member),
+      jobId: row.jobId,
+      outputs: outputs.filter(of(row)).map((o) => ({ member: o.member as number, checkpointId: o.id })),
     };
   });
 }
 
-async function withState(db: Database, row: PopulationRow, rounds: Round[]): Promise<Population> {
-  const [finish] = row.finishJobId
-    ? await db.select().from(schema.jobs).where(eq(schema.jobs.id, row.finishJobId))
-    : [];
+/** The rounds of a population (`only`: just that one), oldest first, with their jobs' states. */
+export async function roundsOf(db: Database, population: PopulationRow, only?: number): Promise<Round[]> {
+  const rounds = await loadRounds(db, (populationId, round) =>
+    and(eq(populationId, population.id), only === undefined ? undefined : eq(round, only)),
+  );
+  return rounds.map(({ populationId: _, ...round }) => round);
+}
+
+/** The finish jobs of these populations, by id. */
+async function finishJobsOf(db: Database, rows: PopulationRow[]): Promise<Map<string, Job>> {
+  const ids = rows.flatMap((row) => (row.finishJobId ? [row.finishJobId] : []));
+  const jobs =
+    ids.length === 0 ? [] : await db.select().from(schema.jobs).where(inArray(schema.jobs.id, ids));
+  return new Map(jobs.map((job) => [job.id, job]));
+}
+
+function withState(row: PopulationRow, rounds: Round[], finish: Job | undefined): Population {
   const finishState = stateOf(finish);
   const soup = finishState === "succeeded" ? (finish?.result as { soup_checkpoint_id?: string }) : null;
   const roundFailed = rounds.at(-1)?.status === "failed";
@@ -201,11 +206,8 @@ export async function getPopulation({
   input,
 }: TenantCall<{ id: string; currentOnly?: boolean }>): Promise<Population> {
   const row = await populationRow(ctx.db, principal.tenantId, input.id);
-  return withState(
-    ctx.db,
-    row,
-    await roundsOf(ctx.db, row, input.currentOnly ? row.currentRound : undefined),
-  );
+  const rounds = await roundsOf(ctx.db, row, input.currentOnly ? row.currentRound : undefined);
+  return withState(row, rounds, (await finishJobsOf(ctx.db, [row])).get(row.finishJobId ?? ""));
 }
 
 /** The tenant's populations, newest first, each with its state but not its rounds. */
@@ -227,8 +229,24 @@ export async function listPopulations({
       .orderBy(desc(schema.populations.id))
       .limit(take),
   );
-  const items = await Promise.all(
-    page.items.map(async (row) => withState(ctx.db, row, await roundsOf(ctx.db, row, row.currentRound))),
+  // Each population's current round, and the finish jobs, in one query each for the page.
+  const p = schema.populations;
+  const ids = page.items.map((row) => row.id);
+  const rounds =
+    ids.length === 0
+      ? []
+      : await loadRounds(
+          ctx.db,
+          (populationId, round) =>
+            sql`(${populationId}, ${round}) in (select ${p.id}, ${p.currentRound} from ${p} where ${inArray(p.id, ids)})`,
+        );
+  const finishJobs = await finishJobsOf(ctx.db, page.items);
+  const items = page.items.map((row) =>
+    withState(
+      row,
+      rounds.filter((r) => r.populationId === row.id).map(({ populationId: _, ...round }) => round),
+      finishJobs.get(row.finishJobId ?? ""),
+    ),
   );
   return { items, nextCursor: page.nextCursor };
 }
