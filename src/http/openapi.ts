@@ -3,8 +3,8 @@ import { Ajv2020, type ErrorObject, type ValidateFunction } from "ajv/dist/2020.
 import addFormatsPlugin from "ajv-formats";
 import type { Context, Hono, MiddlewareHandler } from "hono";
 import { bodyLimit } from "hono/body-limit";
-import { parse } from "yaml";
 import type { operations } from "../generated/openapi.js";
+import { OPENAPI_DOCUMENT } from "../generated/openapi-document.js";
 import { PayloadTooLargeError } from "../services/errors.js";
 import { authenticate } from "./auth.js";
 import type { AppEnv } from "./env.js";
@@ -36,7 +36,7 @@ interface Document {
 
 // ajv-formats is CommonJS; under NodeNext its default export is the module object.
 const addFormats = addFormatsPlugin as unknown as typeof addFormatsPlugin.default;
-const document = parse(openApiText) as Document;
+const document = OPENAPI_DOCUMENT as Document;
 // "array": a query parameter given once still satisfies an array schema.
 const ajv = new Ajv2020({ allErrors: true, coerceTypes: "array", useDefaults: true, strict: true });
 addFormats(ajv);
