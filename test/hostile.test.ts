@@ -12,6 +12,7 @@ import {
 } from "../src/services/api-keys/api-keys.js";
 import { checkpointKey, createCheckpoint } from "../src/services/checkpoints/checkpoints.js";
 import { ConflictError } from "../src/services/errors.js";
+import { RecentValues } from "../src/services/recent-values.js";
 import { type DatabaseKind, emptyPostgresDatabase, type StoreKind } from "./helpers/backends.js";
 import { idxFiles, uploadDataset } from "./helpers/datasets.js";
 import { type Harness, listen, startHarness, TEST_LIMITS, TEST_WORKER, upload } from "./helpers/harness.js";
@@ -492,7 +493,9 @@ describe("papa admin create-tenant", () => {
       expect(printed.name).toBe("acme");
       const handle = await openDatabase({ url: database.value });
       try {
-        const ctx = { db: handle.db } as Parameters<typeof authenticateApiKey>[0]["ctx"];
+        const ctx = { db: handle.db, knownKeys: new RecentValues(1000) } as Parameters<
+          typeof authenticateApiKey
+        >[0]["ctx"];
         const principal = await authenticateApiKey({ ctx, input: { secret: printed.api_key } });
         expect(principal.tenantId).toBe(printed.tenant_id);
       } finally {

@@ -102,6 +102,8 @@ export async function metricsOf(ctx: ServiceContext, ids: string[]): Promise<Map
 
 const e = schema.lineageEdges;
 const m = schema.metrics;
+/** The outer row's id, qualified: in a selection drizzle writes columns without their table. */
+const checkpointId = sql`${schema.checkpoints}.${sql.identifier("id")}`;
 
 /**
  * A checkpoint's columns with its parents (by parent id) and metrics (oldest first) as JSON
@@ -113,11 +115,11 @@ const withRelations = {
   ...getTableColumns(schema.checkpoints),
   parents: sql<CheckpointParent[]>`coalesce((select json_agg(json_build_object(
     'checkpointId', ${e.parentId}, 'coefficient', ${e.coefficient}, 'method', ${e.method}, 'jobId', ${e.jobId}
-  ) order by ${e.parentId}) from ${e} where ${e.childId} = ${schema.checkpoints.id}), '[]')`,
+  ) order by ${e.parentId}) from ${e} where ${e.childId} = ${checkpointId}), '[]')`,
   metrics: sql<MetricJson[]>`coalesce((select json_agg(json_build_object(
     'id', ${m.id}, 'dataset', ${m.dataset}, 'split', ${m.split}, 'name', ${m.name}, 'value', ${m.value},
     'jobId', ${m.jobId}, 'createdAt', ${m.createdAt}
-  ) order by ${m.id}) from ${m} where ${m.checkpointId} = ${schema.checkpoints.id}), '[]')`,
+  ) order by ${m.id}) from ${m} where ${m.checkpointId} = ${checkpointId}), '[]')`,
 };
 
 function withRelationsToCheckpoint({
