@@ -2,7 +2,7 @@ import { count, sql } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { schema } from "../src/db/client.js";
 import type { DatabaseKind, StoreKind } from "./helpers/backends.js";
-import { type Harness, startHarness, upload } from "./helpers/harness.js";
+import { countSelects, type Harness, startHarness, upload } from "./helpers/harness.js";
 import { type JobBody, member, waitForJob, weightsOf } from "./helpers/jobs.js";
 import { buildSafetensors, f32, rawSafetensors } from "./helpers/safetensors.js";
 
@@ -335,18 +335,13 @@ describe.each<[DatabaseKind, StoreKind]>([
 
   it("lists a page of populations, each with its current round, in queries that do not grow with the page", async () => {
     const queries = async (limit: number) => {
-      let selects = 0;
-      const select = h.ctx.db.select.bind(h.ctx.db);
-      h.ctx.db.select = ((...args: Parameters<typeof select>) => {
-        selects++;
-        return select(...args);
-      }) as typeof select;
+      const selects = countSelects(h);
       try {
         const res = await h.request(`/v1/populations?limit=${limit}`);
         expect(res.status).toBe(200);
-        return { selects, items: ((await res.json()) as { items: PopulationBody[] }).items };
+        return { selects: selects.count(), items: ((await res.json()) as { items: PopulationBody[] }).items };
       } finally {
-        h.ctx.db.select = select;
+        selects.stop();
       }
     };
     const made = [];

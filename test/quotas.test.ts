@@ -5,7 +5,7 @@ import { openDatabase } from "../src/db/client.js";
 import { startWorker } from "../src/jobs/worker.js";
 import { assembleRuntime } from "../src/runtime.js";
 import type { DatabaseKind } from "./helpers/backends.js";
-import { type Harness, listen, startHarness, TEST_WORKER, upload } from "./helpers/harness.js";
+import { countSelects, type Harness, listen, startHarness, TEST_WORKER, upload } from "./helpers/harness.js";
 import { type JobBody, postMerge, waitForJob } from "./helpers/jobs.js";
 import { smallCheckpoint } from "./helpers/safetensors.js";
 
@@ -79,22 +79,34 @@ describe.each<DatabaseKind>(["pglite", "postgres"])("job quotas and fairness on 
   });
 });
 
+/** Another API instance on the harness's Postgres database and store. */
+async function secondInstance(h: Harness) {
+  const database = await openDatabase({ url: h.databaseUrl ?? "" });
+  const runtime = await assembleRuntime({
+    database,
+    store: h.ctx.store,
+    config: {
+      limits: h.ctx.limits,
+      presignExpiresSeconds: 900,
+      worker: TEST_WORKER,
+      datasets: h.ctx.datasets,
+    },
+    logger: h.ctx.logger,
+  });
+  return {
+    app: createApp(runtime.ctx),
+    close: async () => {
+      await runtime.close();
+      await database.close();
+    },
+  };
+}
+
 describe("request rate limits", () => {
   it("holds a key to its rate across two API instances on one Postgres", async () => {
     const h = await startHarness("postgres", "filesystem", { limits: { requestsPerKeyPerMinute: 6 } });
-    const database = await openDatabase({ url: h.databaseUrl ?? "" });
-    const second = await assembleRuntime({
-      database,
-      store: h.ctx.store,
-      config: {
-        limits: h.ctx.limits,
-        presignExpiresSeconds: 900,
-        worker: TEST_WORKER,
-        datasets: h.ctx.datasets,
-      },
-      logger: h.ctx.logger,
-    });
-    const apps = [h.app, createApp(second.ctx)];
+    const second = await secondInstance(h);
+    const apps = [h.app, second.app];
     try {
       const statuses = [];
       for (let i = 0; i < 8; i++) {
@@ -110,7 +122,6 @@ describe("request rate limits", () => {
       ).toBe(200);
     } finally {
       await second.close();
-      await database.close();
       await h.close();
     }
   });
@@ -131,19 +142,8 @@ describe("request rate limits", () => {
 
   it("refuses a key revoked on another instance within a second", async () => {
     const h = await startHarness("postgres", "filesystem");
-    const database = await openDatabase({ url: h.databaseUrl ?? "" });
-    const second = await assembleRuntime({
-      database,
-      store: h.ctx.store,
-      config: {
-        limits: h.ctx.limits,
-        presignExpiresSeconds: 900,
-        worker: TEST_WORKER,
-        datasets: h.ctx.datasets,
-      },
-      logger: h.ctx.logger,
-    });
-    const other = createApp(second.ctx);
+    const second = await secondInstance(h);
+    const other = second.app;
     try {
       const created = await h.request("/v1/api-keys", { method: "POST" });
       const { id, key } = (await created.json()) as { id: string; key: string };
@@ -154,7 +154,6 @@ describe("request rate limits", () => {
       expect((await ask()).status).toBe(401);
     } finally {
       await second.close();
-      await database.close();
       await h.close();
     }
   });
@@ -200,23 +199,18 @@ describe("event streams", () => {
   it("read each followed job once per poll, however many streams follow it; a tenant's streams are capped", async () => {
     const inputs = await twoInputs(h, h.keyA);
     const { id } = (await (await postMerge(h, { method: "papa-all", inputs })).json()) as JobBody;
-    let selects = 0;
-    const select = h.ctx.db.select.bind(h.ctx.db);
-    h.ctx.db.select = ((...args: Parameters<typeof select>) => {
-      selects++;
-      return select(...args);
-    }) as typeof select;
+    const selects = countSelects(h);
     const streams = await Promise.all(Array.from({ length: 60 }, () => h.request(`/v1/jobs/${id}/events`)));
     expect(streams.map((s) => s.status)).toEqual(Array(60).fill(200));
     const over = await h.request(`/v1/jobs/${id}/events`);
     expect(over.status).toBe(429);
     expect((await h.request(`/v1/jobs/${id}/events`, { key: h.keyB })).status).toBe(404);
-    const opened = selects;
+    const opened = selects.count();
     await new Promise((r) => setTimeout(r, 2000));
     // A poll every 250 ms: about 8 reads in 2 s for all 60 streams (one stream polling alone did 8).
-    expect(selects - opened).toBeLessThan(16);
-    expect(selects - opened).toBeGreaterThan(2);
-    h.ctx.db.select = select;
+    expect(selects.count() - opened).toBeLessThan(16);
+    expect(selects.count() - opened).toBeGreaterThan(2);
+    selects.stop();
 
     // A change reaches every stream; then the streams end and free the tenant's slots.
     await startWorker(h.ctx, TEST_WORKER);

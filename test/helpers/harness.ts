@@ -164,3 +164,19 @@ export async function listen(
       }),
   };
 }
+
+/** Counts the selects made through the harness's database from now until `stop`. */
+export function countSelects(h: Harness): { count(): number; stop(): void } {
+  let selects = 0;
+  const select = h.ctx.db.select.bind(h.ctx.db);
+  h.ctx.db.select = ((...args: Parameters<typeof select>) => {
+    selects++;
+    return select(...args);
+  }) as typeof select;
+  return {
+    count: () => selects,
+    stop: () => {
+      h.ctx.db.select = select;
+    },
+  };
+}
