@@ -99,8 +99,8 @@ function asTooMany(err: unknown, message: string): unknown {
 /** Requests of one key that one write counts; it starts when the key's previous write is done. */
 interface Batch {
   size: number;
-  /** The key's state after the write: resolved whether the limit was passed or not. */
-  outcome: Promise<{ res: RateLimiterRes; passed: boolean }>;
+  /** The key's state after the write, and whether it went over the limit (resolved either way). */
+  outcome: Promise<{ res: RateLimiterRes; exceeded: boolean }>;
 }
 
 /**
@@ -116,8 +116,8 @@ class CoalescedCounter {
   async count(key: string): Promise<RateLimiterRes | null> {
     const batch = this.keys.get(key)?.next ?? this.enqueue(key);
     const index = batch.size++;
-    const { res, passed } = await batch.outcome;
-    if (!passed) return null;
+    const { res, exceeded } = await batch.outcome;
+    if (!exceeded) return null;
     // A key blocked in memory is refused without a write: its state counts none of these points.
     if (res.consumedPoints < batch.size) return res;
     const place = res.consumedPoints - batch.size + index + 1;
@@ -132,9 +132,9 @@ class CoalescedCounter {
         const state = this.keys.get(key);
         if (state?.next === batch) state.next = null;
         try {
-          return { res: await this.limiter.consume(key, batch.size), passed: false };
+          return { res: await this.limiter.consume(key, batch.size), exceeded: false };
         } catch (err) {
-          if (err instanceof RateLimiterRes) return { res: err, passed: true };
+          if (err instanceof RateLimiterRes) return { res: err, exceeded: true };
           throw err;
         }
       }),

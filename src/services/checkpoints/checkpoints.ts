@@ -103,23 +103,23 @@ export async function metricsOf(ctx: ServiceContext, ids: string[]): Promise<Map
 const e = schema.lineageEdges;
 const m = schema.metrics;
 /** The outer row's id, qualified: in a selection drizzle writes columns without their table. */
-const checkpointId = sql`${schema.checkpoints}.${sql.identifier("id")}`;
+const outerCheckpointId = sql`${schema.checkpoints}.${sql.identifier("id")}`;
+
+type MetricJson = Omit<Metric, "createdAt"> & { createdAt: string };
 
 /**
  * A checkpoint's columns with its parents (by parent id) and metrics (oldest first) as JSON
  * arrays: one query for a page of checkpoints, not three.
  */
-type MetricJson = Omit<Metric, "createdAt"> & { createdAt: string };
-
 const withRelations = {
   ...getTableColumns(schema.checkpoints),
   parents: sql<CheckpointParent[]>`coalesce((select json_agg(json_build_object(
     'checkpointId', ${e.parentId}, 'coefficient', ${e.coefficient}, 'method', ${e.method}, 'jobId', ${e.jobId}
-  ) order by ${e.parentId}) from ${e} where ${e.childId} = ${checkpointId}), '[]')`,
+  ) order by ${e.parentId}) from ${e} where ${e.childId} = ${outerCheckpointId}), '[]')`,
   metrics: sql<MetricJson[]>`coalesce((select json_agg(json_build_object(
     'id', ${m.id}, 'dataset', ${m.dataset}, 'split', ${m.split}, 'name', ${m.name}, 'value', ${m.value},
     'jobId', ${m.jobId}, 'createdAt', ${m.createdAt}
-  ) order by ${m.id}) from ${m} where ${m.checkpointId} = ${checkpointId}), '[]')`,
+  ) order by ${m.id}) from ${m} where ${m.checkpointId} = ${outerCheckpointId}), '[]')`,
 };
 
 function withRelationsToCheckpoint({

@@ -123,11 +123,11 @@ export async function populationRow(
   return row;
 }
 
-/** Rounds chosen by a condition on a population id and a round number, oldest first, by population. */
+/** Rounds chosen by a condition on a population id and a round number, oldest first, by population id. */
 async function loadRounds(
   db: Database,
   which: (populationId: AnyPgColumn, round: AnyPgColumn) => SQL | undefined,
-): Promise<(Round & { populationId: string })[]> {
+): Promise<Map<string, Round[]>> {
   const r = schema.populationRounds;
   const s = schema.populationSubmissions;
   const c = schema.checkpoints;
@@ -156,10 +156,12 @@ async function loadRounds(
     .orderBy(asc(c.populationMember));
   const of = (row: (typeof rows)[number]) => (o: { populationId: string | null; round: number | null }) =>
     o.populationId === row.populationId && o.round === row.round;
-  return rows.map((row) => {
+  const byPopulation = new Map<string, Round[]>();
+  for (const row of rows) {
     const state = stateOf(row.jobStatus ? { status: row.jobStatus as JobStatus } : undefined);
-    return {
-      populationId: row.populationId,
+    const rounds = byPopulation.get(row.populationId) ?? [];
+    byPopulation.set(row.populationId, rounds);
+    rounds.push({
       round: row.round,
       status: ROUND_STATUS[state],
       openedAt: row.openedAt,
@@ -167,8 +169,9 @@ async function loadRounds(
       submitted: submissions.filter(of(row)).map((s) => s.member),
       jobId: row.jobId,
       outputs: outputs.filter(of(row)).map((o) => ({ member: o.member as number, checkpointId: o.id })),
-    };
-  });
+    });
+  }
+  return byPopulation;
 }
 
 /** The rounds of a population (`only`: just that one), oldest first, with their jobs' states. */
@@ -176,7 +179,7 @@ export async function roundsOf(db: Database, population: PopulationRow, only?: n
   const rounds = await loadRounds(db, (populationId, round) =>
     and(eq(populationId, population.id), only === undefined ? undefined : eq(round, only)),
   );
-  return rounds.map(({ populationId: _, ...round }) => round);
+  return rounds.get(population.id) ?? [];
 }
 
 /** The finish jobs of these populations, by id. */
@@ -234,7 +237,7 @@ export async function listPopulations({
   const ids = page.items.map((row) => row.id);
   const rounds =
     ids.length === 0
-      ? []
+      ? new Map<string, Round[]>()
       : await loadRounds(
           ctx.db,
           (populationId, round) =>
@@ -242,11 +245,7 @@ export async function listPopulations({
         );
   const finishJobs = await finishJobsOf(ctx.db, page.items);
   const items = page.items.map((row) =>
-    withState(
-      row,
-      rounds.filter((r) => r.populationId === row.id).map(({ populationId: _, ...round }) => round),
-      finishJobs.get(row.finishJobId ?? ""),
-    ),
+    withState(row, rounds.get(row.id) ?? [], finishJobs.get(row.finishJobId ?? "")),
   );
   return { items, nextCursor: page.nextCursor };
 }
