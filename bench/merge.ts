@@ -4,35 +4,31 @@
  * a numpy baseline (bench/numpy_merge.py), each under /usr/bin/time for wall time and peak RSS,
  * checks that the outputs agree, and prints the ratio.
  * Targets: at most 1.0 s and 300 MB peak RSS.
- * Then the same merge as a job through the API (PGlite, in-process worker), on the filesystem
- * store and on s3rver: seconds from POST /v1/merges to the job's success (uploads not timed).
+ * Then the same merge as a job through the API of the compiled service (`node dist/server.js`,
+ * PGlite, in-process worker), on the filesystem store and on S3 (s3rver, in a process of its
+ * own): seconds from POST /v1/merges to the job's success (uploads not timed), against `papa
+ * merge` for the filesystem and against a plain copy of the same bytes through the same S3
+ * client for S3. Targets: within 1.3x of each.
  *
  * usage: npm run bench:merge [-- MILLION_PARAMS]
  */
-import { execFileSync, spawnSync } from "node:child_process";
+import { execFileSync, spawn, spawnSync } from "node:child_process";
 import { once } from "node:events";
 import { createReadStream, createWriteStream, existsSync } from "node:fs";
-import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
 import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
-import S3rver from "s3rver";
-import { createApp } from "../src/app.js";
-import { loadConfig, type WorkerConfig } from "../src/config.js";
-import { openDatabase } from "../src/db/client.js";
-import { startWorker } from "../src/jobs/worker.js";
-import { createJsonLogger } from "../src/logger.js";
-import { assembleRuntime } from "../src/runtime.js";
-import { createApiKey } from "../src/services/api-keys/api-keys.js";
-import { createCheckpoint } from "../src/services/checkpoints/checkpoints.js";
-import { createTenant } from "../src/services/tenants/create-tenant.js";
-import { FilesystemStore } from "../src/storage/fs-store.js";
-import type { ObjectStore } from "../src/storage/object-store.js";
+import { Readable } from "node:stream";
+import { blockElementsFor, slotCount } from "../src/merge/engine.js";
+import type { S3StoreOptions } from "../src/storage/object-store.js";
 import { S3Store } from "../src/storage/s3-store.js";
 import { openFileSource, readBytes, readSafetensorsHeader } from "../src/tensors/source.js";
+import { listeningUrl } from "./server.js";
 
 const millions = Number(process.argv[2] ?? 100);
 const INPUTS = 4;
 const dir = join(tmpdir(), `papa-bench-merge-${millions}m`);
+const KEY = "papa_bench-key-0123456789abcdefghijklmnop";
 
 /** Tensors like a conv net plus transformer blocks, with BatchNorm buffers and an I64 counter. */
 function layout(totalParams: number): { name: string; dtype: "F32" | "I64"; shape: number[] }[] {
@@ -124,92 +120,159 @@ async function worstDifference(a: string, b: string): Promise<number> {
   return worst / (scale || 1);
 }
 
+/** s3rver in a process of its own (as S3 is to the service): its endpoint, and `stop`. */
+async function startS3rver(dir: string): Promise<{ endpoint: string; stop(): Promise<void> }> {
+  const server = spawn(
+    process.execPath,
+    [
+      "node_modules/s3rver/bin/s3rver.js",
+      "-d",
+      dir,
+      "-a",
+      "127.0.0.1",
+      "-p",
+      "0",
+      "-s",
+      "--configure-bucket",
+      "bench",
+    ],
+    { stdio: ["ignore", "pipe", "inherit"] },
+  );
+  let out = "";
+  for await (const chunk of server.stdout) {
+    out += String(chunk);
+    const address = out.match(/listening on (\S+)/)?.[1];
+    if (address) {
+      server.stdout.resume();
+      return {
+        endpoint: `http://${address}`,
+        stop: async () => {
+          server.kill();
+          await once(server, "exit");
+        },
+      };
+    }
+  }
+  throw new Error(`s3rver did not start: ${out}`);
+}
+
+/** The S3 settings of the bench bucket on `endpoint`, as the service reads them and as `S3Store` takes them. */
+function s3Settings(endpoint: string) {
+  const env = {
+    S3_BUCKET: "bench",
+    S3_ENDPOINT: endpoint,
+    S3_FORCE_PATH_STYLE: "true",
+    S3_ACCESS_KEY_ID: "S3RVER",
+    S3_SECRET_ACCESS_KEY: "S3RVER",
+  };
+  const options: S3StoreOptions = {
+    bucket: env.S3_BUCKET,
+    region: "us-east-1",
+    endpoint,
+    forcePathStyle: true,
+    credentials: { accessKeyId: env.S3_ACCESS_KEY_ID, secretAccessKey: env.S3_SECRET_ACCESS_KEY },
+  };
+  return { env, options };
+}
+
 /**
- * POST /v1/merges on a fresh service with the given store; seconds until a worker started the
- * job, and until it succeeded.
+ * The baseline for the S3 store: a plain copy of the merge's bytes through the service's S3
+ * client (`S3Store`) with the merge's concurrency: the inputs read in the merge's blocks, as many
+ * blocks in flight, and the first input's bytes written as one output. Seconds.
+ */
+async function plainS3Copy(options: S3StoreOptions, inputs: string[]): Promise<number> {
+  const store = new S3Store(options);
+  const size = (await stat(inputs[0] ?? "")).size;
+  const keys = inputs.map((_, k) => `copy/input-${k}`);
+  for (const [k, path] of inputs.entries()) await store.put(keys[k] ?? "", createReadStream(path));
+  const slots = slotCount(availableParallelism());
+  const blockBytes = blockElementsFor(inputs.length, 1, slots) * 4;
+  const started = performance.now();
+  const writer = await store.create("copy/output");
+  const buffers = Array.from({ length: slots }, () => keys.map(() => new Uint8Array(blockBytes)));
+  const blocks = Math.ceil(size / blockBytes);
+  const read = (b: number) => {
+    const offset = b * blockBytes;
+    const length = Math.min(blockBytes, size - offset);
+    const slot = (buffers[b % slots] ?? []).map((buffer) => buffer.subarray(0, length));
+    return Promise.all(keys.map((key, k) => store.read(key, offset, slot[k] as Uint8Array))).then(() => slot);
+  };
+  const pending = Array.from({ length: Math.min(slots, blocks) }, (_, b) => read(b));
+  for (let b = 0; b < blocks; b++) {
+    const slot = await (pending.shift() as Promise<Uint8Array[]>);
+    await writer.write(slot[0] as Uint8Array);
+    if (b + slots < blocks) pending.push(read(b + slots));
+  }
+  await writer.commit();
+  const seconds = (performance.now() - started) / 1000;
+  for (const key of [...keys, "copy/output"]) await store.delete(key);
+  store.close();
+  return seconds;
+}
+
+/**
+ * The compiled service (`node dist/server.js`, PGlite, in-process worker) on the given store:
+ * the inputs uploaded through the API, then POST /v1/merges; seconds until the job ran, and
+ * until it succeeded (the POST's own time included).
  */
 async function mergeThroughApi(
-  kind: "filesystem" | "s3",
   inputs: string[],
+  s3Env: Record<string, string> | null,
 ): Promise<{ started: number; succeeded: number }> {
   const dir = await mkdtemp(join(tmpdir(), "papa-bench-api-"));
-  const database = await openDatabase({ pgliteDir: null });
-  let server: S3rver | null = null;
-  let store: ObjectStore;
-  if (kind === "s3") {
-    server = new S3rver({
-      port: 0,
-      address: "127.0.0.1",
-      silent: true,
-      directory: dir,
-      configureBuckets: [{ name: "bench", configs: [] }],
-    });
-    const { port } = (await server.run()) as { port: number };
-    store = new S3Store({
-      bucket: "bench",
-      region: "us-east-1",
-      endpoint: `http://127.0.0.1:${port}`,
-      forcePathStyle: true,
-      credentials: { accessKeyId: "S3RVER", secretAccessKey: "S3RVER" },
-    });
-  } else {
-    store = new FilesystemStore(dir);
-  }
-  const logger = createJsonLogger("warn");
-  const defaults = loadConfig({});
-  const worker: WorkerConfig = {
-    ...defaults.worker,
-    queues: ["merge"],
-    mergeConcurrency: 1,
-    mergeThreads: availableParallelism(),
-    retryLimit: 0,
-    drainSeconds: 1,
-  };
-  const runtime = await assembleRuntime({
-    database,
-    store,
-    config: {
-      limits: { ...defaults.limits, maxUploadBytes: 2 ** 34, maxMergeInputBytes: 2 ** 36 },
-      presignExpiresSeconds: 60,
-      worker,
-      datasets: defaults.datasets,
+  const server = spawn(process.execPath, ["dist/server.js"], {
+    env: {
+      PATH: process.env.PATH,
+      PORT: "0",
+      HOST: "127.0.0.1",
+      PAPA_DATA_DIR: dir,
+      PAPA_API_KEY: KEY,
+      ...s3Env,
     },
-    logger,
+    stdio: ["ignore", "pipe", "inherit"],
   });
-  const { ctx } = runtime;
-  const tenantId = (await createTenant({ ctx, input: { name: "bench" } })).id;
-  const { secret } = await createApiKey({ ctx, principal: { tenantId }, input: {} });
-  const ids: string[] = [];
-  for (const [k, path] of inputs.entries()) {
-    const body = createReadStream(path, { highWaterMark: 1 << 20 });
-    ids.push(
-      (await createCheckpoint({ ctx, principal: { tenantId }, input: { name: `member-${k}`, body } })).id,
-    );
+  try {
+    const base = await listeningUrl(server);
+    const call = async <T>(path: string, init: RequestInit = {}): Promise<T> => {
+      const res = await fetch(`${base}${path}`, {
+        ...init,
+        headers: { Authorization: `Bearer ${KEY}`, ...init.headers },
+      });
+      if (!res.ok) throw new Error(`${init.method ?? "GET"} ${path}: ${res.status} ${await res.text()}`);
+      return (await res.json()) as T;
+    };
+    const ids: string[] = [];
+    for (const [k, path] of inputs.entries()) {
+      const body = Readable.toWeb(createReadStream(path, { highWaterMark: 1 << 20 })) as ReadableStream;
+      const upload = {
+        method: "POST",
+        body,
+        duplex: "half",
+        headers: { "Content-Type": "application/octet-stream" },
+      };
+      ids.push((await call<{ id: string }>(`/v1/checkpoints?name=member-${k}`, upload as RequestInit)).id);
+    }
+    const started = performance.now();
+    const { id } = await call<{ id: string }>("/v1/merges", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ method: "papa-all", inputs: ids }),
+    });
+    let status = "queued";
+    let running = Number.NaN;
+    while (!["succeeded", "failed", "canceled"].includes(status)) {
+      await new Promise((r) => setTimeout(r, 10));
+      ({ status } = await call<{ status: string }>(`/v1/jobs/${id}`));
+      if (status !== "queued" && Number.isNaN(running)) running = (performance.now() - started) / 1000;
+    }
+    const seconds = (performance.now() - started) / 1000;
+    if (status !== "succeeded") throw new Error(`merge job ${status}`);
+    return { started: running, succeeded: seconds };
+  } finally {
+    server.kill();
+    await once(server, "exit");
+    await rm(dir, { recursive: true, force: true });
   }
-  await startWorker(ctx, worker);
-  const app = createApp(ctx);
-  const started = performance.now();
-  const res = await app.request("/v1/merges", {
-    method: "POST",
-    headers: { Authorization: `Bearer ${secret}`, "Content-Type": "application/json" },
-    body: JSON.stringify({ method: "papa-all", inputs: ids }),
-  });
-  const { id } = (await res.json()) as { id: string };
-  let status = "queued";
-  let running = Number.NaN;
-  while (!["succeeded", "failed", "canceled"].includes(status)) {
-    await new Promise((r) => setTimeout(r, 20));
-    const job = await app.request(`/v1/jobs/${id}`, { headers: { Authorization: `Bearer ${secret}` } });
-    status = ((await job.json()) as { status: string }).status;
-    if (status !== "queued" && Number.isNaN(running)) running = (performance.now() - started) / 1000;
-  }
-  const seconds = (performance.now() - started) / 1000;
-  if (status !== "succeeded") throw new Error(`merge job ${status}`);
-  await runtime.close();
-  await database.close();
-  if (server) await server.close();
-  await rm(dir, { recursive: true, force: true });
-  return { started: running, succeeded: seconds };
 }
 
 async function main(): Promise<void> {
@@ -238,11 +301,24 @@ async function main(): Promise<void> {
   );
   await rm(ours, { force: true });
   await rm(theirs, { force: true });
-  for (const kind of ["filesystem", "s3"] as const) {
-    const { started, succeeded } = await mergeThroughApi(kind, inputs);
+  const fsJob = await mergeThroughApi(inputs, null);
+  console.log(
+    `merge-job papa-all store=filesystem seconds=${fsJob.succeeded.toFixed(2)} started_after=${fsJob.started.toFixed(2)} ` +
+      `vs_papa_merge=${(fsJob.succeeded / papa.seconds).toFixed(2)}x (POST /v1/merges to succeeded, to running)`,
+  );
+  const s3Dir = await mkdtemp(join(tmpdir(), "papa-bench-s3-"));
+  const s3 = await startS3rver(s3Dir);
+  try {
+    const { env, options } = s3Settings(s3.endpoint);
+    const copy = await plainS3Copy(options, inputs);
+    const s3Job = await mergeThroughApi(inputs, env);
     console.log(
-      `merge-job papa-all store=${kind} seconds=${succeeded.toFixed(2)} started_after=${started.toFixed(2)} (POST /v1/merges to succeeded, to running)`,
+      `merge-job papa-all store=s3 seconds=${s3Job.succeeded.toFixed(2)} started_after=${s3Job.started.toFixed(2)} ` +
+        `plain_copy_s=${copy.toFixed(2)} vs_plain_copy=${(s3Job.succeeded / copy).toFixed(2)}x`,
     );
+  } finally {
+    await s3.stop();
+    await rm(s3Dir, { recursive: true, force: true });
   }
 }
 

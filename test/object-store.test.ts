@@ -85,6 +85,45 @@ describe.each<StoreKind>(["filesystem", "s3"])("ObjectStore contract: %s", (kind
     await store.delete("big.bin");
   });
 
+  it("writes an object from buffers reused between writes, visible only once committed", async () => {
+    const { store } = resource.value;
+    // Past the S3 store's 5 MiB parts, so that parts are sent while writes go on.
+    const expected = Buffer.alloc(13 * 1024 * 1024);
+    const scratch = new Uint8Array(1024 * 1024);
+    const writer = await store.create("w/one.bin");
+    for (let i = 0; i < 13; i++) {
+      scratch.fill(i + 1);
+      expected.fill(i + 1, i * scratch.length, (i + 1) * scratch.length);
+      await writer.write(scratch);
+    }
+    expect(await store.stat("w/one.bin")).toBeNull();
+    expect(await writer.commit()).toEqual({ sizeBytes: expected.length });
+    expect((await bytesOf(await store.get("w/one.bin"))).equals(expected)).toBe(true);
+    await store.delete("w/one.bin");
+  });
+
+  it("leaves nothing behind when a write is aborted, before or after its first part", async () => {
+    const { store, everything } = resource.value;
+    for (const bytes of [10, 6 * 1024 * 1024]) {
+      const writer = await store.create("w/aborted.bin");
+      await writer.write(Buffer.alloc(bytes, 7));
+      await writer.abort();
+      expect(await store.stat("w/aborted.bin")).toBeNull();
+      expect(await everything()).toEqual([]);
+    }
+  });
+
+  it("reads a range into a buffer, and refuses one past the end or of a missing object", async () => {
+    const { store } = resource.value;
+    await store.put("r.bin", Readable.from([Buffer.from("0123456789")]));
+    const target = new Uint8Array(4);
+    await store.read("r.bin", 3, target);
+    expect(Buffer.from(target).toString()).toBe("3456");
+    await expect(store.read("r.bin", 8, new Uint8Array(4))).rejects.toThrow("ends before byte 12");
+    await expect(store.read("missing.bin", 0, new Uint8Array(1))).rejects.toBeInstanceOf(ObjectNotFoundError);
+    await store.delete("r.bin");
+  });
+
   it("refuses keys that could escape the store", async () => {
     const { store } = resource.value;
     for (const key of ["../x", "/abs", "a//b", "a/./b", ""]) {

@@ -1,6 +1,5 @@
-import { once } from "node:events";
-import { open, rename, rm } from "node:fs/promises";
-import { PassThrough } from "node:stream";
+import { createFileWriter } from "../storage/fs-store.js";
+import type { ObjectWriter } from "../storage/object-store.js";
 import { DTYPE_BITS } from "../tensors/dtypes.js";
 import { FLOAT_BYTES, isFloatDtype } from "../tensors/floats.js";
 import { type ByteSource, readBytes } from "../tensors/source.js";
@@ -33,9 +32,9 @@ interface Slot {
 /** Bytes of shared memory all slots together may use; the block size is derived from it. */
 export const SLOT_MEMORY_BYTES = 128 * 1024 * 1024;
 
-/** How many blocks may be in flight with a pool of this size. */
-export function slotCount(pool: MergePool): number {
-  return Math.max(2, pool.size * 2);
+/** How many blocks may be in flight with a pool of `threads` threads. */
+export function slotCount(threads: number): number {
+  return Math.max(2, threads * 2);
 }
 
 /**
@@ -73,7 +72,7 @@ function allocateSlots(plan: MergePlan, inputs: number, outputs: number, count: 
 export async function runMerge(options: RunMergeOptions): Promise<void> {
   const { plan, sources, sinks, pool, signal } = options;
   for (const sink of sinks) await sink.write(plan.headerBytes);
-  const slots = allocateSlots(plan, sources.length, sinks.length, slotCount(pool));
+  const slots = allocateSlots(plan, sources.length, sinks.length, slotCount(pool.size));
   const pending: Promise<Uint8Array[]>[] = [];
   const total = plan.outputBytes - plan.headerBytes.length;
   let started = 0;
@@ -138,36 +137,6 @@ async function processBlock(
 }
 
 /** A local output file, written to a temp name and renamed into place by `commit`. */
-export async function openFileSink(
-  path: string,
-): Promise<OutputSink & { commit(): Promise<void>; abort(): Promise<void> }> {
-  const tmp = `${path}.partial-${process.pid}`;
-  const handle = await open(tmp, "w");
-  return {
-    write: async (data) => {
-      let written = 0;
-      while (written < data.byteLength) {
-        written += (await handle.write(data, written, data.byteLength - written)).bytesWritten;
-      }
-    },
-    commit: async () => {
-      await handle.close();
-      await rename(tmp, path);
-    },
-    abort: async () => {
-      await handle.close().catch(() => undefined);
-      await rm(tmp, { force: true });
-    },
-  };
-}
-
-/** An output as a readable stream (for `ObjectStore.put`), with backpressure. Copies each block. */
-export function streamSink(): OutputSink & { stream: PassThrough } {
-  const stream = new PassThrough({ highWaterMark: 8 << 20 });
-  return {
-    stream,
-    write: async (data) => {
-      if (!stream.write(Buffer.from(data))) await once(stream, "drain");
-    },
-  };
+export function openFileSink(path: string): Promise<ObjectWriter> {
+  return createFileWriter(`${path}.partial-${process.pid}`, path, false);
 }

@@ -43,7 +43,7 @@ export async function mergeFiles(options: MergeFilesOptions): Promise<string[]> 
       exclude: options.exclude,
       outputDtype: options.outputDtype,
       metadata: { "papa.method": options.spec.method },
-      blockElements: blockElementsFor(sources.length, coefficients.length, slotCount(pool)),
+      blockElements: blockElementsFor(sources.length, coefficients.length, slotCount(pool.size)),
     });
     const paths = outputPaths(options.out, coefficients.length);
     for (const path of paths) sinks.push(await openFileSink(path));

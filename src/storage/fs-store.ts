@@ -1,14 +1,15 @@
 import { randomUUID } from "node:crypto";
-import { createReadStream, createWriteStream, type Dirent } from "node:fs";
-import { access, mkdir, open, readdir, rename, rm, stat } from "node:fs/promises";
+import { createReadStream, type Dirent } from "node:fs";
+import { access, type FileHandle, mkdir, open, readdir, rename, rm, stat } from "node:fs/promises";
 import { dirname, join, relative, resolve, sep } from "node:path";
 import { Readable } from "node:stream";
-import { pipeline } from "node:stream/promises";
 import {
   assertValidKey,
   type ByteRange,
   ObjectNotFoundError,
   type ObjectStore,
+  type ObjectWriter,
+  putStream,
   type StoreLocation,
 } from "./object-store.js";
 
@@ -31,34 +32,25 @@ export class FilesystemStore implements ObjectStore {
     return join(this.root, ...key.split("/"));
   }
 
-  async put(key: string, body: Readable): Promise<{ sizeBytes: number }> {
+  put(key: string, body: Readable): Promise<{ sizeBytes: number }> {
+    return putStream(this, key, body);
+  }
+
+  async create(key: string): Promise<ObjectWriter> {
     const target = this.path(key);
     const tmp = join(this.root, TMP_DIR, randomUUID());
     await mkdir(dirname(tmp), { recursive: true });
-    try {
-      await pipeline(body, createWriteStream(tmp, { flags: "wx", highWaterMark: 1 << 20 }));
-      const handle = await open(tmp, "r");
-      try {
-        await handle.sync();
-      } finally {
-        await handle.close();
-      }
-      await mkdir(dirname(target), { recursive: true });
-      await rename(tmp, target);
-    } catch (err) {
-      body.destroy();
-      await rm(tmp, { force: true });
-      throw err;
-    }
-    await syncDirectory(dirname(target));
-    return { sizeBytes: (await stat(target)).size };
+    return createFileWriter(tmp, target, true);
+  }
+
+  private open(key: string): Promise<FileHandle> {
+    return open(this.path(key), "r").catch((err: NodeJS.ErrnoException) => {
+      throw err.code === "ENOENT" ? new ObjectNotFoundError(key) : err;
+    });
   }
 
   async get(key: string, range?: ByteRange): Promise<Readable> {
-    const file = this.path(key);
-    const handle = await open(file, "r").catch((err: NodeJS.ErrnoException) => {
-      throw err.code === "ENOENT" ? new ObjectNotFoundError(key) : err;
-    });
+    const handle = await this.open(key);
     if (range && range.end <= range.start) {
       await handle.close();
       return Readable.from([]);
@@ -68,6 +60,15 @@ export class FilesystemStore implements ObjectStore {
       highWaterMark: 1 << 20,
       ...(range ? { start: range.start, end: range.end - 1 } : {}),
     });
+  }
+
+  async read(key: string, offset: number, target: Uint8Array): Promise<void> {
+    const handle = await this.open(key);
+    try {
+      await readFully(handle, offset, target, key);
+    } finally {
+      await handle.close();
+    }
   }
 
   async stat(key: string): Promise<{ sizeBytes: number } | null> {
@@ -127,6 +128,68 @@ export class FilesystemStore implements ObjectStore {
   async ping(): Promise<void> {
     await mkdir(this.root, { recursive: true });
     await access(this.root);
+  }
+}
+
+/** While a durable file is written, its pages are flushed every this many bytes, so that the final fsync has little left. */
+const FLUSH_EVERY_BYTES = 64 * 1024 * 1024;
+
+/**
+ * A file written at `tmp` and renamed to `path` by `commit`, so that no reader sees it partial;
+ * `abort` removes it. A `durable` file is on disk before it is renamed (and the rename after):
+ * its pages are flushed in the background as it grows, then fsynced at `commit`.
+ */
+export async function createFileWriter(tmp: string, path: string, durable: boolean): Promise<ObjectWriter> {
+  const handle = await open(tmp, "w");
+  let size = 0;
+  let unflushed = 0;
+  let flushing: Promise<void> = Promise.resolve();
+  return {
+    write: async (data) => {
+      let written = 0;
+      while (written < data.byteLength) {
+        written += (await handle.write(data, written, data.byteLength - written)).bytesWritten;
+      }
+      size += written;
+      unflushed += written;
+      if (durable && unflushed >= FLUSH_EVERY_BYTES) {
+        unflushed = 0;
+        // One flush at a time; a failed one fails the commit.
+        flushing = flushing.then(() => handle.datasync());
+        flushing.catch(() => undefined); // awaited by `commit`: not an unhandled rejection meanwhile
+      }
+    },
+    commit: async () => {
+      if (durable) {
+        await flushing;
+        await handle.sync();
+      }
+      await handle.close();
+      await mkdir(dirname(path), { recursive: true });
+      await rename(tmp, path);
+      if (durable) await syncDirectory(dirname(path));
+      return { sizeBytes: size };
+    },
+    abort: async () => {
+      await flushing.catch(() => undefined);
+      await handle.close().catch(() => undefined);
+      await rm(tmp, { force: true });
+    },
+  };
+}
+
+/** Fills `target` from the file's byte `offset`; `name` is what an error calls the file. */
+export async function readFully(
+  handle: FileHandle,
+  offset: number,
+  target: Uint8Array,
+  name: string,
+): Promise<void> {
+  let filled = 0;
+  while (filled < target.byteLength) {
+    const { bytesRead } = await handle.read(target, filled, target.byteLength - filled, offset + filled);
+    if (bytesRead === 0) throw new Error(`${name} ends before byte ${offset + target.byteLength}`);
+    filled += bytesRead;
   }
 }
 

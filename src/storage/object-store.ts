@@ -34,8 +34,18 @@ export interface ObjectStore {
    * left behind (no temp file, no incomplete multipart upload).
    */
   put(key: string, body: Readable): Promise<{ sizeBytes: number }>;
+  /**
+   * Starts writing `key` from buffers (what `put` does with a stream's chunks): nothing is
+   * visible until `commit`, and `abort` leaves nothing behind.
+   */
+  create(key: string): Promise<ObjectWriter>;
   /** Streams the object, or a byte range of it. Rejects with `ObjectNotFoundError`. */
   get(key: string, range?: ByteRange): Promise<Readable>;
+  /**
+   * Fills `target` with the object's bytes from `offset`, without a stream in between; rejects
+   * with `ObjectNotFoundError`, or when the object ends first.
+   */
+  read(key: string, offset: number, target: Uint8Array): Promise<void>;
   /** The object's size, or null when it does not exist. */
   stat(key: string): Promise<{ sizeBytes: number } | null>;
   /** Removes the object; removing a missing object is not an error. */
@@ -55,6 +65,35 @@ export interface ObjectStore {
   sweepIncomplete(olderThanSeconds: number): Promise<number>;
   /** Present when clients can upload parts directly (S3). */
   readonly multipart?: MultipartUploads;
+}
+
+/** An object being written, in order: `write`s, then `commit` or `abort`. */
+export interface ObjectWriter {
+  /** Appends `data`, which may be reused once the promise resolves. */
+  write(data: Uint8Array): Promise<void>;
+  /** Makes the whole object visible under its key. */
+  commit(): Promise<{ sizeBytes: number }>;
+  /** Drops what was written; safe after a failed `write` or `commit`. */
+  abort(): Promise<void>;
+}
+
+/** `put` for any store: the stream's chunks through `create`'s writer. */
+export async function putStream(
+  store: ObjectStore,
+  key: string,
+  body: Readable,
+): Promise<{ sizeBytes: number }> {
+  const writer = await store.create(key);
+  try {
+    for await (const chunk of body) {
+      await writer.write(typeof chunk === "string" ? Buffer.from(chunk) : (chunk as Uint8Array));
+    }
+    return await writer.commit();
+  } catch (err) {
+    body.destroy();
+    await writer.abort();
+    throw err;
+  }
 }
 
 /**

@@ -25,6 +25,8 @@ import {
   type MultipartUploads,
   ObjectNotFoundError,
   type ObjectStore,
+  type ObjectWriter,
+  putStream,
   type S3StoreOptions,
   type StoreLocation,
 } from "./object-store.js";
@@ -34,37 +36,6 @@ const OCTETS = "application/octet-stream";
 const MARKERS = "_writes/";
 const MARKER_REFRESH_MS = 5 * 60 * 1000;
 const PARTS_IN_FLIGHT = 4;
-
-/**
- * A stream as parts of `size` bytes (the last may be shorter, or empty for an empty stream),
- * each in a buffer of its own; `last` marks the final one.
- */
-async function* partsOf(body: Readable, size: number): AsyncGenerator<{ data: Buffer; last: boolean }> {
-  let pending: Buffer[] = [];
-  let filled = 0;
-  let ready: Buffer | null = null;
-  for await (const chunk of body) {
-    let rest = Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk as Uint8Array | string);
-    while (rest.length > 0) {
-      const take = Math.min(rest.length, size - filled);
-      pending.push(rest.subarray(0, take));
-      filled += take;
-      rest = rest.subarray(take);
-      if (filled === size) {
-        if (ready) yield { data: ready, last: false };
-        ready = Buffer.concat(pending, size);
-        pending = [];
-        filled = 0;
-      }
-    }
-  }
-  if (filled > 0) {
-    if (ready) yield { data: ready, last: false };
-    yield { data: Buffer.concat(pending, filled), last: true };
-  } else {
-    yield { data: ready ?? Buffer.alloc(0), last: true };
-  }
-}
 
 /**
  * Object store on S3 or an S3-compatible server. Streams of unknown length go up as multipart
@@ -83,6 +54,11 @@ export class S3Store implements ObjectStore {
     const config: S3ClientConfig = {
       region: options.region,
       forcePathStyle: options.forcePathStyle ?? false,
+      // The SDK would checksum (CRC32) every part it sends and every object it reads, a pass over
+      // the bytes on the event loop: objects are hashed (sha256) and validated where they are
+      // written and read, and HTTP checks their length.
+      requestChecksumCalculation: "WHEN_REQUIRED",
+      responseChecksumValidation: "WHEN_REQUIRED",
     };
     if (options.endpoint) config.endpoint = options.endpoint;
     if (options.credentials) config.credentials = options.credentials;
@@ -91,84 +67,112 @@ export class S3Store implements ObjectStore {
     this.partSize = options.partSizeBytes ?? 8 * 1024 * 1024;
   }
 
+  put(key: string, body: Readable): Promise<{ sizeBytes: number }> {
+    return putStream(this, key, body);
+  }
+
   /**
-   * Stores a stream: one PutObject when it fits a part, else a multipart upload with up to four
-   * parts in flight. While a multipart upload is open, a marker object under `_writes/` names
-   * it, rewritten every few minutes; a writer that dies leaves a marker that stops being
-   * rewritten, by which `sweepIncomplete` finds and aborts the upload.
+   * Writes an object in parts of `partSize` bytes: one PutObject at `commit` when it fits one
+   * part, else a multipart upload with up to four parts in flight. While a multipart upload is
+   * open, a marker object under `_writes/` names it, rewritten every few minutes; a writer that
+   * dies leaves a marker that stops being rewritten, by which `sweepIncomplete` finds and aborts
+   * the upload.
    */
-  async put(key: string, body: Readable): Promise<{ sizeBytes: number }> {
+  async create(key: string): Promise<ObjectWriter> {
     assertValidKey(key);
     let upload: { id: string; marker: string; refresh: NodeJS.Timeout } | null = null;
     const parts: { PartNumber: number; ETag: string }[] = [];
     const inFlight = new Set<Promise<void>>();
     let failure: unknown = null;
+    // Part buffers are reused once their part is sent: at most one more than the parts in flight.
+    const free: Buffer[] = [];
+    let part: Buffer = Buffer.allocUnsafe(this.partSize);
+    let filled = 0;
     let size = 0;
-    try {
-      for await (const part of partsOf(body, this.partSize)) {
-        size += part.data.length;
-        if (!upload && part.last) {
-          await this.client.send(
-            new PutObjectCommand({ Bucket: this.bucket, Key: key, Body: part.data, ContentType: OCTETS }),
-          );
-          break;
-        }
-        upload ??= await this.startMultipart(key);
-        const { id } = upload;
-        const partNumber = parts.length + inFlight.size + 1;
-        const sent: Promise<void> = this.client
-          .send(
-            new UploadPartCommand({
-              Bucket: this.bucket,
-              Key: key,
-              UploadId: id,
-              PartNumber: partNumber,
-              Body: part.data,
-            }),
-          )
-          .then(
-            (out) => {
-              if (!out.ETag) throw new Error(`S3 returned no ETag for part ${partNumber}`);
-              parts.push({ PartNumber: partNumber, ETag: out.ETag });
-            },
-            (err: unknown) => {
-              failure ??= err;
-            },
-          )
-          .finally(() => inFlight.delete(sent));
-        inFlight.add(sent);
-        while (inFlight.size >= PARTS_IN_FLIGHT) await Promise.race(inFlight);
-        if (failure) throw failure;
-      }
-      await Promise.all(inFlight);
+    const send = async (data: Buffer): Promise<void> => {
+      upload ??= await this.startMultipart(key);
+      const { id } = upload;
+      const partNumber = parts.length + inFlight.size + 1;
+      const sent: Promise<void> = this.client
+        .send(
+          new UploadPartCommand({
+            Bucket: this.bucket,
+            Key: key,
+            UploadId: id,
+            PartNumber: partNumber,
+            Body: data,
+          }),
+        )
+        .then((out) => {
+          if (!out.ETag) throw new Error(`S3 returned no ETag for part ${partNumber}`);
+          parts.push({ PartNumber: partNumber, ETag: out.ETag });
+          if (data.byteLength === this.partSize) free.push(data);
+        })
+        .catch((err: unknown) => {
+          failure ??= err;
+        })
+        .finally(() => inFlight.delete(sent));
+      inFlight.add(sent);
+      while (inFlight.size >= PARTS_IN_FLIGHT) await Promise.race(inFlight);
       if (failure) throw failure;
+    };
+    const finish = async () => {
       if (upload) {
+        clearInterval(upload.refresh);
+        await this.delete(upload.marker).catch(() => undefined);
+      }
+    };
+    return {
+      write: async (data) => {
+        let rest = data;
+        while (rest.byteLength > 0) {
+          const take = Math.min(rest.byteLength, this.partSize - filled);
+          part.set(rest.subarray(0, take), filled);
+          filled += take;
+          size += take;
+          rest = rest.subarray(take);
+          if (filled === this.partSize) {
+            const full = part;
+            part = free.pop() ?? Buffer.allocUnsafe(this.partSize);
+            filled = 0;
+            await send(full);
+          }
+        }
+      },
+      commit: async () => {
+        const last = part.subarray(0, filled);
+        if (size === filled) {
+          await this.client.send(
+            new PutObjectCommand({ Bucket: this.bucket, Key: key, Body: last, ContentType: OCTETS }),
+          );
+          return { sizeBytes: size };
+        }
+        // A multipart upload's last part may be shorter than the others, not empty.
+        if (filled > 0) await send(last);
+        await Promise.all(inFlight);
+        if (failure) throw failure;
         parts.sort((a, b) => a.PartNumber - b.PartNumber);
         await this.client.send(
           new CompleteMultipartUploadCommand({
             Bucket: this.bucket,
             Key: key,
-            UploadId: upload.id,
+            UploadId: (upload as { id: string }).id,
             MultipartUpload: { Parts: parts },
           }),
         );
-      }
-    } catch (err) {
-      body.destroy();
-      await Promise.allSettled(inFlight);
-      if (upload) {
-        await this.client
-          .send(new AbortMultipartUploadCommand({ Bucket: this.bucket, Key: key, UploadId: upload.id }))
-          .catch(() => undefined);
-      }
-      throw err;
-    } finally {
-      if (upload) {
-        clearInterval(upload.refresh);
-        await this.delete(upload.marker).catch(() => undefined);
-      }
-    }
-    return { sizeBytes: size };
+        await finish();
+        return { sizeBytes: size };
+      },
+      abort: async () => {
+        await Promise.allSettled(inFlight);
+        if (upload) {
+          await this.client
+            .send(new AbortMultipartUploadCommand({ Bucket: this.bucket, Key: key, UploadId: upload.id }))
+            .catch(() => undefined);
+        }
+        await finish();
+      },
+    };
   }
 
   /** Opens a multipart upload and its marker, kept fresh while this process lives. */
@@ -212,6 +216,17 @@ export class S3Store implements ObjectStore {
       if (err instanceof NoSuchKey) throw new ObjectNotFoundError(key);
       throw err;
     }
+  }
+
+  async read(key: string, offset: number, target: Uint8Array): Promise<void> {
+    let filled = 0;
+    for await (const chunk of await this.get(key, { start: offset, end: offset + target.byteLength })) {
+      const bytes = chunk as Uint8Array;
+      target.set(bytes.subarray(0, target.byteLength - filled), filled);
+      filled += bytes.byteLength;
+    }
+    if (filled < target.byteLength)
+      throw new Error(`object ${key} ends before byte ${offset + target.byteLength}`);
   }
 
   async stat(key: string): Promise<{ sizeBytes: number } | null> {

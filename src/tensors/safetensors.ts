@@ -255,13 +255,13 @@ export interface ValidatorOptions {
 }
 
 /**
- * A pass-through stream that validates safetensors bytes as they flow and hashes them (sha256)
- * in the same pass. It errors with a `SafetensorsError` as soon as the bytes cannot be valid
- * (so a store consuming it aborts early); `summary()` is available once the stream has ended.
- * Memory: the header (at most `maxHeaderBytes`) plus one chunk. A header over 1 MiB is parsed on
- * a worker thread, so that the event loop is not held for it.
+ * Validates safetensors bytes given in order and hashes them (sha256) in the same pass: `update`
+ * throws a `SafetensorsError` as soon as the bytes cannot be valid, `finish` once they end.
+ * Memory: the header (at most `maxHeaderBytes`). A header over 1 MiB is parsed on a worker
+ * thread, so that the event loop is not held for it: `update` then returns a promise, to be
+ * awaited before the next.
  */
-export class SafetensorsValidator extends Transform {
+export class SafetensorsCheck {
   private readonly maxHeaderBytes: number;
   private readonly maxBytes: number;
   private readonly hash: Hash = createHash("sha256");
@@ -271,59 +271,45 @@ export class SafetensorsValidator extends Transform {
   private header: HeaderDigest | null = null;
   private dataSeen = 0;
   private total = 0;
-  private result: SafetensorsSummary | null = null;
 
   constructor(options: ValidatorOptions = {}) {
-    super();
     this.maxHeaderBytes = options.maxHeaderBytes ?? DEFAULT_MAX_HEADER_BYTES;
     this.maxBytes = options.maxBytes ?? Number.MAX_SAFE_INTEGER;
   }
 
-  /** The summary of a completely validated file; throws if the stream has not ended cleanly. */
-  summary(): SafetensorsSummary {
-    if (!this.result) throw new Error("safetensors stream has not been fully validated");
-    return this.result;
+  /** Takes in the next bytes. */
+  update(bytes: Uint8Array): Promise<void> | undefined {
+    this.total += bytes.byteLength;
+    if (this.total > this.maxBytes) {
+      throw new SafetensorsError("too_large", `file is larger than the limit of ${this.maxBytes} bytes`);
+    }
+    const parsing = this.consume(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength));
+    if (!parsing) {
+      this.hash.update(bytes);
+      return;
+    }
+    return parsing.then(() => {
+      this.hash.update(bytes);
+    });
   }
 
-  override _transform(chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
-    const pass = () => {
-      this.hash.update(chunk);
-      callback(null, chunk);
-    };
-    try {
-      this.total += chunk.length;
-      if (this.total > this.maxBytes) {
-        throw new SafetensorsError("too_large", `file is larger than the limit of ${this.maxBytes} bytes`);
-      }
-      const parsing = this.consume(chunk);
-      if (parsing) parsing.then(pass, (err: Error) => callback(err));
-      else pass();
-    } catch (err) {
-      callback(err as Error);
+  /** The summary of the bytes taken in, which must be a whole file. */
+  finish(): SafetensorsSummary {
+    if (!this.header) {
+      throw new SafetensorsError(
+        "truncated",
+        this.headerBuffer
+          ? `file ends inside the ${this.headerBuffer.length}-byte header`
+          : `file is ${this.total} bytes, shorter than the 8-byte header length`,
+      );
     }
-  }
-
-  override _flush(callback: TransformCallback): void {
-    try {
-      if (!this.header) {
-        throw new SafetensorsError(
-          "truncated",
-          this.headerBuffer
-            ? `file ends inside the ${this.headerBuffer.length}-byte header`
-            : `file is ${this.total} bytes, shorter than the 8-byte header length`,
-        );
-      }
-      if (this.dataSeen < this.header.dataBytes) {
-        throw new SafetensorsError(
-          "truncated",
-          `file ends after ${this.dataSeen} of ${this.header.dataBytes} data bytes the header describes`,
-        );
-      }
-      this.result = { ...this.header, sha256: this.hash.digest("hex"), sizeBytes: this.total };
-      callback();
-    } catch (err) {
-      callback(err as Error);
+    if (this.dataSeen < this.header.dataBytes) {
+      throw new SafetensorsError(
+        "truncated",
+        `file ends after ${this.dataSeen} of ${this.header.dataBytes} data bytes the header describes`,
+      );
     }
+    return { ...this.header, sha256: this.hash.digest("hex"), sizeBytes: this.total };
   }
 
   /** Takes in a chunk; a promise while a large header is parsed on the thread. */
@@ -362,6 +348,47 @@ export class SafetensorsValidator extends Transform {
         "length_mismatch",
         `file has more than the ${header.dataBytes} data bytes the header describes`,
       );
+    }
+  }
+}
+
+/**
+ * A pass-through stream that validates and hashes safetensors bytes as they flow
+ * (`SafetensorsCheck`). It errors as soon as the bytes cannot be valid (so a store consuming it
+ * aborts early); `summary()` is available once the stream has ended. Memory: the header plus
+ * one chunk.
+ */
+export class SafetensorsValidator extends Transform {
+  private readonly check: SafetensorsCheck;
+  private result: SafetensorsSummary | null = null;
+
+  constructor(options: ValidatorOptions = {}) {
+    super();
+    this.check = new SafetensorsCheck(options);
+  }
+
+  /** The summary of a completely validated file; throws if the stream has not ended cleanly. */
+  summary(): SafetensorsSummary {
+    if (!this.result) throw new Error("safetensors stream has not been fully validated");
+    return this.result;
+  }
+
+  override _transform(chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
+    try {
+      const parsing = this.check.update(chunk);
+      if (parsing) parsing.then(() => callback(null, chunk), callback);
+      else callback(null, chunk);
+    } catch (err) {
+      callback(err as Error);
+    }
+  }
+
+  override _flush(callback: TransformCallback): void {
+    try {
+      this.result = this.check.finish();
+      callback();
+    } catch (err) {
+      callback(err as Error);
     }
   }
 }

@@ -1,4 +1,5 @@
 import { open } from "node:fs/promises";
+import { readFully } from "../storage/fs-store.js";
 import type { ObjectStore } from "../storage/object-store.js";
 import {
   headerLengthOf,
@@ -21,14 +22,7 @@ export async function openFileSource(path: string): Promise<ByteSource> {
   const { size } = await handle.stat();
   return {
     size,
-    read: async (offset, target) => {
-      let filled = 0;
-      while (filled < target.byteLength) {
-        const { bytesRead } = await handle.read(target, filled, target.byteLength - filled, offset + filled);
-        if (bytesRead === 0) throw new Error(`${path} ends before byte ${offset + target.byteLength}`);
-        filled += bytesRead;
-      }
-    },
+    read: (offset, target) => readFully(handle, offset, target, path),
     close: () => handle.close(),
   };
 }
@@ -73,20 +67,7 @@ export async function readSafetensorsHeader(
   return headerOfFile(await readBytes(source, 8, length), source.size);
 }
 
-/** An object in the store, read with ranged GETs. */
+/** An object in the store (`ObjectStore.read`). */
 export function storeSource(store: ObjectStore, key: string, size: number): ByteSource {
-  return {
-    size,
-    read: async (offset, target) => {
-      let filled = 0;
-      for await (const chunk of await store.get(key, { start: offset, end: offset + target.byteLength })) {
-        const bytes = chunk as Uint8Array;
-        target.set(bytes.subarray(0, target.byteLength - filled), filled);
-        filled += bytes.byteLength;
-      }
-      if (filled < target.byteLength)
-        throw new Error(`object ${key} ends before byte ${offset + target.byteLength}`);
-    },
-    close: async () => undefined,
-  };
+  return { size, read: (offset, target) => store.read(key, offset, target), close: async () => undefined };
 }

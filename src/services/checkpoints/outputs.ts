@@ -1,23 +1,52 @@
-import type { Readable } from "node:stream";
-import { pipeline } from "node:stream/promises";
 import type { schema } from "../../db/client.js";
-import { type SafetensorsSummary, SafetensorsValidator } from "../../tensors/safetensors.js";
+import { SafetensorsCheck, type SafetensorsSummary } from "../../tensors/safetensors.js";
 import type { StoreContext } from "../context.js";
 import { checkpointKey } from "./checkpoints.js";
 
+/** A job's output being written to the store (`ObjectWriter`), its summary at `commit`. */
+export interface OutputWriter {
+  write(data: Uint8Array): Promise<void>;
+  commit(): Promise<SafetensorsSummary>;
+  abort(): Promise<void>;
+}
+
 /**
- * Writes a job's output to the store at the key of `id`, through the same strict validator as
- * uploads; resolves with what the validator learned (size, sha256, counts).
+ * Starts writing a job's output to the store at the key of `id`: each write passes the same
+ * strict check as uploads, and is hashed, on its way; `commit` makes the object visible once
+ * the bytes made a whole valid file, and returns what the check learned (size, sha256, counts).
  */
+export async function createOutput(ctx: StoreContext, tenantId: string, id: string): Promise<OutputWriter> {
+  const check = new SafetensorsCheck({ maxHeaderBytes: ctx.limits.maxSafetensorsHeaderBytes });
+  const writer = await ctx.store.create(checkpointKey(tenantId, id));
+  return {
+    write: async (data) => {
+      await check.update(data);
+      await writer.write(data);
+    },
+    commit: async () => {
+      const summary = check.finish();
+      await writer.commit();
+      return summary;
+    },
+    abort: () => writer.abort(),
+  };
+}
+
+/** Stores a job's output held whole in memory (`createOutput` with one write). */
 export async function storeOutput(
   ctx: StoreContext,
   tenantId: string,
   id: string,
-  body: Readable,
+  bytes: Uint8Array,
 ): Promise<SafetensorsSummary> {
-  const validator = new SafetensorsValidator({ maxHeaderBytes: ctx.limits.maxSafetensorsHeaderBytes });
-  await Promise.all([pipeline(body, validator), ctx.store.put(checkpointKey(tenantId, id), validator)]);
-  return validator.summary();
+  const output = await createOutput(ctx, tenantId, id);
+  try {
+    await output.write(bytes);
+    return await output.commit();
+  } catch (err) {
+    await output.abort();
+    throw err;
+  }
 }
 
 /** The checkpoints row of an object validated into `summary` (a job output, or a completed upload session). */

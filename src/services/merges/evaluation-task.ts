@@ -1,4 +1,3 @@
-import { Readable } from "node:stream";
 import type * as tf from "@tensorflow/tfjs";
 import type { TaskHooks, TfjsOptions } from "../../jobs/tfjs-process.js";
 import { averageMembers, reestimateBatchNorm } from "../../ml/averaging.js";
@@ -71,7 +70,7 @@ export async function runEvaluationTask(
         "papa.method": params.method,
         "papa.job": job.id,
       });
-      const summary = await storeOutput(ctx, job.tenantId, id, Readable.from([bytes]));
+      const summary = await storeOutput(ctx, job.tenantId, id, bytes);
       rows.push(
         outputRow({
           id,

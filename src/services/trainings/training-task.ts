@@ -169,7 +169,7 @@ export async function runTrainingTask(
     const rows: ReturnType<typeof outputRow>[] = [];
     for (const o of outputs) {
       const { bytes, topology } = modelToSafetensors(o.model, { "papa.role": o.label, "papa.job": job.id });
-      const summary = await storeOutput(ctx, job.tenantId, o.id, Readable.from([bytes]));
+      const summary = await storeOutput(ctx, job.tenantId, o.id, bytes);
       rows.push(
         outputRow({ id: o.id, tenantId: job.tenantId, name: o.name, jobId: job.id, summary, topology }),
       );
