@@ -6,12 +6,14 @@ import { join } from "node:path";
 import { Writable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { runMerge } from "../src/merge/engine.js";
 import { type BlockTask, mergeBlock } from "../src/merge/kernel.js";
 import { mergeFiles } from "../src/merge/local.js";
 import { type MergeMethod, mergeCoefficients, papa2Pairs, roundCoefficients } from "../src/merge/methods.js";
-import { globMatcher, MergeInputError } from "../src/merge/plan.js";
+import { globMatcher, MergeInputError, planMerge } from "../src/merge/plan.js";
 import { MergePool } from "../src/merge/pool.js";
 import { parseSafetensorsHeader, SafetensorsValidator } from "../src/tensors/safetensors.js";
+import { type ByteSource, readSafetensorsHeader } from "../src/tensors/source.js";
 import { buildSafetensors, type TestTensor } from "./helpers/safetensors.js";
 
 // ---- an independent reference: float encodings written from their definitions ----
@@ -603,6 +605,73 @@ describe("merge threads", () => {
       for (const t of later)
         expect(new Float32Array(t.outputs[0]?.buffer as SharedArrayBuffer)[1023]).toBe(2);
       expect(pool.threads).toHaveLength(2);
+    } finally {
+      await pool.close();
+    }
+  });
+});
+
+describe("merge memory", () => {
+  const ELEMENTS = 300_000; // five blocks of 64 Ki elements
+
+  /** Averages two one-tensor inputs filled with `base` and `base + 1` on `pool`; a read after the first `failAfter` fails. */
+  async function averageOf(
+    pool: MergePool,
+    base: number,
+    failAfter = Number.POSITIVE_INFINITY,
+  ): Promise<Float32Array> {
+    const files = [base, base + 1].map((v) =>
+      buildSafetensors([
+        {
+          name: "w",
+          dtype: "F32",
+          shape: [ELEMENTS],
+          data: Buffer.from(new Float32Array(ELEMENTS).fill(v).buffer),
+        },
+      ]),
+    );
+    let reads = Number.NEGATIVE_INFINITY; // counted from the merge on, not the headers' reads
+    const sources: ByteSource[] = files.map((file) => ({
+      size: file.length,
+      read: async (offset, target) => {
+        if (++reads > failAfter) throw new Error("the store went away");
+        target.set(file.subarray(offset, offset + target.byteLength));
+      },
+      close: async () => undefined,
+    }));
+    const headers = await Promise.all(sources.map((source) => readSafetensorsHeader(source, 1 << 20)));
+    reads = 0;
+    const plan = planMerge({
+      headers,
+      coefficients: [[0.5, 0.5]],
+      labels: ["a", "b"],
+      blockElements: 1 << 16,
+    });
+    const chunks: Buffer[] = [];
+    const sink = { write: async (data: Uint8Array) => void chunks.push(Buffer.from(data)) };
+    await runMerge({ plan, sources, sinks: [sink], pool });
+    const out = Buffer.concat(chunks);
+    const data = out.subarray(out.length - ELEMENTS * 4);
+    return new Float32Array(data.buffer.slice(data.byteOffset, data.byteOffset + data.length));
+  }
+
+  it("reuses a merge's shared memory for the next merge on the pool, never memory a failed merge may still touch", async () => {
+    const pool = new MergePool(2);
+    const borrowed: SharedArrayBuffer[] = [];
+    const borrow = pool.borrowMemory.bind(pool);
+    pool.borrowMemory = (bytes) => {
+      const memory = borrow(bytes);
+      borrowed.push(memory);
+      return memory;
+    };
+    try {
+      expect(new Set(await averageOf(pool, 0))).toEqual(new Set([0.5]));
+      expect(new Set(await averageOf(pool, 10))).toEqual(new Set([10.5]));
+      expect(borrowed[1]).toBe(borrowed[0]);
+      await expect(averageOf(pool, 20, 3)).rejects.toThrow("the store went away");
+      expect(borrowed[2]).toBe(borrowed[0]);
+      expect(new Set(await averageOf(pool, 30))).toEqual(new Set([30.5]));
+      expect(borrowed[3]).not.toBe(borrowed[2]);
     } finally {
       await pool.close();
     }

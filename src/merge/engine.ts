@@ -46,7 +46,8 @@ export function blockElementsFor(inputs: number, outputs: number, slots: number)
   return Math.max(1 << 16, Math.min(1 << 20, fit));
 }
 
-function allocateSlots(plan: MergePlan, inputs: number, outputs: number, count: number): Slot[] {
+/** The slots' sizes: each input's and each output's buffer, in bytes, 8-aligned for any float view. */
+function slotSizes(plan: MergePlan): { inBytes: number; outBytes: number } {
   let inBytes = 0;
   let outBytes = 0;
   for (const block of plan.blocks) {
@@ -55,10 +56,26 @@ function allocateSlots(plan: MergePlan, inputs: number, outputs: number, count: 
     inBytes = Math.max(inBytes, block.count * FLOAT_BYTES[t.dtype]);
     outBytes = Math.max(outBytes, block.count * FLOAT_BYTES[t.outDtype]);
   }
-  const shared = (bytes: number) => new Uint8Array(new SharedArrayBuffer(bytes));
+  const align = (bytes: number) => Math.ceil(bytes / 8) * 8;
+  return { inBytes: align(inBytes), outBytes: align(outBytes) };
+}
+
+/** `count` slots of `inputs` and `outputs` buffers, laid out one after another in `memory`. */
+function carveSlots(
+  memory: SharedArrayBuffer,
+  sizes: { inBytes: number; outBytes: number },
+  inputs: number,
+  outputs: number,
+  count: number,
+): Slot[] {
+  let offset = 0;
+  const take = (bytes: number) => {
+    offset += bytes;
+    return new Uint8Array(memory, offset - bytes, bytes);
+  };
   return Array.from({ length: count }, () => ({
-    inputs: Array.from({ length: inputs }, () => shared(inBytes)),
-    outputs: Array.from({ length: outputs }, () => shared(outBytes)),
+    inputs: Array.from({ length: inputs }, () => take(sizes.inBytes)),
+    outputs: Array.from({ length: outputs }, () => take(sizes.outBytes)),
   }));
 }
 
@@ -67,12 +84,16 @@ function allocateSlots(plan: MergePlan, inputs: number, outputs: number, count: 
  * memory, merges it on the pool (or copies it: integer and bool tensors from each output's
  * `copyFrom` input, excluded tensors from the first input) and writes it to every output, in
  * order. A fixed ring of slots is reused, so memory does not grow with the size or the number
- * of blocks, and nothing is allocated per block on the hot path.
+ * of blocks, and nothing is allocated per block on the hot path; the slots' memory is the
+ * pool's, reused by the next merge.
  */
 export async function runMerge(options: RunMergeOptions): Promise<void> {
   const { plan, sources, sinks, pool, signal } = options;
   for (const sink of sinks) await sink.write(plan.headerBytes);
-  const slots = allocateSlots(plan, sources.length, sinks.length, slotCount(pool.size));
+  const count = slotCount(pool.size);
+  const sizes = slotSizes(plan);
+  const memory = pool.borrowMemory(count * (sources.length * sizes.inBytes + sinks.length * sizes.outBytes));
+  const slots = carveSlots(memory, sizes, sources.length, sinks.length, count);
   const pending: Promise<Uint8Array[]>[] = [];
   const total = plan.outputBytes - plan.headerBytes.length;
   let started = 0;
@@ -99,6 +120,8 @@ export async function runMerge(options: RunMergeOptions): Promise<void> {
     done += outputs[0]?.byteLength ?? 0;
     options.onProgress?.(done, total);
   }
+  // Only now is no block using the slots: after a failure, blocks in flight may still be.
+  pool.returnMemory(memory);
 }
 
 async function processBlock(
