@@ -15,13 +15,9 @@ import {
 } from "./cli/remote.js";
 import { type components, PapaProblemError, unwrap } from "./client.js";
 import { ConfigError, loadCliConfig } from "./config.js";
-import { createJsonLogger } from "./logger.js";
 import { mergeFiles } from "./merge/local.js";
 import { type MergeMethod, MergeSpecError } from "./merge/methods.js";
 import { MergeInputError } from "./merge/plan.js";
-import { openRuntime } from "./runtime.js";
-import { loadConfigWithSecrets } from "./secrets.js";
-import { createTenantWithKey } from "./services/api-keys/api-keys.js";
 import { InvalidInputError } from "./services/errors.js";
 import { isFloatDtype } from "./tensors/floats.js";
 import { SafetensorsError } from "./tensors/safetensors.js";
@@ -308,6 +304,14 @@ async function adminCommand(args: string[]): Promise<void> {
   if (sub !== "create-tenant" || name === undefined || rest.length > 0) {
     throw new UsageError("admin takes: create-tenant NAME");
   }
+  // The service's modules (its database, its store) load only for the commands that use them.
+  const [{ loadConfigWithSecrets }, { openRuntime }, { createJsonLogger }, { createTenantWithKey }] =
+    await Promise.all([
+      import("./secrets.js"),
+      import("./runtime.js"),
+      import("./logger.js"),
+      import("./services/api-keys/api-keys.js"),
+    ]);
   const config = await loadConfigWithSecrets();
   const runtime = await openRuntime(
     config,
