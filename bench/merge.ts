@@ -2,7 +2,8 @@
  * Merge benchmark (issue 3): 4 checkpoints of ~100M F32 parameters (~407 MB each), uniform
  * average (papa-all). Runs, in one go on files in page cache, `papa merge` (the built CLI) and
  * a numpy baseline (bench/numpy_merge.py), each under /usr/bin/time for wall time and peak RSS,
- * checks that the outputs agree, and prints the ratio.
+ * checks that the outputs agree, and prints the ratio and where the engine's time goes (reading,
+ * merging on its threads, writing: `papa merge`'s own account).
  * Targets: at most 1.0 s and 300 MB peak RSS.
  * Then the same merge as a job through the API of the compiled service (`node dist/server.js`,
  * PGlite, in-process worker), on the filesystem store and on S3 (s3rver, in a process of its
@@ -95,11 +96,11 @@ async function generate(path: string, seed: number): Promise<void> {
   await once(out, "finish");
 }
 
-function timed(command: string, args: string[]): { seconds: number; rssMb: number } {
+function timed(command: string, args: string[]): { seconds: number; rssMb: number; stdout: string } {
   const run = spawnSync("/usr/bin/time", ["-f", "%e %M", command, ...args], { encoding: "utf8" });
   if (run.status !== 0) throw new Error(`${command} failed: ${run.stderr}`);
   const [seconds, kb] = (run.stderr.trim().split("\n").at(-1) ?? "").split(" ").map(Number);
-  return { seconds: seconds ?? Number.NaN, rssMb: (kb ?? Number.NaN) / 1024 };
+  return { seconds: seconds ?? Number.NaN, rssMb: (kb ?? Number.NaN) / 1024, stdout: run.stdout };
 }
 
 /** Largest |a - b| over all F32 tensors, relative to the largest |a|. */
@@ -289,7 +290,7 @@ async function main(): Promise<void> {
   for (const path of inputs) await readFile(path); // into page cache
   const ours = join(dir, "ours.safetensors");
   const theirs = join(dir, "numpy.safetensors");
-  const numpy = timed("python3", ["bench/numpy_merge.py", theirs, ...inputs]);
+  const numpy = timed("/usr/bin/python3", ["bench/numpy_merge.py", theirs, ...inputs]);
   const papa = timed(process.execPath, [
     "dist/cli.js",
     "merge",
@@ -306,6 +307,8 @@ async function main(): Promise<void> {
       `numpy_s=${numpy.seconds.toFixed(2)} numpy_peak_rss_mb=${numpy.rssMb.toFixed(0)} ` +
       `speedup=${(numpy.seconds / papa.seconds).toFixed(2)}x rss_ratio=${(numpy.rssMb / papa.rssMb).toFixed(2)}x worst_rel_diff=${worst.toExponential(2)}`,
   );
+  // Where the engine's time goes, as `papa merge` reports it.
+  console.log(`papa merge: ${papa.stdout.trim()}`);
   await rm(ours, { force: true });
   await rm(theirs, { force: true });
   const times = (kind: string, t: { started: number; succeeded: number }, than: number) =>

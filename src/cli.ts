@@ -116,7 +116,9 @@ async function localMerge(values: Values, inputs: string[]): Promise<void> {
   if (outputDtype !== undefined && !isFloatDtype(outputDtype))
     throw new UsageError(`--output-dtype ${outputDtype}?`);
   const started = performance.now();
+  const stages = { readMs: 0, mergeMs: 0, writeMs: 0 };
   const paths = await mergeFiles({
+    stages,
     inputs,
     out: values.out,
     spec: methodFrom(values),
@@ -125,7 +127,11 @@ async function localMerge(values: Values, inputs: string[]): Promise<void> {
     ...(values.threads === undefined ? {} : { threads: Number(values.threads) }),
   });
   const seconds = ((performance.now() - started) / 1000).toFixed(2);
-  print(`merged ${inputs.length} inputs into ${paths.join(", ")} in ${seconds} s`);
+  const busy = (ms: number) => (ms / 1000).toFixed(2);
+  print(
+    `merged ${inputs.length} inputs into ${paths.join(", ")} in ${seconds} s ` +
+      `(reading ${busy(stages.readMs)} s, merging ${busy(stages.mergeMs)} s, writing ${busy(stages.writeMs)} s, overlapping)`,
+  );
 }
 
 /** Prints a job, following it first with --follow; a failed or canceled job is exit code 1. */

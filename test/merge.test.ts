@@ -516,6 +516,31 @@ describe("merge engine on files", () => {
     expect(merged.get("layer.weight")?.values).toEqual([1.5, -3, 0.25, 3]);
   });
 
+  it("accounts for the time it reads, merges on its threads and writes; a merge of excluded tensors only merges nothing", async () => {
+    const inputs = await writeInputs(2, "F32");
+    const merging = { readMs: 0, mergeMs: 0, writeMs: 0 };
+    await mergeFiles({
+      inputs,
+      out: join(dir, "timed.safetensors"),
+      spec: { method: "papa-all" },
+      stages: merging,
+    });
+    expect(merging.readMs).toBeGreaterThan(0);
+    expect(merging.mergeMs).toBeGreaterThan(0);
+    expect(merging.writeMs).toBeGreaterThan(0);
+    const copying = { readMs: 0, mergeMs: 0, writeMs: 0 };
+    await mergeFiles({
+      inputs,
+      out: join(dir, "copied.safetensors"),
+      spec: { method: "papa-all" },
+      exclude: ["*"],
+      stages: copying,
+    });
+    expect(copying.readMs).toBeGreaterThan(0);
+    expect(copying.mergeMs).toBe(0);
+    expect(copying.writeMs).toBeGreaterThan(0);
+  });
+
   it.each([
     [
       "a different shape",

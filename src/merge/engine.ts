@@ -21,6 +21,19 @@ export interface RunMergeOptions {
   pool: MergePool;
   signal?: AbortSignal | undefined;
   onProgress?: ((doneBytes: number, totalBytes: number) => void) | undefined;
+  /** Where the time goes, added up here when given. */
+  stages?: MergeStages | undefined;
+}
+
+/**
+ * Milliseconds a merge spent reading its inputs, merging on its threads (the threads' own time)
+ * and writing its outputs, each summed over the blocks: blocks are in flight together and the
+ * stages overlap, so they add up to more than the merge's time.
+ */
+export interface MergeStages {
+  readMs: number;
+  mergeMs: number;
+  writeMs: number;
 }
 
 /** Shared memory for one block in flight: an input buffer per input, an output buffer per output. */
@@ -89,7 +102,13 @@ function carveSlots(
  */
 export async function runMerge(options: RunMergeOptions): Promise<void> {
   const { plan, sources, sinks, pool, signal } = options;
-  for (const sink of sinks) await sink.write(plan.headerBytes);
+  const stages = options.stages ?? { readMs: 0, mergeMs: 0, writeMs: 0 };
+  const writeAll = async (outputs: Uint8Array[]) => {
+    const started = performance.now();
+    for (const [j, sink] of sinks.entries()) await sink.write(outputs[j] ?? new Uint8Array(0));
+    stages.writeMs += performance.now() - started;
+  };
+  await writeAll(sinks.map(() => plan.headerBytes));
   const count = slotCount(pool.size);
   const sizes = slotSizes(plan);
   const memory = pool.borrowMemory(count * (sources.length * sizes.inBytes + sinks.length * sizes.outBytes));
@@ -109,6 +128,7 @@ export async function runMerge(options: RunMergeOptions): Promise<void> {
         pool,
         slots[started % slots.length] as Slot,
         sinks.length,
+        stages,
       );
       work.catch(() => undefined); // awaited in order below; no unhandled rejection meanwhile
       pending.push(work);
@@ -116,7 +136,7 @@ export async function runMerge(options: RunMergeOptions): Promise<void> {
     }
     const outputs = (await pending.shift()) ?? [];
     signal?.throwIfAborted();
-    for (const [j, sink] of sinks.entries()) await sink.write(outputs[j] ?? new Uint8Array(0));
+    await writeAll(outputs);
     done += outputs[0]?.byteLength ?? 0;
     options.onProgress?.(done, total);
   }
@@ -131,7 +151,16 @@ async function processBlock(
   pool: MergePool,
   slot: Slot,
   outputCount: number,
+  stages: MergeStages,
 ): Promise<Uint8Array[]> {
+  const timedRead = async <T>(work: Promise<T>): Promise<T> => {
+    const started = performance.now();
+    try {
+      return await work;
+    } finally {
+      stages.readMs += performance.now() - started;
+    }
+  };
   const tensor = plan.tensors[block.tensor] as PlannedTensor;
   const { dtype, outDtype } = tensor;
   const start = (block.start * DTYPE_BITS[dtype]) / 8;
@@ -146,16 +175,25 @@ async function processBlock(
         read.set(k, readBytes(sources[k] as ByteSource, (tensor.inputOffsets[k] ?? 0) + start, length));
       }
     }
-    return Promise.all(
-      Array.from({ length: outputCount }, (_, j) => read.get(from(j)) as Promise<Uint8Array>),
+    return timedRead(
+      Promise.all(Array.from({ length: outputCount }, (_, j) => read.get(from(j)) as Promise<Uint8Array>)),
     );
   }
   const inputs = slot.inputs.map((b) => b.subarray(0, length));
-  await Promise.all(
-    sources.map((source, k) => source.read((tensor.inputOffsets[k] ?? 0) + start, inputs[k] as Uint8Array)),
+  await timedRead(
+    Promise.all(
+      sources.map((source, k) => source.read((tensor.inputOffsets[k] ?? 0) + start, inputs[k] as Uint8Array)),
+    ),
   );
   const outputs = slot.outputs.map((b) => b.subarray(0, block.count * FLOAT_BYTES[outDtype]));
-  await pool.run({ dtype, outDtype, count: block.count, inputs, outputs, coefficients: plan.coefficients });
+  stages.mergeMs += await pool.run({
+    dtype,
+    outDtype,
+    count: block.count,
+    inputs,
+    outputs,
+    coefficients: plan.coefficients,
+  });
   return outputs;
 }
 

@@ -2,7 +2,7 @@ import { basename, extname } from "node:path";
 import type { FloatDtype } from "../tensors/floats.js";
 import { DEFAULT_MAX_HEADER_BYTES } from "../tensors/safetensors.js";
 import { type ByteSource, openFileSource, readSafetensorsHeader } from "../tensors/source.js";
-import { blockElementsFor, openFileSink, runMerge, slotCount } from "./engine.js";
+import { blockElementsFor, type MergeStages, openFileSink, runMerge, slotCount } from "./engine.js";
 import { type MergeMethod, mergeCoefficients } from "./methods.js";
 import { planMerge } from "./plan.js";
 import { MergePool } from "./pool.js";
@@ -17,6 +17,8 @@ export interface MergeFilesOptions {
   /** Worker threads (default: one per core). */
   threads?: number;
   onProgress?: (doneBytes: number, totalBytes: number) => void;
+  /** Where the time goes (`runMerge`'s). */
+  stages?: MergeStages;
 }
 
 /** Output paths of a merge: `out` itself for one output, `out` numbered for several. */
@@ -47,7 +49,7 @@ export async function mergeFiles(options: MergeFilesOptions): Promise<string[]> 
     });
     const paths = outputPaths(options.out, coefficients.length);
     for (const path of paths) sinks.push(await openFileSink(path));
-    await runMerge({ plan, sources, sinks, pool, onProgress: options.onProgress });
+    await runMerge({ plan, sources, sinks, pool, onProgress: options.onProgress, stages: options.stages });
     for (const sink of sinks) await sink.commit();
     return paths;
   } catch (err) {

@@ -4,7 +4,8 @@ import { startThread } from "../threads.js";
 import { type BlockTask, mergeBlock } from "./kernel.js";
 
 interface Pending {
-  resolve(): void;
+  /** With the milliseconds the block took on its thread. */
+  resolve(ms: number): void;
   reject(err: Error): void;
 }
 
@@ -32,10 +33,10 @@ export class MergePool {
   private spawn(): void {
     const worker = startThread(import.meta.url, "worker");
     worker.unref();
-    worker.on("message", (message: { ok: boolean; error?: string }) => {
+    worker.on("message", (message: { ok: boolean; ms?: number; error?: string }) => {
       const pending = this.inFlight.get(worker);
       this.inFlight.delete(worker);
-      if (message.ok) pending?.resolve();
+      if (message.ok) pending?.resolve(message.ms ?? 0);
       else pending?.reject(new Error(message.error));
       this.release(worker);
     });
@@ -59,8 +60,13 @@ export class MergePool {
     this.dispatch();
   }
 
-  run(task: BlockTask): Promise<void> {
-    if (this.size === 0) return Promise.resolve(mergeBlock(task));
+  /** Merges a block; resolves with the milliseconds it took on its thread (not waiting for one). */
+  run(task: BlockTask): Promise<number> {
+    if (this.size === 0) {
+      const started = performance.now();
+      mergeBlock(task);
+      return Promise.resolve(performance.now() - started);
+    }
     return new Promise((resolve, reject) => {
       this.waiting.push({ task, pending: { resolve, reject } });
       this.dispatch();
