@@ -11,19 +11,16 @@
  *
  * usage: npm run bench:api [-- DURATION [CHECKPOINTS]]   (default 10 s, 200 checkpoints)
  */
-import { spawn } from "node:child_process";
-import { once } from "node:events";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import autocannon from "autocannon";
 import { encodeSafetensorsHeader } from "../src/tensors/safetensors.js";
-import { freshDatabase, listeningUrl } from "./server.js";
+import { BENCH_KEY, freshDatabase, startService } from "./server.js";
 
 const duration = Number(process.argv[2] ?? 10);
 const checkpoints = Number(process.argv[3] ?? 200);
-const KEY = "papa_bench-key-0123456789abcdefghijklmnop";
-const auth = { Authorization: `Bearer ${KEY}` };
+const auth = { Authorization: `Bearer ${BENCH_KEY}` };
 
 /** A 1 KiB safetensors file, different for each seed. */
 function checkpointBytes(seed: number): Buffer {
@@ -69,20 +66,12 @@ async function load(url: string, headers: Record<string, string>, seconds: numbe
 async function measure(db: "pglite" | "postgres"): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), "papa-bench-api-"));
   const database = db === "postgres" ? await freshDatabase() : null;
-  const server = spawn(process.execPath, ["dist/server.js"], {
-    env: {
-      PATH: process.env.PATH,
-      PORT: "0",
-      HOST: "127.0.0.1",
-      PAPA_DATA_DIR: dir,
-      PAPA_API_KEY: KEY,
-      PAPA_RATE_LIMIT_PER_KEY_PER_MINUTE: "100000000",
-      ...(database ? { DATABASE_URL: database.url } : {}),
-    },
-    stdio: ["ignore", "pipe", "inherit"],
+  const service = await startService(dir, {
+    PAPA_RATE_LIMIT_PER_KEY_PER_MINUTE: "100000000",
+    ...(database ? { DATABASE_URL: database.url } : {}),
   });
   try {
-    const base = await listeningUrl(server);
+    const base = service.url;
     const { checkpointId, jobId } = await seed(base);
     const targets: [string, string, Record<string, string>][] = [
       ["/healthz", `${base}/healthz`, {}],
@@ -98,8 +87,7 @@ async function measure(db: "pglite" | "postgres"): Promise<void> {
       );
     }
   } finally {
-    server.kill();
-    await once(server, "exit");
+    await service.stop();
     await database?.drop();
     await rm(dir, { recursive: true, force: true });
   }

@@ -26,12 +26,11 @@ import { blockElementsFor, slotCount } from "../src/merge/engine.js";
 import type { S3StoreOptions } from "../src/storage/object-store.js";
 import { S3Store } from "../src/storage/s3-store.js";
 import { openFileSource, readBytes, readSafetensorsHeader } from "../src/tensors/source.js";
-import { listeningUrl } from "./server.js";
+import { BENCH_KEY, startService } from "./server.js";
 
 const millions = Number(process.argv[2] ?? 100);
 const INPUTS = 4;
 const dir = join(tmpdir(), `papa-bench-merge-${millions}m`);
-const KEY = "papa_bench-key-0123456789abcdefghijklmnop";
 /** How often a job's state is asked for (each answer costs the service a little CPU). */
 const POLL_MS = 20;
 
@@ -225,23 +224,13 @@ async function mergeThroughApi(
   s3Env: Record<string, string> | null,
 ): Promise<Record<"first" | "again", { started: number; succeeded: number }>> {
   const dir = await mkdtemp(join(tmpdir(), "papa-bench-api-"));
-  const server = spawn(process.execPath, ["dist/server.js"], {
-    env: {
-      PATH: process.env.PATH,
-      PORT: "0",
-      HOST: "127.0.0.1",
-      PAPA_DATA_DIR: dir,
-      PAPA_API_KEY: KEY,
-      ...s3Env,
-    },
-    stdio: ["ignore", "pipe", "inherit"],
-  });
+  const service = await startService(dir, s3Env ?? {});
   try {
-    const base = await listeningUrl(server);
+    const base = service.url;
     const call = async <T>(path: string, init: RequestInit = {}): Promise<T> => {
       const res = await fetch(`${base}${path}`, {
         ...init,
-        headers: { Authorization: `Bearer ${KEY}`, ...init.headers },
+        headers: { Authorization: `Bearer ${BENCH_KEY}`, ...init.headers },
       });
       if (!res.ok) throw new Error(`${init.method ?? "GET"} ${path}: ${res.status} ${await res.text()}`);
       return (await res.json()) as T;
@@ -278,8 +267,7 @@ async function mergeThroughApi(
     const again = await merge();
     return { first, again };
   } finally {
-    server.kill();
-    await once(server, "exit");
+    await service.stop();
     await rm(dir, { recursive: true, force: true });
   }
 }

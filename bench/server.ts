@@ -1,4 +1,5 @@
-import type { ChildProcess } from "node:child_process";
+import { type ChildProcess, spawn } from "node:child_process";
+import { once } from "node:events";
 import type { Readable } from "node:stream";
 import pg from "pg";
 
@@ -20,6 +21,42 @@ export function listeningUrl(server: ChildProcess & { stdout: Readable }): Promi
     server.stdout.on("data", read);
     server.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
   });
+}
+
+/** The API key benchmarks give the services they start (`PAPA_API_KEY`). */
+export const BENCH_KEY = "papa_bench-key-0123456789abcdefghijklmnop";
+
+/**
+ * The compiled service (`node dist/server.js`) on 127.0.0.1, any port, its data under `dataDir`,
+ * `BENCH_KEY` its API key, with `env`'s variables besides: its URL once it listens, and `stop`.
+ */
+export async function startService(
+  dataDir: string,
+  env: Record<string, string>,
+): Promise<{ url: string; stop(): Promise<void> }> {
+  const server = spawn(process.execPath, ["dist/server.js"], {
+    env: {
+      PATH: process.env.PATH,
+      PORT: "0",
+      HOST: "127.0.0.1",
+      PAPA_DATA_DIR: dataDir,
+      PAPA_API_KEY: BENCH_KEY,
+      ...env,
+    },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const stop = async () => {
+    if (server.exitCode === null) {
+      server.kill();
+      await once(server, "exit");
+    }
+  };
+  try {
+    return { url: await listeningUrl(server), stop };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
 }
 
 /** The Postgres server benchmarks make their databases on (DATABASE_URL's). */
