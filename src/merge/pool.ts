@@ -92,7 +92,8 @@ export class MergePool {
    * Shared memory of at least `bytes` for one merge's blocks in flight: what the last merge gave
    * back when it is large enough, else new. New memory costs a page fault per 4 KiB at its first
    * touch: most of a small merge's time (4 x 13 MB: ~150 ms against ~15 ms reused). The pool
-   * keeps one such region between merges (the largest given back; at most `SLOT_MEMORY_BYTES`).
+   * keeps one such region between merges: the largest given back (about `SLOT_MEMORY_BYTES`;
+   * more for merges of many inputs, whose blocks `blockElementsFor` keeps at 64 Ki elements).
    */
   borrowMemory(bytes: number): SharedArrayBuffer {
     const idle = this.idleMemory;
