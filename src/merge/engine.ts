@@ -6,11 +6,8 @@ import { type ByteSource, readBytes } from "../tensors/source.js";
 import type { Block, MergePlan, PlannedTensor } from "./plan.js";
 import type { MergePool } from "./pool.js";
 
-/** Where one output goes, written strictly in order: header, then every block. */
-export interface OutputSink {
-  /** `data` may be reused once the promise resolves: a sink that keeps it must copy it. */
-  write(data: Uint8Array): Promise<void>;
-}
+/** Where one output goes, written strictly in order: header, then every block (a store's writer, or any). */
+export type OutputSink = Pick<ObjectWriter, "write">;
 
 export interface RunMergeOptions {
   plan: MergePlan;
