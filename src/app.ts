@@ -8,6 +8,7 @@ import { checkpointRoutes, tfjsRoutes, uploadSessionRoutes } from "./http/routes
 import { datasetRoutes } from "./http/routes/datasets.js";
 import { jobRoutes } from "./http/routes/jobs.js";
 import { lineageRoutes } from "./http/routes/lineage.js";
+import { modelRoutes } from "./http/routes/models.js";
 import { populationRoutes } from "./http/routes/populations.js";
 import { serviceRoutes } from "./http/routes/service.js";
 import type { ServiceContext } from "./services/context.js";
@@ -42,5 +43,6 @@ export function createApp(ctx: ServiceContext): Hono<AppEnv> {
   datasetRoutes(app);
   jobRoutes(app);
   populationRoutes(app);
+  modelRoutes(app);
   return app;
 }

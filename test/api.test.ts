@@ -50,12 +50,15 @@ describe.each<[DatabaseKind, StoreKind]>([
 
   it("uploads, shows, lists and downloads exactly the same bytes", async () => {
     const bytes = smallCheckpoint(2);
-    const res = await upload(h, bytes, "resnet member 0");
+    const res = await upload(h, bytes, "resnet-member-0");
     expect(res.status).toBe(201);
     const body = (await expectDocumented("createCheckpoint", res)) as CheckpointBody;
     expect(res.headers.get("location")).toBe(`/v1/checkpoints/${body.id}`);
     expect(body).toMatchObject({
-      name: "resnet member 0",
+      name: "resnet-member-0",
+      version: 1,
+      tags: [],
+      description: null,
       status: "available",
       size_bytes: bytes.length,
       sha256: sha256(bytes),
@@ -69,7 +72,7 @@ describe.each<[DatabaseKind, StoreKind]>([
     const shown = await h.request(`/v1/checkpoints/${body.id}`);
     expect(await expectDocumented("getCheckpoint", shown)).toEqual(body);
 
-    const listed = await h.request("/v1/checkpoints?name=resnet%20member%200");
+    const listed = await h.request("/v1/checkpoints?name=resnet-member-0");
     const list = (await expectDocumented("listCheckpoints", listed)) as { items: CheckpointBody[] };
     expect(list.items.map((c) => c.id)).toEqual([body.id]);
 

@@ -36,12 +36,22 @@ describe("every documented response of every operation", () => {
     return r;
   };
   const idOf = async (res: Promise<Response>) => ((await (await res).json()) as { id: string }).id;
-  const concrete = (path: string, id: string) => path.replace("{id}", id).replace(/\{(round|member)\}/g, "0");
+  /** The path with its parameters filled in: `id`, a model's `name`, and fixed values for the rest. */
+  const concrete = (path: string, id: string, name = "m") =>
+    path
+      .replace("{id}", id)
+      .replace(/\{(round|member)\}/g, "0")
+      .replace("{name}", name)
+      .replace("{alias}", "production")
+      .replace("{version}", "1")
+      .replace("{filename}", "model.safetensors");
   /** Bodies valid enough to reach the resource lookup. */
   const validBodies: Record<string, unknown> = {
     createCheckpointMetric: { dataset: "mnist", split: "test", name: "accuracy", value: 0.5 },
     completeUploadSession: { parts: [{ part_number: 1, etag: "e" }] },
     submitPopulationMember: { checkpoint_id: randomUUID() },
+    updateCheckpoint: { tags: ["a"] },
+    setModelAlias: { version: 1 },
   };
 
   it("refuses requests without a key (401), with a malformed id (400), for unknown ids (404)", async () => {
@@ -51,7 +61,10 @@ describe("every documented response of every operation", () => {
       if (!op.path.includes("{")) continue;
       const body = validBodies[op.operationId];
       const init = () => (body === undefined ? { method: op.method } : { ...json(body), method: op.method });
-      await expectStatus(s3.request(concrete(op.path, "not-a-uuid"), init()), 400);
+      const malformed = op.path.includes("{id}")
+        ? concrete(op.path, "not-a-uuid")
+        : concrete(op.path, randomUUID(), "not..a-name");
+      await expectStatus(s3.request(malformed, init()), 400);
       if (op.responses["404"]) await expectStatus(s3.request(path, init()), 404);
     }
   });
@@ -140,6 +153,16 @@ describe("every documented response of every operation", () => {
       201,
     );
     await expectStatus(s3.request(`/v1/checkpoints/${id}/metrics`, json({ value: "high" })), 422);
+    await expectStatus(s3.request(`/v1/checkpoints/${id}/metrics`), 200);
+    const patch = (body: unknown) =>
+      s3.request(
+        `/v1/checkpoints/${id}`,
+        json(body, { method: "PATCH", headers: { "Content-Type": "application/merge-patch+json" } }),
+      );
+    await expectStatus(patch({ tags: ["best"], description: "the first" }), 200);
+    await expectStatus(patch({ tags: ["no spaces"] }), 422);
+    await expectStatus(patch("{"), 400);
+    await expectStatus(s3.request("/v1/checkpoints?sort=-metric"), 422);
     await expectStatus(s3.request(`/v1/checkpoints/${id}`, { method: "DELETE" }), 204);
     await expectStatus(s3.request(weights), 410);
   });
@@ -291,6 +314,32 @@ describe("every documented response of every operation", () => {
     await events.body?.cancel();
     await expectStatus(s3.request(`/v1/populations/${id}/finish`, { method: "POST" }), 202);
     await expectStatus(s3.request(`/v1/populations/${id}/finish`, { method: "POST" }), 200);
+  });
+
+  it("covers models: list, show, aliases, files", async () => {
+    const a = await idOf(expectStatus(upload(s3, smallCheckpoint(1), "registry"), 201));
+    await expectStatus(s3.request("/v1/models?name_prefix=reg"), 200);
+    await expectStatus(s3.request("/v1/models?limit=0"), 400);
+    await expectStatus(s3.request("/v1/models?cursor=bm90LWFuLWlk"), 422);
+    await expectStatus(s3.request("/v1/models/registry"), 200);
+    await expectStatus(s3.request("/v1/models/registry?cursor=bm90LWFuLWlk"), 422);
+    const alias = (name: string, body: unknown, method = "PUT") =>
+      s3.request(`/v1/models/registry/aliases/${name}`, json(body, { method }));
+    await expectStatus(alias("production", { version: 1 }), 200);
+    await expectStatus(alias("production", { version: 9 }), 422);
+    await expectStatus(alias("latest", { version: 1 }), 422);
+    await expectStatus(alias("production", "{"), 400);
+    await expectStatus(s3.request("/v1/models/registry/aliases/latest", { method: "DELETE" }), 422);
+    await expectStatus(s3.request("/v1/models/registry/aliases/production", { method: "DELETE" }), 204);
+
+    const file = "/v1/models/registry/versions/latest/files/model.safetensors";
+    const etag = (await expectStatus(s3.request(file), 200)).headers.get("etag") ?? "";
+    await expectStatus(s3.request(file, { headers: { Range: "bytes=0-7" } }), 206);
+    await expectStatus(s3.request(file, { headers: { Range: "bytes=100000-" } }), 416);
+    await expectStatus(s3.request(file, { headers: { "If-None-Match": etag } }), 304);
+    await expectStatus(s3.request(`${file}?redirect=true`), 302);
+    await expectStatus(s3.request(`/v1/checkpoints/${a}`, { method: "DELETE" }), 204);
+    await expectStatus(s3.request("/v1/models/registry/versions/1/files/model.safetensors"), 410);
   });
 
   it("covers API keys", async () => {

@@ -1,6 +1,7 @@
 import { sql } from "drizzle-orm";
 import {
   bigint,
+  boolean,
   doublePrecision,
   index,
   integer,
@@ -85,7 +86,12 @@ export const checkpoints = pgTable(
     tenantId: uuid("tenant_id")
       .notNull()
       .references(() => tenants.id),
+    /** The model (`models`) it is a version of. */
     name: text("name").notNull(),
+    /** Its version of the model: 1, 2, ... in order of registration. */
+    version: integer("version").notNull(),
+    tags: text("tags").array().notNull().default(sql`'{}'::text[]`),
+    description: text("description"),
     format: text("format").notNull().default("safetensors"),
     sizeBytes: bigint("size_bytes", { mode: "number" }).notNull(),
     sha256: text("sha256").notNull(),
@@ -106,7 +112,10 @@ export const checkpoints = pgTable(
   },
   (t) => [
     index("checkpoints_tenant_idx").on(t.tenantId, t.id),
-    index("checkpoints_name_idx").on(t.tenantId, t.name),
+    uniqueIndex("checkpoints_version_idx").on(t.tenantId, t.name, t.version),
+    index("checkpoints_name_prefix_idx").using("btree", t.tenantId, sql`${t.name} text_pattern_ops`, t.id),
+    index("checkpoints_tags_idx").using("gin", t.tags),
+    index("checkpoints_job_idx").on(t.jobId),
     index("checkpoints_storage_key_idx").on(t.storageKey),
     index("checkpoints_population_idx")
       .on(t.populationId, t.populationRound)
@@ -132,10 +141,17 @@ export const lineageEdges = pgTable(
   (t) => [primaryKey({ columns: [t.parentId, t.childId] }), index("lineage_child_idx").on(t.childId)],
 );
 
+/**
+ * Every value recorded for a checkpoint, kept; `current` marks the latest of each (dataset,
+ * split, name), the one searches filter and sort by.
+ */
 export const metrics = pgTable(
   "metrics",
   {
     id: uuid("id").primaryKey(),
+    tenantId: uuid("tenant_id")
+      .notNull()
+      .references(() => tenants.id),
     checkpointId: uuid("checkpoint_id")
       .notNull()
       .references(() => checkpoints.id),
@@ -144,9 +160,45 @@ export const metrics = pgTable(
     name: text("name").notNull(),
     value: doublePrecision("value").notNull(),
     jobId: uuid("job_id").references(() => jobs.id),
+    current: boolean("current").notNull().default(true),
     createdAt: createdAt(),
   },
-  (t) => [index("metrics_checkpoint_idx").on(t.checkpointId)],
+  (t) => [
+    index("metrics_checkpoint_idx").on(t.checkpointId),
+    uniqueIndex("metrics_current_idx")
+      .on(t.checkpointId, t.dataset, t.split, t.name)
+      .where(sql`${t.current}`),
+    index("metrics_search_idx")
+      .on(t.tenantId, t.dataset, t.split, t.name, t.value, t.checkpointId)
+      .where(sql`${t.current}`),
+  ],
+);
+
+/** A tenant's model: a name whose checkpoints are its versions. `latestVersion` counts them out. */
+export const models = pgTable(
+  "models",
+  {
+    tenantId: uuid("tenant_id")
+      .notNull()
+      .references(() => tenants.id),
+    name: text("name").notNull(),
+    latestVersion: integer("latest_version").notNull(),
+    createdAt: createdAt(),
+  },
+  (t) => [primaryKey({ columns: [t.tenantId, t.name] })],
+);
+
+/** A user's name for one version of a model (`production`, `staging`); `latest` is not stored. */
+export const modelAliases = pgTable(
+  "model_aliases",
+  {
+    tenantId: uuid("tenant_id").notNull(),
+    name: text("name").notNull(),
+    alias: text("alias").notNull(),
+    version: integer("version").notNull(),
+    updatedAt: timestamp("updated_at", { withTimezone: true }).notNull().defaultNow(),
+  },
+  (t) => [primaryKey({ columns: [t.tenantId, t.name, t.alias] })],
 );
 
 /** Datasets uploaded by tenants (IDX or CIFAR-10 binary), validated on upload; files in the object store. */

@@ -80,8 +80,13 @@ export interface paths {
             cookie?: never;
         };
         /**
-         * List checkpoints, newest first.
-         * @description Deleted checkpoints are not listed (they remain readable by id).
+         * Search checkpoints; newest first unless sorted otherwise.
+         * @description Every filter given must hold. Deleted checkpoints are not listed (they remain readable
+         *     by id). A metric is named by its dataset, split and name (as recorded); a checkpoint's
+         *     value of it is the latest one recorded (`current`). `sort=-metric` lists the best
+         *     (highest) first, for example `metric=accuracy&metric_dataset=mnist&metric_split=test`.
+         *     Each filter and sort is served from an index (docs/benchmarks.md shows the plans at a
+         *     million checkpoints).
          */
         get: operations["listCheckpoints"];
         put?: never;
@@ -119,7 +124,12 @@ export interface paths {
         delete: operations["deleteCheckpoint"];
         options?: never;
         head?: never;
-        patch?: never;
+        /**
+         * Edit a checkpoint's tags and description (JSON merge patch, RFC 7396).
+         * @description Members present replace the stored ones; `null` clears one (no tags, no description);
+         *     members left out stay. The weights, name and version never change.
+         */
+        patch: operations["updateCheckpoint"];
         trace?: never;
     };
     "/v1/checkpoints/{id}/weights": {
@@ -184,10 +194,100 @@ export interface paths {
             };
             cookie?: never;
         };
-        get?: never;
+        /**
+         * Every metric value recorded for this checkpoint, oldest first.
+         * @description `current` marks the latest value of each (dataset, split, name): the one searches use.
+         */
+        get: operations["listCheckpointMetrics"];
         put?: never;
-        /** Record a metric (e.g. accuracy) measured elsewhere for this checkpoint. */
+        /**
+         * Record a metric (e.g. accuracy) measured elsewhere for this checkpoint.
+         * @description It becomes the checkpoint's current value of its (dataset, split, name); earlier values stay listed.
+         */
         post: operations["createCheckpointMetric"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/models": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The tenant's models by name, with their latest version and how many they have. */
+        get: operations["listModels"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/models/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: components["parameters"]["ModelName"];
+            };
+            cookie?: never;
+        };
+        /** A model, its aliases and a page of its versions (live ones, newest first). */
+        get: operations["getModel"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/models/{name}/aliases/{alias}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: components["parameters"]["ModelName"];
+                alias: components["parameters"]["Alias"];
+            };
+            cookie?: never;
+        };
+        get?: never;
+        /**
+         * Point an alias (`production`, `staging`, ...) at a version; it moves if it existed.
+         * @description `latest` is kept by the service (the highest live version) and cannot be set.
+         */
+        put: operations["setModelAlias"];
+        post?: never;
+        /** Remove an alias; the version stays. */
+        delete: operations["deleteModelAlias"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/models/{name}/versions/{version}/files/{filename}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: components["parameters"]["ModelName"];
+                /** @description A version number, or an alias (`latest`, or one set with `setModelAlias`). */
+                version: components["schemas"]["VersionRef"];
+                /** @description The version's file: `model.safetensors`. */
+                filename: "model.safetensors";
+            };
+            cookie?: never;
+        };
+        /** Download a file of a model's version, as `GET /v1/checkpoints/{id}/weights` does. */
+        get: operations["getModelFile"];
+        put?: never;
+        post?: never;
         delete?: never;
         options?: never;
         head?: never;
@@ -738,12 +838,84 @@ export interface components {
         Timestamp: string;
         /**
          * @description Any printable text, 1 to 200 characters.
-         * @example resnet20-cifar10-member-0
+         * @example fashion-mnist-10k
          */
-        CheckpointName: string;
+        DisplayName: string;
+        /**
+         * @description A model's name, as on the Hugging Face Hub: letters, digits, `-`, `_` and `.`, starting and ending with a letter or digit, without `--` or `..`; at most 96 characters. Every checkpoint registered under a name is that model's next version.
+         * @example resnet20-cifar10
+         */
+        ModelName: string;
+        /**
+         * @description The start of the outputs' model names (a ModelName of at most 64 characters: the outputs add a suffix such as `-0`, `-uniform-soup` or `-round-3-member-1`).
+         * @example resnet20-cifar10
+         */
+        OutputName: string;
+        /**
+         * @description Letters, digits and `. _ : / = -`, starting with a letter or digit; at most 64.
+         * @example task:classification
+         * @example candidate
+         */
+        Tag: string;
+        /**
+         * @description A letter, then letters, digits, `_` and `-`; at most 64. `latest` is the service's own.
+         * @example production
+         */
+        Alias: string;
+        /**
+         * @description A version number (1, 2, ...) or an alias.
+         * @example 3
+         * @example production
+         * @example latest
+         */
+        VersionRef: string;
+        /** @example accuracy */
+        MetricLabel: string;
+        CheckpointPatch: {
+            /** @description The checkpoint's tags, replacing the stored ones (at most 32); null for none. */
+            tags?: components["schemas"]["Tag"][] | null;
+            /** @description Free text, at most 4096 characters; null for none. */
+            description?: string | null;
+        };
+        ModelSummary: {
+            name: string;
+            /** @description The highest version whose bytes are not deleted; null when every version was deleted. */
+            latest_version: null | number;
+            /** @description Versions whose bytes are not deleted. */
+            version_count: number;
+            created_at: components["schemas"]["Timestamp"];
+        };
+        ModelList: {
+            items: components["schemas"]["ModelSummary"][];
+            /** @description Pass as `cursor` for the next page; null on the last page. */
+            next_cursor: null | string;
+        };
+        Model: {
+            name: string;
+            latest_version: null | number;
+            version_count: number;
+            created_at: components["schemas"]["Timestamp"];
+            /** @description The aliases set with `setModelAlias`, by name (`latest` is `latest_version`). */
+            aliases: components["schemas"]["ModelAlias"][];
+            /** @description A page of the live versions, newest first. */
+            versions: components["schemas"]["Checkpoint"][];
+            /** @description Pass as `cursor` for the next page of versions; null on the last page. */
+            next_cursor: null | string;
+        };
+        ModelAlias: {
+            alias: string;
+            version: number;
+            checkpoint_id: components["schemas"]["Id"];
+            updated_at: components["schemas"]["Timestamp"];
+        };
         Checkpoint: {
             id: components["schemas"]["Id"];
-            name: components["schemas"]["CheckpointName"];
+            /** @description The model it is a version of. */
+            name: string;
+            /** @description Its version of the model (1, 2, ... in the order they were registered). */
+            version: number;
+            tags: string[];
+            description: null | string;
             /** @enum {string} */
             format: "safetensors";
             /**
@@ -798,6 +970,8 @@ export interface components {
             split: string;
             name: string;
             value: number;
+            /** @description The latest value recorded of its (dataset, split, name) for this checkpoint. */
+            current: boolean;
             job_id: null | components["schemas"]["Id"];
             created_at: components["schemas"]["Timestamp"];
         };
@@ -868,7 +1042,7 @@ export interface components {
              */
             method: "papa-all" | "papa-2" | "weighted" | "papa-pull";
             inputs: components["schemas"]["Id"][];
-            name?: components["schemas"]["CheckpointName"];
+            name?: components["schemas"]["OutputName"];
             /** @description `papa-2`: seed of the pair draws (default 0). */
             seed?: number;
             /** @description `weighted`: one per input, finite, summing to 1. */
@@ -942,7 +1116,7 @@ export interface components {
             dataset: components["schemas"]["DatasetRef"];
             max_train_examples?: number;
             max_test_examples?: number;
-            name?: components["schemas"]["CheckpointName"];
+            name?: components["schemas"]["OutputName"];
             model: {
                 /** @constant */
                 kind: "mlp";
@@ -1145,7 +1319,7 @@ export interface components {
             next_cursor: null | string;
         };
         PopulationCreate: {
-            name: components["schemas"]["CheckpointName"];
+            name: components["schemas"]["OutputName"];
             /** @description Members, 2 to 64. */
             size: number;
             /** @enum {string} */
@@ -1172,7 +1346,7 @@ export interface components {
         };
         Population: {
             id: components["schemas"]["Id"];
-            name: components["schemas"]["CheckpointName"];
+            name: string;
             size: number;
             /** @enum {string} */
             method: "papa-all" | "papa-2" | "papa";
@@ -1309,6 +1483,46 @@ export interface components {
                 "application/problem+json": components["schemas"]["Problem"];
             };
         };
+        /** @description The whole file. */
+        WholeFile: {
+            headers: {
+                ETag: components["headers"]["ETag"];
+                "Content-Length": components["headers"]["ContentLength"];
+                [name: string]: unknown;
+            };
+            content: {
+                "application/octet-stream": string;
+            };
+        };
+        /** @description The requested byte range. */
+        PartialFile: {
+            headers: {
+                ETag: components["headers"]["ETag"];
+                /** @description `bytes start-end/size` */
+                "Content-Range"?: string;
+                "Content-Length": components["headers"]["ContentLength"];
+                [name: string]: unknown;
+            };
+            content: {
+                "application/octet-stream": string;
+            };
+        };
+        /** @description Redirect to a presigned URL (S3 store, `redirect=true`). */
+        PresignedRedirect: {
+            headers: {
+                /** @description The presigned URL. */
+                Location?: string;
+                [name: string]: unknown;
+            };
+            content?: never;
+        };
+        /** @description `If-None-Match` matched the ETag. */
+        NotModified: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content?: never;
+        };
         /** @description No such resource for this tenant. */
         NotFound: {
             headers: {
@@ -1407,6 +1621,13 @@ export interface components {
         };
     };
     parameters: {
+        /** @description On an S3 deployment, answer 302 to a presigned URL; the filesystem store serves the bytes. */
+        Redirect: boolean;
+        /** @description One byte range: `bytes=a-b`, `bytes=a-` or `bytes=-n`. */
+        Range: string;
+        IfNoneMatch: string;
+        ModelName: components["schemas"]["ModelName"];
+        Alias: components["schemas"]["Alias"];
         Id: components["schemas"]["Id"];
         /** @description Page size. */
         Limit: number;
@@ -1522,8 +1743,28 @@ export interface operations {
                 limit?: components["parameters"]["Limit"];
                 /** @description The `next_cursor` of the previous page; any other value is refused with 422. */
                 cursor?: components["parameters"]["Cursor"];
-                /** @description Only checkpoints with exactly this name. */
-                name?: components["schemas"]["CheckpointName"];
+                /** @description Only versions of this model. */
+                name?: components["schemas"]["ModelName"];
+                /** @description Only models whose name starts with this (case-sensitive). */
+                name_prefix?: string;
+                /** @description Only checkpoints with this tag; repeated (`tag=a&tag=b`), with every one of them. */
+                tag?: components["schemas"]["Tag"][];
+                /** @description Only the outputs of this job. */
+                job_id?: components["schemas"]["Id"];
+                /** @description Only checkpoints averaged (merged, trained or pulled) from this one. */
+                parent_id?: components["schemas"]["Id"];
+                /** @description A metric's name; with `metric_dataset` and `metric_split`, only checkpoints that have it. */
+                metric?: components["schemas"]["MetricLabel"];
+                /** @description The metric's dataset (required with `metric`). */
+                metric_dataset?: components["schemas"]["MetricLabel"];
+                /** @description The metric's split (required with `metric`). */
+                metric_split?: components["schemas"]["MetricLabel"];
+                /** @description Only values of the metric at or above this. */
+                metric_min?: number;
+                /** @description Only values of the metric at or below this. */
+                metric_max?: number;
+                /** @description `created_at` or `metric` (the metric's value, ties by id), ascending; with a leading `-`, descending. The cursor of a page is only valid for the same search. */
+                sort?: "-created_at" | "created_at" | "-metric" | "metric";
             };
             header?: never;
             path?: never;
@@ -1549,8 +1790,8 @@ export interface operations {
     createCheckpoint: {
         parameters: {
             query: {
-                /** @description A human-readable name; several checkpoints may share one. */
-                name: components["schemas"]["CheckpointName"];
+                /** @description The model it is a version of (its next version). */
+                name: components["schemas"]["ModelName"];
             };
             header?: never;
             path?: never;
@@ -1631,14 +1872,50 @@ export interface operations {
             429: components["responses"]["TooManyRequests"];
         };
     };
+    updateCheckpoint: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/merge-patch+json": components["schemas"]["CheckpointPatch"];
+                "application/json": components["schemas"]["CheckpointPatch"];
+            };
+        };
+        responses: {
+            /** @description The checkpoint as it is now. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Checkpoint"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            413: components["responses"]["PayloadTooLarge"];
+            415: components["responses"]["UnsupportedMediaType"];
+            422: components["responses"]["UnprocessableContent"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
     getCheckpointWeights: {
         parameters: {
             query?: {
-                redirect?: boolean;
+                /** @description On an S3 deployment, answer 302 to a presigned URL; the filesystem store serves the bytes. */
+                redirect?: components["parameters"]["Redirect"];
             };
             header?: {
-                Range?: string;
-                "If-None-Match"?: string;
+                /** @description One byte range: `bytes=a-b`, `bytes=a-` or `bytes=-n`. */
+                Range?: components["parameters"]["Range"];
+                "If-None-Match"?: components["parameters"]["IfNoneMatch"];
             };
             path: {
                 id: components["parameters"]["Id"];
@@ -1647,46 +1924,10 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description The whole file. */
-            200: {
-                headers: {
-                    ETag: components["headers"]["ETag"];
-                    "Content-Length": components["headers"]["ContentLength"];
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/octet-stream": string;
-                };
-            };
-            /** @description The requested byte range. */
-            206: {
-                headers: {
-                    ETag: components["headers"]["ETag"];
-                    /** @description `bytes start-end/size` */
-                    "Content-Range"?: string;
-                    "Content-Length": components["headers"]["ContentLength"];
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/octet-stream": string;
-                };
-            };
-            /** @description Redirect to a presigned URL (S3 store, `redirect=true`). */
-            302: {
-                headers: {
-                    /** @description The presigned URL. */
-                    Location?: string;
-                    [name: string]: unknown;
-                };
-                content?: never;
-            };
-            /** @description `If-None-Match` matched the ETag. */
-            304: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content?: never;
-            };
+            200: components["responses"]["WholeFile"];
+            206: components["responses"]["PartialFile"];
+            302: components["responses"]["PresignedRedirect"];
+            304: components["responses"]["NotModified"];
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
             404: components["responses"]["NotFound"];
@@ -1716,6 +1957,34 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["Lineage"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
+    listCheckpointMetrics: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The checkpoint's metrics. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        items: components["schemas"]["Metric"][];
+                    };
                 };
             };
             400: components["responses"]["BadRequest"];
@@ -1754,6 +2023,165 @@ export interface operations {
             413: components["responses"]["PayloadTooLarge"];
             415: components["responses"]["UnsupportedMediaType"];
             422: components["responses"]["UnprocessableContent"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
+    listModels: {
+        parameters: {
+            query?: {
+                /** @description Page size. */
+                limit?: components["parameters"]["Limit"];
+                /** @description The `next_cursor` of the previous page; any other value is refused with 422. */
+                cursor?: components["parameters"]["Cursor"];
+                /** @description Only models whose name starts with this (case-sensitive). */
+                name_prefix?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description One page of models, in name order. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ModelList"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            422: components["responses"]["UnprocessableContent"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
+    getModel: {
+        parameters: {
+            query?: {
+                /** @description Page size. */
+                limit?: components["parameters"]["Limit"];
+                /** @description The `next_cursor` of the previous page; any other value is refused with 422. */
+                cursor?: components["parameters"]["Cursor"];
+            };
+            header?: never;
+            path: {
+                name: components["parameters"]["ModelName"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The model. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Model"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            422: components["responses"]["UnprocessableContent"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
+    setModelAlias: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: components["parameters"]["ModelName"];
+                alias: components["parameters"]["Alias"];
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    version: number;
+                };
+            };
+        };
+        responses: {
+            /** @description The alias, as it is now. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ModelAlias"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            413: components["responses"]["PayloadTooLarge"];
+            415: components["responses"]["UnsupportedMediaType"];
+            422: components["responses"]["UnprocessableContent"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
+    deleteModelAlias: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: components["parameters"]["ModelName"];
+                alias: components["parameters"]["Alias"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Removed. */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            422: components["responses"]["UnprocessableContent"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
+    getModelFile: {
+        parameters: {
+            query?: {
+                /** @description On an S3 deployment, answer 302 to a presigned URL; the filesystem store serves the bytes. */
+                redirect?: components["parameters"]["Redirect"];
+            };
+            header?: {
+                /** @description One byte range: `bytes=a-b`, `bytes=a-` or `bytes=-n`. */
+                Range?: components["parameters"]["Range"];
+                "If-None-Match"?: components["parameters"]["IfNoneMatch"];
+            };
+            path: {
+                name: components["parameters"]["ModelName"];
+                /** @description A version number, or an alias (`latest`, or one set with `setModelAlias`). */
+                version: components["schemas"]["VersionRef"];
+                /** @description The version's file: `model.safetensors`. */
+                filename: "model.safetensors";
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: components["responses"]["WholeFile"];
+            206: components["responses"]["PartialFile"];
+            302: components["responses"]["PresignedRedirect"];
+            304: components["responses"]["NotModified"];
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            410: components["responses"]["Gone"];
+            416: components["responses"]["RangeNotSatisfiable"];
             429: components["responses"]["TooManyRequests"];
         };
     };
@@ -1936,7 +2364,7 @@ export interface operations {
         requestBody: {
             content: {
                 "application/json": {
-                    name: components["schemas"]["CheckpointName"];
+                    name: components["schemas"]["ModelName"];
                     size_bytes: number;
                 };
             };
@@ -2067,7 +2495,7 @@ export interface operations {
     createDataset: {
         parameters: {
             query: {
-                name: components["schemas"]["CheckpointName"];
+                name: components["schemas"]["DisplayName"];
                 format: "idx" | "cifar10";
             };
             header?: never;

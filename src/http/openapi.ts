@@ -189,7 +189,8 @@ function validator(id: string, op: CompiledOperation): MiddlewareHandler<AppEnv>
           `${id} takes ${op.mediaTypes.join(" or ")}, not ${mediaType === "" ? "a body without Content-Type" : mediaType}`,
         );
       }
-      if (v.json && mediaType === "application/json") {
+      // JSON and its structured-syntax types (application/merge-patch+json) share one schema.
+      if (v.json && (mediaType === "application/json" || mediaType.endsWith("+json"))) {
         body = await readJsonBody(c);
         if (!v.json(body)) {
           // The body parsed but its content is wrong: 422, with every mismatch.

@@ -4,6 +4,7 @@ import type { Checkpoint, Metric } from "../services/checkpoints/checkpoints.js"
 import type { DatasetRecord } from "../services/datasets/datasets.js";
 import type { Job } from "../services/jobs/jobs.js";
 import type { Lineage } from "../services/lineage/lineage.js";
+import type { ModelAlias, ModelSummary } from "../services/models/models.js";
 import type { Population, Round } from "../services/populations/populations.js";
 import type { Submission } from "../services/populations/rounds.js";
 
@@ -13,6 +14,9 @@ export function checkpointBody(c: Checkpoint): Schemas["Checkpoint"] {
   return {
     id: c.id,
     name: c.name,
+    version: c.version,
+    tags: c.tags,
+    description: c.description,
     format: "safetensors",
     status: c.deletedAt ? "deleted" : "available",
     size_bytes: c.sizeBytes,
@@ -34,6 +38,24 @@ export function checkpointBody(c: Checkpoint): Schemas["Checkpoint"] {
     deleted_at: c.deletedAt ? c.deletedAt.toISOString() : null,
     weights_url: `/v1/checkpoints/${c.id}/weights`,
     population: c.population,
+  };
+}
+
+export function modelSummaryBody(m: ModelSummary): Schemas["ModelSummary"] {
+  return {
+    name: m.name,
+    latest_version: m.latestVersion,
+    version_count: m.versionCount,
+    created_at: m.createdAt.toISOString(),
+  };
+}
+
+export function aliasBody(a: ModelAlias): Schemas["ModelAlias"] {
+  return {
+    alias: a.alias,
+    version: a.version,
+    checkpoint_id: a.checkpointId,
+    updated_at: a.updatedAt.toISOString(),
   };
 }
 
@@ -97,6 +119,7 @@ export function metricBody(m: Metric): Schemas["Metric"] {
     split: m.split,
     name: m.name,
     value: m.value,
+    current: m.current,
     job_id: m.jobId,
     created_at: m.createdAt.toISOString(),
   };

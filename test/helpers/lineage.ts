@@ -3,7 +3,8 @@ import { schema } from "../../src/db/client.js";
 import type { ServiceContext } from "../../src/services/context.js";
 
 /**
- * Registers `count` checkpoints and the lineage edges between them, as rows only (no blobs):
+ * Registers `count` checkpoints (each its own model's version 1) and the lineage edges between
+ * them, as rows only (no blobs, no models rows):
  * `edges` are [child, parent, coefficient] by index. Returns the ids.
  */
 export async function registerLineage(
@@ -18,6 +19,7 @@ export async function registerLineage(
       id,
       tenantId,
       name: `node-${i}`,
+      version: 1,
       sizeBytes: 8,
       sha256: "0".repeat(64),
       tensorCount: 0,

@@ -1,7 +1,9 @@
 import { Readable } from "node:stream";
-import type { Hono } from "hono";
+import type { Context, Hono } from "hono";
 import {
   assertCheckpointAvailable,
+  type Checkpoint,
+  type CheckpointSearch,
   createCheckpoint,
   deleteCheckpoint,
   getCheckpoint,
@@ -10,17 +12,19 @@ import {
   presignCheckpointWeights,
   tfjsModelJson,
   tfjsWeightsOf,
+  updateCheckpoint,
 } from "../../services/checkpoints/checkpoints.js";
 import {
   abortUploadSession,
   completeUploadSession,
   createUploadSession,
 } from "../../services/checkpoints/upload-sessions.js";
+import { InvalidInputError } from "../../services/errors.js";
 import { attachmentDisposition } from "../../storage/object-store.js";
 import type { AppEnv } from "../env.js";
 import { requestBodyStream } from "../incoming.js";
-import { operation } from "../openapi.js";
-import { checkpointBody } from "../presenters.js";
+import { operation, type ValidRequest } from "../openapi.js";
+import { checkpointBody, metricBody } from "../presenters.js";
 import { resolveRange } from "../range.js";
 
 export function checkpointRoutes(app: Hono<AppEnv>): void {
@@ -43,7 +47,7 @@ export function checkpointRoutes(app: Hono<AppEnv>): void {
     const page = await listCheckpoints({
       ctx: c.get("ctx"),
       principal: c.get("principal"),
-      input: { limit: req.query?.limit ?? 50, cursor: req.query?.cursor, name: req.query?.name },
+      input: searchOf(req.query),
     });
     return c.json({ items: page.items.map(checkpointBody), next_cursor: page.nextCursor });
   });
@@ -62,39 +66,107 @@ export function checkpointRoutes(app: Hono<AppEnv>): void {
     return c.body(null, 204);
   });
 
+  operation(app, "updateCheckpoint", async (c, req) => {
+    const checkpoint = await updateCheckpoint({
+      ctx: c.get("ctx"),
+      principal: c.get("principal"),
+      input: { id: req.path.id, ...req.body },
+    });
+    return c.json(checkpointBody(checkpoint));
+  });
+
+  operation(app, "listCheckpointMetrics", async (c, req) => {
+    const checkpoint = await getCheckpoint({
+      ctx: c.get("ctx"),
+      principal: c.get("principal"),
+      input: req.path,
+    });
+    return c.json({ items: checkpoint.metrics.map(metricBody) });
+  });
+
   operation(app, "getCheckpointWeights", async (c, req) => {
     const ctx = c.get("ctx");
     const checkpoint = await getCheckpoint({ ctx, principal: c.get("principal"), input: req.path });
-    assertCheckpointAvailable(checkpoint);
-    const etag = `"${checkpoint.sha256}"`;
-    c.header("ETag", etag);
-    if (req.query?.redirect) {
-      const url = await presignCheckpointWeights({ ctx, input: { checkpoint } });
-      if (url) {
-        // A cached redirect must not outlive the presigned URL it points to.
-        c.header("Cache-Control", `private, max-age=${Math.floor(ctx.presignExpiresSeconds / 2)}`);
-        return c.redirect(url, 302);
-      }
-    }
-    c.header("Cache-Control", "private, max-age=31536000, immutable");
-    if (ifNoneMatch(c.req.header("if-none-match"), etag)) return c.body(null, 304);
-    const ifRange = c.req.header("if-range");
-    const range =
-      ifRange === undefined || ifRange === etag
-        ? resolveRange(c.req.header("range"), checkpoint.sizeBytes)
-        : null;
-    c.header("Accept-Ranges", "bytes");
-    c.header("Content-Type", "application/octet-stream");
-    c.header("Content-Disposition", attachmentDisposition(`${checkpoint.name}.safetensors`));
-    if (range) c.header("Content-Range", `bytes ${range.start}-${range.end - 1}/${checkpoint.sizeBytes}`);
-    const length = range ? range.end - range.start : checkpoint.sizeBytes;
-    c.header("Content-Length", String(length));
-    const status = range ? 206 : 200;
-    // The head is complete: only now is the object opened, and not at all for HEAD.
-    if (c.req.method === "HEAD") return c.body(null, status);
-    const stream = await openCheckpointWeights({ ctx, input: { checkpoint, range: range ?? undefined } });
-    return c.body(Readable.toWeb(stream) as ReadableStream<Uint8Array>, status);
+    return serveCheckpointFile(c, checkpoint, req.query?.redirect ?? false);
   });
+}
+
+type SearchQuery = NonNullable<ValidRequest<"listCheckpoints">["query"]>;
+
+function searchOf(query: SearchQuery | undefined): CheckpointSearch {
+  const q = query ?? {};
+  const metricParts = [q.metric, q.metric_dataset, q.metric_split];
+  if (metricParts.some((part) => part !== undefined) && metricParts.some((part) => part === undefined)) {
+    throw new InvalidInputError(
+      "metric, metric_dataset and metric_split name a metric together: give all three",
+    );
+  }
+  if ((q.metric_min !== undefined || q.metric_max !== undefined) && q.metric === undefined) {
+    throw new InvalidInputError(
+      "metric_min and metric_max need the metric they bound (metric, metric_dataset, metric_split)",
+    );
+  }
+  return {
+    limit: q.limit ?? 50,
+    cursor: q.cursor,
+    name: q.name,
+    namePrefix: q.name_prefix,
+    tags: q.tag,
+    jobId: q.job_id,
+    parentId: q.parent_id,
+    metric:
+      q.metric === undefined
+        ? undefined
+        : {
+            name: q.metric,
+            dataset: q.metric_dataset as string,
+            split: q.metric_split as string,
+            min: q.metric_min,
+            max: q.metric_max,
+          },
+    sort: q.sort ?? "-created_at",
+  };
+}
+
+/**
+ * Answers with a checkpoint's file: its exact bytes (whole, or one range), `ETag` its quoted
+ * sha256, or a redirect to a presigned URL when asked for and the store makes them.
+ */
+export async function serveCheckpointFile(
+  c: Context<AppEnv>,
+  checkpoint: Checkpoint,
+  redirect: boolean,
+): Promise<Response> {
+  const ctx = c.get("ctx");
+  assertCheckpointAvailable(checkpoint);
+  const etag = `"${checkpoint.sha256}"`;
+  c.header("ETag", etag);
+  if (redirect) {
+    const url = await presignCheckpointWeights({ ctx, input: { checkpoint } });
+    if (url) {
+      // A cached redirect must not outlive the presigned URL it points to.
+      c.header("Cache-Control", `private, max-age=${Math.floor(ctx.presignExpiresSeconds / 2)}`);
+      return c.redirect(url, 302);
+    }
+  }
+  c.header("Cache-Control", "private, max-age=31536000, immutable");
+  if (ifNoneMatch(c.req.header("if-none-match"), etag)) return c.body(null, 304);
+  const ifRange = c.req.header("if-range");
+  const range =
+    ifRange === undefined || ifRange === etag
+      ? resolveRange(c.req.header("range"), checkpoint.sizeBytes)
+      : null;
+  c.header("Accept-Ranges", "bytes");
+  c.header("Content-Type", "application/octet-stream");
+  c.header("Content-Disposition", attachmentDisposition(`${checkpoint.name}.safetensors`));
+  if (range) c.header("Content-Range", `bytes ${range.start}-${range.end - 1}/${checkpoint.sizeBytes}`);
+  const length = range ? range.end - range.start : checkpoint.sizeBytes;
+  c.header("Content-Length", String(length));
+  const status = range ? 206 : 200;
+  // The head is complete: only now is the object opened, and not at all for HEAD.
+  if (c.req.method === "HEAD") return c.body(null, status);
+  const stream = await openCheckpointWeights({ ctx, input: { checkpoint, range: range ?? undefined } });
+  return c.body(Readable.toWeb(stream) as ReadableStream<Uint8Array>, status);
 }
 
 export function uploadSessionRoutes(app: Hono<AppEnv>): void {

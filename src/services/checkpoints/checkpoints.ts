@@ -1,6 +1,7 @@
 import type { Readable } from "node:stream";
-import { and, desc, eq, getTableColumns, inArray, isNull, lt, sql } from "drizzle-orm";
-import { preparedQuery, schema } from "../../db/client.js";
+import { and, asc, desc, eq, getTableColumns, gt, gte, inArray, isNull, lt, lte, sql } from "drizzle-orm";
+import { alias } from "drizzle-orm/pg-core";
+import { type Database, preparedQuery, schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
 import type { TfjsTopology } from "../../ml/export.js";
 import type { ByteRange } from "../../storage/object-store.js";
@@ -8,8 +9,10 @@ import { SafetensorsError, SafetensorsValidator } from "../../tensors/safetensor
 import { readBytes, storeSource } from "../../tensors/source.js";
 import type { ServiceContext, SystemCall, TenantCall } from "../context.js";
 import { GoneError, InvalidInputError, NotFoundError, PayloadTooLargeError } from "../errors.js";
-import { type Page, pageByIdDesc } from "../pagination.js";
+import { idCursor, isUuid, type Page, pageByKey } from "../pagination.js";
 import { pipeUpload } from "../upload-stream.js";
+import { outputRow } from "./outputs.js";
+import { insertCheckpoints, insertMetrics } from "./registry.js";
 
 export interface CheckpointParent {
   checkpointId: string;
@@ -24,13 +27,19 @@ export interface Metric {
   split: string;
   name: string;
   value: number;
+  /** Whether it is the latest value of its (dataset, split, name) for its checkpoint. */
+  current: boolean;
   jobId: string | null;
   createdAt: Date;
 }
 
 export interface Checkpoint {
   id: string;
+  /** The model it is a version of. */
   name: string;
+  version: number;
+  tags: string[];
+  description: string | null;
   format: string;
   sizeBytes: number;
   sha256: string;
@@ -63,6 +72,9 @@ function toCheckpoint(row: Row, parents: CheckpointParent[], metrics: Metric[]):
   return {
     id: row.id,
     name: row.name,
+    version: row.version,
+    tags: row.tags,
+    description: row.description,
     format: row.format,
     sizeBytes: row.sizeBytes,
     sha256: row.sha256,
@@ -94,13 +106,14 @@ export async function metricsOf(ctx: ServiceContext, ids: string[]): Promise<Map
     .from(schema.metrics)
     .where(inArray(schema.metrics.checkpointId, ids))
     .orderBy(schema.metrics.id);
-  for (const { checkpointId, ...metric } of rows) {
+  for (const { checkpointId, tenantId: _, ...metric } of rows) {
     byCheckpoint.set(checkpointId, [...(byCheckpoint.get(checkpointId) ?? []), metric]);
   }
   return byCheckpoint;
 }
 
-const e = schema.lineageEdges;
+const lineage = schema.lineageEdges;
+const e = lineage;
 const m = schema.metrics;
 /** The outer row's id, qualified: in a selection drizzle writes columns without their table. */
 const outerCheckpointId = sql`${schema.checkpoints}.${sql.identifier("id")}`;
@@ -118,7 +131,7 @@ const withRelations = {
   ) order by ${e.parentId}) from ${e} where ${e.childId} = ${outerCheckpointId}), '[]')`,
   metrics: sql<MetricJson[]>`coalesce((select json_agg(json_build_object(
     'id', ${m.id}, 'dataset', ${m.dataset}, 'split', ${m.split}, 'name', ${m.name}, 'value', ${m.value},
-    'jobId', ${m.jobId}, 'createdAt', ${m.createdAt}
+    'current', ${m.current}, 'jobId', ${m.jobId}, 'createdAt', ${m.createdAt}
   ) order by ${m.id}) from ${m} where ${m.checkpointId} = ${outerCheckpointId}), '[]')`,
 };
 
@@ -171,27 +184,16 @@ export async function createCheckpoint({
     if (stored.value.sizeBytes !== summary.sizeBytes) {
       throw new Error(`store holds ${stored.value.sizeBytes} bytes, ${summary.sizeBytes} were uploaded`);
     }
-    const [row] = await ctx.db
-      .insert(schema.checkpoints)
-      .values({
-        id,
-        tenantId: principal.tenantId,
-        name: input.name,
-        sizeBytes: summary.sizeBytes,
-        sha256: summary.sha256,
-        tensorCount: summary.tensorCount,
-        parameterCount: summary.parameterCount,
-        dtypes: summary.dtypes,
-        metadata: summary.metadata,
-        storageKey: key,
-      })
-      .returning();
-    if (!row) throw new Error("checkpoint insert returned no row");
-    return toCheckpoint(row, [], []);
+    await ctx.db.transaction((tx) =>
+      insertCheckpoints(tx, [
+        outputRow({ id, tenantId: principal.tenantId, name: input.name, jobId: null, summary }),
+      ]),
+    );
   } catch (err) {
     await ctx.store.delete(key);
     throw err;
   }
+  return getCheckpoint({ ctx, principal, input: { id } });
 }
 
 function asUploadError(reason: unknown, maxUploadBytes: number, maxHeaderBytes: number): unknown {
@@ -208,33 +210,180 @@ function asUploadError(reason: unknown, maxUploadBytes: number, maxHeaderBytes: 
   }
 }
 
-/** A page of a tenant's live checkpoints, newest first; one prepared query with and one without each filter. */
-function checkpointPage(afterCursor: boolean, named: boolean) {
-  const c = schema.checkpoints;
-  return preparedQuery((db) =>
-    db
-      .select(withRelations)
-      .from(c)
-      .where(
-        and(
-          eq(c.tenantId, sql.placeholder("tenantId")),
-          isNull(c.deletedAt),
-          named ? eq(c.name, sql.placeholder("name")) : undefined,
-          afterCursor ? lt(c.id, sql.placeholder("before")) : undefined,
-        ),
-      )
-      .orderBy(desc(c.id))
-      .limit(sql.placeholder("take"))
-      .prepare(`checkpoint_page_${afterCursor}_${named}`),
-  );
+export interface CheckpointSearch {
+  limit: number;
+  cursor?: string | undefined;
+  name?: string | undefined;
+  namePrefix?: string | undefined;
+  /** Checkpoints with every one of these tags. */
+  tags?: string[] | undefined;
+  jobId?: string | undefined;
+  /** Checkpoints averaged (merged or pulled) from this one. */
+  parentId?: string | undefined;
+  /** Checkpoints with a current value of this metric, within [min, max]. */
+  metric?: {
+    dataset: string;
+    split: string;
+    name: string;
+    min?: number | undefined;
+    max?: number | undefined;
+  };
+  /** `-` first: descending. `metric` sorts by the value of `metric`; ties in id order. */
+  sort: "created_at" | "-created_at" | "metric" | "-metric";
 }
 
-const checkpointPages = {
-  "false false": checkpointPage(false, false),
-  "false true": checkpointPage(false, true),
-  "true false": checkpointPage(true, false),
-  "true true": checkpointPage(true, true),
+/** What a search's query depends on: which filters it has, not their values. */
+interface SearchShape {
+  after: boolean;
+  name: boolean;
+  namePrefix: boolean;
+  tags: number;
+  job: boolean;
+  parent: boolean;
+  metric: boolean;
+  min: boolean;
+  max: boolean;
+  sort: CheckpointSearch["sort"];
+}
+
+const sortValue = alias(schema.metrics, "sort_metric");
+
+function buildSearch(db: Database, s: SearchShape, name: string) {
+  const c = schema.checkpoints;
+  const v = sortValue;
+  const p = sql.placeholder;
+  const descending = s.sort.startsWith("-");
+  const byMetric = s.sort.endsWith("metric");
+  const order = descending ? desc : asc;
+  const after = descending ? lt : gt;
+  const query = db
+    .select({ ...withRelations, sortValue: s.metric ? sql<number>`${v.value}` : sql<null>`null` })
+    .from(c)
+    .$dynamic();
+  if (s.metric) {
+    query.innerJoin(
+      v,
+      and(
+        eq(v.checkpointId, c.id),
+        eq(v.current, true),
+        eq(v.tenantId, p("tenantId")),
+        eq(v.dataset, p("metricDataset")),
+        eq(v.split, p("metricSplit")),
+        eq(v.name, p("metricName")),
+      ),
+    );
+  }
+  return query
+    .where(
+      and(
+        eq(c.tenantId, p("tenantId")),
+        isNull(c.deletedAt),
+        s.name ? eq(c.name, p("name")) : undefined,
+        // Byte order (text_pattern_ops): the names that start with the prefix, on the index.
+        s.namePrefix ? sql`${c.name} ~>=~ ${p("prefixFrom")} and ${c.name} ~<~ ${p("prefixTo")}` : undefined,
+        s.tags > 0
+          ? sql`${c.tags} @> array[${sql.join(
+              Array.from({ length: s.tags }, (_, i) => p(`tag${i}`)),
+              sql`, `,
+            )}]::text[]`
+          : undefined,
+        s.job ? eq(c.jobId, p("jobId")) : undefined,
+        s.parent
+          ? sql`${c.id} in (select ${lineage.childId} from ${lineage} where ${lineage.parentId} = ${p("parentId")})`
+          : undefined,
+        s.min ? gte(v.value, p("metricMin")) : undefined,
+        s.max ? lte(v.value, p("metricMax")) : undefined,
+        s.after && byMetric
+          ? sql`(${v.value}, ${v.checkpointId}) ${sql.raw(descending ? "<" : ">")} (${p("afterValue")}::double precision, ${p("afterId")}::uuid)`
+          : undefined,
+        s.after && !byMetric ? after(c.id, p("afterId")) : undefined,
+      ),
+    )
+    .orderBy(...(byMetric ? [order(v.value), order(v.checkpointId)] : [order(c.id)]))
+    .limit(p("take"))
+    .prepare(name);
+}
+
+const searches = new Map<string, ReturnType<typeof searchQuery>>();
+const searchQuery = (shape: SearchShape, name: string) => preparedQuery((db) => buildSearch(db, shape, name));
+
+/** The prepared query of a search's shape, made at its first use (the shapes are finitely many). */
+function preparedSearch(shape: SearchShape): ReturnType<typeof searchQuery> {
+  const key = JSON.stringify(shape);
+  let query = searches.get(key);
+  if (query === undefined) {
+    query = searchQuery(shape, `checkpoint_search_${searches.size}`);
+    searches.set(key, query);
+  }
+  return query;
+}
+
+type MetricCursor = [number, string];
+const metricCursor = {
+  key: (row: { sortValue: number | null; id: string }): MetricCursor => [row.sortValue ?? 0, row.id],
+  valid: (key: unknown): key is MetricCursor =>
+    Array.isArray(key) && key.length === 2 && Number.isFinite(key[0]) && isUuid(key[1]),
 };
+
+/** The next string in byte order after every string that starts with `prefix`. */
+function prefixEnd(prefix: string): string {
+  const last = prefix.codePointAt(prefix.length - 1) ?? 0;
+  return prefix.slice(0, -1) + String.fromCodePoint(last + 1);
+}
+
+/**
+ * A page of a tenant's live checkpoints that pass every filter given, in `sort` order (newest
+ * first by default). `cursor` is the previous page's `nextCursor`, of the same search.
+ */
+export async function listCheckpoints({
+  ctx,
+  principal,
+  input,
+}: TenantCall<CheckpointSearch>): Promise<Page<Checkpoint>> {
+  const byMetric = input.sort.endsWith("metric");
+  if (byMetric && !input.metric) {
+    throw new InvalidInputError(
+      `sort=${input.sort} needs a metric to sort by (metric, metric_dataset, metric_split)`,
+    );
+  }
+  const query = preparedSearch({
+    after: input.cursor !== undefined,
+    name: input.name !== undefined,
+    namePrefix: input.namePrefix !== undefined,
+    tags: input.tags?.length ?? 0,
+    job: input.jobId !== undefined,
+    parent: input.parentId !== undefined,
+    metric: input.metric !== undefined,
+    min: input.metric?.min !== undefined,
+    max: input.metric?.max !== undefined,
+    sort: input.sort,
+  });
+  const values = {
+    tenantId: principal.tenantId,
+    name: input.name,
+    prefixFrom: input.namePrefix,
+    prefixTo: input.namePrefix === undefined ? undefined : prefixEnd(input.namePrefix),
+    ...Object.fromEntries((input.tags ?? []).map((tag, i) => [`tag${i}`, tag])),
+    jobId: input.jobId,
+    parentId: input.parentId,
+    metricDataset: input.metric?.dataset,
+    metricSplit: input.metric?.split,
+    metricName: input.metric?.name,
+    metricMin: input.metric?.min,
+    metricMax: input.metric?.max,
+  };
+  const page = byMetric
+    ? await pageByKey(input, metricCursor, (after, take) =>
+        query(ctx.db).execute({ ...values, afterValue: after?.[0], afterId: after?.[1], take }),
+      )
+    : await pageByKey(input, idCursor, (after, take) =>
+        query(ctx.db).execute({ ...values, afterId: after, take }),
+      );
+  return {
+    items: page.items.map(({ sortValue: _, ...row }) => withRelationsToCheckpoint(row)),
+    nextCursor: page.nextCursor,
+  };
+}
 
 const checkpointOfTenant = preparedQuery((db) =>
   db
@@ -249,21 +398,6 @@ const checkpointOfTenant = preparedQuery((db) =>
     .prepare("checkpoint_of_tenant"),
 );
 
-/** Newest first; deleted checkpoints are left out. `cursor` is the previous page's `nextCursor`. */
-export async function listCheckpoints({
-  ctx,
-  principal,
-  input,
-}: TenantCall<{ limit: number; cursor?: string | undefined; name?: string | undefined }>): Promise<
-  Page<Checkpoint>
-> {
-  const query = checkpointPages[`${input.cursor !== undefined} ${input.name !== undefined}`];
-  const page = await pageByIdDesc(input, (before, take) =>
-    query(ctx.db).execute({ tenantId: principal.tenantId, name: input.name, before, take }),
-  );
-  return { items: page.items.map(withRelationsToCheckpoint), nextCursor: page.nextCursor };
-}
-
 /** A checkpoint of the caller's tenant, deleted ones included (their lineage stays meaningful). */
 export async function getCheckpoint({
   ctx,
@@ -273,6 +407,29 @@ export async function getCheckpoint({
   const [row] = await checkpointOfTenant(ctx.db).execute({ id: input.id, tenantId: principal.tenantId });
   if (!row) throw new NotFoundError(`checkpoint ${input.id} not found`);
   return withRelationsToCheckpoint(row);
+}
+
+/**
+ * Replaces the tags or the description given (null clears one) and leaves the rest; the
+ * weights, name and version never change.
+ */
+export async function updateCheckpoint({
+  ctx,
+  principal,
+  input,
+}: TenantCall<{ id: string; tags?: string[] | null; description?: string | null }>): Promise<Checkpoint> {
+  const c = schema.checkpoints;
+  const changes = {
+    ...(input.tags !== undefined && { tags: input.tags ?? [] }),
+    ...(input.description !== undefined && { description: input.description }),
+  };
+  if (Object.keys(changes).length > 0) {
+    await ctx.db
+      .update(c)
+      .set(changes)
+      .where(and(eq(c.id, input.id), eq(c.tenantId, principal.tenantId)));
+  }
+  return getCheckpoint({ ctx, principal, input: { id: input.id } });
 }
 
 /**
@@ -331,7 +488,10 @@ export async function presignCheckpointWeights({
   });
 }
 
-/** Records a metric measured elsewhere for a checkpoint of the caller's tenant. */
+/**
+ * Records a metric measured elsewhere for a checkpoint of the caller's tenant; it becomes the
+ * checkpoint's current value of its (dataset, split, name).
+ */
 export async function recordMetric({
   ctx,
   principal,
@@ -343,20 +503,19 @@ export async function recordMetric({
   name: string;
   value: number;
 }>): Promise<Metric> {
-  await getCheckpoint({ ctx, principal, input: { id: input.checkpointId } });
-  const [row] = await ctx.db
-    .insert(schema.metrics)
-    .values({
-      id: newId(),
-      checkpointId: input.checkpointId,
-      dataset: input.dataset,
-      split: input.split,
-      name: input.name,
-      value: input.value,
-    })
-    .returning();
+  const c = schema.checkpoints;
+  const [row] = await ctx.db.transaction(async (tx) => {
+    // Locked, so that two values of one metric recorded at once take turns at being current.
+    const [checkpoint] = await tx
+      .select({ id: c.id })
+      .from(c)
+      .where(and(eq(c.id, input.checkpointId), eq(c.tenantId, principal.tenantId)))
+      .for("update");
+    if (!checkpoint) throw new NotFoundError(`checkpoint ${input.checkpointId} not found`);
+    return insertMetrics(tx, [{ id: newId(), tenantId: principal.tenantId, ...input }]);
+  });
   if (!row) throw new Error("metric insert returned no row");
-  const { checkpointId: _, ...metric } = row;
+  const { checkpointId: _, tenantId: __, ...metric } = row;
   return metric;
 }
 

@@ -1,7 +1,7 @@
-import type { schema } from "../../db/client.js";
 import { SafetensorsCheck, type SafetensorsSummary } from "../../tensors/safetensors.js";
 import type { StoreContext } from "../context.js";
 import { checkpointKey } from "./checkpoints.js";
+import type { NewCheckpoint } from "./registry.js";
 
 /** A job's output being written to the store (`ObjectWriter`), its summary at `commit`. */
 export interface OutputWriter {
@@ -57,7 +57,7 @@ export function outputRow(o: {
   jobId: string | null;
   summary: SafetensorsSummary;
   topology?: unknown;
-}): typeof schema.checkpoints.$inferInsert {
+}): NewCheckpoint {
   const s = o.summary;
   return {
     id: o.id,

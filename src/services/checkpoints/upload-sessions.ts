@@ -9,6 +9,7 @@ import type { ServiceContext, TenantCall } from "../context.js";
 import { ConflictError, InvalidInputError, NotFoundError, PayloadTooLargeError } from "../errors.js";
 import { type Checkpoint, checkpointKey, getCheckpoint } from "./checkpoints.js";
 import { outputRow } from "./outputs.js";
+import { insertCheckpoints } from "./registry.js";
 
 /** S3's limits: parts of at least 5 MiB (but the last), at most 10,000 parts. */
 const MIN_PART_BYTES = 8 * 1024 * 1024;
@@ -141,7 +142,7 @@ export async function completeUploadSession({
         jobId: null,
         summary,
       });
-      await tx.insert(schema.checkpoints).values(row);
+      await insertCheckpoints(tx, [row]);
       await tx.delete(schema.uploadSessions).where(eq(schema.uploadSessions.id, session.id));
     });
   } catch (err) {

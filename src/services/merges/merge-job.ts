@@ -4,6 +4,7 @@ import { type TfjsOptions, TfjsTaskError } from "../../jobs/tfjs-process.js";
 import { MergeSpecError } from "../../merge/methods.js";
 import type { MergePool } from "../../merge/pool.js";
 import type { outputRow } from "../checkpoints/outputs.js";
+import { insertCheckpoints, insertMetrics } from "../checkpoints/registry.js";
 import type { ServiceContext } from "../context.js";
 import { type AttemptOutcome, type JobAttempt, type JobRules, jobHandlers } from "../jobs/attempts.js";
 import { openNextRound } from "../populations/rounds.js";
@@ -111,7 +112,7 @@ async function mergeAttempt(
     ...(population?.soup ? { soup_checkpoint_id: ids[0] } : {}),
   };
   const register = async (tx: Database) => {
-    await tx.insert(schema.checkpoints).values(rows).onConflictDoNothing();
+    await insertCheckpoints(tx, rows);
     const edges = ids.flatMap((childId, j) =>
       inputs.flatMap((parent, k) => {
         const coefficient = coefficients[j]?.[k] ?? 0;
@@ -125,6 +126,7 @@ async function mergeAttempt(
       const dataset = params.evaluate.dataset;
       const metrics = ids.map((id, j) => ({
         id: derivedId(job.id, `metric-${j}`),
+        tenantId: job.tenantId,
         checkpointId: id,
         dataset,
         split: "test",
@@ -132,7 +134,7 @@ async function mergeAttempt(
         value: accuracies[j] ?? 0,
         jobId: job.id,
       }));
-      await tx.insert(schema.metrics).values(metrics).onConflictDoNothing();
+      await insertMetrics(tx, metrics);
     }
     if (population && !population.soup) await openNextRound(tx, population);
   };

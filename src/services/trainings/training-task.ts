@@ -221,6 +221,7 @@ export async function runTrainingTask(
     };
     const metrics = outputs.map((o) => ({
       id: derivedId(job.id, `metric-${o.label}`),
+      tenantId: job.tenantId,
       checkpointId: o.id,
       dataset: params.dataset,
       split: "test",

@@ -5,6 +5,12 @@ import type { BuiltInDataset } from "../../ml/datasets.js";
 import { estimateTrainingMemory } from "../../ml/memory.js";
 import type { ModelSpec } from "../../ml/models.js";
 import type { TrainingSpec, Variant } from "../../ml/population.js";
+import {
+  insertCheckpoints,
+  insertMetrics,
+  type NewCheckpoint,
+  type NewMetric,
+} from "../checkpoints/registry.js";
 import type { ServiceContext, TenantCall } from "../context.js";
 import { type DatasetSource, datasetSource, describeDatasetRef } from "../datasets/datasets.js";
 import { InvalidInputError } from "../errors.js";
@@ -165,9 +171,9 @@ export interface TrainingTask {
 /** What the training process hands back: the job's result, and the rows it registers. */
 export interface TrainingTaskOutput {
   result: object;
-  rows: (typeof schema.checkpoints.$inferInsert)[];
+  rows: NewCheckpoint[];
   edges: (typeof schema.lineageEdges.$inferInsert)[];
-  metrics: (typeof schema.metrics.$inferInsert)[];
+  metrics: NewMetric[];
 }
 
 /** What a training stores, in order: its members, then its uniform and its greedy soup. */
@@ -220,9 +226,9 @@ async function trainingAttempt(
   const register = async (tx: Database) => {
     // A placed training's other shards register nothing.
     if (output.rows.length === 0) return;
-    await tx.insert(schema.checkpoints).values(output.rows).onConflictDoNothing();
+    await insertCheckpoints(tx, output.rows);
     await tx.insert(schema.lineageEdges).values(output.edges).onConflictDoNothing();
-    await tx.insert(schema.metrics).values(output.metrics).onConflictDoNothing();
+    await insertMetrics(tx, output.metrics);
   };
   return { result: output.result, register };
 }
