@@ -6,6 +6,7 @@ import { errorHandler, problemResponse } from "./http/problems.js";
 import { apiKeyRoutes } from "./http/routes/api-keys.js";
 import { checkpointRoutes, tfjsRoutes, uploadSessionRoutes } from "./http/routes/checkpoints.js";
 import { datasetRoutes } from "./http/routes/datasets.js";
+import { hfRoutes } from "./http/routes/hf.js";
 import { jobRoutes } from "./http/routes/jobs.js";
 import { lineageRoutes } from "./http/routes/lineage.js";
 import { modelRoutes } from "./http/routes/models.js";
@@ -44,5 +45,6 @@ export function createApp(ctx: ServiceContext): Hono<AppEnv> {
   jobRoutes(app);
   populationRoutes(app);
   modelRoutes(app);
+  hfRoutes(app);
   return app;
 }

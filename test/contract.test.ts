@@ -44,6 +44,7 @@ describe("every documented response of every operation", () => {
       .replace("{name}", name)
       .replace("{alias}", "production")
       .replace("{version}", "1")
+      .replace("{revision}", "main")
       .replace("{filename}", "model.safetensors");
   /** Bodies valid enough to reach the resource lookup. */
   const validBodies: Record<string, unknown> = {
@@ -332,14 +333,29 @@ describe("every documented response of every operation", () => {
     await expectStatus(s3.request("/v1/models/registry/aliases/latest", { method: "DELETE" }), 422);
     await expectStatus(s3.request("/v1/models/registry/aliases/production", { method: "DELETE" }), 204);
 
-    const file = "/v1/models/registry/versions/latest/files/model.safetensors";
-    const etag = (await expectStatus(s3.request(file), 200)).headers.get("etag") ?? "";
-    await expectStatus(s3.request(file, { headers: { Range: "bytes=0-7" } }), 206);
-    await expectStatus(s3.request(file, { headers: { Range: "bytes=100000-" } }), 416);
-    await expectStatus(s3.request(file, { headers: { "If-None-Match": etag } }), 304);
-    await expectStatus(s3.request(`${file}?redirect=true`), 302);
+    await expectStatus(s3.request("/hf/api/models/registry?blobs=true"), 200);
+    await expectStatus(s3.request("/hf/api/models/registry/revision/1"), 200);
+    await expectStatus(s3.request("/hf/api/models/registry/revision/2"), 404);
+    await expectStatus(s3.request("/hf/registry/resolve/main/model.safetensors"), 302);
+
+    for (const file of [
+      "/v1/models/registry/versions/latest/files/model.safetensors",
+      "/hf/registry/resolve/main/model.safetensors",
+    ]) {
+      const from = file.startsWith("/hf") ? fs : s3; // the filesystem store serves the bytes itself
+      if (from === fs) await expectStatus(upload(fs, smallCheckpoint(1), "registry"), 201);
+      const etag = (await expectStatus(from.request(file), 200)).headers.get("etag") ?? "";
+      await expectStatus(from.request(file, { headers: { Range: "bytes=0-7" } }), 206);
+      await expectStatus(from.request(file, { headers: { Range: "bytes=100000-" } }), 416);
+      await expectStatus(from.request(file, { headers: { "If-None-Match": etag } }), 304);
+    }
+    await expectStatus(
+      s3.request("/v1/models/registry/versions/latest/files/model.safetensors?redirect=true"),
+      302,
+    );
     await expectStatus(s3.request(`/v1/checkpoints/${a}`, { method: "DELETE" }), 204);
     await expectStatus(s3.request("/v1/models/registry/versions/1/files/model.safetensors"), 410);
+    await expectStatus(s3.request("/hf/registry/resolve/1/model.safetensors"), 410);
   });
 
   it("covers API keys", async () => {

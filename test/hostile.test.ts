@@ -1,8 +1,9 @@
 import { spawn } from "node:child_process";
 import { request as httpRequest, type IncomingMessage } from "node:http";
 import { Readable } from "node:stream";
+import { eq } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { openDatabase } from "../src/db/client.js";
+import { openDatabase, schema } from "../src/db/client.js";
 import { startWorker } from "../src/jobs/worker.js";
 import {
   authenticateApiKey,
@@ -132,9 +133,9 @@ describe.each<[DatabaseKind, StoreKind]>([
 
   it("answers 405 with Allow for a method a path does not take", async () => {
     const { id } = (await (await upload(h, smallCheckpoint(3), "m")).json()) as { id: string };
-    const res = await h.request(`/v1/checkpoints/${id}`, { method: "PATCH" });
+    const res = await h.request(`/v1/checkpoints/${id}`, { method: "PUT" });
     expect(res.status).toBe(405);
-    expect(res.headers.get("allow")?.split(", ").sort()).toEqual(["DELETE", "GET", "HEAD"]);
+    expect(res.headers.get("allow")?.split(", ").sort()).toEqual(["DELETE", "GET", "HEAD", "PATCH"]);
     expect(res.headers.get("content-type")).toBe("application/problem+json");
     expect((await h.request("/v1/checkpoints", { method: "PUT" })).headers.get("allow")).toContain("POST");
   });
@@ -447,14 +448,15 @@ describe("over real sockets", () => {
     expect(res.status).toBe(201);
   });
 
-  it("serves files whose names are beyond Latin-1 (RFC 6266)", async () => {
+  it("serves files whose names are beyond Latin-1 (RFC 6266): names registered before they were validated", async () => {
     const name = '模型 résumé "1"';
-    const up = await fetch(`${server.base}/v1/checkpoints?name=${encodeURIComponent(name)}`, {
+    const up = await fetch(`${server.base}/v1/checkpoints?name=legacy`, {
       method: "POST",
       headers: { ...auth(), "Content-Type": "application/octet-stream" },
       body: smallCheckpoint(7),
     });
-    const { weights_url } = (await up.json()) as { weights_url: string };
+    const { id, weights_url } = (await up.json()) as { id: string; weights_url: string };
+    await h.ctx.db.update(schema.checkpoints).set({ name }).where(eq(schema.checkpoints.id, id));
     const res = await fetch(server.base + weights_url, { headers: auth() });
     expect(res.status).toBe(200);
     expect(Buffer.from(await res.arrayBuffer()).equals(smallCheckpoint(7))).toBe(true);

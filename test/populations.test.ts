@@ -377,7 +377,7 @@ describe.each<[DatabaseKind, StoreKind]>([
     expect((await post({ size: 65, method: "papa-all" })).status).toBe(422);
     expect((await post({ size: 2, method: "papa-3" })).status).toBe(422);
     expect((await post({ size: 2, method: "papa-all", quorum: 3 })).status).toBe(422);
-    const foreign = ((await (await upload(h, member(1), "b's", { key: h.keyB })).json()) as { id: string })
+    const foreign = ((await (await upload(h, member(1), "b-s", { key: h.keyB })).json()) as { id: string })
       .id;
     const afterForeign = await counts();
     expect((await post({ size: 2, method: "papa-all", initial_checkpoint_id: foreign })).status).toBe(404);

@@ -59,6 +59,7 @@ describe("every operation in openapi.yaml", () => {
     createCheckpointMetric: { dataset: "mnist", split: "test", name: "accuracy", value: 0.9 },
     completeUploadSession: { parts: [{ part_number: 1, etag: '"x"' }] },
     submitPopulationMember: { checkpoint_id: "01a21c82-9c47-7abd-a849-4a1c03318637" },
+    updateCheckpoint: { tags: ["a"] },
   };
   it.each(secured.filter((o) => o.path.includes("01a21c82")))(
     "$operationId answers 404 problem+json for an id that is not the tenant's",

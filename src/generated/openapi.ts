@@ -294,6 +294,89 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/hf/api/models/{name}": {
+        parameters: {
+            query?: {
+                /** @description Accepted for the Hub's clients (which send `True`); sizes and sha256 are always listed. */
+                blobs?: components["parameters"]["HfBlobs"];
+                /** @description Accepted for the Hub's clients; no security scan is reported. */
+                securityStatus?: components["parameters"]["HfSecurityStatus"];
+                /** @description Accepted for the Hub's clients; the whole info is always returned. */
+                expand?: components["parameters"]["HfExpand"];
+            };
+            header?: never;
+            path: {
+                name: components["parameters"]["ModelName"];
+            };
+            cookie?: never;
+        };
+        /** The Hub's model info of the latest version (`HfApi().model_info`). */
+        get: operations["getHfModelInfo"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/hf/api/models/{name}/revision/{revision}": {
+        parameters: {
+            query?: {
+                /** @description Accepted for the Hub's clients (which send `True`); sizes and sha256 are always listed. */
+                blobs?: components["parameters"]["HfBlobs"];
+                /** @description Accepted for the Hub's clients; no security scan is reported. */
+                securityStatus?: components["parameters"]["HfSecurityStatus"];
+                /** @description Accepted for the Hub's clients; the whole info is always returned. */
+                expand?: components["parameters"]["HfExpand"];
+            };
+            header?: never;
+            path: {
+                name: components["parameters"]["ModelName"];
+                /** @description `main` (the latest version), a version number, an alias, or a commit id (40 hex digits). */
+                revision: components["parameters"]["HfRevision"];
+            };
+            cookie?: never;
+        };
+        /** The Hub's model info of a revision (what `snapshot_download` lists). */
+        get: operations["getHfModelInfoAtRevision"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/hf/{name}/resolve/{revision}/{filename}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: components["parameters"]["ModelName"];
+                /** @description `main` (the latest version), a version number, an alias, or a commit id (40 hex digits). */
+                revision: components["parameters"]["HfRevision"];
+                /** @description A file of the revision (`model.safetensors`); any other is a 404 with `X-Error-Code` EntryNotFound. */
+                filename: string;
+            };
+            cookie?: never;
+        };
+        /**
+         * Download a file of a revision (`hf_hub_download`).
+         * @description Answers as `GET /v1/checkpoints/{id}/weights` does, with the Hub's headers:
+         *     `X-Repo-Commit` (the revision's commit id), `X-Linked-Etag` and `X-Linked-Size` (the
+         *     file's quoted sha256 and size, which a redirect does not otherwise carry). On an S3
+         *     deployment the answer is a 302 to a presigned URL; on the filesystem store, the bytes.
+         */
+        get: operations["resolveHfFile"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/merges": {
         parameters: {
             query?: never;
@@ -876,6 +959,29 @@ export interface components {
             tags?: components["schemas"]["Tag"][] | null;
             /** @description Free text, at most 4096 characters; null for none. */
             description?: string | null;
+        };
+        HfModelInfo: {
+            /** @description The model's name (the repository id). */
+            id: string;
+            modelId: string;
+            /** @description The revision's commit id; it resolves to this version for as long as it exists. */
+            sha: string;
+            private: boolean;
+            disabled: boolean;
+            gated: boolean;
+            tags: string[];
+            library_name: string;
+            createdAt: components["schemas"]["Timestamp"];
+            lastModified: components["schemas"]["Timestamp"];
+            siblings: {
+                rfilename: string;
+                size: number;
+                lfs: {
+                    size: number;
+                    sha256: string;
+                    pointerSize: number;
+                };
+            }[];
         };
         ModelSummary: {
             name: string;
@@ -1523,6 +1629,25 @@ export interface components {
             };
             content?: never;
         };
+        /** @description The Hub's model info. */
+        HfModelInfo: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/json": components["schemas"]["HfModelInfo"];
+            };
+        };
+        /** @description No such model, revision or file for this tenant; `X-Error-Code` says which (RepoNotFound, RevisionNotFound, EntryNotFound), as the Hub does. */
+        HfNotFound: {
+            headers: {
+                "X-Error-Code"?: "RepoNotFound" | "RevisionNotFound" | "EntryNotFound";
+                [name: string]: unknown;
+            };
+            content: {
+                "application/problem+json": components["schemas"]["Problem"];
+            };
+        };
         /** @description No such resource for this tenant. */
         NotFound: {
             headers: {
@@ -1626,6 +1751,14 @@ export interface components {
         /** @description One byte range: `bytes=a-b`, `bytes=a-` or `bytes=-n`. */
         Range: string;
         IfNoneMatch: string;
+        /** @description `main` (the latest version), a version number, an alias, or a commit id (40 hex digits). */
+        HfRevision: string;
+        /** @description Accepted for the Hub's clients (which send `True`); sizes and sha256 are always listed. */
+        HfBlobs: string;
+        /** @description Accepted for the Hub's clients; no security scan is reported. */
+        HfSecurityStatus: string;
+        /** @description Accepted for the Hub's clients; the whole info is always returned. */
+        HfExpand: string[];
         ModelName: components["schemas"]["ModelName"];
         Alias: components["schemas"]["Alias"];
         Id: components["schemas"]["Id"];
@@ -2180,6 +2313,89 @@ export interface operations {
             400: components["responses"]["BadRequest"];
             401: components["responses"]["Unauthorized"];
             404: components["responses"]["NotFound"];
+            410: components["responses"]["Gone"];
+            416: components["responses"]["RangeNotSatisfiable"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
+    getHfModelInfo: {
+        parameters: {
+            query?: {
+                /** @description Accepted for the Hub's clients (which send `True`); sizes and sha256 are always listed. */
+                blobs?: components["parameters"]["HfBlobs"];
+                /** @description Accepted for the Hub's clients; no security scan is reported. */
+                securityStatus?: components["parameters"]["HfSecurityStatus"];
+                /** @description Accepted for the Hub's clients; the whole info is always returned. */
+                expand?: components["parameters"]["HfExpand"];
+            };
+            header?: never;
+            path: {
+                name: components["parameters"]["ModelName"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: components["responses"]["HfModelInfo"];
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["HfNotFound"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
+    getHfModelInfoAtRevision: {
+        parameters: {
+            query?: {
+                /** @description Accepted for the Hub's clients (which send `True`); sizes and sha256 are always listed. */
+                blobs?: components["parameters"]["HfBlobs"];
+                /** @description Accepted for the Hub's clients; no security scan is reported. */
+                securityStatus?: components["parameters"]["HfSecurityStatus"];
+                /** @description Accepted for the Hub's clients; the whole info is always returned. */
+                expand?: components["parameters"]["HfExpand"];
+            };
+            header?: never;
+            path: {
+                name: components["parameters"]["ModelName"];
+                /** @description `main` (the latest version), a version number, an alias, or a commit id (40 hex digits). */
+                revision: components["parameters"]["HfRevision"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: components["responses"]["HfModelInfo"];
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["HfNotFound"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
+    resolveHfFile: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description One byte range: `bytes=a-b`, `bytes=a-` or `bytes=-n`. */
+                Range?: components["parameters"]["Range"];
+                "If-None-Match"?: components["parameters"]["IfNoneMatch"];
+            };
+            path: {
+                name: components["parameters"]["ModelName"];
+                /** @description `main` (the latest version), a version number, an alias, or a commit id (40 hex digits). */
+                revision: components["parameters"]["HfRevision"];
+                /** @description A file of the revision (`model.safetensors`); any other is a 404 with `X-Error-Code` EntryNotFound. */
+                filename: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: components["responses"]["WholeFile"];
+            206: components["responses"]["PartialFile"];
+            302: components["responses"]["PresignedRedirect"];
+            304: components["responses"]["NotModified"];
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["HfNotFound"];
             410: components["responses"]["Gone"];
             416: components["responses"]["RangeNotSatisfiable"];
             429: components["responses"]["TooManyRequests"];

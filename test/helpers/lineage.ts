@@ -18,7 +18,7 @@ export async function registerLineage(
     ids.map((id, i) => ({
       id,
       tenantId,
-      name: `node-${i}`,
+      name: `node-${id}`,
       version: 1,
       sizeBytes: 8,
       sha256: "0".repeat(64),

@@ -81,6 +81,15 @@ async function modelSummary(ctx: ServiceContext, tenantId: string, name: string)
   return model;
 }
 
+/** A model's name, latest live version and count of live versions. */
+export function getModelSummary({
+  ctx,
+  principal,
+  input,
+}: TenantCall<{ name: string }>): Promise<ModelSummary> {
+  return modelSummary(ctx, principal.tenantId, input.name);
+}
+
 /** A model with its aliases and a page of its live versions, newest first. */
 export async function getModel({
   ctx,
@@ -199,4 +208,41 @@ export async function resolveModelVersion({
     .where(and(eq(c.tenantId, principal.tenantId), eq(c.name, input.name), eq(c.version, version)));
   if (!row) throw new NotFoundError(`model ${input.name} has no version ${version}`);
   return getCheckpoint({ ctx, principal, input: { id: row.id } });
+}
+
+/**
+ * A version's commit id in the Hugging Face Hub protocol (40 hex digits, as the Hub's clients
+ * require): the checkpoint's id and the version number, so that it resolves back to them.
+ */
+export function commitOf(checkpoint: Checkpoint): string {
+  return checkpoint.id.replaceAll("-", "") + checkpoint.version.toString(16).padStart(8, "0");
+}
+
+const COMMIT = /^[0-9a-f]{40}$/;
+/** The Hub's name for the newest revision. */
+export const MAIN = "main";
+
+/**
+ * The checkpoint a Hub revision of a model stands for: `main` (the latest version), a commit id
+ * (`commitOf`), a version number or an alias.
+ */
+export async function resolveRevision({
+  ctx,
+  principal,
+  input,
+}: TenantCall<{ name: string; revision: string }>): Promise<Checkpoint> {
+  if (!COMMIT.test(input.revision)) {
+    const ref = input.revision === MAIN ? LATEST : input.revision;
+    return resolveModelVersion({ ctx, principal, input: { name: input.name, ref } });
+  }
+  const hex = input.revision.slice(0, 32);
+  const id = `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+  const checkpoint = await getCheckpoint({ ctx, principal, input: { id } }).catch((err: unknown) => {
+    if (err instanceof NotFoundError) return null;
+    throw err;
+  });
+  if (checkpoint === null || checkpoint.name !== input.name || commitOf(checkpoint) !== input.revision) {
+    throw new NotFoundError(`model ${input.name} has no commit ${input.revision}`);
+  }
+  return checkpoint;
 }
