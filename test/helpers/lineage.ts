@@ -15,7 +15,7 @@ export async function registerLineage(
 ): Promise<string[]> {
   const ids = Array.from({ length: count }, () => randomUUID());
   await ctx.db.insert(schema.checkpoints).values(
-    ids.map((id, i) => ({
+    ids.map((id) => ({
       id,
       tenantId,
       name: `node-${id}`,
