@@ -1,7 +1,7 @@
 /**
  * Checkpoint search at scale (issue 15): a fresh database holding ROWS checkpoints of one tenant
- * and as many of another (1,000 models each; ten tags on a tenth of the rows each and one rare
- * tag; a test accuracy for every checkpoint; a pull chain of lineage; jobs of 4 outputs), then
+ * and as many of another (1,000 models each; ten tags on a tenth of the rows each and one tag
+ * on ten rows; a test accuracy for every checkpoint; a pull chain of lineage; jobs of 4 outputs), then
  * each search of `GET /v1/checkpoints` as the service runs it (`listCheckpoints`, its prepared
  * query, 50 a page): the median of RUNS runs, and the plan the database chose for it (EXPLAIN
  * ANALYZE). On this machine's Postgres and on PGlite.
@@ -44,6 +44,8 @@ function seedSql(tenant: string, t: string): string[] {
          8, repeat('0', 64), 1, 1, array['F32'], 'nowhere/' || i,
          case when i % 1000 < 4 and (i / 4) % 250 = 0 and i / 4 > 0 then ${idSql("i / 4", t)} end
        from ${n}`,
+    `insert into checkpoint_tags (tenant_id, tag, checkpoint_id)
+       select '${tenant}', unnest(tags), id from checkpoints where tenant_id = '${tenant}'`,
     `insert into models (tenant_id, name, latest_version)
        select '${tenant}', 'model-' || m, max(i / 1000 + 1) from ${n}, lateral (select i % 1000 as m) x group by m`,
     `insert into metrics (id, tenant_id, checkpoint_id, dataset, split, name, value)

@@ -1,3 +1,10 @@
+CREATE TABLE "checkpoint_tags" (
+	"tenant_id" uuid NOT NULL,
+	"tag" text NOT NULL,
+	"checkpoint_id" uuid NOT NULL,
+	CONSTRAINT "checkpoint_tags_tenant_id_tag_checkpoint_id_pk" PRIMARY KEY("tenant_id","tag","checkpoint_id")
+);
+--> statement-breakpoint
 CREATE TABLE "model_aliases" (
 	"tenant_id" uuid NOT NULL,
 	"name" text NOT NULL,
@@ -35,11 +42,12 @@ UPDATE "metrics" SET "current" = false WHERE EXISTS (
 	SELECT 1 FROM "metrics" n WHERE n."checkpoint_id" = "metrics"."checkpoint_id" AND n."dataset" = "metrics"."dataset"
 		AND n."split" = "metrics"."split" AND n."name" = "metrics"."name" AND n."id" > "metrics"."id"
 );--> statement-breakpoint
+ALTER TABLE "checkpoint_tags" ADD CONSTRAINT "checkpoint_tags_checkpoint_id_checkpoints_id_fk" FOREIGN KEY ("checkpoint_id") REFERENCES "public"."checkpoints"("id") ON DELETE no action ON UPDATE no action;--> statement-breakpoint
 ALTER TABLE "models" ADD CONSTRAINT "models_tenant_id_tenants_id_fk" FOREIGN KEY ("tenant_id") REFERENCES "public"."tenants"("id") ON DELETE no action ON UPDATE no action;--> statement-breakpoint
+CREATE INDEX "checkpoint_tags_checkpoint_idx" ON "checkpoint_tags" USING btree ("checkpoint_id");--> statement-breakpoint
 ALTER TABLE "metrics" ADD CONSTRAINT "metrics_tenant_id_tenants_id_fk" FOREIGN KEY ("tenant_id") REFERENCES "public"."tenants"("id") ON DELETE no action ON UPDATE no action;--> statement-breakpoint
 CREATE UNIQUE INDEX "checkpoints_version_idx" ON "checkpoints" USING btree ("tenant_id","name","version");--> statement-breakpoint
 CREATE INDEX "checkpoints_name_prefix_idx" ON "checkpoints" USING btree ("tenant_id","name" text_pattern_ops,"id");--> statement-breakpoint
-CREATE INDEX "checkpoints_tags_idx" ON "checkpoints" USING gin ("tags");--> statement-breakpoint
 CREATE INDEX "checkpoints_job_idx" ON "checkpoints" USING btree ("job_id");--> statement-breakpoint
 CREATE UNIQUE INDEX "metrics_current_idx" ON "metrics" USING btree ("checkpoint_id","dataset","split","name") WHERE "metrics"."current";--> statement-breakpoint
 CREATE INDEX "metrics_search_idx" ON "metrics" USING btree ("tenant_id","dataset","split","name","value","checkpoint_id") WHERE "metrics"."current";

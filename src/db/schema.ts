@@ -114,12 +114,30 @@ export const checkpoints = pgTable(
     index("checkpoints_tenant_idx").on(t.tenantId, t.id),
     uniqueIndex("checkpoints_version_idx").on(t.tenantId, t.name, t.version),
     index("checkpoints_name_prefix_idx").using("btree", t.tenantId, sql`${t.name} text_pattern_ops`, t.id),
-    index("checkpoints_tags_idx").using("gin", t.tags),
     index("checkpoints_job_idx").on(t.jobId),
     index("checkpoints_storage_key_idx").on(t.storageKey),
     index("checkpoints_population_idx")
       .on(t.populationId, t.populationRound)
       .where(sql`${t.populationId} is not null`),
+  ],
+);
+
+/**
+ * The index of `checkpoints.tags` for search: one row per tag of each checkpoint, in the order a
+ * search pages by (newest first within a tenant's tag), whatever the tag's frequency.
+ */
+export const checkpointTags = pgTable(
+  "checkpoint_tags",
+  {
+    tenantId: uuid("tenant_id").notNull(),
+    tag: text("tag").notNull(),
+    checkpointId: uuid("checkpoint_id")
+      .notNull()
+      .references(() => checkpoints.id),
+  },
+  (t) => [
+    primaryKey({ columns: [t.tenantId, t.tag, t.checkpointId] }),
+    index("checkpoint_tags_checkpoint_idx").on(t.checkpointId),
   ],
 );
 

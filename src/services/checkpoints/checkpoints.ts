@@ -260,6 +260,11 @@ function buildSearch(db: Database, s: SearchShape, name: string) {
     .select({ ...withRelations, sortValue: s.metric ? sql<number>`${v.value}` : sql<null>`null` })
     .from(c)
     .$dynamic();
+  // Each tag through its index, which walks one tag's checkpoints newest first however many there are.
+  for (let i = 0; i < s.tags; i++) {
+    const t = alias(schema.checkpointTags, `tag_${i}`);
+    query.innerJoin(t, and(eq(t.checkpointId, c.id), eq(t.tenantId, p("tenantId")), eq(t.tag, p(`tag${i}`))));
+  }
   if (s.metric) {
     query.innerJoin(
       v,
@@ -281,12 +286,6 @@ function buildSearch(db: Database, s: SearchShape, name: string) {
         s.name ? eq(c.name, p("name")) : undefined,
         // Byte order (text_pattern_ops): the names that start with the prefix, on the index.
         s.namePrefix ? sql`${c.name} ~>=~ ${p("prefixFrom")} and ${c.name} ~<~ ${p("prefixTo")}` : undefined,
-        s.tags > 0
-          ? sql`${c.tags} @> array[${sql.join(
-              Array.from({ length: s.tags }, (_, i) => p(`tag${i}`)),
-              sql`, `,
-            )}]::text[]`
-          : undefined,
         s.job ? eq(c.jobId, p("jobId")) : undefined,
         s.parent
           ? sql`${c.id} in (select ${lineage.childId} from ${lineage} where ${lineage.parentId} = ${p("parentId")})`
@@ -419,15 +418,28 @@ export async function updateCheckpoint({
   input,
 }: TenantCall<{ id: string; tags?: string[] | null; description?: string | null }>): Promise<Checkpoint> {
   const c = schema.checkpoints;
+  const tags = input.tags === undefined ? undefined : (input.tags ?? []);
   const changes = {
-    ...(input.tags !== undefined && { tags: input.tags ?? [] }),
+    ...(tags !== undefined && { tags }),
     ...(input.description !== undefined && { description: input.description }),
   };
   if (Object.keys(changes).length > 0) {
-    await ctx.db
-      .update(c)
-      .set(changes)
-      .where(and(eq(c.id, input.id), eq(c.tenantId, principal.tenantId)));
+    await ctx.db.transaction(async (tx) => {
+      const [updated] = await tx
+        .update(c)
+        .set(changes)
+        .where(and(eq(c.id, input.id), eq(c.tenantId, principal.tenantId)))
+        .returning({ id: c.id });
+      if (!updated || tags === undefined) return;
+      // The tags' search index follows them in the same transaction.
+      const t = schema.checkpointTags;
+      await tx.delete(t).where(eq(t.checkpointId, input.id));
+      if (tags.length > 0) {
+        await tx
+          .insert(t)
+          .values(tags.map((tag) => ({ tenantId: principal.tenantId, tag, checkpointId: input.id })));
+      }
+    });
   }
   return getCheckpoint({ ctx, principal, input: { id: input.id } });
 }
