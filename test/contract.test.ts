@@ -114,9 +114,11 @@ describe("every documented response of every operation", () => {
   });
 
   it("serves the public endpoints; readiness is 503 when the database is gone", async () => {
-    for (const path of ["/healthz", "/readyz", "/docs", "/openapi.yaml"]) {
+    for (const path of ["/healthz", "/readyz", "/docs", "/openapi.yaml", "/docs/assets/swagger-ui.css"]) {
       await expectStatus(s3.request(path, { key: null }), 200);
     }
+    await expectStatus(s3.request("/docs?docExpansion=sideways", { key: null }), 400);
+    await expectStatus(s3.request("/docs/assets/index.html", { key: null }), 400);
     const down = await startHarness("pglite", "filesystem");
     await down.close();
     await expectStatus(down.request("/readyz", { key: null }), 503);

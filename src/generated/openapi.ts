@@ -45,8 +45,28 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** This API reference as an HTML page (rendered by the service, no external assets). */
+        /**
+         * This API reference (Swagger UI, with try-it), served from this origin.
+         * @description Swagger UI (npm's swagger-ui-dist) renders `/openapi.yaml` in the browser; every asset comes from this service, nothing from elsewhere. `?docExpansion=full` opens every operation.
+         */
         get: operations["getDocs"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/docs/assets/{asset}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** A file of the API reference page (Swagger UI's, and the script that starts it). */
+        get: operations["getDocsAsset"];
         put?: never;
         post?: never;
         delete?: never;
@@ -1831,7 +1851,10 @@ export interface operations {
     };
     getDocs: {
         parameters: {
-            query?: never;
+            query?: {
+                /** @description `list` (the default: operations closed), `full` (every operation open) or `none`. */
+                docExpansion?: "list" | "full" | "none";
+            };
             header?: never;
             path?: never;
             cookie?: never;
@@ -1847,6 +1870,31 @@ export interface operations {
                     "text/html": string;
                 };
             };
+            400: components["responses"]["BadRequest"];
+        };
+    };
+    getDocsAsset: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                asset: "swagger-ui.css" | "swagger-ui-bundle.js" | "papa-docs.js";
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The file. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/css": string;
+                    "text/javascript": string;
+                };
+            };
+            400: components["responses"]["BadRequest"];
         };
     };
     getOpenApiDocument: {

@@ -1,7 +1,6 @@
 import type { Hono } from "hono";
-import { OPENAPI_DOCUMENT } from "../../generated/openapi-document.js";
 import { checkReadiness } from "../../services/readiness.js";
-import { renderDocs } from "../docs.js";
+import { DOCS_ASSETS, DOCS_PAGE, docsAsset } from "../docs.js";
 import type { AppEnv } from "../env.js";
 import { openApiText, operation } from "../openapi.js";
 
@@ -10,11 +9,14 @@ export function serviceRoutes(app: Hono<AppEnv>): void {
 
   operation(app, "getReadiness", async (c) => c.json(await checkReadiness({ ctx: c.get("ctx") })));
 
-  // Rendered at the first request for it, not at start.
-  let docs: string | undefined;
-  operation(app, "getDocs", (c) => {
-    docs ??= renderDocs(OPENAPI_DOCUMENT);
-    return c.html(docs);
+  operation(app, "getDocs", (c) => c.html(DOCS_PAGE));
+
+  operation(app, "getDocsAsset", async (c, req) => {
+    const asset = req.path.asset;
+    return c.body(await docsAsset(asset), 200, {
+      "Content-Type": DOCS_ASSETS[asset],
+      "Cache-Control": "public, max-age=3600",
+    });
   });
 
   operation(app, "getOpenApiDocument", (c) =>
