@@ -1,6 +1,7 @@
 import { spawn } from "node:child_process";
 import { once } from "node:events";
 import { rm } from "node:fs/promises";
+import { join } from "node:path";
 import { Readable } from "node:stream";
 import { text } from "node:stream/consumers";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -188,5 +189,39 @@ describe.each<StoreKind>(["filesystem", "s3"])("ObjectStore contract: %s", (kind
 
   it("answers ping", async () => {
     await expect(resource.value.store.ping()).resolves.toBeUndefined();
+  });
+});
+
+describe("the filesystem store", () => {
+  it("lists a prefix by walking its directory only, not the whole store", async () => {
+    const resource = await testStore("filesystem");
+    const { store, dir = "" } = resource.value;
+    try {
+      const one = () => Readable.from([Buffer.from("x")]);
+      await store.put("tenants/a/jobs/j/out.bin", one());
+      await store.put("tenants/a/checkpoints/c.bin", one());
+      // Elsewhere in the store, a tree deeper than a path may name (PATH_MAX, 4096): a walk into
+      // it fails, so only a list that stays out of it succeeds. Made by relative steps in a shell.
+      const step = "d".repeat(200);
+      const made = spawn("bash", [
+        "-c",
+        `cd "$0" && mkdir -p tenants/b && cd tenants/b && for i in $(seq 1 25); do mkdir ${step} && cd ${step}; done && echo x > leaf.bin`,
+        dir,
+      ]);
+      expect((await once(made, "exit"))[0]).toBe(0);
+      await expect(store.list("")).rejects.toThrow(/ENAMETOOLONG/);
+
+      expect(await store.list("tenants/a/jobs/j/")).toEqual(["tenants/a/jobs/j/out.bin"]);
+      expect(await store.list("tenants/a/jo")).toEqual(["tenants/a/jobs/j/out.bin"]);
+      expect(await store.list("tenants/a/")).toEqual([
+        "tenants/a/checkpoints/c.bin",
+        "tenants/a/jobs/j/out.bin",
+      ]);
+      expect(await store.list("tenants/c/")).toEqual([]);
+    } finally {
+      // GNU rm walks a tree of any depth (relative to each directory); fs.rm cannot.
+      await once(spawn("rm", ["-rf", join(dir, "tenants")]), "exit");
+      await resource.close();
+    }
   });
 });

@@ -100,9 +100,16 @@ export class FilesystemStore implements ObjectStore {
         else keys.push(relative(this.root, full).split(sep).join("/"));
       }
     };
-    const entries = await readdir(this.root).catch(() => [] as string[]);
-    for (const name of entries) {
-      if (name !== TMP_DIR) await walk(join(this.root, name));
+    // Only the directory the prefix names is walked (a job's scratch, a tenant's checkpoints),
+    // not the whole store.
+    const base = prefix.slice(0, prefix.lastIndexOf("/") + 1);
+    if (base === "") {
+      const entries = await readdir(this.root).catch(() => [] as string[]);
+      for (const name of entries) {
+        if (name !== TMP_DIR) await walk(join(this.root, name));
+      }
+    } else {
+      await walk(this.path(base.slice(0, -1)));
     }
     return keys.filter((k) => k.startsWith(prefix)).sort();
   }

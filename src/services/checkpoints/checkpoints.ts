@@ -112,8 +112,7 @@ export async function metricsOf(ctx: ServiceContext, ids: string[]): Promise<Map
   return byCheckpoint;
 }
 
-const lineage = schema.lineageEdges;
-const e = lineage;
+const e = schema.lineageEdges;
 const m = schema.metrics;
 /** The outer row's id, qualified: in a selection drizzle writes columns without their table. */
 const outerCheckpointId = sql`${schema.checkpoints}.${sql.identifier("id")}`;
@@ -288,7 +287,7 @@ function buildSearch(db: Database, s: SearchShape, name: string) {
         s.namePrefix ? sql`${c.name} ~>=~ ${p("prefixFrom")} and ${c.name} ~<~ ${p("prefixTo")}` : undefined,
         s.job ? eq(c.jobId, p("jobId")) : undefined,
         s.parent
-          ? sql`${c.id} in (select ${lineage.childId} from ${lineage} where ${lineage.parentId} = ${p("parentId")})`
+          ? sql`${c.id} in (select ${e.childId} from ${e} where ${e.parentId} = ${p("parentId")})`
           : undefined,
         s.min ? gte(v.value, p("metricMin")) : undefined,
         s.max ? lte(v.value, p("metricMax")) : undefined,

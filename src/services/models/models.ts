@@ -42,6 +42,14 @@ const summary = {
   versionCount: sql<number>`(select count(*)::int ${liveVersions})`,
 };
 
+/** The row of one alias of a model. */
+const aliasOf = (tenantId: string, name: string, alias: string) =>
+  and(eq(aliases.tenantId, tenantId), eq(aliases.name, name), eq(aliases.alias, alias));
+
+/** The checkpoint of one version of a model. */
+const versionOf = (tenantId: string, name: string, version: number) =>
+  and(eq(c.tenantId, tenantId), eq(c.name, name), eq(c.version, version));
+
 const nameCursor = {
   key: (row: { name: string }) => row.name,
   valid: (key: unknown): key is string => typeof key === "string" && key.length > 0 && key.length <= 96,
@@ -140,7 +148,7 @@ export async function setModelAlias({
   const [target] = await ctx.db
     .select({ id: c.id, deletedAt: c.deletedAt })
     .from(c)
-    .where(and(eq(c.tenantId, principal.tenantId), eq(c.name, input.name), eq(c.version, input.version)));
+    .where(versionOf(principal.tenantId, input.name, input.version));
   if (!target) throw new InvalidInputError(`model ${input.name} has no version ${input.version}`);
   if (target.deletedAt) throw new InvalidInputError(`version ${input.version} of ${input.name} was deleted`);
   const row = { tenantId: principal.tenantId, name: input.name, alias: input.alias, version: input.version };
@@ -164,13 +172,7 @@ export async function deleteModelAlias({
   assertUserAlias(input.alias);
   const deleted = await ctx.db
     .delete(aliases)
-    .where(
-      and(
-        eq(aliases.tenantId, principal.tenantId),
-        eq(aliases.name, input.name),
-        eq(aliases.alias, input.alias),
-      ),
-    )
+    .where(aliasOf(principal.tenantId, input.name, input.alias))
     .returning({ alias: aliases.alias });
   if (deleted.length === 0) throw new NotFoundError(`model ${input.name} has no alias ${input.alias}`);
 }
@@ -192,20 +194,14 @@ export async function resolveModelVersion({
     const [named] = await ctx.db
       .select({ version: aliases.version })
       .from(aliases)
-      .where(
-        and(
-          eq(aliases.tenantId, principal.tenantId),
-          eq(aliases.name, input.name),
-          eq(aliases.alias, input.ref),
-        ),
-      );
+      .where(aliasOf(principal.tenantId, input.name, input.ref));
     if (!named) throw new NotFoundError(`model ${input.name} has no alias ${input.ref}`);
     version = named.version;
   }
   const [row] = await ctx.db
     .select({ id: c.id })
     .from(c)
-    .where(and(eq(c.tenantId, principal.tenantId), eq(c.name, input.name), eq(c.version, version)));
+    .where(versionOf(principal.tenantId, input.name, version));
   if (!row) throw new NotFoundError(`model ${input.name} has no version ${version}`);
   return getCheckpoint({ ctx, principal, input: { id: row.id } });
 }
