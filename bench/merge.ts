@@ -15,7 +15,7 @@
  *
  * usage: npm run bench:merge [-- MILLION_PARAMS]
  */
-import { execFileSync, spawn, spawnSync } from "node:child_process";
+import { execFileSync, spawnSync } from "node:child_process";
 import { once } from "node:events";
 import { createReadStream, createWriteStream, existsSync } from "node:fs";
 import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
@@ -26,7 +26,7 @@ import { blockElementsFor, slotCount } from "../src/merge/engine.js";
 import type { S3StoreOptions } from "../src/storage/object-store.js";
 import { S3Store } from "../src/storage/s3-store.js";
 import { openFileSource, readBytes, readSafetensorsHeader } from "../src/tensors/source.js";
-import { BENCH_KEY, startService } from "./server.js";
+import { BENCH_KEY, s3Settings, startS3rver, startService } from "./server.js";
 
 const millions = Number(process.argv[2] ?? 100);
 const INPUTS = 4;
@@ -122,61 +122,6 @@ async function worstDifference(a: string, b: string): Promise<number> {
   }
   await Promise.all([sa.close(), sb.close()]);
   return worst / (scale || 1);
-}
-
-/** s3rver in a process of its own (as S3 is to the service): its endpoint, and `stop`. */
-async function startS3rver(dir: string): Promise<{ endpoint: string; stop(): Promise<void> }> {
-  const server = spawn(
-    process.execPath,
-    [
-      "node_modules/s3rver/bin/s3rver.js",
-      "-d",
-      dir,
-      "-a",
-      "127.0.0.1",
-      "-p",
-      "0",
-      "-s",
-      "--configure-bucket",
-      "bench",
-    ],
-    { stdio: ["ignore", "pipe", "inherit"] },
-  );
-  let out = "";
-  for await (const chunk of server.stdout) {
-    out += String(chunk);
-    const address = out.match(/listening on (\S+)/)?.[1];
-    if (address) {
-      server.stdout.resume();
-      return {
-        endpoint: `http://${address}`,
-        stop: async () => {
-          server.kill();
-          await once(server, "exit");
-        },
-      };
-    }
-  }
-  throw new Error(`s3rver did not start: ${out}`);
-}
-
-/** The S3 settings of the bench bucket on `endpoint`, as the service reads them and as `S3Store` takes them. */
-function s3Settings(endpoint: string) {
-  const env = {
-    S3_BUCKET: "bench",
-    S3_ENDPOINT: endpoint,
-    S3_FORCE_PATH_STYLE: "true",
-    S3_ACCESS_KEY_ID: "S3RVER",
-    S3_SECRET_ACCESS_KEY: "S3RVER",
-  };
-  const options: S3StoreOptions = {
-    bucket: env.S3_BUCKET,
-    region: "us-east-1",
-    endpoint,
-    forcePathStyle: true,
-    credentials: { accessKeyId: env.S3_ACCESS_KEY_ID, secretAccessKey: env.S3_SECRET_ACCESS_KEY },
-  };
-  return { env, options };
 }
 
 /**

@@ -2,6 +2,7 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { once } from "node:events";
 import type { Readable } from "node:stream";
 import pg from "pg";
+import type { S3StoreOptions } from "../src/storage/object-store.js";
 
 /**
  * The URL a starting server logs once it listens (its JSON log line `listening`). Its later
@@ -33,7 +34,7 @@ export const BENCH_KEY = "papa_bench-key-0123456789abcdefghijklmnop";
 export async function startService(
   dataDir: string,
   env: Record<string, string>,
-): Promise<{ url: string; stop(): Promise<void> }> {
+): Promise<{ url: string; pid: number; stop(): Promise<void> }> {
   const server = spawn(process.execPath, ["dist/server.js"], {
     env: {
       PATH: process.env.PATH,
@@ -52,7 +53,7 @@ export async function startService(
     }
   };
   try {
-    return { url: await listeningUrl(server), stop };
+    return { url: await listeningUrl(server), pid: server.pid ?? 0, stop };
   } catch (err) {
     await stop();
     throw err;
@@ -79,4 +80,59 @@ export async function freshDatabase(): Promise<{ url: string; drop(): Promise<vo
   const url = new URL(adminUrl);
   url.pathname = `/${name}`;
   return { url: url.toString(), drop: () => admin(`drop database if exists ${name} with (force)`) };
+}
+
+/** s3rver in a process of its own (as S3 is to the service): its endpoint, and `stop`. */
+export async function startS3rver(dir: string): Promise<{ endpoint: string; stop(): Promise<void> }> {
+  const server = spawn(
+    process.execPath,
+    [
+      "node_modules/s3rver/bin/s3rver.js",
+      "-d",
+      dir,
+      "-a",
+      "127.0.0.1",
+      "-p",
+      "0",
+      "-s",
+      "--configure-bucket",
+      "bench",
+    ],
+    { stdio: ["ignore", "pipe", "inherit"] },
+  );
+  let out = "";
+  for await (const chunk of server.stdout) {
+    out += String(chunk);
+    const address = out.match(/listening on (\S+)/)?.[1];
+    if (address) {
+      server.stdout.resume();
+      return {
+        endpoint: `http://${address}`,
+        stop: async () => {
+          server.kill();
+          await once(server, "exit");
+        },
+      };
+    }
+  }
+  throw new Error(`s3rver did not start: ${out}`);
+}
+
+/** The S3 settings of the bench bucket on `endpoint`, as the service reads them and as `S3Store` takes them. */
+export function s3Settings(endpoint: string) {
+  const env = {
+    S3_BUCKET: "bench",
+    S3_ENDPOINT: endpoint,
+    S3_FORCE_PATH_STYLE: "true",
+    S3_ACCESS_KEY_ID: "S3RVER",
+    S3_SECRET_ACCESS_KEY: "S3RVER",
+  };
+  const options: S3StoreOptions = {
+    bucket: env.S3_BUCKET,
+    region: "us-east-1",
+    endpoint,
+    forcePathStyle: true,
+    credentials: { accessKeyId: env.S3_ACCESS_KEY_ID, secretAccessKey: env.S3_SECRET_ACCESS_KEY },
+  };
+  return { env, options };
 }

@@ -1,11 +1,13 @@
 /**
- * Upload benchmark: a 1 GiB safetensors checkpoint through the API into the filesystem store,
- * then a 1 GiB dataset (IDX images, multipart/form-data). Starts the built server
- * (`dist/server.js`) on embedded defaults in a temp dir, streams the checkpoint over HTTP with
- * curl three times and the dataset once, and samples the server's RSS every 20 ms throughout.
+ * Upload benchmark: a 1 GiB safetensors checkpoint through the API, then a 1 GiB dataset (IDX
+ * images, multipart/form-data), into the filesystem store and into S3 (s3rver, in a process of
+ * its own). Starts the built server (`dist/server.js`, PGlite) in a temp dir, streams the
+ * checkpoint over HTTP with curl three times and the dataset once, and on S3 also uploads the
+ * checkpoint through an upload session with the `papa` CLI (presigned parts straight to the
+ * store, then the service's validation), sampling the server's RSS every 20 ms throughout.
  * The disk's write speed varies run to run on shared machines: read all three numbers.
- * Targets: at least 200 MB/s and a server peak RSS rise under 100 MB for the checkpoint (issue 2);
- * an RSS rise under 100 MB for the dataset (issue 12).
+ * Targets: at least 200 MB/s and a server peak RSS rise under 100 MB for the checkpoint (issues
+ * 2 and 16); an RSS rise under 100 MB for the dataset (issue 12).
  *
  * usage: npm run bench:upload [-- SIZE_MIB]
  */
@@ -14,12 +16,11 @@ import { once } from "node:events";
 import { createWriteStream } from "node:fs";
 import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { listeningUrl } from "./server.js";
+import { join, resolve } from "node:path";
+import { BENCH_KEY, s3Settings, startS3rver, startService } from "./server.js";
 
 const sizeMiB = Number(process.argv[2] ?? 1024);
 const RUNS = 3;
-const KEY = "papa_bench-key-0123456789abcdefghijklmnop";
 
 async function writeCheckpoint(path: string): Promise<number> {
   const tensorBytes = 64 * 1024 * 1024;
@@ -110,7 +111,7 @@ async function curl(args: string[]): Promise<string> {
     "-X",
     "POST",
     "-H",
-    `Authorization: Bearer ${KEY}`,
+    `Authorization: Bearer ${BENCH_KEY}`,
     ...args,
   ]);
   let out = "";
@@ -127,75 +128,110 @@ async function rssMiB(pid: number): Promise<number> {
   return Number(status.match(/VmRSS:\s+(\d+) kB/)?.[1] ?? 0) / 1024;
 }
 
-async function main(): Promise<void> {
-  const dir = await mkdtemp(join(tmpdir(), "papa-bench-"));
-  try {
-    const file = join(dir, "bench.safetensors");
-    const size = await writeCheckpoint(file);
-    const server = spawn(
-      process.execPath,
-      [...(process.env.BENCH_NODE_ARGS ?? "").split(" ").filter(Boolean), "dist/server.js"],
-      {
-        env: {
-          PATH: process.env.PATH,
-          PORT: "0",
-          HOST: "127.0.0.1",
-          PAPA_DATA_DIR: join(dir, "data"),
-          PAPA_API_KEY: KEY,
-          PAPA_MAX_DATASET_BYTES: String(2 * sizeMiB * 1024 * 1024),
-        },
-        stdio: ["ignore", "pipe", "inherit"],
+/** The server's RSS sampled every 20 ms from now: the figures of `during`'s work. */
+async function rssRise(pid: number, during: () => Promise<void>): Promise<string> {
+  const before = await rssMiB(pid);
+  let peak = before;
+  const sampler = setInterval(() => {
+    rssMiB(pid).then(
+      (v) => {
+        peak = Math.max(peak, v);
       },
+      () => undefined,
     );
-    const base = await listeningUrl(server);
-    const pid = server.pid ?? 0;
-    await new Promise((r) => setTimeout(r, 500));
-    const before = await rssMiB(pid);
-    let peak = before;
-    const sampler = setInterval(() => {
-      rssMiB(pid).then(
-        (v) => {
-          peak = Math.max(peak, v);
-        },
-        () => undefined,
-      );
-    }, 20);
+  }, 20);
+  try {
+    await during();
+  } finally {
+    clearInterval(sampler);
+  }
+  peak = Math.max(peak, await rssMiB(pid));
+  return `server_rss_before_mib=${before.toFixed(0)} server_rss_peak_mib=${peak.toFixed(0)} rss_rise_mib=${(peak - before).toFixed(0)}`;
+}
 
+const mbPerSecond = (bytes: number, started: number) => bytes / 1e6 / ((performance.now() - started) / 1000);
+
+/** The `papa` CLI's resumable upload (presigned parts straight to S3, then the service's check). */
+async function cliSessionUpload(base: string, file: string, stateDir: string): Promise<void> {
+  const cli = spawn(
+    process.execPath,
+    [resolve("dist/cli.js"), "upload", file, "--name", "bench-session", "--resumable"],
+    {
+      cwd: stateDir,
+      env: { PATH: process.env.PATH, HOME: stateDir, PAPA_URL: base, PAPA_API_KEY: BENCH_KEY },
+      stdio: ["ignore", "ignore", "pipe"],
+    },
+  );
+  let err = "";
+  cli.stderr.on("data", (d: Buffer) => {
+    err += d.toString();
+  });
+  const [code] = await once(cli, "exit");
+  if (code !== 0) throw new Error(`papa upload exited with ${code}: ${err.slice(-500)}`);
+}
+
+/** The checkpoint RUNS times, (on S3) through an upload session, then the dataset, into one service on `store`. */
+async function measure(store: "filesystem" | "s3", dir: string, file: string, size: number): Promise<void> {
+  const s3 = store === "s3" ? await startS3rver(await mkdtemp(join(dir, "s3-"))) : null;
+  const service = await startService(join(dir, `data-${store}`), {
+    PAPA_MAX_DATASET_BYTES: String(2 * sizeMiB * 1024 * 1024),
+    ...(s3 ? s3Settings(s3.endpoint).env : {}),
+  });
+  try {
+    await new Promise((r) => setTimeout(r, 500));
     const runs: number[] = [];
-    for (let run = 0; run < RUNS; run++) {
-      const started = performance.now();
-      const status = await curlUpload(base, file);
-      if (status !== "201") throw new Error(`upload answered ${status}`);
-      runs.push(size / 1e6 / ((performance.now() - started) / 1000));
-    }
-    peak = Math.max(peak, await rssMiB(pid));
+    const rss = await rssRise(service.pid, async () => {
+      for (let run = 0; run < RUNS; run++) {
+        const started = performance.now();
+        const status = await curlUpload(service.url, file);
+        if (status !== "201") throw new Error(`upload answered ${status}`);
+        runs.push(mbPerSecond(size, started));
+      }
+    });
     const sorted = [...runs].sort((a, b) => a - b);
     console.log(
-      `upload size_mib=${(size / 1048576).toFixed(0)} runs_MB/s=${runs.map((r) => r.toFixed(0)).join(",")} ` +
-        `median_MB/s=${(sorted[Math.floor(sorted.length / 2)] ?? 0).toFixed(0)} ` +
-        `server_rss_before_mib=${before.toFixed(0)} server_rss_peak_mib=${peak.toFixed(0)} rss_rise_mib=${(peak - before).toFixed(0)}`,
+      `upload store=${store} size_mib=${(size / 1048576).toFixed(0)} runs_MB/s=${runs.map((r) => r.toFixed(0)).join(",")} ` +
+        `median_MB/s=${(sorted[Math.floor(sorted.length / 2)] ?? 0).toFixed(0)} ${rss}`,
     );
-
-    await rm(file);
+    if (s3) {
+      let rate = 0;
+      const sessionRss = await rssRise(service.pid, async () => {
+        const started = performance.now();
+        await cliSessionUpload(service.url, file, await mkdtemp(join(dir, "cli-")));
+        rate = mbPerSecond(size, started);
+      });
+      console.log(
+        `upload-session store=s3 client=papa-cli size_mib=${(size / 1048576).toFixed(0)} MB/s=${rate.toFixed(0)} ${sessionRss}`,
+      );
+    }
     const files = await writeDataset(dir);
     const datasetBytes = (await Promise.all(Object.values(files).map((f) => stat(f)))).reduce(
       (n, s) => n + s.size,
       0,
     );
-    const datasetBefore = await rssMiB(pid);
-    peak = datasetBefore;
-    const started = performance.now();
-    const status = await curlDataset(base, files);
-    if (status !== "201") throw new Error(`dataset upload answered ${status}`);
-    const seconds = (performance.now() - started) / 1000;
-    clearInterval(sampler);
-    peak = Math.max(peak, await rssMiB(pid));
+    let rate = 0;
+    const datasetRss = await rssRise(service.pid, async () => {
+      const started = performance.now();
+      const status = await curlDataset(service.url, files);
+      if (status !== "201") throw new Error(`dataset upload answered ${status}`);
+      rate = mbPerSecond(datasetBytes, started);
+    });
     console.log(
-      `dataset size_mib=${(datasetBytes / 1048576).toFixed(0)} MB/s=${(datasetBytes / 1e6 / seconds).toFixed(0)} ` +
-        `server_rss_before_mib=${datasetBefore.toFixed(0)} server_rss_peak_mib=${peak.toFixed(0)} rss_rise_mib=${(peak - datasetBefore).toFixed(0)}`,
+      `dataset store=${store} size_mib=${(datasetBytes / 1048576).toFixed(0)} MB/s=${rate.toFixed(0)} ${datasetRss}`,
     );
-    server.kill("SIGTERM");
-    await once(server, "exit");
+    await Promise.all(Object.values(files).map((f) => rm(f)));
+  } finally {
+    await service.stop();
+    await s3?.stop();
+  }
+}
+
+async function main(): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), "papa-bench-"));
+  try {
+    const file = join(dir, "bench.safetensors");
+    const size = await writeCheckpoint(file);
+    for (const store of ["filesystem", "s3"] as const) await measure(store, dir, file, size);
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
