@@ -6,7 +6,6 @@ import { newId } from "../../ids.js";
 import type { TfjsTopology } from "../../ml/export.js";
 import type { ByteRange } from "../../storage/object-store.js";
 import { SafetensorsError, SafetensorsValidator } from "../../tensors/safetensors.js";
-import { readBytes, storeSource } from "../../tensors/source.js";
 import type { ServiceContext, SystemCall, TenantCall } from "../context.js";
 import { GoneError, InvalidInputError, NotFoundError, PayloadTooLargeError } from "../errors.js";
 import { idCursor, isUuid, type Page, pageByKey } from "../pagination.js";
@@ -566,8 +565,9 @@ export async function tfjsWeightsOf({
 }: SystemCall<{ checkpoint: Checkpoint }>): Promise<{ range: ByteRange; open(): Promise<Readable> }> {
   assertTfjs(input.checkpoint);
   const { checkpoint } = input;
-  const prefix = await readBytes(storeSource(ctx.store, checkpoint.storageKey, checkpoint.sizeBytes), 0, 8);
-  const dataStart = 8 + Number(Buffer.from(prefix).readBigUInt64LE(0));
+  const prefix = Buffer.alloc(8);
+  await ctx.store.read(checkpoint.storageKey, 0, prefix);
+  const dataStart = 8 + Number(prefix.readBigUInt64LE(0));
   const range = { start: dataStart, end: checkpoint.sizeBytes };
   return { range, open: () => ctx.store.get(checkpoint.storageKey, range) };
 }
