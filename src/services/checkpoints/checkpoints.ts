@@ -96,6 +96,11 @@ function toCheckpoint(row: Row, parents: CheckpointParent[], metrics: Metric[]):
   };
 }
 
+/** A metrics row as the service shows it: without the keys it is found by. */
+function toMetric({ checkpointId: _, tenantId: __, ...metric }: typeof schema.metrics.$inferSelect): Metric {
+  return metric;
+}
+
 /** Metrics of these checkpoints, oldest first. */
 export async function metricsOf(ctx: ServiceContext, ids: string[]): Promise<Map<string, Metric[]>> {
   const byCheckpoint = new Map<string, Metric[]>();
@@ -105,8 +110,8 @@ export async function metricsOf(ctx: ServiceContext, ids: string[]): Promise<Map
     .from(schema.metrics)
     .where(inArray(schema.metrics.checkpointId, ids))
     .orderBy(schema.metrics.id);
-  for (const { checkpointId, tenantId: _, ...metric } of rows) {
-    byCheckpoint.set(checkpointId, [...(byCheckpoint.get(checkpointId) ?? []), metric]);
+  for (const row of rows) {
+    byCheckpoint.set(row.checkpointId, [...(byCheckpoint.get(row.checkpointId) ?? []), toMetric(row)]);
   }
   return byCheckpoint;
 }
@@ -182,16 +187,17 @@ export async function createCheckpoint({
     if (stored.value.sizeBytes !== summary.sizeBytes) {
       throw new Error(`store holds ${stored.value.sizeBytes} bytes, ${summary.sizeBytes} were uploaded`);
     }
-    await ctx.db.transaction((tx) =>
+    const [row] = await ctx.db.transaction((tx) =>
       insertCheckpoints(tx, [
         outputRow({ id, tenantId: principal.tenantId, name: input.name, jobId: null, summary }),
       ]),
     );
+    if (!row) throw new Error("checkpoint insert returned no row");
+    return toCheckpoint(row, [], []);
   } catch (err) {
     await ctx.store.delete(key);
     throw err;
   }
-  return getCheckpoint({ ctx, principal, input: { id } });
 }
 
 function asUploadError(reason: unknown, maxUploadBytes: number, maxHeaderBytes: number): unknown {
@@ -525,8 +531,7 @@ export async function recordMetric({
     return insertMetrics(tx, [{ id: newId(), tenantId: principal.tenantId, ...input }]);
   });
   if (!row) throw new Error("metric insert returned no row");
-  const { checkpointId: _, tenantId: __, ...metric } = row;
-  return metric;
+  return toMetric(row);
 }
 
 function assertTfjs(checkpoint: Checkpoint): NonNullable<Checkpoint["topology"]> {

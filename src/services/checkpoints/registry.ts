@@ -6,11 +6,14 @@ export type NewMetric = Omit<typeof schema.metrics.$inferInsert, "current">;
 
 /**
  * Registers checkpoints as the next versions of their models (their names), in the order
- * given, creating a model at its first version. Rows whose id is registered already (a retried
- * job's outputs) are left as they were. Run it in the transaction that writes the rest of the
+ * given, creating a model at its first version, and returns the rows it wrote. Rows whose id is
+ * registered already (a retried job's outputs) are left as they were. Run it in the transaction that writes the rest of the
  * registration: the model's row stays locked until it commits, so versions are never shared.
  */
-export async function insertCheckpoints(tx: Database, rows: NewCheckpoint[]): Promise<void> {
+export async function insertCheckpoints(
+  tx: Database,
+  rows: NewCheckpoint[],
+): Promise<(typeof schema.checkpoints.$inferSelect)[]> {
   const c = schema.checkpoints;
   const known = new Set(
     rows.length === 0
@@ -49,7 +52,7 @@ export async function insertCheckpoints(tx: Database, rows: NewCheckpoint[]): Pr
     const first = model.latestVersion - count + 1;
     versioned.push(...versions.map((row, i) => ({ ...row, version: first + i })));
   }
-  if (versioned.length > 0) await tx.insert(c).values(versioned).onConflictDoNothing();
+  return versioned.length === 0 ? [] : tx.insert(c).values(versioned).onConflictDoNothing().returning();
 }
 
 /**

@@ -1,7 +1,7 @@
 import { and, asc, eq, gt, sql } from "drizzle-orm";
 import { schema } from "../../db/client.js";
 import { type Checkpoint, getCheckpoint, listCheckpoints } from "../checkpoints/checkpoints.js";
-import type { ServiceContext, TenantCall } from "../context.js";
+import type { TenantCall } from "../context.js";
 import { InvalidInputError, NotFoundError } from "../errors.js";
 import { type Page, pageByKey } from "../pagination.js";
 
@@ -80,22 +80,18 @@ export async function listModels({
   );
 }
 
-async function modelSummary(ctx: ServiceContext, tenantId: string, name: string): Promise<ModelSummary> {
-  const [model] = await ctx.db
-    .select(summary)
-    .from(models)
-    .where(and(eq(models.tenantId, tenantId), eq(models.name, name)));
-  if (!model) throw new NotFoundError(`model ${name} not found`);
-  return model;
-}
-
 /** A model's name, latest live version and count of live versions. */
-export function getModelSummary({
+export async function getModelSummary({
   ctx,
   principal,
   input,
 }: TenantCall<{ name: string }>): Promise<ModelSummary> {
-  return modelSummary(ctx, principal.tenantId, input.name);
+  const [model] = await ctx.db
+    .select(summary)
+    .from(models)
+    .where(and(eq(models.tenantId, principal.tenantId), eq(models.name, input.name)));
+  if (!model) throw new NotFoundError(`model ${input.name} not found`);
+  return model;
 }
 
 /** A model with its aliases and a page of its live versions, newest first. */
@@ -104,7 +100,7 @@ export async function getModel({
   principal,
   input,
 }: TenantCall<{ name: string; limit: number; cursor?: string | undefined }>): Promise<Model> {
-  const model = await modelSummary(ctx, principal.tenantId, input.name);
+  const model = await getModelSummary({ ctx, principal, input });
   const [named, versions] = await Promise.all([
     ctx.db
       .select({
@@ -144,7 +140,7 @@ export async function setModelAlias({
   input,
 }: TenantCall<{ name: string; alias: string; version: number }>): Promise<ModelAlias> {
   assertUserAlias(input.alias);
-  await modelSummary(ctx, principal.tenantId, input.name);
+  await getModelSummary({ ctx, principal, input });
   const [target] = await ctx.db
     .select({ id: c.id, deletedAt: c.deletedAt })
     .from(c)
@@ -187,7 +183,7 @@ export async function resolveModelVersion({
   if (/^[0-9]+$/.test(input.ref)) {
     version = Number(input.ref);
   } else if (input.ref === LATEST) {
-    version = (await modelSummary(ctx, principal.tenantId, input.name)).latestVersion;
+    version = (await getModelSummary({ ctx, principal, input })).latestVersion;
     if (version === null)
       throw new NotFoundError(`model ${input.name} has no version left (all were deleted)`);
   } else {
