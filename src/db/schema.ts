@@ -101,7 +101,13 @@ export const checkpoints = pgTable(
     metadata: jsonb("metadata").$type<Record<string, string>>(),
     /** TF.js model topology, for models this service trained. */
     topology: jsonb("topology"),
+    /**
+     * Where the bytes are: the one file `model.safetensors` itself, or (`files` set) the prefix
+     * its files are under.
+     */
     storageKey: text("storage_key").notNull(),
+    /** A multi-file checkpoint's files (null: the one file `model.safetensors` at `storageKey`). */
+    files: jsonb("files").$type<{ name: string; sizeBytes: number; sha256: string }[]>(),
     jobId: uuid("job_id").references(() => jobs.id),
     /** Set on a population's outputs: the round's next weights of `populationMember`, or (member null) its final soup. */
     populationId: uuid("population_id"),

@@ -111,10 +111,25 @@ export interface paths {
         get: operations["listCheckpoints"];
         put?: never;
         /**
-         * Upload a safetensors checkpoint.
-         * @description The raw file is the request body. It is streamed to the object store while it is
-         *     validated (strictly: header, dtypes, offsets, exact length) and hashed (sha256), in
-         *     constant memory. An invalid or over-limit upload leaves nothing behind.
+         * Upload a safetensors checkpoint, one file or several.
+         * @description One file: the raw safetensors file is the request body (`application/octet-stream`).
+         *     It is streamed to the object store while it is validated (strictly: header, dtypes,
+         *     offsets, exact length) and hashed (sha256), in constant memory.
+         *
+         *     Several files (`multipart/form-data`, one part per file, named by its `filename`, as
+         *     `curl -F file=@config.json` sends it): the weights as `model.safetensors`, or as
+         *     safetensors shards with `model.safetensors.index.json` in Hugging Face's layout, plus
+         *     companion files such as `config.json` and tokenizer files. Each file streams to the
+         *     store in turn; weights are validated as a single upload is; the index must be JSON
+         *     whose `weight_map` names exactly the tensors each shard holds (every tensor in one
+         *     shard, none twice, no shard unlisted). File names: letters, digits, `.`, `_`, `-`, at
+         *     most 128 characters, no folders. Limits: at most 256 files; the index at most the
+         *     safetensors header limit (`PAPA_MAX_SAFETENSORS_HEADER_BYTES`), each other file that is
+         *     not weights at most 64 MiB; all files together at most the upload limit
+         *     (`PAPA_MAX_UPLOAD_BYTES`). The checkpoint's `sha256` is then the sha256 of its files'
+         *     `sha256sum` lines (see `files`).
+         *
+         *     An invalid or over-limit upload leaves nothing behind.
          */
         post: operations["createCheckpoint"];
         delete?: never;
@@ -162,13 +177,39 @@ export interface paths {
             cookie?: never;
         };
         /**
-         * Download the checkpoint's bytes.
-         * @description Answers with the exact bytes that were uploaded. `ETag` is the quoted sha256;
+         * Download the checkpoint's weights, `model.safetensors`.
+         * @description Answers with the exact bytes that were uploaded. Sharded weights have no single file:
+         *     404 naming the files, each downloadable with `getCheckpointFile`. `ETag` is the file's quoted sha256;
          *     single byte ranges are supported (`Range: bytes=a-b`, `bytes=a-`, `bytes=-n`). With
          *     `redirect=true` on an S3 deployment, answers 302 to a presigned URL instead; on the
          *     filesystem store the bytes are served directly.
          */
         get: operations["getCheckpointWeights"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/checkpoints/{id}/files/{filename}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: components["parameters"]["Id"];
+                /** @description One of the checkpoint's `files`: `model.safetensors`, a shard, `model.safetensors.index.json`, a companion file. */
+                filename: components["parameters"]["FileName"];
+            };
+            cookie?: never;
+        };
+        /**
+         * Download one of the checkpoint's files (see its `files`).
+         * @description As `getCheckpointWeights`, for any of its files: `model.safetensors`, a shard, the
+         *     index, a companion file. `ETag` is the file's quoted sha256.
+         */
+        get: operations["getCheckpointFile"];
         put?: never;
         post?: never;
         delete?: never;
@@ -299,12 +340,12 @@ export interface paths {
                 name: components["parameters"]["ModelName"];
                 /** @description A version number, or an alias (`latest`, or one set with `setModelAlias`). */
                 version: components["schemas"]["VersionRef"];
-                /** @description The version's file: `model.safetensors`. */
-                filename: "model.safetensors";
+                /** @description One of the checkpoint's `files`: `model.safetensors`, a shard, `model.safetensors.index.json`, a companion file. */
+                filename: components["parameters"]["FileName"];
             };
             cookie?: never;
         };
-        /** Download a file of a model's version, as `GET /v1/checkpoints/{id}/weights` does. */
+        /** Download a file of a model's version, as `GET /v1/checkpoints/{id}/files/{filename}` does. */
         get: operations["getModelFile"];
         put?: never;
         post?: never;
@@ -376,7 +417,7 @@ export interface paths {
                 name: components["parameters"]["ModelName"];
                 /** @description `main` (the latest version), a version number, an alias, or a commit id (40 hex digits). */
                 revision: components["parameters"]["HfRevision"];
-                /** @description A file of the revision (`model.safetensors`); any other is a 404 with `X-Error-Code` EntryNotFound. */
+                /** @description One of the revision's files (its `siblings`); any other is a 404 with `X-Error-Code` EntryNotFound. */
                 filename: string;
             };
             cookie?: never;
@@ -1034,6 +1075,13 @@ export interface components {
             checkpoint_id: components["schemas"]["Id"];
             updated_at: components["schemas"]["Timestamp"];
         };
+        CheckpointFile: {
+            name: string;
+            /** @description Relative URL of the file (`getCheckpointFile`). */
+            url: string;
+            size_bytes: number;
+            sha256: string;
+        };
         Checkpoint: {
             id: components["schemas"]["Id"];
             /** @description The model it is a version of. */
@@ -1049,14 +1097,25 @@ export interface components {
              * @enum {string}
              */
             status: "available" | "deleted";
+            /** @description All its files' bytes. */
             size_bytes: number;
+            /**
+             * @description A single-file checkpoint's: the file's sha256. Several files: the sha256 of their
+             *     `sha256sum` lines (`<sha256>  <name>` and a newline each, in name order).
+             */
             sha256: string;
+            /**
+             * @description Its files: `model.safetensors`, or shards with `model.safetensors.index.json`; and
+             *     companion files (`config.json`, tokenizer files, ...). Each downloads with
+             *     `getCheckpointFile`.
+             */
+            files: components["schemas"]["CheckpointFile"][];
             tensor_count: number;
             /** @description Elements across all tensors. */
             parameter_count: number;
             /** @description The distinct tensor dtypes, sorted. */
             dtypes: string[];
-            /** @description The file's `__metadata__` string map, if it has one. */
+            /** @description The weights' `__metadata__` string map (the first shard's), if they have one. */
             metadata: null | {
                 [key: string]: string;
             };
@@ -1070,8 +1129,8 @@ export interface components {
             metrics: components["schemas"]["Metric"][];
             created_at: components["schemas"]["Timestamp"];
             deleted_at: null | components["schemas"]["Timestamp"];
-            /** @description Relative URL of the bytes. */
-            weights_url: string;
+            /** @description Relative URL of `model.safetensors`; null for sharded weights (see `files`). */
+            weights_url: string | null;
             /** @description Set on a population's outputs: the round, and the member whose next weights these are (null for the population's final soup). */
             population: null | {
                 id: components["schemas"]["Id"];
@@ -1780,6 +1839,8 @@ export interface components {
         /** @description Accepted for the Hub's clients; the whole info is always returned. */
         HfExpand: string[];
         ModelName: components["schemas"]["ModelName"];
+        /** @description One of the checkpoint's `files`: `model.safetensors`, a shard, `model.safetensors.index.json`, a companion file. */
+        FileName: string;
         Alias: components["schemas"]["Alias"];
         Id: components["schemas"]["Id"];
         /** @description Page size. */
@@ -1981,6 +2042,9 @@ export interface operations {
         requestBody: {
             content: {
                 "application/octet-stream": string;
+                "multipart/form-data": {
+                    [key: string]: string;
+                };
             };
         };
         responses: {
@@ -2100,6 +2164,38 @@ export interface operations {
             };
             path: {
                 id: components["parameters"]["Id"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: components["responses"]["WholeFile"];
+            206: components["responses"]["PartialFile"];
+            302: components["responses"]["PresignedRedirect"];
+            304: components["responses"]["NotModified"];
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            404: components["responses"]["NotFound"];
+            410: components["responses"]["Gone"];
+            416: components["responses"]["RangeNotSatisfiable"];
+            429: components["responses"]["TooManyRequests"];
+        };
+    };
+    getCheckpointFile: {
+        parameters: {
+            query?: {
+                /** @description On an S3 deployment, answer 302 to a presigned URL; the filesystem store serves the bytes. */
+                redirect?: components["parameters"]["Redirect"];
+            };
+            header?: {
+                /** @description One byte range: `bytes=a-b`, `bytes=a-` or `bytes=-n`. */
+                Range?: components["parameters"]["Range"];
+                "If-None-Match"?: components["parameters"]["IfNoneMatch"];
+            };
+            path: {
+                id: components["parameters"]["Id"];
+                /** @description One of the checkpoint's `files`: `model.safetensors`, a shard, `model.safetensors.index.json`, a companion file. */
+                filename: components["parameters"]["FileName"];
             };
             cookie?: never;
         };
@@ -2347,8 +2443,8 @@ export interface operations {
                 name: components["parameters"]["ModelName"];
                 /** @description A version number, or an alias (`latest`, or one set with `setModelAlias`). */
                 version: components["schemas"]["VersionRef"];
-                /** @description The version's file: `model.safetensors`. */
-                filename: "model.safetensors";
+                /** @description One of the checkpoint's `files`: `model.safetensors`, a shard, `model.safetensors.index.json`, a companion file. */
+                filename: components["parameters"]["FileName"];
             };
             cookie?: never;
         };
@@ -2430,7 +2526,7 @@ export interface operations {
                 name: components["parameters"]["ModelName"];
                 /** @description `main` (the latest version), a version number, an alias, or a commit id (40 hex digits). */
                 revision: components["parameters"]["HfRevision"];
-                /** @description A file of the revision (`model.safetensors`); any other is a 404 with `X-Error-Code` EntryNotFound. */
+                /** @description One of the revision's files (its `siblings`); any other is a 404 with `X-Error-Code` EntryNotFound. */
                 filename: string;
             };
             cookie?: never;

@@ -1,6 +1,7 @@
 import type { components } from "../generated/openapi.js";
 import type { ApiKey } from "../services/api-keys/api-keys.js";
 import type { Checkpoint, Metric } from "../services/checkpoints/checkpoints.js";
+import { WEIGHTS_FILE } from "../services/checkpoints/files.js";
 import type { DatasetRecord } from "../services/datasets/datasets.js";
 import type { Job } from "../services/jobs/jobs.js";
 import type { Lineage } from "../services/lineage/lineage.js";
@@ -21,6 +22,12 @@ export function checkpointBody(c: Checkpoint): Schemas["Checkpoint"] {
     status: c.deletedAt ? "deleted" : "available",
     size_bytes: c.sizeBytes,
     sha256: c.sha256,
+    files: c.files.map((f) => ({
+      name: f.name,
+      url: `/v1/checkpoints/${c.id}/files/${encodeURIComponent(f.name)}`,
+      size_bytes: f.sizeBytes,
+      sha256: f.sha256,
+    })),
     tensor_count: c.tensorCount,
     parameter_count: c.parameterCount,
     dtypes: c.dtypes,
@@ -36,7 +43,7 @@ export function checkpointBody(c: Checkpoint): Schemas["Checkpoint"] {
     metrics: c.metrics.map(metricBody),
     created_at: c.createdAt.toISOString(),
     deleted_at: c.deletedAt ? c.deletedAt.toISOString() : null,
-    weights_url: `/v1/checkpoints/${c.id}/weights`,
+    weights_url: c.files.some((f) => f.name === WEIGHTS_FILE) ? `/v1/checkpoints/${c.id}/weights` : null,
     population: c.population,
   };
 }

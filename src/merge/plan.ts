@@ -1,6 +1,10 @@
 import { DTYPE_BITS, type Dtype } from "../tensors/dtypes.js";
 import { type FloatDtype, isFloatDtype } from "../tensors/floats.js";
-import { encodeSafetensorsHeader, type SafetensorsHeader } from "../tensors/safetensors.js";
+import {
+  encodeSafetensorsHeader,
+  type SafetensorsHeader,
+  type TensorLayout,
+} from "../tensors/safetensors.js";
 import { copySources } from "./methods.js";
 
 /**
@@ -54,6 +58,14 @@ export interface Block {
   count: number;
 }
 
+/** One file of sharded outputs: its tensors, its header, and its size with the header. */
+export interface OutputShard {
+  name: string;
+  tensors: string[];
+  headerBytes: Uint8Array;
+  bytes: number;
+}
+
 export interface MergePlan {
   /** rows[j][k]: input k's weight in output j. */
   coefficients: number[][];
@@ -64,6 +76,11 @@ export interface MergePlan {
   /** Prefix and header of every output file (they share one layout). */
   headerBytes: Buffer;
   outputBytes: number;
+  /**
+   * Sharded outputs (`outputShards`): the files the output's bytes after `headerBytes` make, in
+   * order, each with its own header; null for one file.
+   */
+  shards: OutputShard[] | null;
 }
 
 /**
@@ -105,6 +122,11 @@ export interface PlanOptions {
   metadata?: Record<string, string>;
   /** Elements per block (see `blockElementsFor`). */
   blockElements: number;
+  /**
+   * Shard the outputs as the first input is: each shard's name and how many of its tensors
+   * (consecutive, in the first input's order) it holds.
+   */
+  outputShards?: { name: string; tensorCount: number }[] | undefined;
 }
 
 /**
@@ -168,10 +190,11 @@ export function planMerge(options: PlanOptions): MergePlan {
       outDtype: averaged && options.outputDtype ? options.outputDtype : t.dtype,
     };
   });
-  const encoded = encodeSafetensorsHeader(
-    layout.map(({ t, outDtype }) => ({ name: t.name, dtype: outDtype, shape: t.shape })),
-    options.metadata ?? null,
-  );
+  // The first input's `format` stays: transformers refuses safetensors without a known one.
+  const format = first.metadata?.format;
+  const metadata = format === undefined ? options.metadata : { format, ...options.metadata };
+  const outputLayout = layout.map(({ t, outDtype }) => ({ name: t.name, dtype: outDtype, shape: t.shape }));
+  const encoded = encodeSafetensorsHeader(outputLayout, metadata ?? null);
   const { blockElements } = options;
   const tensors: PlannedTensor[] = [];
   const blocks: Block[] = [];
@@ -203,5 +226,25 @@ export function planMerge(options: PlanOptions): MergePlan {
     blocks,
     headerBytes: encoded.bytes,
     outputBytes: encoded.header.dataStart + encoded.header.dataBytes,
+    shards: options.outputShards ? shardOutputs(outputLayout, options.outputShards, metadata ?? null) : null,
   };
+}
+
+function shardOutputs(
+  tensors: TensorLayout[],
+  shards: { name: string; tensorCount: number }[],
+  metadata: Record<string, string> | null,
+): OutputShard[] {
+  let next = 0;
+  return shards.map(({ name, tensorCount }) => {
+    const own = tensors.slice(next, next + tensorCount);
+    next += tensorCount;
+    const { bytes, header } = encodeSafetensorsHeader(own, metadata);
+    return {
+      name,
+      tensors: own.map((t) => t.name),
+      headerBytes: bytes,
+      bytes: header.dataStart + header.dataBytes,
+    };
+  });
 }

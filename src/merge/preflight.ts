@@ -9,9 +9,19 @@ interface HeaderBytes {
   size: number;
 }
 
+/**
+ * A plan's options, but the headers (read from the inputs) and the output shards (the first
+ * input's shards named, counted when their headers are parsed).
+ */
+export type PlanInput = Omit<PlanOptions, "headers" | "outputShards"> & {
+  /** Shard the outputs as the first input is, with its shards' names (null: one file). */
+  outputShardNames?: string[] | null | undefined;
+};
+
 export interface PlanRequest {
-  headers: HeaderBytes[];
-  options: Omit<PlanOptions, "headers">;
+  /** Per input, each of its files' header (one, or its shards in order). */
+  headers: HeaderBytes[][];
+  options: PlanInput;
   /** Send the plan back (a merge about to run), or only whether there is one (a request's check). */
   wantPlan: boolean;
 }
@@ -46,16 +56,17 @@ export class HeadersTooLargeError extends Error {
 }
 
 /**
- * Reads the inputs' headers (ranged reads: each prefix, then each header, no data) and plans the
+ * Reads the inputs' headers (ranged reads: each prefix, then each header, no data; every shard's
+ * of a sharded input, seen as one file as `concatSources` reads it) and plans the
  * merge on a worker thread, so that parsing them - seconds for headers of tens of MB - never
  * holds the caller's event loop. The headers may hold `maxTotalHeaderBytes` together
  * (`HeadersTooLargeError` beyond, before any is read). Rejects as planning on the calling thread
  * would: `SafetensorsError`, `MergeInputError`.
  */
 export async function planMergeOffThread(
-  sources: ByteSource[],
+  sources: ByteSource[][],
   limits: HeaderLimits,
-  options: Omit<PlanOptions, "headers">,
+  options: PlanInput,
 ): Promise<MergePlan> {
   const plan = await runPlan(sources, limits, options, true);
   if (!plan) throw new Error("the planning thread sent no plan");
@@ -73,27 +84,30 @@ export async function planMergeOffThread(
  * take its own time on the caller's thread.
  */
 export async function checkMergeOffThread(
-  sources: ByteSource[],
+  sources: ByteSource[][],
   limits: HeaderLimits,
-  options: Omit<PlanOptions, "headers">,
+  options: PlanInput,
 ): Promise<void> {
   await runPlan(sources, limits, options, false);
 }
 
 async function runPlan(
-  sources: ByteSource[],
+  inputs: ByteSource[][],
   limits: HeaderLimits,
-  options: Omit<PlanOptions, "headers">,
+  options: PlanInput,
   wantPlan: boolean,
 ): Promise<MergePlan | null> {
-  const lengths = await Promise.all(sources.map((s) => readHeaderLength(s, limits.maxHeaderBytes)));
+  const files = inputs.flat();
+  const lengths = await Promise.all(files.map((s) => readHeaderLength(s, limits.maxHeaderBytes)));
   const total = lengths.reduce((a, b) => a + b, 0);
   if (total > limits.maxTotalHeaderBytes) throw new HeadersTooLargeError(total, limits.maxTotalHeaderBytes);
-  const headers = await Promise.all(
-    sources.map(async (s, k) => ({ bytes: await readBytes(s, 8, lengths[k] ?? 0), size: s.size })),
+  const read = await Promise.all(
+    files.map(async (s, k) => ({ bytes: await readBytes(s, 8, lengths[k] ?? 0), size: s.size })),
   );
+  const starts = inputs.map((_, k) => inputs.slice(0, k).reduce((n, shards) => n + shards.length, 0));
+  const headers = inputs.map((shards, k) => read.slice(starts[k], (starts[k] ?? 0) + shards.length));
   // The header bytes move to the thread rather than being copied.
-  const transfer = headers.map((h) => h.bytes.buffer as ArrayBuffer);
+  const transfer = read.map((h) => h.bytes.buffer as ArrayBuffer);
   const reply = await planner.run({ headers, options, wantPlan }, transfer);
   if ("plan" in reply) return reply.plan;
   const { error } = reply;

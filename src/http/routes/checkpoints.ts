@@ -1,19 +1,21 @@
 import { Readable } from "node:stream";
 import type { Context, Hono } from "hono";
 import {
-  assertCheckpointAvailable,
   type Checkpoint,
   type CheckpointSearch,
+  checkpointFile,
   createCheckpoint,
   deleteCheckpoint,
   getCheckpoint,
   listCheckpoints,
-  openCheckpointWeights,
-  presignCheckpointWeights,
+  openCheckpointFile,
+  presignCheckpointFile,
   tfjsModelJson,
   tfjsWeightsOf,
   updateCheckpoint,
 } from "../../services/checkpoints/checkpoints.js";
+import { WEIGHTS_FILE } from "../../services/checkpoints/files.js";
+import { createMultiFileCheckpoint } from "../../services/checkpoints/multi-file.js";
 import {
   abortUploadSession,
   completeUploadSession,
@@ -23,6 +25,7 @@ import { InvalidInputError } from "../../services/errors.js";
 import { attachmentDisposition } from "../../storage/object-store.js";
 import type { AppEnv } from "../env.js";
 import { requestBodyStream } from "../incoming.js";
+import { multipartFiles } from "../multipart.js";
 import { operation, type ValidRequest } from "../openapi.js";
 import { checkpointBody, metricBody } from "../presenters.js";
 import { resolveRange } from "../range.js";
@@ -30,15 +33,22 @@ import { resolveRange } from "../range.js";
 export function checkpointRoutes(app: Hono<AppEnv>): void {
   operation(app, "createCheckpoint", async (c, req) => {
     const length = c.req.header("content-length");
-    const checkpoint = await createCheckpoint({
-      ctx: c.get("ctx"),
-      principal: c.get("principal"),
-      input: {
-        name: req.query.name,
-        body: requestBodyStream(c),
-        declaredBytes: length === undefined ? undefined : Number(length),
-      },
-    });
+    const call = { ctx: c.get("ctx"), principal: c.get("principal") };
+    const declaredBytes = length === undefined ? undefined : Number(length);
+    const type = c.req.header("content-type") ?? "";
+    const checkpoint = type.toLowerCase().startsWith("multipart/form-data")
+      ? await createMultiFileCheckpoint({
+          ...call,
+          input: {
+            name: req.query.name,
+            files: multipartFiles({ "content-type": type }, requestBodyStream(c)),
+            declaredBytes,
+          },
+        })
+      : await createCheckpoint({
+          ...call,
+          input: { name: req.query.name, body: requestBodyStream(c), declaredBytes },
+        });
     c.header("Location", `/v1/checkpoints/${checkpoint.id}`);
     return c.json(checkpointBody(checkpoint), 201);
   });
@@ -87,7 +97,13 @@ export function checkpointRoutes(app: Hono<AppEnv>): void {
   operation(app, "getCheckpointWeights", async (c, req) => {
     const ctx = c.get("ctx");
     const checkpoint = await getCheckpoint({ ctx, principal: c.get("principal"), input: req.path });
-    return serveCheckpointFile(c, checkpoint, req.query?.redirect ?? false);
+    return serveCheckpointFile(c, checkpoint, WEIGHTS_FILE, req.query?.redirect ?? false);
+  });
+
+  operation(app, "getCheckpointFile", async (c, req) => {
+    const ctx = c.get("ctx");
+    const checkpoint = await getCheckpoint({ ctx, principal: c.get("principal"), input: req.path });
+    return serveCheckpointFile(c, checkpoint, req.path.filename, req.query?.redirect ?? false);
   });
 }
 
@@ -129,20 +145,23 @@ function searchOf(query: SearchQuery | undefined): CheckpointSearch {
 }
 
 /**
- * Answers with a checkpoint's file: its exact bytes (whole, or one range), `ETag` its quoted
- * sha256, or a redirect to a presigned URL when asked for and the store makes them.
+ * Answers with one of a checkpoint's files: its exact bytes (whole, or one range), `ETag` its
+ * quoted sha256, or a redirect to a presigned URL when asked for and the store makes them.
+ * The weights download as `{model name}.safetensors`; other files under their own names.
  */
 export async function serveCheckpointFile(
   c: Context<AppEnv>,
   checkpoint: Checkpoint,
+  filename: string,
   redirect: boolean,
 ): Promise<Response> {
   const ctx = c.get("ctx");
-  assertCheckpointAvailable(checkpoint);
-  const etag = `"${checkpoint.sha256}"`;
+  const file = checkpointFile(checkpoint, filename);
+  const downloadName = filename === WEIGHTS_FILE ? `${checkpoint.name}.safetensors` : filename;
+  const etag = `"${file.sha256}"`;
   c.header("ETag", etag);
   if (redirect) {
-    const url = await presignCheckpointWeights({ ctx, input: { checkpoint } });
+    const url = await presignCheckpointFile({ ctx, input: { checkpoint, file, downloadName } });
     if (url) {
       // A cached redirect must not outlive the presigned URL it points to.
       c.header("Cache-Control", `private, max-age=${Math.floor(ctx.presignExpiresSeconds / 2)}`);
@@ -153,19 +172,17 @@ export async function serveCheckpointFile(
   if (ifNoneMatch(c.req.header("if-none-match"), etag)) return c.body(null, 304);
   const ifRange = c.req.header("if-range");
   const range =
-    ifRange === undefined || ifRange === etag
-      ? resolveRange(c.req.header("range"), checkpoint.sizeBytes)
-      : null;
+    ifRange === undefined || ifRange === etag ? resolveRange(c.req.header("range"), file.sizeBytes) : null;
   c.header("Accept-Ranges", "bytes");
   c.header("Content-Type", "application/octet-stream");
-  c.header("Content-Disposition", attachmentDisposition(`${checkpoint.name}.safetensors`));
-  if (range) c.header("Content-Range", `bytes ${range.start}-${range.end - 1}/${checkpoint.sizeBytes}`);
-  const length = range ? range.end - range.start : checkpoint.sizeBytes;
+  c.header("Content-Disposition", attachmentDisposition(downloadName));
+  if (range) c.header("Content-Range", `bytes ${range.start}-${range.end - 1}/${file.sizeBytes}`);
+  const length = range ? range.end - range.start : file.sizeBytes;
   c.header("Content-Length", String(length));
   const status = range ? 206 : 200;
   // The head is complete: only now is the object opened, and not at all for HEAD.
   if (c.req.method === "HEAD") return c.body(null, status);
-  const stream = await openCheckpointWeights({ ctx, input: { checkpoint, range: range ?? undefined } });
+  const stream = await openCheckpointFile({ ctx, input: { checkpoint, file, range: range ?? undefined } });
   return c.body(Readable.toWeb(stream) as ReadableStream<Uint8Array>, status);
 }
 

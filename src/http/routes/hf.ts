@@ -1,13 +1,10 @@
 import type { Context, Hono } from "hono";
-import type { Checkpoint } from "../../services/checkpoints/checkpoints.js";
+import { type Checkpoint, checkpointFile } from "../../services/checkpoints/checkpoints.js";
 import { NotFoundError } from "../../services/errors.js";
 import { commitOf, getModelSummary, MAIN, resolveRevision } from "../../services/models/models.js";
 import type { AppEnv } from "../env.js";
 import { operation } from "../openapi.js";
 import { serveCheckpointFile } from "./checkpoints.js";
-
-/** A version's one file, under the name Hugging Face's libraries look for first. */
-const WEIGHTS_FILE = "model.safetensors";
 
 /**
  * Runs a lookup; a resource it does not find is answered with the Hub's `X-Error-Code`, by which
@@ -42,14 +39,12 @@ function modelInfo(checkpoint: Checkpoint) {
     library_name: "safetensors",
     createdAt: checkpoint.createdAt.toISOString(),
     lastModified: checkpoint.createdAt.toISOString(),
-    siblings: [
-      {
-        rfilename: WEIGHTS_FILE,
-        size: checkpoint.sizeBytes,
-        // Git LFS pointers are about 134 bytes; the Hub reports their size with the blob's.
-        lfs: { size: checkpoint.sizeBytes, sha256: checkpoint.sha256, pointerSize: 134 },
-      },
-    ],
+    siblings: checkpoint.files.map((file) => ({
+      rfilename: file.name,
+      size: file.sizeBytes,
+      // Git LFS pointers are about 134 bytes; the Hub reports their size with the blob's.
+      lfs: { size: file.sizeBytes, sha256: file.sha256, pointerSize: 134 },
+    })),
   };
 }
 
@@ -70,16 +65,11 @@ export function hfRoutes(app: Hono<AppEnv>): void {
   operation(app, "resolveHfFile", async (c, req) => {
     const checkpoint = await revisionOf(c, req.path.name, req.path.revision);
     c.header("X-Repo-Commit", commitOf(checkpoint));
-    if (req.path.filename !== WEIGHTS_FILE) {
-      c.header("X-Error-Code", "EntryNotFound");
-      throw new NotFoundError(
-        `${req.path.name} has no file ${req.path.filename}; its file is ${WEIGHTS_FILE}`,
-      );
-    }
+    const file = await hub(c, "EntryNotFound", async () => checkpointFile(checkpoint, req.path.filename));
     // A redirect to the store's presigned URL carries no Content-Length or ETag of the file:
     // the Hub's clients read these instead.
-    c.header("X-Linked-Size", String(checkpoint.sizeBytes));
-    c.header("X-Linked-Etag", `"${checkpoint.sha256}"`);
-    return serveCheckpointFile(c, checkpoint, true);
+    c.header("X-Linked-Size", String(file.sizeBytes));
+    c.header("X-Linked-Etag", `"${file.sha256}"`);
+    return serveCheckpointFile(c, checkpoint, file.name, true);
   });
 }

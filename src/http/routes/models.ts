@@ -55,6 +55,6 @@ export function modelRoutes(app: Hono<AppEnv>): void {
       principal: c.get("principal"),
       input: { name: req.path.name, ref: req.path.version },
     });
-    return serveCheckpointFile(c, checkpoint, req.query?.redirect ?? false);
+    return serveCheckpointFile(c, checkpoint, req.path.filename, req.query?.redirect ?? false);
   });
 }

@@ -10,6 +10,15 @@ import type { ServiceContext, SystemCall, TenantCall } from "../context.js";
 import { GoneError, InvalidInputError, NotFoundError, PayloadTooLargeError } from "../errors.js";
 import { idCursor, isUuid, type Page, pageByKey } from "../pagination.js";
 import { pipeUpload } from "../upload-stream.js";
+import {
+  type CheckpointFile,
+  deleteStored,
+  fileKey,
+  INDEX_FILE,
+  isSharded,
+  storedFiles,
+  WEIGHTS_FILE,
+} from "./files.js";
 import { outputRow } from "./outputs.js";
 import { insertCheckpoints, insertMetrics } from "./registry.js";
 
@@ -56,13 +65,20 @@ export interface Checkpoint {
   metrics: Metric[];
   createdAt: Date;
   deletedAt: Date | null;
-  /** Where the bytes are in the object store; never shown to clients. */
+  /** Its files: `model.safetensors`, or shards and their index; and companion files. */
+  files: CheckpointFile[];
+  /** Where the bytes are in the object store (`fileKey`); never shown to clients. */
   storageKey: string;
 }
 
 /** Object-store key of a checkpoint's bytes; derived from ids so a retried write lands in one place. */
 export function checkpointKey(tenantId: string, checkpointId: string): string {
   return `tenants/${tenantId}/checkpoints/${checkpointId}.safetensors`;
+}
+
+/** Object-store prefix of a multi-file checkpoint's files. */
+export function checkpointPrefix(tenantId: string, checkpointId: string): string {
+  return `tenants/${tenantId}/checkpoints/${checkpointId}/`;
 }
 
 type Row = typeof schema.checkpoints.$inferSelect;
@@ -92,7 +108,7 @@ function toCheckpoint(row: Row, parents: CheckpointParent[], metrics: Metric[]):
     metrics,
     createdAt: row.createdAt,
     deletedAt: row.deletedAt,
-    storageKey: row.storageKey,
+    ...storedFiles(row),
   };
 }
 
@@ -161,13 +177,7 @@ export async function createCheckpoint({
   input,
 }: TenantCall<{ name: string; body: Readable; declaredBytes?: number | undefined }>): Promise<Checkpoint> {
   const { maxUploadBytes, maxSafetensorsHeaderBytes } = ctx.limits;
-  if (input.declaredBytes !== undefined && input.declaredBytes > maxUploadBytes) {
-    // The body is left unread: the caller answers first, then drops the connection.
-    throw new PayloadTooLargeError(
-      `the upload is ${input.declaredBytes} bytes; the limit is ${maxUploadBytes} bytes`,
-      { limit_bytes: maxUploadBytes },
-    );
-  }
+  refuseDeclaredSize(input.declaredBytes, maxUploadBytes, 0);
   const id = newId();
   const key = checkpointKey(principal.tenantId, id);
   const validator = new SafetensorsValidator({
@@ -200,7 +210,21 @@ export async function createCheckpoint({
   }
 }
 
-function asUploadError(reason: unknown, maxUploadBytes: number, maxHeaderBytes: number): unknown {
+/**
+ * Refuses an upload whose declared length (`Content-Length`) is over the limit, plus `framing`
+ * bytes of the body that are not the files'. The body is left unread: the caller answers first,
+ * then drops the connection.
+ */
+export function refuseDeclaredSize(declaredBytes: number | undefined, limit: number, framing: number): void {
+  if (declaredBytes !== undefined && declaredBytes > limit + framing) {
+    throw new PayloadTooLargeError(`the upload is ${declaredBytes} bytes; the limit is ${limit} bytes`, {
+      limit_bytes: limit,
+    });
+  }
+}
+
+/** A failed upload's reason as the error to answer: a safetensors problem is 413 or 422. */
+export function asUploadError(reason: unknown, maxUploadBytes: number, maxHeaderBytes: number): unknown {
   if (!(reason instanceof SafetensorsError)) return reason;
   switch (reason.problem) {
     case "too_large":
@@ -471,7 +495,7 @@ export async function deleteCheckpoint({ ctx, principal, input }: TenantCall<{ i
     await tx.update(c).set({ deletedAt: new Date() }).where(eq(c.id, input.id));
     return sharing.every((row) => row.id === input.id || row.deletedAt) ? target.storageKey : undefined;
   });
-  if (orphaned) await ctx.store.delete(orphaned);
+  if (orphaned) await deleteStored(ctx.store, orphaned);
   if (orphaned === null) await getCheckpoint({ ctx, principal, input }); // 404 unless it was already deleted
 }
 
@@ -482,25 +506,44 @@ export function assertCheckpointAvailable(checkpoint: Checkpoint): void {
   }
 }
 
-/** Streams a checkpoint's bytes, or `range` of them (which the caller resolved against its size). */
-export async function openCheckpointWeights({
-  ctx,
-  input,
-}: SystemCall<{ checkpoint: Checkpoint; range?: ByteRange | undefined }>): Promise<Readable> {
-  const { checkpoint, range } = input;
+/**
+ * One of a checkpoint's files by name; `weights` names the file `/weights` serves:
+ * `model.safetensors`, which sharded weights do not have (404 naming their files).
+ */
+export function checkpointFile(checkpoint: Checkpoint, name: string): CheckpointFile {
   assertCheckpointAvailable(checkpoint);
-  return ctx.store.get(checkpoint.storageKey, range);
+  const file = checkpoint.files.find((f) => f.name === name);
+  if (file) return file;
+  const names = checkpoint.files.map((f) => f.name).join(", ");
+  throw new NotFoundError(
+    name === WEIGHTS_FILE && isSharded(checkpoint)
+      ? `checkpoint ${checkpoint.id} holds its weights in shards (${INDEX_FILE} lists them); its files are ${names}`
+      : `checkpoint ${checkpoint.id} has no file ${name}; its files are ${names}`,
+  );
 }
 
-/** A presigned, time-limited URL to the bytes, or null when the store cannot make one. */
-export async function presignCheckpointWeights({
+/** Streams one of a checkpoint's files, or `range` of it (which the caller resolved against its size). */
+export async function openCheckpointFile({
   ctx,
   input,
-}: SystemCall<{ checkpoint: Checkpoint }>): Promise<string | null> {
-  assertCheckpointAvailable(input.checkpoint);
-  return ctx.store.presignGet(input.checkpoint.storageKey, {
+}: SystemCall<{
+  checkpoint: Checkpoint;
+  file: CheckpointFile;
+  range?: ByteRange | undefined;
+}>): Promise<Readable> {
+  return ctx.store.get(fileKey(input.checkpoint, input.file.name), input.range);
+}
+
+/** A presigned, time-limited URL to one of the files, or null when the store cannot make one. */
+export async function presignCheckpointFile({
+  ctx,
+  input,
+}: SystemCall<{ checkpoint: Checkpoint; file: CheckpointFile; downloadName: string }>): Promise<
+  string | null
+> {
+  return ctx.store.presignGet(fileKey(input.checkpoint, input.file.name), {
     expiresInSeconds: ctx.presignExpiresSeconds,
-    fileName: `${input.checkpoint.name}.safetensors`,
+    fileName: input.downloadName,
   });
 }
 
@@ -570,9 +613,11 @@ export async function tfjsWeightsOf({
 }: SystemCall<{ checkpoint: Checkpoint }>): Promise<{ range: ByteRange; open(): Promise<Readable> }> {
   assertTfjs(input.checkpoint);
   const { checkpoint } = input;
+  const weights = checkpointFile(checkpoint, WEIGHTS_FILE);
+  const key = fileKey(checkpoint, WEIGHTS_FILE);
   const prefix = Buffer.alloc(8);
-  await ctx.store.read(checkpoint.storageKey, 0, prefix);
+  await ctx.store.read(key, 0, prefix);
   const dataStart = 8 + Number(prefix.readBigUInt64LE(0));
-  const range = { start: dataStart, end: checkpoint.sizeBytes };
-  return { range, open: () => ctx.store.get(checkpoint.storageKey, range) };
+  const range = { start: dataStart, end: weights.sizeBytes };
+  return { range, open: () => ctx.store.get(key, range) };
 }

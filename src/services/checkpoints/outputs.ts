@@ -1,6 +1,19 @@
+import { createHash } from "node:crypto";
+import type { MergePlan } from "../../merge/plan.js";
 import { SafetensorsCheck, type SafetensorsSummary } from "../../tensors/safetensors.js";
 import type { StoreContext } from "../context.js";
-import { checkpointKey } from "./checkpoints.js";
+import { checkpointKey, checkpointPrefix } from "./checkpoints.js";
+import {
+  type CheckpointFile,
+  companionFiles,
+  deleteStored,
+  fileKey,
+  INDEX_FILE,
+  type StoredFiles,
+  shardIndex,
+  summaryOfFiles,
+  WEIGHTS_FILE,
+} from "./files.js";
 import type { NewCheckpoint } from "./registry.js";
 
 /** A job's output being written to the store (`ObjectWriter`), its summary at `commit`. */
@@ -15,9 +28,14 @@ export interface OutputWriter {
  * strict check as uploads, and is hashed, on its way; `commit` makes the object visible once
  * the bytes made a whole valid file, and returns what the check learned (size, sha256, counts).
  */
-export async function createOutput(ctx: StoreContext, tenantId: string, id: string): Promise<OutputWriter> {
+export function createOutput(ctx: StoreContext, tenantId: string, id: string): Promise<OutputWriter> {
+  return createSafetensorsWriter(ctx, checkpointKey(tenantId, id));
+}
+
+/** `createOutput` at any key. */
+async function createSafetensorsWriter(ctx: StoreContext, key: string): Promise<OutputWriter> {
   const check = new SafetensorsCheck({ maxHeaderBytes: ctx.limits.maxSafetensorsHeaderBytes });
-  const writer = await ctx.store.create(checkpointKey(tenantId, id));
+  const writer = await ctx.store.create(key);
   return {
     write: async (data) => {
       await check.update(data);
@@ -49,6 +67,106 @@ export async function storeOutput(
   }
 }
 
+/** A merge output being written, one file or several: its summary and files at `commit`. */
+export interface MergeOutputWriter {
+  write(data: Uint8Array): Promise<void>;
+  commit(): Promise<{ summary: SafetensorsSummary; files: CheckpointFile[] | null }>;
+  abort(): Promise<void>;
+}
+
+/**
+ * Starts writing merge output `id` in the first input's layout: one file when the input is one
+ * file stored alone (`createOutput`); otherwise files under the checkpoint's prefix: the weights as one
+ * `model.safetensors` or as the plan's shards (each with its own header, each checked and
+ * hashed as it is written) and their index, and the input's companion files, copied.
+ */
+export async function createMergeOutput(
+  ctx: StoreContext,
+  tenantId: string,
+  id: string,
+  plan: MergePlan,
+  first: StoredFiles,
+): Promise<MergeOutputWriter> {
+  if (!first.storageKey.endsWith("/")) {
+    const output = await createOutput(ctx, tenantId, id);
+    return { ...output, commit: async () => ({ summary: await output.commit(), files: null }) };
+  }
+  const prefix = checkpointPrefix(tenantId, id);
+  const shards = plan.shards ?? [
+    { name: WEIGHTS_FILE, tensors: [], headerBytes: plan.headerBytes, bytes: plan.outputBytes },
+  ];
+  const writers: OutputWriter[] = [];
+  try {
+    for (const shard of shards) writers.push(await createSafetensorsWriter(ctx, `${prefix}${shard.name}`));
+  } catch (err) {
+    await Promise.allSettled(writers.map((w) => w.abort()));
+    throw err;
+  }
+  // The engine writes one file: its header, then every tensor's bytes, which go to the shards
+  // in order, each after its own header.
+  let skip = plan.headerBytes.length;
+  let k = -1;
+  let left = 0;
+  const nextShard = async () => {
+    const shard = shards[++k];
+    if (!shard) throw new Error("the merge wrote more than its shards hold");
+    await writers[k]?.write(shard.headerBytes);
+    left = shard.bytes - shard.headerBytes.length;
+  };
+  return {
+    write: async (data) => {
+      const skipped = Math.min(skip, data.length);
+      skip -= skipped;
+      let rest = data.subarray(skipped);
+      while (rest.length > 0) {
+        while (left === 0) await nextShard();
+        const take = rest.subarray(0, left);
+        await writers[k]?.write(take);
+        left -= take.length;
+        rest = rest.subarray(take.length);
+      }
+    },
+    commit: async () => {
+      while (k < shards.length - 1 && left === 0) await nextShard(); // shards without data
+      const summaries = await Promise.all(writers.map((w) => w.commit()));
+      const files: CheckpointFile[] = shards.map((s, i) => {
+        const summary = summaries[i] as SafetensorsSummary;
+        return { name: s.name, sizeBytes: summary.sizeBytes, sha256: summary.sha256 };
+      });
+      if (plan.shards) files.push(await putFile(ctx, prefix, INDEX_FILE, shardIndex(plan.shards)));
+      for (const companion of companionFiles(first)) {
+        await ctx.store.put(
+          `${prefix}${companion.name}`,
+          await ctx.store.get(fileKey(first, companion.name)),
+        );
+        files.push(companion);
+      }
+      return { summary: summaryOfFiles(summaries, files), files };
+    },
+    abort: async () => {
+      await Promise.allSettled(writers.map((w) => w.abort()));
+      await deleteStored(ctx.store, prefix);
+    },
+  };
+}
+
+async function putFile(
+  ctx: StoreContext,
+  prefix: string,
+  name: string,
+  bytes: Buffer,
+): Promise<CheckpointFile> {
+  const writer = await ctx.store.create(`${prefix}${name}`);
+  try {
+    await writer.write(bytes);
+    await writer.commit();
+  } catch (err) {
+    await writer.abort();
+    throw err;
+  }
+  return { name, sizeBytes: bytes.length, sha256: createHash("sha256").update(bytes).digest("hex") };
+}
+
 /** The checkpoints row of an object validated into `summary` (a job output, or a completed upload session). */
 export function outputRow(o: {
   id: string;
@@ -57,6 +175,8 @@ export function outputRow(o: {
   jobId: string | null;
   summary: SafetensorsSummary;
   topology?: unknown;
+  /** A multi-file checkpoint's files, under its prefix. */
+  files?: CheckpointFile[] | null | undefined;
 }): NewCheckpoint {
   const s = o.summary;
   return {
@@ -70,12 +190,19 @@ export function outputRow(o: {
     dtypes: s.dtypes,
     metadata: s.metadata,
     topology: o.topology ?? null,
-    storageKey: checkpointKey(o.tenantId, o.id),
+    storageKey: o.files ? checkpointPrefix(o.tenantId, o.id) : checkpointKey(o.tenantId, o.id),
+    files: o.files ?? null,
     jobId: o.jobId,
   };
 }
 
 /** Deletes a job's outputs from the store (after a failed or canceled attempt); missing ones are fine. */
 export async function deleteOutputs(ctx: StoreContext, tenantId: string, ids: string[]): Promise<void> {
-  await Promise.all(ids.map((id) => ctx.store.delete(checkpointKey(tenantId, id)).catch(() => undefined)));
+  await Promise.all(
+    ids.flatMap((id) =>
+      [checkpointKey(tenantId, id), checkpointPrefix(tenantId, id)].map((key) =>
+        deleteStored(ctx.store, key).catch(() => undefined),
+      ),
+    ),
+  );
 }

@@ -1,11 +1,17 @@
 import { and, eq, inArray } from "drizzle-orm";
 import { schema } from "../../db/client.js";
 import { type MergeMethod, MergeSpecError, mergeCoefficients } from "../../merge/methods.js";
-import { MergeInputError, type PlanOptions } from "../../merge/plan.js";
-import { checkMergeOffThread, type HeaderLimits, HeadersTooLargeError } from "../../merge/preflight.js";
+import { MergeInputError } from "../../merge/plan.js";
+import {
+  checkMergeOffThread,
+  type HeaderLimits,
+  HeadersTooLargeError,
+  type PlanInput,
+} from "../../merge/preflight.js";
 import type { FloatDtype } from "../../tensors/floats.js";
 import { SafetensorsError } from "../../tensors/safetensors.js";
-import { type ByteSource, storeSource } from "../../tensors/source.js";
+import type { ByteSource } from "../../tensors/source.js";
+import { isSharded, storedFiles, weightFiles, weightSources } from "../checkpoints/files.js";
 import type { ServiceContext, TenantCall } from "../context.js";
 import { describeDatasetRef } from "../datasets/datasets.js";
 import { InvalidInputError, PayloadTooLargeError } from "../errors.js";
@@ -82,16 +88,21 @@ export async function loadInputs(
   });
 }
 
-/** What planning a merge of `inputs` into the outputs of `coefficients` takes: their bytes, the header limits, and the plan's options. */
+/**
+ * What planning a merge of `inputs` into the outputs of `coefficients` takes: their weights'
+ * files, the header limits, and the plan's options (outputs sharded as the first input is).
+ */
 export function planArguments(
   ctx: ServiceContext,
   params: MergeParams,
   inputs: CheckpointRow[],
   coefficients: number[][],
   blockElements: number,
-): [ByteSource[], HeaderLimits, Omit<PlanOptions, "headers">] {
+): [ByteSource[][], HeaderLimits, PlanInput] {
+  const stored = inputs.map(storedFiles);
+  const first = stored[0];
   return [
-    inputs.map((c) => storeSource(ctx.store, c.storageKey, c.sizeBytes)),
+    stored.map((c) => weightSources(ctx.store, c)),
     {
       maxHeaderBytes: ctx.limits.maxSafetensorsHeaderBytes,
       maxTotalHeaderBytes: ctx.limits.maxMergeHeaderBytes,
@@ -103,6 +114,7 @@ export function planArguments(
       outputDtype: params.output_dtype,
       metadata: { "papa.method": params.method, "papa.inputs": inputs.map((c) => c.id).join(",") },
       blockElements,
+      outputShardNames: first && isSharded(first) ? weightFiles(first).map((f) => f.name) : null,
     },
   ];
 }

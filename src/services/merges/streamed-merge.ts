@@ -1,9 +1,9 @@
 import { blockElementsFor, runMerge, slotCount } from "../../merge/engine.js";
 import type { MergePool } from "../../merge/pool.js";
 import { planMergeOffThread } from "../../merge/preflight.js";
-import type { SafetensorsSummary } from "../../tensors/safetensors.js";
-import { storeSource } from "../../tensors/source.js";
-import { createOutput, type OutputWriter, outputRow } from "../checkpoints/outputs.js";
+import { concatSources } from "../../tensors/shards.js";
+import { type StoredFiles, storedFiles, weightSources } from "../checkpoints/files.js";
+import { createMergeOutput, type MergeOutputWriter, outputRow } from "../checkpoints/outputs.js";
 import type { MergeAttempt, MergeOutputs } from "./merge-job.js";
 import { planArguments, preflight } from "./merges.js";
 
@@ -14,19 +14,21 @@ export async function streamedMerge(a: MergeAttempt, pool: MergePool): Promise<M
   const plan = await preflight(() =>
     planMergeOffThread(...planArguments(ctx, params, inputs, a.coefficients, blockElements)),
   );
-  const outputs: OutputWriter[] = [];
-  let summaries: SafetensorsSummary[];
+  const outputs: MergeOutputWriter[] = [];
+  let written: Awaited<ReturnType<MergeOutputWriter["commit"]>>[];
   try {
-    for (const id of ids) outputs.push(await createOutput(ctx, job.tenantId, id));
+    const stored = inputs.map(storedFiles);
+    const first = stored[0] as StoredFiles;
+    for (const id of ids) outputs.push(await createMergeOutput(ctx, job.tenantId, id, plan, first));
     await runMerge({
       plan,
-      sources: inputs.map((c) => storeSource(ctx.store, c.storageKey, c.sizeBytes)),
+      sources: stored.map((c) => concatSources(weightSources(ctx.store, c))),
       sinks: outputs,
       pool,
       signal: a.signal,
       onProgress: (done, total) => a.progress(total === 0 ? 1 : done / total),
     });
-    summaries = await Promise.all(outputs.map((o) => o.commit()));
+    written = await Promise.all(outputs.map((o) => o.commit()));
   } catch (err) {
     await Promise.allSettled(outputs.map((o) => o.abort()));
     throw err;
@@ -38,7 +40,7 @@ export async function streamedMerge(a: MergeAttempt, pool: MergePool): Promise<M
         tenantId: job.tenantId,
         name: a.names[j] as string,
         jobId: job.id,
-        summary: summaries[j] as SafetensorsSummary,
+        ...(written[j] as (typeof written)[number]),
       }),
     ),
     accuracies: null,
