@@ -6,6 +6,7 @@ import { idxFiles, uploadDataset } from "./helpers/datasets.js";
 import { type Harness, startHarness, upload } from "./helpers/harness.js";
 import { type JobBody, postMerge, waitForJob } from "./helpers/jobs.js";
 import { buildSafetensors, rawSafetensors, smallCheckpoint } from "./helpers/safetensors.js";
+import { SHARD_1, sharded, uploadFiles } from "./helpers/sharded.js";
 
 /**
  * Produces every response openapi.yaml documents, for every operation. The harness checks each
@@ -148,6 +149,18 @@ describe("every documented response of every operation", () => {
     await expectStatus(s3.request(weights, { headers: { "If-None-Match": etag } }), 304);
     await expectStatus(s3.request(`${weights}?redirect=true`), 302);
     await expectStatus(s3.request(`${weights}?redirect=maybe`), 400);
+
+    const shards = await idOf(expectStatus(uploadFiles(s3, sharded(1), "shards"), 201));
+    const shard = `/v1/checkpoints/${shards}/files/${SHARD_1}`;
+    const shardTag = (await expectStatus(s3.request(shard), 200)).headers.get("etag") ?? "";
+    await expectStatus(s3.request(shard, { headers: { Range: "bytes=0-7" } }), 206);
+    await expectStatus(s3.request(shard, { headers: { Range: "bytes=100000-" } }), 416);
+    await expectStatus(s3.request(shard, { headers: { "If-None-Match": shardTag } }), 304);
+    await expectStatus(s3.request(`${shard}?redirect=true`), 302);
+    await expectStatus(s3.request(`/v1/checkpoints/${shards}/files/nothing.json`), 404);
+    await expectStatus(s3.request(`/v1/checkpoints/${shards}/weights`), 404);
+    await expectStatus(s3.request(`/v1/checkpoints/${shards}`, { method: "DELETE" }), 204);
+    await expectStatus(s3.request(shard), 410);
 
     await expectStatus(s3.request(`/v1/checkpoints/${id}/lineage`), 200);
     await expectStatus(s3.request(`/v1/checkpoints/${id}/lineage?depth=-1`), 400);

@@ -5,7 +5,9 @@ import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { DatabaseKind, StoreKind } from "./helpers/backends.js";
 import { type Harness, listen, startHarness, upload } from "./helpers/harness.js";
+import { mergeAndWait } from "./helpers/jobs.js";
 import { smallCheckpoint } from "./helpers/safetensors.js";
+import { sharded, uploadFiles } from "./helpers/sharded.js";
 
 /** Debian's Python, with the packages huggingface_hub needs (`.ci/run` installs them). */
 const PYTHON = "/usr/bin/python3";
@@ -39,7 +41,7 @@ describe.each<[DatabaseKind, StoreKind]>([
   let h: Harness;
   let server: Awaited<ReturnType<typeof listen>>;
   beforeAll(async () => {
-    h = await startHarness(db, store);
+    h = await startHarness(db, store, { worker: true });
     server = await listen(h);
   });
   afterAll(async () => {
@@ -47,7 +49,7 @@ describe.each<[DatabaseKind, StoreKind]>([
     await h.close();
   });
 
-  it("downloads by main, version, alias and commit; lists the files; refuses wrong tokens and names what is missing", async () => {
+  it("downloads by main, version, alias and commit, and a sharded merge output with its companion files; lists the files; refuses wrong tokens and names what is missing", async () => {
     expect(existsSync(PEER), `huggingface_hub's source is not at ${PEER}: set HF_HUB_PEER`).toBe(true);
     const [first, second] = [smallCheckpoint(1), smallCheckpoint(2)];
     for (const bytes of [first, second]) expect((await upload(h, bytes, "hub-model")).status).toBe(201);
@@ -58,13 +60,27 @@ describe.each<[DatabaseKind, StoreKind]>([
     });
     expect(alias.status).toBe(200);
 
-    const { code, output } = await runPeer({
+    const inputs = [];
+    for (const k of [1, 2]) {
+      const res = await uploadFiles(h, sharded(k), "hub-sharded-input");
+      expect(res.status, await res.clone().text()).toBe(201);
+      inputs.push(((await res.json()) as { id: string }).id);
+    }
+    const merge = await mergeAndWait(h, { method: "papa-all", inputs, name: "hub-sharded" });
+    const output = (await (
+      await h.request(`/v1/checkpoints/${merge.result?.checkpoints[0]?.id}`)
+    ).json()) as {
+      files: { name: string; sha256: string }[];
+    };
+
+    const { code, output: printed } = await runPeer({
       PAPA_URL: server.base,
       PAPA_API_KEY: h.keyA,
       MODEL: "hub-model",
+      SHARDED: "hub-sharded",
     });
-    expect(code, output).toBe(0);
-    const seen = JSON.parse(output.trim().split("\n").at(-1) ?? "{}");
+    expect(code, printed).toBe(0);
+    const seen = JSON.parse(printed.trim().split("\n").at(-1) ?? "{}");
     expect(seen.version).toBe("0.24.7");
     expect(seen).toMatchObject({
       main: sha256(second),
@@ -74,12 +90,20 @@ describe.each<[DatabaseKind, StoreKind]>([
       siblings: [["model.safetensors", second.length, sha256(second)]],
       snapshot: ["model.safetensors"],
       snapshot_sha: sha256(second),
+      sharded: Object.fromEntries(output.files.map((f) => [f.name, f.sha256])),
       missing_repo: "RepositoryNotFoundError",
       missing_revision: "RevisionNotFoundError",
       missing_file: "EntryNotFoundError",
       wrong_token_info: 401,
       wrong_token_download: "LocalEntryNotFoundError after 401",
     });
+    expect(Object.keys(seen.sharded)).toEqual([
+      "config.json",
+      "model-00001-of-00002.safetensors",
+      "model-00002-of-00002.safetensors",
+      "model.safetensors.index.json",
+      "tokenizer.json",
+    ]);
     expect(seen.latest_sha).toMatch(/^[0-9a-f]{40}$/);
     expect(seen.first_sha).not.toBe(seen.latest_sha);
   }, 120_000);

@@ -3,7 +3,10 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { DatabaseKind, StoreKind } from "./helpers/backends.js";
 import { type Harness, startHarness, upload } from "./helpers/harness.js";
 import { mergeAndWait } from "./helpers/jobs.js";
-import { buildSafetensors, f32, rawSafetensors, type TestTensor } from "./helpers/safetensors.js";
+import { buildSafetensors, rawSafetensors } from "./helpers/safetensors.js";
+import { filesForm, INDEX, SHARD_1, SHARD_2, sharded, tensors, uploadFiles } from "./helpers/sharded.js";
+
+const sha256 = (bytes: Uint8Array) => createHash("sha256").update(bytes).digest("hex");
 
 interface FileBody {
   name: string;
@@ -19,45 +22,6 @@ interface CheckpointBody {
   parameter_count: number;
   weights_url: string | null;
   files: FileBody[];
-}
-
-const SHARD_1 = "model-00001-of-00002.safetensors";
-const SHARD_2 = "model-00002-of-00002.safetensors";
-const INDEX = "model.safetensors.index.json";
-const sha256 = (bytes: Uint8Array) => createHash("sha256").update(bytes).digest("hex");
-
-/** Model k's tensors: three F32 and an I64 counter. */
-function tensors(k: number): TestTensor[] {
-  const counter = Buffer.alloc(8);
-  counter.writeBigInt64LE(BigInt(100 + k));
-  return [
-    { name: "embed.weight", dtype: "F32", shape: [2, 2], data: f32([k, -k, 0.5 * k, 3]) },
-    { name: "layers.0.weight", dtype: "F32", shape: [3], data: f32([1 + k, 2, 3 * k]) },
-    { name: "layers.1.weight", dtype: "F32", shape: [2], data: f32([k * k, -1]) },
-    { name: "steps", dtype: "I64", shape: [], data: counter },
-  ];
-}
-
-/** Model k in Hugging Face's sharded layout: two shards and their index. */
-function sharded(k: number): Record<string, Buffer> {
-  const t = tensors(k);
-  const first = t.slice(0, 2);
-  const second = t.slice(2);
-  const bytes = (list: TestTensor[]) => list.reduce((n, x) => n + x.data.length, 0);
-  const index = {
-    metadata: { total_size: bytes(t) },
-    weight_map: Object.fromEntries([
-      ...first.map((x) => [x.name, SHARD_1]),
-      ...second.map((x) => [x.name, SHARD_2]),
-    ]),
-  };
-  return {
-    [SHARD_1]: buildSafetensors(first, { format: "pt" }),
-    [SHARD_2]: buildSafetensors(second, { format: "pt" }),
-    [INDEX]: Buffer.from(JSON.stringify(index)),
-    "config.json": Buffer.from(JSON.stringify({ model_type: "toy", hidden_size: 2 })),
-    "tokenizer.json": Buffer.from(JSON.stringify({ version: "1.0", seed: k })),
-  };
 }
 
 /** Tensor name to raw data bytes of a safetensors file. */
@@ -85,15 +49,8 @@ describe.each<[DatabaseKind, StoreKind]>([
   });
   afterAll(() => h.close());
 
-  const form = (files: [string, Buffer | string][]) => {
-    const body = new FormData();
-    for (const [name, bytes] of files) body.append("file", new Blob([bytes]), name);
-    return body;
-  };
-  const uploadFiles = (files: Record<string, Buffer>, name = "toy") =>
-    h.request(`/v1/checkpoints?name=${name}`, { method: "POST", body: form(Object.entries(files)) });
   const created = async (files: Record<string, Buffer>, name = "toy") => {
-    const res = await uploadFiles(files, name);
+    const res = await uploadFiles(h, files, name);
     const text = await res.text();
     expect(res.status, text).toBe(201);
     return JSON.parse(text) as CheckpointBody;
@@ -307,7 +264,7 @@ describe.each<[DatabaseKind, StoreKind]>([
       ],
     ];
     for (const [what, files, status, mention] of cases) {
-      const res = await h.request("/v1/checkpoints?name=bad", { method: "POST", body: form(files) });
+      const res = await h.request("/v1/checkpoints?name=bad", { method: "POST", body: filesForm(files) });
       const text = await res.text();
       expect(res.status, `${what}: ${text}`).toBe(status);
       expect(res.headers.get("content-type")).toBe("application/problem+json");
@@ -338,12 +295,24 @@ describe.each<[DatabaseKind, StoreKind]>([
     expect(await res.text()).toContain("sharded");
   });
 
-  it("deletes every file of a deleted multi-file checkpoint", async () => {
+  it("deletes every file of a deleted multi-file checkpoint, once no twin output shares them", async () => {
     const c = await created(sharded(6), "gone");
     const prefix = `tenants/${h.tenantA}/checkpoints/${c.id}/`;
     expect((await h.ctx.store.list(prefix)).length).toBe(5);
     expect((await h.request(`/v1/checkpoints/${c.id}`, { method: "DELETE" })).status).toBe(204);
     expect(await h.ctx.store.list(prefix)).toEqual([]);
     expect((await h.request(`/v1/checkpoints/${c.id}/files/config.json`)).status).toBe(410);
+
+    // PAPA-2 of two inputs gives both outputs the one pair: one set of files, which deleting
+    // one output leaves to the other.
+    const inputs = [(await created(sharded(7), "twin-a")).id, (await created(sharded(8), "twin-b")).id];
+    const merge = await mergeAndWait(h, { method: "papa-2", inputs });
+    const [first, second] = merge.result?.checkpoints ?? [];
+    expect((await h.request(`/v1/checkpoints/${first?.id}`, { method: "DELETE" })).status).toBe(204);
+    const shared = `tenants/${h.tenantA}/checkpoints/${first?.id}/`;
+    expect((await h.ctx.store.list(shared)).length).toBe(5);
+    expect((await h.request(`/v1/checkpoints/${second?.id}/files/${SHARD_2}`)).status).toBe(200);
+    expect((await h.request(`/v1/checkpoints/${second?.id}`, { method: "DELETE" })).status).toBe(204);
+    expect(await h.ctx.store.list(shared)).toEqual([]);
   });
 });

@@ -3,7 +3,7 @@
 Run by test/hf-hub.test.ts against a running service, on Debian's Python, with the unmodified
 huggingface_hub source on PYTHONPATH. Prints one JSON object of what the client saw.
 Environment: PAPA_URL, PAPA_API_KEY, MODEL (a model with versions 1 and 2, alias `production`
-on version 1).
+on version 1), SHARDED (a model whose latest version is sharded, with companion files).
 """
 
 import hashlib
@@ -24,6 +24,7 @@ from huggingface_hub.utils import (
 endpoint = os.environ["PAPA_URL"] + "/hf"
 token = os.environ["PAPA_API_KEY"]
 model = os.environ["MODEL"]
+sharded = os.environ["SHARDED"]
 cache = tempfile.mkdtemp()
 
 
@@ -55,6 +56,7 @@ api = HfApi(endpoint=endpoint, token=token)
 latest = api.model_info(model)
 first = api.model_info(model, revision="1", files_metadata=True)
 snapshot = snapshot_download(model, endpoint=endpoint, token=token, cache_dir=cache)
+shards = snapshot_download(sharded, endpoint=endpoint, token=token, cache_dir=cache)
 wrong = HfApi(endpoint=endpoint, token="papa_not-a-key")
 print(
     json.dumps(
@@ -69,6 +71,7 @@ print(
             "siblings": [[s.rfilename, s.size, s.lfs.sha256 if s.lfs else None] for s in latest.siblings],
             "snapshot": sorted(os.listdir(snapshot)),
             "snapshot_sha": sha256(os.path.join(snapshot, "model.safetensors")),
+            "sharded": {name: sha256(os.path.join(shards, name)) for name in sorted(os.listdir(shards))},
             "missing_repo": refusal(lambda: api.model_info("no-such-model")),
             "missing_revision": refusal(lambda: download("staging")),
             "missing_file": refusal(lambda: download("main", "config.json")),
