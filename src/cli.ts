@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { readFileSync } from "node:fs";
-import { basename } from "node:path";
+import { readdir, stat } from "node:fs/promises";
+import { basename, join } from "node:path";
 import { parseArgs } from "node:util";
 import {
   CliFailure,
@@ -11,6 +12,7 @@ import {
   type Remote,
   submitMember,
   upload,
+  uploadFiles,
   uploadResumable,
 } from "./cli/remote.js";
 import { type components, PapaProblemError, unwrap } from "./client.js";
@@ -25,10 +27,13 @@ import { SafetensorsError } from "./tensors/safetensors.js";
 /** Each command's usage, as `papa --help` prints them all and `papa COMMAND --help` its own. */
 const COMMANDS: Record<string, string> = {
   upload: `  upload FILE --name NAME [--resumable]   upload a checkpoint (progress on stderr), or on S3 deployments
-                                     in presigned parts, resumable: rerun after an interruption`,
+                                     in presigned parts, resumable: rerun after an interruption
+  upload FOLDER|FILE... --name NAME    upload several files as one checkpoint: shards with
+                                     model.safetensors.index.json, config.json, tokenizer files`,
   ls: "  ls [--name NAME] [--limit N]       list checkpoints, newest first",
   show: "  show ID                            a checkpoint as JSON",
-  download: "  download ID [--out FILE]           download, verifying the sha256",
+  download: `  download ID [--out FILE]           download, verifying the sha256
+                                     (several files: each into the folder --out, default ID)`,
   merge: `  merge --method M --out OUT IN...   merge local files (papa-all, papa-2, weighted, papa-pull)
         --seed N  --coefficients a,b,..  --beta B  --exclude PATTERN  --output-dtype DTYPE  --threads N
   merge --remote --method M [--name NAME] ID...   the same merge as a job on the server (--follow waits)`,
@@ -135,6 +140,21 @@ async function localMerge(values: Values, inputs: string[]): Promise<void> {
 }
 
 /** Prints a job, following it first with --follow; a failed or canceled job is exit code 1. */
+/**
+ * The files of a multi-file upload: the files of a folder (not its subfolders or hidden files),
+ * or several files; null for one file.
+ */
+async function filesToUpload(args: string[]): Promise<string[] | null> {
+  const [first] = args;
+  if (args.length > 1) return args;
+  if (!first || !(await stat(first)).isDirectory()) return null;
+  const entries = await readdir(first, { withFileTypes: true });
+  return entries
+    .filter((e) => e.isFile() && !e.name.startsWith("."))
+    .map((e) => join(first, e.name))
+    .sort();
+}
+
 async function reportJob(r: Remote, id: string, follow: boolean | undefined): Promise<void> {
   const job = follow
     ? await followJob(r, id)
@@ -161,6 +181,12 @@ async function remoteCommand(command: string, values: Values, args: string[]): P
     case "upload": {
       if (!first) throw new UsageError("upload needs a FILE");
       const name = values.name ?? basename(first).replace(/\.safetensors$/, "");
+      const files = await filesToUpload(args);
+      if (files) {
+        if (values.resumable) throw new UsageError("--resumable uploads one file");
+        print(await uploadFiles(r, files, name));
+        return;
+      }
       const state = `${first}.papa-upload.json`;
       print(values.resumable ? await uploadResumable(r, first, name, state) : await upload(r, first, name));
       return;
@@ -183,8 +209,7 @@ async function remoteCommand(command: string, values: Values, args: string[]): P
       return;
     case "download": {
       if (!first) throw new UsageError("download needs an ID");
-      const out = values.out ?? `${first}.safetensors`;
-      print(`${out} sha256 ${await download(r, first, out)}`);
+      for (const [path, sha256] of await download(r, first, values.out)) print(`${path} sha256 ${sha256}`);
       return;
     }
     case "merge": {

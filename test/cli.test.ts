@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Harness, listen, startHarness, upload } from "./helpers/harness.js";
 import { member, weightsOf } from "./helpers/jobs.js";
 import { buildSafetensors, smallCheckpoint } from "./helpers/safetensors.js";
+import { INDEX, SHARD_1, SHARD_2, sharded } from "./helpers/sharded.js";
 
 /** Runs a command with only the given environment, and collects what it prints. */
 function run(
@@ -91,6 +92,30 @@ describe("the papa CLI against a server", () => {
     expect(tree.stdout).toContain("contribution 0.5000 of member-2");
     const jobs = await papa(["jobs"], env);
     expect(jobs.stdout).toContain("merge  succeeded  100%");
+  });
+
+  it("uploads a folder of shards, index and companion files as one checkpoint, and downloads it into a folder", async () => {
+    const model = join(dir, "sharded-model");
+    await mkdir(model);
+    const files = sharded(1);
+    for (const [name, bytes] of Object.entries(files)) await writeFile(join(model, name), bytes);
+    await writeFile(join(model, ".DS_Store"), "hidden files stay home");
+    const up = await papa(["upload", model], env);
+    expect(up.code, up.stderr).toBe(0);
+    const checkpoint = JSON.parse(up.stdout) as { id: string; name: string; files: { name: string }[] };
+    expect(checkpoint.name).toBe("sharded-model");
+    expect(checkpoint.files.map((f) => f.name).sort()).toEqual(Object.keys(files).sort());
+
+    const back = join(dir, "back-model");
+    const down = await papa(["download", checkpoint.id, "--out", back], env);
+    expect(down.code, down.stderr).toBe(0);
+    expect(down.stdout.trim().split("\n")).toHaveLength(5);
+    for (const [name, bytes] of Object.entries(files))
+      expect(await readFile(join(back, name))).toEqual(bytes);
+
+    const two = await papa(["upload", join(model, INDEX), join(model, SHARD_1), "--name", "half"], env);
+    expect(two.code).toBe(1);
+    expect(two.stderr).toContain(SHARD_2); // the index names a shard that was not sent
   });
 
   it("runs a population: create, submit, wait for the next weights, finish", async () => {

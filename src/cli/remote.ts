@@ -1,6 +1,7 @@
 import { createHash } from "node:crypto";
-import { createReadStream, createWriteStream } from "node:fs";
-import { open, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { createReadStream, createWriteStream, openAsBlob } from "node:fs";
+import { mkdir, open, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { basename, join } from "node:path";
 import { Readable, Transform } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { type components, createPapaClient, type PapaClient, PapaProblemError, unwrap } from "../client.js";
@@ -60,6 +61,24 @@ function progressMeter(total: number, label: string, log: (line: string) => void
 
 export function upload(r: Remote, file: string, name: string): Promise<Schemas["Checkpoint"]> {
   return sendFile<Schemas["Checkpoint"]>(r, "POST", `/v1/checkpoints?name=${encodeURIComponent(name)}`, file);
+}
+
+/**
+ * Uploads several files as one checkpoint (shards and their index, companion files): one
+ * `multipart/form-data` request, each file read from disk as it is sent.
+ */
+export async function uploadFiles(r: Remote, files: string[], name: string): Promise<Schemas["Checkpoint"]> {
+  const form = new FormData();
+  for (const file of files) form.append("file", await openAsBlob(file), basename(file));
+  r.log(`upload ${files.length} files: ${files.map((f) => basename(f)).join(", ")}`);
+  const res = await reach(`${r.url}/v1/checkpoints?name=${encodeURIComponent(name)}`, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${r.key}` },
+    body: form,
+  });
+  const json = (await res.json()) as unknown;
+  if (!res.ok) throw new PapaProblemError(json as Schemas["Problem"]);
+  return json as Schemas["Checkpoint"];
 }
 
 /** Submits a file as member `member`'s weights for round `round` of population `id`. */
@@ -164,8 +183,31 @@ async function readBytes(file: string, start: number, length: number): Promise<U
 }
 
 /** Downloads to `out` (a temp name, renamed when the sha256 matches the server's ETag). */
-export async function download(r: Remote, id: string, out: string): Promise<string> {
-  const res = await reach(`${r.url}/v1/checkpoints/${id}/weights`, {
+/**
+ * Downloads a checkpoint: its one file `model.safetensors` to `to` (default `ID.safetensors`),
+ * or (several files) each of its files into the folder `to` (default `ID`). Each file's sha256 is checked against its ETag. Returns the
+ * paths written, each with its sha256.
+ */
+export async function download(r: Remote, id: string, to?: string): Promise<[string, string][]> {
+  const checkpoint = unwrap(await r.client.GET("/v1/checkpoints/{id}", { params: { path: { id } } }));
+  const [only, ...rest] = checkpoint.files;
+  if (only && rest.length === 0 && only.name === "model.safetensors") {
+    const out = to ?? `${id}.safetensors`;
+    return [[out, await downloadFile(r, only.url, out)]];
+  }
+  const out = to ?? id;
+  await mkdir(out, { recursive: true });
+  const written: [string, string][] = [];
+  for (const file of checkpoint.files) {
+    const path = join(out, file.name);
+    written.push([path, await downloadFile(r, file.url, path)]);
+  }
+  return written;
+}
+
+/** Downloads one file to `out` (through `out.partial`), checking its sha256 against the ETag. */
+async function downloadFile(r: Remote, url: string, out: string): Promise<string> {
+  const res = await reach(`${r.url}${url}`, {
     headers: { Authorization: `Bearer ${r.key}` },
   });
   if (!res.ok || !res.body) throw new PapaProblemError((await res.json()) as Schemas["Problem"]);
@@ -176,7 +218,7 @@ export async function download(r: Remote, id: string, out: string): Promise<stri
   try {
     await pipeline(
       Readable.fromWeb(res.body as import("node:stream/web").ReadableStream),
-      progressMeter(total, "download", r.log),
+      progressMeter(total, `download ${basename(out)}`, r.log),
       new Transform({
         transform(chunk: Buffer, _enc, cb) {
           hash.update(chunk);
