@@ -293,6 +293,13 @@ describe.each<[DatabaseKind, StoreKind]>([
     });
     expect(res.status).toBe(422);
     expect(await res.text()).toContain("sharded");
+    const start = await h.request("/v1/populations", {
+      method: "POST",
+      body: JSON.stringify({ name: "q", size: 2, method: "papa-all", initial_checkpoint_id: c.id }),
+      headers: { "Content-Type": "application/json" },
+    });
+    expect(start.status).toBe(422);
+    expect(await start.text()).toContain("sharded");
   });
 
   it("deletes every file of a deleted multi-file checkpoint, once no twin output shares them", async () => {

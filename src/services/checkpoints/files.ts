@@ -2,6 +2,7 @@ import { createHash } from "node:crypto";
 import type { ObjectStore } from "../../storage/object-store.js";
 import type { SafetensorsSummary } from "../../tensors/safetensors.js";
 import { type ByteSource, storeSource } from "../../tensors/source.js";
+import { InvalidInputError } from "../errors.js";
 
 /** One file of a checkpoint. */
 export interface CheckpointFile {
@@ -64,12 +65,13 @@ export function weightSources(store: ObjectStore, c: StoredFiles): ByteSource[] 
   return weightFiles(c).map((f) => storeSource(store, fileKey(c, f.name), f.sizeBytes));
 }
 
-/**
- * The store key of the one weights file of a checkpoint that has one (not sharded): what
- * populations, TF.js and evaluation read.
- */
-export function singleWeightsKey(c: StoredFiles): string | null {
-  return isSharded(c) ? null : fileKey(c, WEIGHTS_FILE);
+/** Refuses sharded weights: a population's members (and its start) are one safetensors file each. */
+export function assertPopulationMember(row: Parameters<typeof storedFiles>[0] & { id: string }): void {
+  if (isSharded(storedFiles(row))) {
+    throw new InvalidInputError(
+      `checkpoint ${row.id} holds sharded weights; a population's members are one safetensors file each`,
+    );
+  }
 }
 
 /**

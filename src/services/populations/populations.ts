@@ -2,6 +2,7 @@ import { and, asc, desc, eq, inArray, isNotNull, lt, type SQL, sql } from "drizz
 import type { AnyPgColumn } from "drizzle-orm/pg-core";
 import { type Database, schema } from "../../db/client.js";
 import { newId } from "../../ids.js";
+import { assertPopulationMember } from "../checkpoints/files.js";
 import type { TenantCall } from "../context.js";
 import { ConflictError, InvalidInputError, NotFoundError } from "../errors.js";
 import { admitJob, type Job, type JobStatus } from "../jobs/jobs.js";
@@ -69,7 +70,7 @@ export async function createPopulation({
   }
   if (input.initialCheckpointId !== undefined) {
     const [initial] = await ctx.db
-      .select({ deletedAt: schema.checkpoints.deletedAt })
+      .select()
       .from(schema.checkpoints)
       .where(
         and(
@@ -79,6 +80,7 @@ export async function createPopulation({
       );
     if (!initial) throw new NotFoundError(`checkpoint ${input.initialCheckpointId} not found`);
     if (initial.deletedAt) throw new InvalidInputError(`checkpoint ${input.initialCheckpointId} was deleted`);
+    assertPopulationMember(initial);
   }
   const id = newId();
   await ctx.db.transaction((tx) =>

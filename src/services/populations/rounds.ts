@@ -5,7 +5,7 @@ import { roundCoefficients } from "../../merge/methods.js";
 import { checkMergeOffThread } from "../../merge/preflight.js";
 import { streamSeed } from "../../random.js";
 import { checkpointKey, createCheckpoint } from "../checkpoints/checkpoints.js";
-import { isSharded, storedFiles } from "../checkpoints/files.js";
+import { assertPopulationMember } from "../checkpoints/files.js";
 import type { ServiceContext, TenantCall } from "../context.js";
 import { ConflictError, InvalidInputError, NotFoundError, NotReadyError } from "../errors.js";
 import { admitJob } from "../jobs/jobs.js";
@@ -81,11 +81,7 @@ export async function submitMember({
         : err;
     });
     if (row?.deletedAt) throw new InvalidInputError(`checkpoint ${checkpointId} was deleted`);
-    if (row && isSharded(storedFiles(row))) {
-      throw new InvalidInputError(
-        `checkpoint ${checkpointId} holds sharded weights; a population's members are one safetensors file each`,
-      );
-    }
+    if (row) assertPopulationMember(row);
   }
   try {
     const outcome = await record(ctx, slot, checkpointId, earlier);
