@@ -37,6 +37,23 @@ describe("infra", () => {
       for (const source of sources) expect(existsSync(source), source).toBe(true);
     },
   );
+
+  it.each(["infra/Dockerfile", "infra/Dockerfile.gpu-worker", "infra/Dockerfile.lambda"])(
+    "%s gives npm ci the script npm's prepare runs",
+    (dockerfile) => {
+      const prepare = JSON.parse(readFileSync("package.json", "utf8")).scripts.prepare as string;
+      const script = prepare.split(" ").at(-1) ?? "";
+      expect(existsSync(script), script).toBe(true);
+      const stages = readFileSync(dockerfile, "utf8")
+        .split(/^FROM /m)
+        .slice(1);
+      expect(stages.filter((stage) => stage.includes("npm ci")).length).toBeGreaterThan(0);
+      for (const stage of stages) {
+        const install = stage.indexOf("npm ci");
+        if (install >= 0) expect(stage.slice(0, install)).toMatch(new RegExp(`^COPY .*${script} `, "m"));
+      }
+    },
+  );
 });
 
 describe("the AWS CDK app", () => {
