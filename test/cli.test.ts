@@ -1,4 +1,3 @@
-import { spawn } from "node:child_process";
 import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { type AddressInfo, createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -6,29 +5,9 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Harness, listen, startHarness, upload } from "./helpers/harness.js";
 import { member, weightsOf } from "./helpers/jobs.js";
+import { run } from "./helpers/processes.js";
 import { buildSafetensors, smallCheckpoint } from "./helpers/safetensors.js";
 import { INDEX, SHARD_1, SHARD_2, sharded } from "./helpers/sharded.js";
-
-/** Runs a command with only the given environment, and collects what it prints. */
-function run(
-  command: string,
-  args: string[],
-  env: Record<string, string>,
-  cwd?: string,
-): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(command, args, { cwd, env: { PATH: process.env.PATH ?? "", ...env } });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.on("data", (d: Buffer) => {
-      stdout += d.toString();
-    });
-    child.stderr.on("data", (d: Buffer) => {
-      stderr += d.toString();
-    });
-    child.on("exit", (code) => resolve({ code, stdout, stderr }));
-  });
-}
 
 /** Runs `papa` as a user would, with only the given environment. */
 const papa = (args: string[], env: Record<string, string>) =>
