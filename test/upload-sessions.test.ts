@@ -39,6 +39,39 @@ describe("presigned upload sessions on S3 (s3rver)", () => {
   });
   afterAll(() => h.close());
 
+  it("lists a model's versions in version order, though a session completed last has the oldest id", async () => {
+    const file = smallCheckpoint(1);
+    const started = await h.request(
+      "/v1/upload-sessions",
+      json({ name: "ordered", size_bytes: file.length }),
+    );
+    const session = (await started.json()) as Session;
+    const direct = await h.request("/v1/checkpoints?name=ordered", {
+      method: "POST",
+      body: smallCheckpoint(2),
+      headers: { "Content-Type": "application/octet-stream" },
+    });
+    expect(direct.status).toBe(201);
+    const parts = await sendParts(session, file);
+    expect((await h.request(`/v1/upload-sessions/${session.id}/complete`, json({ parts }))).status).toBe(201);
+    type Versions = { versions: { id: string; version: number }[]; next_cursor: string | null };
+    const model = (await (await h.request("/v1/models/ordered")).json()) as Versions;
+    expect(model.versions.map((v) => [v.version, v.id === session.id])).toEqual([
+      [2, true],
+      [1, false],
+    ]);
+    const first = (await (await h.request("/v1/models/ordered?limit=1")).json()) as Versions;
+    const second = (await (
+      await h.request(`/v1/models/ordered?limit=1&cursor=${first.next_cursor}`)
+    ).json()) as Versions;
+    expect([...first.versions, ...second.versions].map((v) => v.version)).toEqual([2, 1]);
+    const search = await h.request("/v1/checkpoints?name=ordered&sort=-version");
+    expect(((await search.json()) as { items: { version: number }[] }).items.map((c) => c.version)).toEqual([
+      2, 1,
+    ]);
+    expect((await h.request("/v1/checkpoints?sort=-version")).status).toBe(422);
+  });
+
   it("uploads a multi-part checkpoint straight to the store, then validates and registers it", async () => {
     const values = new Float32Array(2_750_000).map((_, i) => Math.sin(i));
     const file = buildSafetensors([

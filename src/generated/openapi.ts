@@ -298,7 +298,7 @@ export interface paths {
             };
             cookie?: never;
         };
-        /** A model, its aliases and a page of its versions (live ones, newest first). */
+        /** A model, its aliases and a page of its versions (live ones, highest version first). */
         get: operations["getModel"];
         put?: never;
         post?: never;
@@ -1064,7 +1064,7 @@ export interface components {
             created_at: components["schemas"]["Timestamp"];
             /** @description The aliases set with `setModelAlias`, by name (`latest` is `latest_version`). */
             aliases: components["schemas"]["ModelAlias"][];
-            /** @description A page of the live versions, newest first. */
+            /** @description A page of the live versions, highest version first. */
             versions: components["schemas"]["Checkpoint"][];
             /** @description Pass as `cursor` for the next page of versions; null on the last page. */
             next_cursor: null | string;
@@ -2005,8 +2005,8 @@ export interface operations {
                 metric_min?: number;
                 /** @description Only values of the metric at or below this. */
                 metric_max?: number;
-                /** @description `created_at` or `metric` (the metric's value, ties by id), ascending; with a leading `-`, descending. The cursor of a page is only valid for the same search. */
-                sort?: "-created_at" | "created_at" | "-metric" | "metric";
+                /** @description `created_at` or `metric` (the metric's value, ties by id), ascending; with a leading `-`, descending. `-version` (with `name`): the model's versions, highest first. The cursor of a page is only valid for the same search. */
+                sort?: "-created_at" | "created_at" | "-metric" | "metric" | "-version";
             };
             header?: never;
             path?: never;

@@ -256,8 +256,11 @@ export interface CheckpointSearch {
     min?: number | undefined;
     max?: number | undefined;
   };
-  /** `-` first: descending. `metric` sorts by the value of `metric`; ties in id order. */
-  sort: "created_at" | "-created_at" | "metric" | "-metric";
+  /**
+   * `-` first: descending. `metric` sorts by the value of `metric`, ties in id order;
+   * `-version` (with `name`) by version number.
+   */
+  sort: "created_at" | "-created_at" | "metric" | "-metric" | "-version";
 }
 
 /** What a search's query depends on: which filters it has, not their values. */
@@ -282,6 +285,7 @@ function buildSearch(db: Database, s: SearchShape, name: string) {
   const p = sql.placeholder;
   const descending = s.sort.startsWith("-");
   const byMetric = s.sort.endsWith("metric");
+  const byVersion = s.sort === "-version";
   const order = descending ? desc : asc;
   const after = descending ? lt : gt;
   const query = db
@@ -323,10 +327,13 @@ function buildSearch(db: Database, s: SearchShape, name: string) {
         s.after && byMetric
           ? sql`(${v.value}, ${v.checkpointId}) ${sql.raw(descending ? "<" : ">")} (${p("afterValue")}::double precision, ${p("afterId")}::uuid)`
           : undefined,
-        s.after && !byMetric ? after(c.id, p("afterId")) : undefined,
+        s.after && byVersion ? lt(c.version, p("afterVersion")) : undefined,
+        s.after && !byMetric && !byVersion ? after(c.id, p("afterId")) : undefined,
       ),
     )
-    .orderBy(...(byMetric ? [order(v.value), order(v.checkpointId)] : [order(c.id)]))
+    .orderBy(
+      ...(byMetric ? [order(v.value), order(v.checkpointId)] : byVersion ? [desc(c.version)] : [order(c.id)]),
+    )
     .limit(p("take"))
     .prepare(name);
 }
@@ -352,6 +359,11 @@ const metricCursor = {
     Array.isArray(key) && key.length === 2 && Number.isFinite(key[0]) && isUuid(key[1]),
 };
 
+const versionCursor = {
+  key: (row: { version: number }) => row.version,
+  valid: (key: unknown): key is number => Number.isInteger(key) && (key as number) > 0,
+};
+
 /** The next string in byte order after every string that starts with `prefix`. */
 function prefixEnd(prefix: string): string {
   const last = prefix.codePointAt(prefix.length - 1) ?? 0;
@@ -368,6 +380,9 @@ export async function listCheckpoints({
   input,
 }: TenantCall<CheckpointSearch>): Promise<Page<Checkpoint>> {
   const byMetric = input.sort.endsWith("metric");
+  if (input.sort === "-version" && input.name === undefined) {
+    throw new InvalidInputError("sort=-version orders the versions of one model: give its name");
+  }
   if (byMetric && !input.metric) {
     throw new InvalidInputError(
       `sort=${input.sort} needs a metric to sort by (metric, metric_dataset, metric_split)`,
@@ -403,9 +418,13 @@ export async function listCheckpoints({
     ? await pageByKey(input, metricCursor, (after, take) =>
         query(ctx.db).execute({ ...values, afterValue: after?.[0], afterId: after?.[1], take }),
       )
-    : await pageByKey(input, idCursor, (after, take) =>
-        query(ctx.db).execute({ ...values, afterId: after, take }),
-      );
+    : input.sort === "-version"
+      ? await pageByKey(input, versionCursor, (after, take) =>
+          query(ctx.db).execute({ ...values, afterVersion: after, take }),
+        )
+      : await pageByKey(input, idCursor, (after, take) =>
+          query(ctx.db).execute({ ...values, afterId: after, take }),
+        );
   return {
     items: page.items.map(({ sortValue: _, ...row }) => withRelationsToCheckpoint(row)),
     nextCursor: page.nextCursor,

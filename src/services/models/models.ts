@@ -94,7 +94,7 @@ export async function getModelSummary({
   return model;
 }
 
-/** A model with its aliases and a page of its live versions, newest first. */
+/** A model with its aliases and a page of its live versions, highest first. */
 export async function getModel({
   ctx,
   principal,
@@ -119,7 +119,7 @@ export async function getModel({
     listCheckpoints({
       ctx,
       principal,
-      input: { limit: input.limit, cursor: input.cursor, name: input.name, sort: "-created_at" },
+      input: { limit: input.limit, cursor: input.cursor, name: input.name, sort: "-version" },
     }),
   ]);
   return { ...model, aliases: named, versions };
