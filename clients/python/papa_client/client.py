@@ -39,11 +39,17 @@ class Client:
             raise ValueError("no API key: pass key= or set PAPA_API_KEY")
         self.timeout = timeout
 
-    def request(self, method: str, path: str, body=None, content_type: Optional[str] = None):
-        """Sends a request; returns (status, headers, bytes), or raises ProblemError for 4xx/5xx."""
+    def request(self, method: str, path: str, body=None, content_type: Optional[str] = None, length=None, to=None):
+        """Sends a request; returns (status, headers, bytes), or raises ProblemError for 4xx/5xx.
+
+        `body`: bytes, an object sent as JSON, or (with its `length`) an iterable of bytes sent as
+        it is produced. With `to` (a writable binary file), the answer is copied there in chunks
+        and its sha256 returned in place of its bytes."""
         data = body
         headers = {"Authorization": f"Bearer {self.key}"}
-        if body is not None and not isinstance(body, (bytes, bytearray)):
+        if length is not None:
+            headers["Content-Length"] = str(length)
+        elif body is not None and not isinstance(body, (bytes, bytearray)):
             data = json.dumps(body).encode()
             content_type = "application/json"
         if content_type:
@@ -51,7 +57,13 @@ class Client:
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as res:
-                return res.status, res.headers, res.read()
+                if to is None:
+                    return res.status, res.headers, res.read()
+                digest = hashlib.sha256()
+                while chunk := res.read(1 << 20):
+                    digest.update(chunk)
+                    to.write(chunk)
+                return res.status, res.headers, digest.hexdigest()
         except urllib.error.HTTPError as err:
             payload = err.read()
             try:
@@ -72,6 +84,54 @@ class Client:
                 weights = f.read()
         query = urllib.parse.urlencode({"name": name})
         return self.json("POST", f"/v1/checkpoints?{query}", _as_bytes(weights), "application/octet-stream")
+
+    def upload_folder(self, folder: Union[os.PathLike, str], name: str) -> dict:
+        """Uploads the files of a folder (not its subfolders or hidden files) as one checkpoint:
+        `model.safetensors`, or shards with `model.safetensors.index.json`, and companion files
+        such as `config.json` (what `save_pretrained` writes). Streamed from disk, one
+        multipart/form-data request."""
+        names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n)))
+        paths = [os.path.join(folder, n) for n in names]
+        boundary = "papa-" + os.urandom(16).hex()
+        heads = [
+            (
+                f"--{boundary}\r\n"
+                f'Content-Disposition: form-data; name="file"; filename="{n}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n"
+            ).encode()
+            for n in names
+        ]
+        tail = f"--{boundary}--\r\n".encode()
+        length = sum(len(h) + os.path.getsize(p) + 2 for h, p in zip(heads, paths)) + len(tail)
+
+        def parts():
+            for head, path in zip(heads, paths):
+                yield head
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        yield chunk
+                yield b"\r\n"
+            yield tail
+
+        query = urllib.parse.urlencode({"name": name})
+        content_type = f"multipart/form-data; boundary={boundary}"
+        return json.loads(self.request("POST", f"/v1/checkpoints?{query}", parts(), content_type, length)[2])
+
+    def download_folder(self, checkpoint_id: str, folder: Union[os.PathLike, str]) -> List[str]:
+        """Every file of a checkpoint into `folder`, streamed, each checked against its sha256;
+        the paths written (a folder `from_pretrained` or `snapshot_download` users know)."""
+        os.makedirs(folder, exist_ok=True)
+        written = []
+        for file in self.checkpoint(checkpoint_id)["files"]:
+            path = os.path.join(folder, file["name"])
+            with open(path + ".partial", "wb") as out:
+                actual = self.request("GET", file["url"], to=out)[2]
+            if actual != file["sha256"]:
+                os.remove(path + ".partial")
+                raise IOError(f"{file['name']}: sha256 {actual}, the service says {file['sha256']}")
+            os.replace(path + ".partial", path)
+            written.append(path)
+        return written
 
     def checkpoint(self, checkpoint_id: str) -> dict:
         return self.json("GET", f"/v1/checkpoints/{checkpoint_id}")

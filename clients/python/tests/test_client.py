@@ -2,6 +2,7 @@
 starts one and runs these)."""
 
 import hashlib
+import json
 import os
 import struct
 import subprocess
@@ -41,6 +42,57 @@ def test_the_service_takes_what_the_client_writes_and_gives_it_back(client):
     assert checkpoint["sha256"] == hashlib.sha256(data).hexdigest()
     assert checkpoint["dtypes"] == ["F32", "I64"]
     assert client.download(checkpoint["id"]) == data
+
+
+def save_sharded(folder, k: float):
+    """A model in Hugging Face's sharded layout, as `save_pretrained` writes it: two shards, their index, config.json."""
+    shards = {
+        "model-00001-of-00002.safetensors": {"embed": np.full((2, 2), k, dtype=np.float32)},
+        "model-00002-of-00002.safetensors": {"head": np.array([k, -k], dtype=np.float32), "steps": np.array(k, dtype=np.int64)},
+    }
+    weight_map = {}
+    for shard, tensors in shards.items():
+        with open(os.path.join(folder, shard), "wb") as f:
+            f.write(dumps(tensors, {"format": "pt"}))
+        weight_map.update({name: shard for name in tensors})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": 32}, "weight_map": weight_map}, f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"model_type": "toy", "k": k}, f)
+
+
+def test_a_saved_folder_goes_up_whole_and_comes_back_whole(client, tmp_path):
+    ids = []
+    for k in (1.0, 3.0):
+        folder = tmp_path / f"model-{k}"
+        folder.mkdir()
+        save_sharded(folder, k)
+        (folder / ".cache").write_text("not sent")
+        checkpoint = client.upload_folder(folder, "py-sharded")
+        assert sorted(f["name"] for f in checkpoint["files"]) == sorted(n for n in os.listdir(folder) if n != ".cache")
+        back = client.download_folder(checkpoint["id"], tmp_path / f"back-{k}")
+        for path in back:
+            with open(path, "rb") as got, open(folder / os.path.basename(path), "rb") as sent:
+                assert got.read() == sent.read()
+        ids.append(checkpoint["id"])
+    job = client.merge("papa-all", ids)
+    merged = client.download_folder(job["result"]["checkpoints"][0]["id"], tmp_path / "merged")
+    assert sorted(os.path.basename(p) for p in merged) == [
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
+    with open(tmp_path / "merged" / "model-00001-of-00002.safetensors", "rb") as f:
+        tensors, metadata = loads(f.read())
+    assert to_numpy(tensors["embed"]).tolist() == [[2.0, 2.0], [2.0, 2.0]]
+    assert metadata["format"] == "pt"
+    with open(tmp_path / "merged" / "model.safetensors.index.json") as f:
+        assert json.load(f)["weight_map"] == {
+            "embed": "model-00001-of-00002.safetensors",
+            "head": "model-00002-of-00002.safetensors",
+            "steps": "model-00002-of-00002.safetensors",
+        }
 
 
 def test_merges_as_numpy_would(client):
