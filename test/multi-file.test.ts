@@ -1,8 +1,9 @@
 import { createHash } from "node:crypto";
+import { Readable } from "node:stream";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { DatabaseKind, StoreKind } from "./helpers/backends.js";
 import { type Harness, startHarness, upload } from "./helpers/harness.js";
-import { mergeAndWait } from "./helpers/jobs.js";
+import { mergeAndWait, postMerge, waitForJob } from "./helpers/jobs.js";
 import { buildSafetensors, rawSafetensors } from "./helpers/safetensors.js";
 import { filesForm, INDEX, SHARD_1, SHARD_2, sharded, tensors, uploadFiles } from "./helpers/sharded.js";
 
@@ -157,6 +158,21 @@ describe.each<[DatabaseKind, StoreKind]>([
     ).json()) as CheckpointBody;
     expect(one.files.map((f) => f.name)).toEqual(["model.safetensors"]);
     expect(tensorsOf(await download(one.weights_url ?? ""))).toEqual(expected);
+  });
+
+  it("leaves no output file behind when a sharded merge fails on its way, retries included", async () => {
+    const [a, b] = [await created(sharded(9), "broken-a"), await created(sharded(10), "broken-b")];
+    // The store loses the end of b's second shard (into an averaged tensor): its header still reads.
+    const key = `tenants/${h.tenantA}/checkpoints/${b.id}/${SHARD_2}`;
+    const shard = sharded(10)[SHARD_2] as Buffer;
+    await h.ctx.store.put(key, Readable.from([shard.subarray(0, shard.length - 12)]));
+    const stored = () => h.ctx.store.list(`tenants/${h.tenantA}/checkpoints/`);
+    const before = await stored();
+    const res = await postMerge(h, { method: "papa-all", inputs: [a.id, b.id] });
+    expect(res.status).toBe(202);
+    const job = await waitForJob(h, ((await res.json()) as { id: string }).id);
+    expect(job.status).toBe("failed");
+    expect(await stored()).toEqual(before);
   });
 
   it("refuses layouts that do not hold together, and invalid or oversized files, leaving nothing behind", async () => {

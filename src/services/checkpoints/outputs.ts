@@ -1,4 +1,5 @@
 import { createHash } from "node:crypto";
+import { Readable } from "node:stream";
 import type { MergePlan } from "../../merge/plan.js";
 import { SafetensorsCheck, type SafetensorsSummary } from "../../tensors/safetensors.js";
 import type { StoreContext } from "../context.js";
@@ -110,7 +111,7 @@ export async function createMergeOutput(
   const nextShard = async () => {
     const shard = shards[++k];
     if (!shard) throw new Error("the merge wrote more than its shards hold");
-    await writers[k]?.write(shard.headerBytes);
+    await (writers[k] as OutputWriter).write(shard.headerBytes);
     left = shard.bytes - shard.headerBytes.length;
   };
   return {
@@ -121,7 +122,7 @@ export async function createMergeOutput(
       while (rest.length > 0) {
         while (left === 0) await nextShard();
         const take = rest.subarray(0, left);
-        await writers[k]?.write(take);
+        await (writers[k] as OutputWriter).write(take);
         left -= take.length;
         rest = rest.subarray(take.length);
       }
@@ -150,20 +151,14 @@ export async function createMergeOutput(
   };
 }
 
+/** Stores a small file made whole in memory under the prefix. */
 async function putFile(
   ctx: StoreContext,
   prefix: string,
   name: string,
   bytes: Buffer,
 ): Promise<CheckpointFile> {
-  const writer = await ctx.store.create(`${prefix}${name}`);
-  try {
-    await writer.write(bytes);
-    await writer.commit();
-  } catch (err) {
-    await writer.abort();
-    throw err;
-  }
+  await ctx.store.put(`${prefix}${name}`, Readable.from([bytes]));
   return { name, sizeBytes: bytes.length, sha256: createHash("sha256").update(bytes).digest("hex") };
 }
 
