@@ -31,6 +31,10 @@ const COMMANDS: Record<string, string> = {
   upload FOLDER|FILE... --name NAME    upload several files as one checkpoint: shards with
                                      model.safetensors.index.json, config.json, tokenizer files`,
   ls: "  ls [--name NAME] [--limit N]       list checkpoints, newest first",
+  models: `  models [NAME] [--limit N]          the registry: models with their latest version; or one
+                                     model's aliases and versions, highest first`,
+  alias: `  alias NAME ALIAS VERSION           point an alias (production, ...) at a version of a model
+  alias NAME ALIAS --delete          remove it`,
   show: "  show ID                            a checkpoint as JSON",
   download: `  download ID [--out FILE]           download, verifying the sha256
                                      (several files: each into the folder --out, default ID)`,
@@ -89,6 +93,7 @@ const options = {
   timeout: { type: "string" },
   initial: { type: "string" },
   member: { type: "string" },
+  delete: { type: "boolean" },
 } as const;
 
 type Values = ReturnType<typeof parseArgs<{ options: typeof options; allowPositionals: true }>>["values"];
@@ -201,6 +206,39 @@ async function remoteCommand(command: string, values: Values, args: string[]): P
       );
       for (const c of page.items)
         print(`${c.id}  ${c.name}  ${(c.size_bytes / 1e6).toFixed(1)} MB  ${c.created_at}`);
+      return;
+    }
+    case "models": {
+      const limit = Number(values.limit ?? 50);
+      if (!first) {
+        const page = unwrap(await r.client.GET("/v1/models", { params: { query: { limit } } }));
+        for (const m of page.items)
+          print(`${m.name}  latest ${m.latest_version ?? "-"}  ${m.version_count} versions`);
+        return;
+      }
+      const model = unwrap(
+        await r.client.GET("/v1/models/{name}", { params: { path: { name: first }, query: { limit } } }),
+      );
+      for (const a of model.aliases) print(`${a.alias} -> ${a.version}`);
+      for (const c of model.versions) {
+        const tags = c.tags.length > 0 ? `  [${c.tags.join(", ")}]` : "";
+        print(`v${c.version}  ${c.id}  ${(c.size_bytes / 1e6).toFixed(1)} MB  ${c.created_at}${tags}`);
+      }
+      return;
+    }
+    case "alias": {
+      const [name, alias, version] = args;
+      if (!name || !alias || (values.delete ? version !== undefined : version === undefined)) {
+        throw new UsageError("alias takes NAME ALIAS VERSION, or NAME ALIAS --delete");
+      }
+      const path = { name, alias };
+      if (values.delete) {
+        const deleted = await r.client.DELETE("/v1/models/{name}/aliases/{alias}", { params: { path } });
+        if (!deleted.response.ok) unwrap(deleted); // 204 has no body to unwrap; a problem does
+        return;
+      }
+      const body = { version: integer(version, "VERSION") };
+      print(unwrap(await r.client.PUT("/v1/models/{name}/aliases/{alias}", { params: { path }, body })));
       return;
     }
     case "show":

@@ -73,6 +73,31 @@ describe("the papa CLI against a server", () => {
     expect(jobs.stdout).toContain("merge  succeeded  100%");
   });
 
+  it("lists the registry's models and a model's versions, and points aliases at versions", async () => {
+    for (const k of [1, 2]) {
+      const file = join(dir, `reg${k}.safetensors`);
+      await writeFile(file, smallCheckpoint(k));
+      expect((await papa(["upload", file, "--name", "registry-model"], env)).code).toBe(0);
+    }
+    const models = await papa(["models"], env);
+    expect(models.code, models.stderr).toBe(0);
+    expect(models.stdout).toContain("registry-model  latest 2  2 versions\n");
+    const set = await papa(["alias", "registry-model", "production", "1"], env);
+    expect(set.code, set.stderr).toBe(0);
+    expect(JSON.parse(set.stdout)).toMatchObject({ alias: "production", version: 1 });
+    const shown = await papa(["models", "registry-model"], env);
+    const lines = shown.stdout.trim().split("\n");
+    expect(lines[0]).toBe("production -> 1");
+    expect(lines.slice(1).map((line) => line.split("  ")[0])).toEqual(["v2", "v1"]);
+    expect((await papa(["alias", "registry-model", "production", "--delete"], env)).code).toBe(0);
+    expect((await papa(["models", "registry-model"], env)).stdout).not.toContain("production");
+    const wrong = await papa(["alias", "registry-model", "production"], env);
+    expect(wrong.code).toBe(2);
+    const missing = await papa(["alias", "registry-model", "staging", "9"], env);
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toContain("9");
+  });
+
   it("uploads a folder of shards, index and companion files as one checkpoint, and downloads it into a folder", async () => {
     const model = join(dir, "sharded-model");
     await mkdir(model);
