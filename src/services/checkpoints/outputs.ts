@@ -96,22 +96,20 @@ export async function createMergeOutput(
   const shards = plan.shards ?? [
     { name: WEIGHTS_FILE, tensors: [], headerBytes: plan.headerBytes, bytes: plan.outputBytes },
   ];
-  const writers: OutputWriter[] = [];
-  try {
-    for (const shard of shards) writers.push(await createSafetensorsWriter(ctx, `${prefix}${shard.name}`));
-  } catch (err) {
-    await Promise.allSettled(writers.map((w) => w.abort()));
-    throw err;
-  }
   // The engine writes one file: its header, then every tensor's bytes, which go to the shards
-  // in order, each after its own header.
+  // in order, each after its own header. One shard is open at a time (so memory does not grow
+  // with their number); the one before is committed when the next opens.
+  const summaries: SafetensorsSummary[] = [];
+  let writer: OutputWriter | null = null;
   let skip = plan.headerBytes.length;
-  let k = -1;
   let left = 0;
   const nextShard = async () => {
-    const shard = shards[++k];
+    if (writer) summaries.push(await writer.commit());
+    writer = null;
+    const shard = shards[summaries.length];
     if (!shard) throw new Error("the merge wrote more than its shards hold");
-    await (writers[k] as OutputWriter).write(shard.headerBytes);
+    writer = await createSafetensorsWriter(ctx, `${prefix}${shard.name}`);
+    await writer.write(shard.headerBytes);
     left = shard.bytes - shard.headerBytes.length;
   };
   return {
@@ -122,14 +120,15 @@ export async function createMergeOutput(
       while (rest.length > 0) {
         while (left === 0) await nextShard();
         const take = rest.subarray(0, left);
-        await (writers[k] as OutputWriter).write(take);
+        await writer?.write(take);
         left -= take.length;
         rest = rest.subarray(take.length);
       }
     },
     commit: async () => {
-      while (k < shards.length - 1 && left === 0) await nextShard(); // shards without data
-      const summaries = await Promise.all(writers.map((w) => w.commit()));
+      while (summaries.length + (writer ? 1 : 0) < shards.length) await nextShard(); // shards without data
+      if (writer) summaries.push(await writer.commit());
+      writer = null;
       const files: CheckpointFile[] = shards.map((s, i) => {
         const summary = summaries[i] as SafetensorsSummary;
         return { name: s.name, sizeBytes: summary.sizeBytes, sha256: summary.sha256 };
@@ -145,7 +144,7 @@ export async function createMergeOutput(
       return { summary: summaryOfFiles(summaries, files), files };
     },
     abort: async () => {
-      await Promise.allSettled(writers.map((w) => w.abort()));
+      await writer?.abort();
       await deleteStored(ctx.store, prefix);
     },
   };
