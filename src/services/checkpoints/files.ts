@@ -1,4 +1,5 @@
 import { createHash } from "node:crypto";
+import type { OutputShard } from "../../merge/plan.js";
 import type { ObjectStore } from "../../storage/object-store.js";
 import type { SafetensorsSummary } from "../../tensors/safetensors.js";
 import { type ByteSource, storeSource } from "../../tensors/source.js";
@@ -76,7 +77,7 @@ export function assertPopulationMember(row: Parameters<typeof storedFiles>[0] & 
 
 /**
  * The sha256 of a multi-file checkpoint: of its files' sha256 in `sha256sum`'s format, one line
- * per file in name order (`sha256sum -c` checks a download against the same lines).
+ * per file in name order (the lines `sha256sum *` prints in a folder of its files, sorted).
  */
 export function filesDigest(files: CheckpointFile[]): string {
   const lines = [...files]
@@ -96,9 +97,7 @@ export async function deleteStored(store: ObjectStore, storageKey: string): Prom
  * `model.safetensors.index.json` of shards as Hugging Face writes it: `metadata.total_size` (the
  * tensors' bytes) and `weight_map` (each tensor's shard, in name order).
  */
-export function shardIndex(
-  shards: { name: string; tensors: string[]; headerBytes: Uint8Array; bytes: number }[],
-): Buffer {
+export function shardIndex(shards: OutputShard[]): Buffer {
   const totalSize = shards.reduce((n, s) => n + s.bytes - s.headerBytes.length, 0);
   const weightMap = shards
     .flatMap((s) => s.tensors.map((tensor) => [tensor, s.name] as const))
