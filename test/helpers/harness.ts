@@ -1,3 +1,4 @@
+import { AsyncLocalStorage } from "node:async_hooks";
 import type { AddressInfo } from "node:net";
 import { count } from "drizzle-orm";
 import { createApp } from "../../src/app.js";
@@ -165,12 +166,19 @@ export async function listen(
   };
 }
 
-/** Counts the selects made through the harness's database from now until `stop`. */
-export function countSelects(h: Harness): { count(): number; stop(): void } {
+/**
+ * Counts `db.select` queries until `stop`. With `onlyWithin`, only those made inside a call of
+ * `within` (its async work, not a background poller's that happens to run meanwhile).
+ */
+export function countSelects(
+  h: Harness,
+  options: { onlyWithin?: boolean } = {},
+): { count(): number; stop(): void; within<T>(work: () => Promise<T>): Promise<T> } {
+  const scope = new AsyncLocalStorage<true>();
   let selects = 0;
   const select = h.ctx.db.select.bind(h.ctx.db);
   h.ctx.db.select = ((...args: Parameters<typeof select>) => {
-    selects++;
+    if (!options.onlyWithin || scope.getStore()) selects++;
     return select(...args);
   }) as typeof select;
   return {
@@ -178,5 +186,6 @@ export function countSelects(h: Harness): { count(): number; stop(): void } {
     stop: () => {
       h.ctx.db.select = select;
     },
+    within: (work) => scope.run(true, work),
   };
 }
