@@ -144,7 +144,6 @@ async function localMerge(values: Values, inputs: string[]): Promise<void> {
   );
 }
 
-/** Prints a job, following it first with --follow; a failed or canceled job is exit code 1. */
 /**
  * The files of a multi-file upload: the files of a folder (not its subfolders or hidden files),
  * or several files; null for one file.
@@ -160,6 +159,7 @@ async function filesToUpload(args: string[]): Promise<string[] | null> {
     .sort();
 }
 
+/** Prints a job, following it first with --follow; a failed or canceled job is exit code 1. */
 async function reportJob(r: Remote, id: string, follow: boolean | undefined): Promise<void> {
   const job = follow
     ? await followJob(r, id)

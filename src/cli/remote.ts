@@ -182,11 +182,10 @@ async function readBytes(file: string, start: number, length: number): Promise<U
   }
 }
 
-/** Downloads to `out` (a temp name, renamed when the sha256 matches the server's ETag). */
 /**
  * Downloads a checkpoint: its one file `model.safetensors` to `to` (default `ID.safetensors`),
- * or (several files) each of its files into the folder `to` (default `ID`). Each file's sha256 is checked against its ETag. Returns the
- * paths written, each with its sha256.
+ * or (several files) each of its files into the folder `to` (default `ID`). Each file's sha256
+ * is checked against its ETag. Returns the paths written, each with its sha256.
  */
 export async function download(r: Remote, id: string, to?: string): Promise<[string, string][]> {
   const checkpoint = unwrap(await r.client.GET("/v1/checkpoints/{id}", { params: { path: { id } } }));

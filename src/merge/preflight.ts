@@ -97,17 +97,20 @@ async function runPlan(
   options: PlanInput,
   wantPlan: boolean,
 ): Promise<MergePlan | null> {
-  const files = inputs.flat();
-  const lengths = await Promise.all(files.map((s) => readHeaderLength(s, limits.maxHeaderBytes)));
-  const total = lengths.reduce((a, b) => a + b, 0);
-  if (total > limits.maxTotalHeaderBytes) throw new HeadersTooLargeError(total, limits.maxTotalHeaderBytes);
-  const read = await Promise.all(
-    files.map(async (s, k) => ({ bytes: await readBytes(s, 8, lengths[k] ?? 0), size: s.size })),
+  const lengths = await Promise.all(
+    inputs.map((shards) => Promise.all(shards.map((s) => readHeaderLength(s, limits.maxHeaderBytes)))),
   );
-  const starts = inputs.map((_, k) => inputs.slice(0, k).reduce((n, shards) => n + shards.length, 0));
-  const headers = inputs.map((shards, k) => read.slice(starts[k], (starts[k] ?? 0) + shards.length));
+  const total = lengths.flat().reduce((a, b) => a + b, 0);
+  if (total > limits.maxTotalHeaderBytes) throw new HeadersTooLargeError(total, limits.maxTotalHeaderBytes);
+  const headers = await Promise.all(
+    inputs.map((shards, k) =>
+      Promise.all(
+        shards.map(async (s, i) => ({ bytes: await readBytes(s, 8, lengths[k]?.[i] ?? 0), size: s.size })),
+      ),
+    ),
+  );
   // The header bytes move to the thread rather than being copied.
-  const transfer = read.map((h) => h.bytes.buffer as ArrayBuffer);
+  const transfer = headers.flat().map((h) => h.bytes.buffer as ArrayBuffer);
   const reply = await planner.run({ headers, options, wantPlan }, transfer);
   if ("plan" in reply) return reply.plan;
   const { error } = reply;

@@ -526,8 +526,8 @@ export function assertCheckpointAvailable(checkpoint: Checkpoint): void {
 }
 
 /**
- * One of a checkpoint's files by name; `weights` names the file `/weights` serves:
- * `model.safetensors`, which sharded weights do not have (404 naming their files).
+ * One of a checkpoint's files by name (410 once deleted; 404 naming its files when it has no
+ * such file, as sharded weights have no `model.safetensors`).
  */
 export function checkpointFile(checkpoint: Checkpoint, name: string): CheckpointFile {
   assertCheckpointAvailable(checkpoint);

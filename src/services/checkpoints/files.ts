@@ -36,9 +36,14 @@ export function storedFiles(row: {
   };
 }
 
+/** Whether a storage key is a prefix its files are under (it ends in `/`), not one object. */
+export function isPrefixKey(storageKey: string): boolean {
+  return storageKey.endsWith("/");
+}
+
 /** The store key of one of the checkpoint's files. */
 export function fileKey(c: StoredFiles, name: string): string {
-  return c.storageKey.endsWith("/") ? `${c.storageKey}${name}` : c.storageKey;
+  return isPrefixKey(c.storageKey) ? `${c.storageKey}${name}` : c.storageKey;
 }
 
 /** Whether the name is a weights file: `model.safetensors` or a shard. */
@@ -89,7 +94,7 @@ export function filesDigest(files: CheckpointFile[]): string {
 
 /** Removes what a storage key holds: one object, or a multi-file checkpoint's prefix. */
 export async function deleteStored(store: ObjectStore, storageKey: string): Promise<void> {
-  if (!storageKey.endsWith("/")) return store.delete(storageKey);
+  if (!isPrefixKey(storageKey)) return store.delete(storageKey);
   for (const key of await store.list(storageKey)) await store.delete(key);
 }
 

@@ -10,6 +10,7 @@ import {
   deleteStored,
   fileKey,
   INDEX_FILE,
+  isPrefixKey,
   type StoredFiles,
   shardIndex,
   summaryOfFiles,
@@ -88,7 +89,7 @@ export async function createMergeOutput(
   plan: MergePlan,
   first: StoredFiles,
 ): Promise<MergeOutputWriter> {
-  if (!first.storageKey.endsWith("/")) {
+  if (!isPrefixKey(first.storageKey)) {
     const output = await createOutput(ctx, tenantId, id);
     return { ...output, commit: async () => ({ summary: await output.commit(), files: null }) };
   }
