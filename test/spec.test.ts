@@ -25,6 +25,17 @@ function schemasWithExamples(
   return out;
 }
 
+/** Every `schema` object in the document (parameters, bodies, responses, headers), with where it is. */
+function namedSchemas(node: unknown, at: string, out: { at: string; schema: object }[]) {
+  if (!node || typeof node !== "object") return out;
+  for (const [key, value] of Object.entries(node)) {
+    if (key === "schema" && value && typeof value === "object")
+      out.push({ at: `${at}/schema`, schema: value });
+    else namedSchemas(value, `${at}/${key}`, out);
+  }
+  return out;
+}
+
 describe("openapi.yaml", () => {
   const operations = Object.values(doc.paths).flatMap((item) =>
     Object.entries(item).filter(([method]) => ["get", "post", "put", "delete", "patch"].includes(method)),
@@ -38,6 +49,19 @@ describe("openapi.yaml", () => {
       expect(op.summary, op.operationId).toBeTruthy();
       expect(Object.keys(op.responses ?? {}).length, op.operationId).toBeGreaterThan(0);
     }
+  });
+
+  it("holds only schemas valid against JSON Schema 2020-12 (the service's own Ajv does not check them)", () => {
+    const ajv = new Ajv2020({ strict: true });
+    expect(ajv.validateSchema(componentSchemas()), JSON.stringify(ajv.errors)).toBe(true);
+    const found = namedSchemas(doc, "#", []);
+    expect(found.length).toBeGreaterThan(100);
+    for (const { at, schema } of found)
+      expect(ajv.validateSchema(withComponentRefs(schema)), `${at}: ${JSON.stringify(ajv.errors)}`).toBe(
+        true,
+      );
+    // The check itself: a schema with a mistyped keyword value is refused.
+    expect(ajv.validateSchema({ type: "object", required: "name" })).toBe(false);
   });
 
   it("has examples that are valid against their own schemas", () => {
