@@ -1,6 +1,5 @@
 import { mkdir } from "node:fs/promises";
 import { fileURLToPath } from "node:url";
-import { PGlite } from "@electric-sql/pglite";
 import { drizzle as drizzlePg } from "drizzle-orm/node-postgres";
 import { migrate as migratePg } from "drizzle-orm/node-postgres/migrator";
 import type { PgDatabase, PgQueryResultHKT } from "drizzle-orm/pg-core";
@@ -59,6 +58,8 @@ export async function openDatabase(target: DatabaseTarget, logger?: Logger): Pro
     };
   }
   if (target.pgliteDir) await mkdir(target.pgliteDir, { recursive: true });
+  // Loaded only here: a service on Postgres (a Lambda's cold start) does without its 50 ms import.
+  const { PGlite } = await import("@electric-sql/pglite");
   const client = new PGlite(target.pgliteDir ?? "memory://");
   const pglite = drizzlePglite({ client, schema });
   await migratePglite(pglite, { migrationsFolder });
