@@ -1,11 +1,13 @@
 /**
  * Cold start (issue 16), from the compiled service (`npm run build`): for the API process
  * (`node dist/server.js`), the time from spawning it to its first answered request (GET
- * /healthz); for the Lambda handler (`dist/lambda.js`), the process's own clock: Node's start,
+ * /healthz); for the Lambda handler, the process's own clock: Node's start,
  * the handler's import, and its first invocation (GET /healthz through an API Gateway v2 event),
- * which builds the service context. Each on the embedded default (PGlite and the filesystem
- * store in a fresh data dir) and on Postgres (a fresh database on DATABASE_URL's server) with
- * s3rver; the API process also with its in-process worker. Prints the median of RUNS runs, and
+ * which builds the service context; the handler both as tsc's modules (`dist/lambda.js`) and as
+ * the bundle a deployment runs (`dist/bundle/lambda.js`, `npm run build:lambda`). Each on the
+ * embedded default (PGlite and the filesystem store in a data dir) and on Postgres (a fresh
+ * database on DATABASE_URL's server) with s3rver, migrated by a first start that is not
+ * counted; the API process also with its in-process worker. Prints the median of RUNS runs, and
  * whether the Lambda process loaded TensorFlow.js (its engine in the global namespace).
  * Target: the Lambda handler's init (import and first invocation) under 500 ms.
  *
@@ -24,8 +26,16 @@ const KEY = "papa_bench-key-0123456789abcdefghijklmnop";
 
 type Env = Record<string, string>;
 
-/** Runs `measure` with a fresh setup's environment each time, and cleans up after. */
-async function fresh<T>(setup: "embedded" | "postgres+s3", s3: string, measure: (env: Env) => Promise<T>) {
+/**
+ * Runs `measure` RUNS times on one deployment of `setup` (a data dir, and on Postgres + S3 a
+ * fresh database), after a first start that migrates it and is not counted: a cold start meets
+ * a deployment whose migrations have run. Cleans up after.
+ */
+async function deployment<T>(
+  setup: "embedded" | "postgres+s3",
+  s3: string,
+  measure: (env: Env) => Promise<T>,
+): Promise<T[]> {
   const dir = await mkdtemp(join(tmpdir(), "papa-bench-cold-"));
   const env: Env = { PATH: process.env.PATH ?? "", PAPA_DATA_DIR: dir, PAPA_API_KEY: KEY };
   const database = setup === "postgres+s3" ? await freshDatabase() : null;
@@ -40,7 +50,10 @@ async function fresh<T>(setup: "embedded" | "postgres+s3", s3: string, measure: 
     });
   }
   try {
-    return await measure(env);
+    await measure(env);
+    const results: T[] = [];
+    for (let r = 0; r < runs; r++) results.push(await measure(env));
+    return results;
   } finally {
     await database?.drop();
     await rm(dir, { recursive: true, force: true });
@@ -74,9 +87,12 @@ interface LambdaInit {
   tfjs: boolean;
 }
 
-const LAMBDA_PROBE = `
+/** The handler's modules as tsc compiled them, and the bundle `npm run build:lambda` makes of them. */
+const ENTRIES = { modules: "./dist/lambda.js", bundle: "./dist/bundle/lambda.js" } as const;
+
+const lambdaProbe = (entry: string) => `
 const node = performance.now();
-const { handler } = await import("./dist/lambda.js");
+const { handler } = await import(${JSON.stringify(entry)});
 const imported = performance.now();
 const http = { method: "GET", path: "/healthz", protocol: "HTTP/1.1", sourceIp: "127.0.0.1", userAgent: "bench" };
 const reply = await handler({
@@ -91,8 +107,8 @@ process.exit(0);
 `;
 
 /** The Lambda handler's init in a new process, as its own clock measures it. */
-async function lambdaInit(env: Env): Promise<LambdaInit> {
-  const probe = spawn(process.execPath, ["--input-type=module", "-e", LAMBDA_PROBE], {
+async function lambdaInit(entry: string, env: Env): Promise<LambdaInit> {
+  const probe = spawn(process.execPath, ["--input-type=module", "-e", lambdaProbe(entry)], {
     env: { ...env, PAPA_IN_PROCESS_WORKER: "false" },
     stdio: ["ignore", "pipe", "inherit"],
   });
@@ -125,13 +141,14 @@ try {
   console.log("|---|---|---|---|---|---|");
   const setups = ["embedded", "postgres+s3"] as const;
   for (const setup of setups) {
-    const inits: LambdaInit[] = [];
-    for (let r = 0; r < runs; r++) inits.push(await fresh(setup, s3, lambdaInit));
-    const at = (k: "node" | "imported" | "answered") => median(inits.map((i) => i[k])).toFixed(0);
-    const tfjs = inits.some((i) => i.tfjs) ? "yes" : "no";
-    console.log(
-      `| Lambda handler | ${setup} | ${at("node")} | ${at("imported")} | ${at("answered")} | ${tfjs} |`,
-    );
+    for (const [form, entry] of Object.entries(ENTRIES)) {
+      const inits = await deployment(setup, s3, (env) => lambdaInit(entry, env));
+      const at = (k: "node" | "imported" | "answered") => median(inits.map((i) => i[k])).toFixed(0);
+      const tfjs = inits.some((i) => i.tfjs) ? "yes" : "no";
+      console.log(
+        `| Lambda handler (${form}) | ${setup} | ${at("node")} | ${at("imported")} | ${at("answered")} | ${tfjs} |`,
+      );
+    }
   }
   const servers = [
     ["embedded, in-process worker", "embedded", {}],
@@ -139,9 +156,7 @@ try {
     ["postgres+s3, API only", "postgres+s3", { PAPA_IN_PROCESS_WORKER: "false" }],
   ] as const;
   for (const [label, setup, extra] of servers) {
-    const times: number[] = [];
-    for (let r = 0; r < runs; r++)
-      times.push(await fresh(setup, s3, (env) => serverStart({ ...env, ...extra })));
+    const times = await deployment(setup, s3, (env) => serverStart({ ...env, ...extra }));
     console.log(`| API process (spawn to answer) | ${label} | - | - | ${median(times).toFixed(0)} | - |`);
   }
 } finally {
