@@ -20,6 +20,8 @@ await build({
   outdir: "dist/bundle",
   bundle: true,
   minify: true,
+  // Modules only a dynamic import reaches (PGlite's drizzle driver) go into chunks loaded then.
+  splitting: true,
   sourcemap: true,
   platform: "node",
   target: "node20",

@@ -3,8 +3,6 @@ import { fileURLToPath } from "node:url";
 import { drizzle as drizzlePg } from "drizzle-orm/node-postgres";
 import { migrate as migratePg } from "drizzle-orm/node-postgres/migrator";
 import type { PgDatabase, PgQueryResultHKT } from "drizzle-orm/pg-core";
-import { drizzle as drizzlePglite } from "drizzle-orm/pglite";
-import { migrate as migratePglite } from "drizzle-orm/pglite/migrator";
 import pg from "pg";
 import type { Logger } from "../logger.js";
 import * as schema from "./schema.js";
@@ -58,8 +56,12 @@ export async function openDatabase(target: DatabaseTarget, logger?: Logger): Pro
     };
   }
   if (target.pgliteDir) await mkdir(target.pgliteDir, { recursive: true });
-  // Loaded only here: a service on Postgres (a Lambda's cold start) does without its 50 ms import.
-  const { PGlite } = await import("@electric-sql/pglite");
+  // Loaded only here: a service on Postgres (a Lambda's cold start) does without PGlite's import.
+  const [{ PGlite }, { drizzle: drizzlePglite }, { migrate: migratePglite }] = await Promise.all([
+    import("@electric-sql/pglite"),
+    import("drizzle-orm/pglite"),
+    import("drizzle-orm/pglite/migrator"),
+  ]);
   const client = new PGlite(target.pgliteDir ?? "memory://");
   const pglite = drizzlePglite({ client, schema });
   await migratePglite(pglite, { migrationsFolder });
