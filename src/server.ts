@@ -2,9 +2,11 @@
 import type { AddressInfo } from "node:net";
 import { createApp } from "./app.js";
 import { createNodeServer } from "./http/node-server.js";
+import { compileAllValidators } from "./http/openapi.js";
 import { startWorker } from "./jobs/worker.js";
 import { exitOnStartupError, stopOnSignals } from "./lifecycle.js";
 import { createJsonLogger } from "./logger.js";
+import { warmPlanner } from "./merge/preflight.js";
 import { ensureApiKey, openRuntime } from "./runtime.js";
 import { loadConfigWithSecrets } from "./secrets.js";
 
@@ -16,6 +18,9 @@ async function main(): Promise<void> {
   await ensureApiKey(runtime.ctx, config.bootstrapApiKey);
   if (config.worker.inProcess) await startWorker(runtime.ctx, config.worker);
   const server = createNodeServer(createApp(runtime.ctx), config.http);
+  // What the first requests would otherwise wait for, readied while none has come.
+  warmPlanner();
+  void compileAllValidators();
   server.listen(config.port, config.host, () => {
     const address = server.address() as AddressInfo;
     logger.info("listening", {

@@ -32,6 +32,11 @@ export class ThreadService<Request, Reply> {
     private readonly name: string,
   ) {}
 
+  /** Starts the thread ahead of its first request, which then does not wait for it to load. */
+  warm(): void {
+    this.start();
+  }
+
   /** Sends `request`; the buffers in `transfer` move to the thread rather than being copied. */
   run(request: Request, transfer: ArrayBuffer[] = []): Promise<Reply> {
     const worker = this.start();

@@ -2,7 +2,12 @@ import { Ajv2020 } from "ajv/dist/2020.js";
 import addFormatsPlugin from "ajv-formats";
 import { describe, expect, it } from "vitest";
 import { parse } from "yaml";
-import { componentSchemas, openApiText, withComponentRefs } from "../src/http/openapi.js";
+import {
+  compileAllValidators,
+  componentSchemas,
+  openApiText,
+  withComponentRefs,
+} from "../src/http/openapi.js";
 
 const addFormats = addFormatsPlugin as unknown as typeof addFormatsPlugin.default;
 const doc = parse(openApiText) as {
@@ -62,6 +67,11 @@ describe("openapi.yaml", () => {
       );
     // The check itself: a schema with a mistyped keyword value is refused.
     expect(ajv.validateSchema({ type: "object", required: "name" })).toBe(false);
+  });
+
+  it("compiles every operation's request validators in the service's strict Ajv, as a server does once it listens", async () => {
+    // Without this, an operation no test calls would first meet Ajv's strict mode in production.
+    await expect(compileAllValidators()).resolves.toBeUndefined();
   });
 
   it("has examples that are valid against their own schemas", () => {

@@ -1,5 +1,6 @@
 import type { WorkerConfig } from "../config.js";
 import { MergePool } from "../merge/pool.js";
+import { warmPlanner } from "../merge/preflight.js";
 import type { BackendName } from "../ml/backend.js";
 import { expireUploadSessions } from "../services/checkpoints/upload-sessions.js";
 import type { ServiceContext } from "../services/context.js";
@@ -23,9 +24,10 @@ export async function startWorker(ctx: ServiceContext, config: WorkerConfig): Pr
   });
   for (const queue of config.queues) {
     if (queue === "merge") {
-      // One set of merge threads for the process, shared by its merge jobs: a job does not
-      // pay for starting threads.
+      // One set of merge threads for the process, shared by its merge jobs, and the planning
+      // thread started: a job does not pay for starting threads.
       const pool = new MergePool(config.mergeThreads);
+      warmPlanner();
       ctx.queue.afterStop(() => pool.close());
       const options = {
         pool,

@@ -121,3 +121,12 @@ async function runPlan(
 
 /** The process's planning thread: plans queue on it one at a time, each bounded by the header limits. */
 const planner = new ThreadService<PlanRequest, PlanReply>(import.meta.url, "plan-thread");
+
+/**
+ * Starts the planning thread now, in a long-running process (an API server, a merge worker):
+ * the first merge's POST then does not wait for the thread to load (about 140 ms of it). A
+ * Lambda leaves it to its first merge, so that its cold start does not pay for it.
+ */
+export function warmPlanner(): void {
+  planner.warm();
+}
