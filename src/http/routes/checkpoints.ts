@@ -1,6 +1,7 @@
 import { Readable } from "node:stream";
 import type { Context, Hono } from "hono";
 import {
+  assertTfjs,
   type Checkpoint,
   type CheckpointSearch,
   checkpointFile,
@@ -232,7 +233,7 @@ export function tfjsRoutes(app: Hono<AppEnv>): void {
       principal: c.get("principal"),
       input: req.path,
     });
-    return c.json(tfjsModelJson(checkpoint));
+    return c.json(await tfjsModelJson({ ctx: c.get("ctx"), input: { checkpoint } }));
   });
 
   operation(app, "getCheckpointTfjsWeights", async (c, req) => {
@@ -242,7 +243,7 @@ export function tfjsRoutes(app: Hono<AppEnv>): void {
     const etag = `"tfjs-${checkpoint.sha256}"`;
     c.header("ETag", etag);
     if (ifNoneMatch(c.req.header("if-none-match"), etag)) {
-      tfjsModelJson(checkpoint); // 404 or 410 rather than 304 for what cannot be served
+      assertTfjs(checkpoint); // 404 or 410 rather than 304 for what cannot be served
       return c.body(null, 304);
     }
     const { range, open } = await tfjsWeightsOf({ ctx, input: { checkpoint } });
