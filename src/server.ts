@@ -18,9 +18,6 @@ async function main(): Promise<void> {
   await ensureApiKey(runtime.ctx, config.bootstrapApiKey);
   if (config.worker.inProcess) await startWorker(runtime.ctx, config.worker);
   const server = createNodeServer(createApp(runtime.ctx), config.http);
-  // What the first requests would otherwise wait for, readied while none has come.
-  warmPlanner();
-  void compileAllValidators();
   server.listen(config.port, config.host, () => {
     const address = server.address() as AddressInfo;
     logger.info("listening", {
@@ -29,6 +26,11 @@ async function main(): Promise<void> {
       store: runtime.ctx.store.kind,
       worker: config.worker.inProcess,
     });
+    // What the first requests would otherwise wait for, readied while few have come.
+    warmPlanner();
+    compileAllValidators().catch((error: unknown) =>
+      logger.error("an operation's request validators did not compile", { error }),
+    );
   });
   stopOnSignals(logger, async () => {
     await new Promise((resolve) => server.close(resolve));
