@@ -20,6 +20,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import S3rver from "s3rver";
 import { freshDatabase, listeningUrl } from "./server.js";
+import { median } from "./stats.js";
 
 const runs = Number(process.argv[2] ?? 5);
 const KEY = "papa_bench-key-0123456789abcdefghijklmnop";
@@ -122,8 +123,6 @@ async function lambdaInit(entry: string, env: Env): Promise<LambdaInit> {
   if (init.status !== 200) throw new Error(`the Lambda's /healthz: ${init.status}`);
   return init;
 }
-
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? Number.NaN;
 
 const s3dir = await mkdtemp(join(tmpdir(), "papa-bench-cold-s3-"));
 const s3rver = new S3rver({

@@ -22,6 +22,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { freshDatabase, listeningUrl } from "./server.js";
+import { median } from "./stats.js";
 
 const maxTrain = Number(process.argv[2] ?? 6000);
 const epochs = Number(process.argv[3] ?? 4);
@@ -168,13 +169,6 @@ for (let repeat = 0; repeat < repeats; repeat++) {
     }
   }
 }
-const median = (xs: number[]) => {
-  const sorted = [...xs].sort((a, b) => a - b);
-  const mid = Math.floor(sorted.length / 2);
-  return sorted.length % 2
-    ? (sorted[mid] as number)
-    : ((sorted[mid - 1] as number) + (sorted[mid] as number)) / 2;
-};
 for (const variant of variants) {
   const one = walls.get(`${variant}/${workerCounts[0]}`) ?? [];
   for (const workers of workerCounts.slice(1)) {

@@ -21,6 +21,7 @@ import { assembleRuntime } from "../src/runtime.js";
 import { createApiKey } from "../src/services/api-keys/api-keys.js";
 import { createTenant } from "../src/services/tenants/create-tenant.js";
 import { FilesystemStore } from "../src/storage/fs-store.js";
+import { median } from "./stats.js";
 
 const sizesMb = (process.argv[2] ?? "1,100").split(",").map(Number);
 const members = Number(process.argv[3] ?? 4);
@@ -45,8 +46,6 @@ function checkpoint(mb: number, value: number): Buffer {
   length.writeBigUInt64LE(BigInt(json.length));
   return Buffer.concat([length, Buffer.from(json), Buffer.from(data.buffer)]);
 }
-
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? 0;
 
 async function measure(mb: number): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), "papa-bench-population-"));

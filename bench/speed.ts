@@ -20,6 +20,7 @@ import { type BackendName, selectBackend } from "../src/ml/backend.js";
 import { buildModel, logitsModel, type ModelSpec } from "../src/ml/models.js";
 import { MemberOptimizer } from "../src/ml/optimizer.js";
 import { trainStep } from "../src/ml/step.js";
+import { median } from "./stats.js";
 
 const { values } = parseArgs({
   options: {
@@ -48,11 +49,6 @@ console.log(
 function wasmThreads(): number {
   const wasm = tf.backend() as unknown as { wasm?: { _getThreadsCount?: () => number } };
   return wasm.wasm?._getThreadsCount?.() ?? 1;
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)] ?? Number.NaN;
 }
 
 /** Our step on one model: `measure()` gives the median of `steps` steps; `dispose()` frees it. */
