@@ -26,7 +26,7 @@ import { blockElementsFor, slotCount } from "../src/merge/engine.js";
 import type { S3StoreOptions } from "../src/storage/object-store.js";
 import { S3Store } from "../src/storage/s3-store.js";
 import { openFileSource, readBytes, readSafetensorsHeader } from "../src/tensors/source.js";
-import { BENCH_KEY, s3Settings, startS3rver, startService } from "./server.js";
+import { BENCH_KEY, rssRise, s3Settings, startS3rver, startService } from "./server.js";
 
 const millions = Number(process.argv[2] ?? 100);
 const INPUTS = 4;
@@ -170,11 +170,15 @@ async function plainS3Copy(
   };
 }
 
-/** A job's seconds until it ran and until it succeeded, and its baseline's, measured just before it. */
+/**
+ * A job's seconds until it ran and until it succeeded, its baseline's, measured just before it,
+ * and the service's RSS before and at its peak during the job (`rssRise`'s fields).
+ */
 interface JobTime {
   started: number;
   succeeded: number;
   baseline: number;
+  rss: string;
 }
 
 /**
@@ -215,20 +219,23 @@ async function mergeThroughApi(
     const merge = async (): Promise<JobTime> => {
       const baselineSeconds = await baseline();
       const started = performance.now();
-      const { id } = await call<{ id: string }>("/v1/merges", {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ method: "papa-all", inputs: ids }),
-      });
-      let status = "queued";
       let running = Number.NaN;
-      while (!["succeeded", "failed", "canceled"].includes(status)) {
-        await new Promise((r) => setTimeout(r, POLL_MS));
-        ({ status } = await call<{ status: string }>(`/v1/jobs/${id}`));
-        if (status !== "queued" && Number.isNaN(running)) running = (performance.now() - started) / 1000;
-      }
-      if (status !== "succeeded") throw new Error(`merge job ${status}`);
-      return { started: running, succeeded: (performance.now() - started) / 1000, baseline: baselineSeconds };
+      const rss = await rssRise(service.pid, async () => {
+        const { id } = await call<{ id: string }>("/v1/merges", {
+          method: "POST",
+          headers: { "Content-Type": "application/json" },
+          body: JSON.stringify({ method: "papa-all", inputs: ids }),
+        });
+        let status = "queued";
+        while (!["succeeded", "failed", "canceled"].includes(status)) {
+          await new Promise((r) => setTimeout(r, POLL_MS));
+          ({ status } = await call<{ status: string }>(`/v1/jobs/${id}`));
+          if (status !== "queued" && Number.isNaN(running)) running = (performance.now() - started) / 1000;
+        }
+        if (status !== "succeeded") throw new Error(`merge job ${status}`);
+      });
+      const succeeded = (performance.now() - started) / 1000;
+      return { started: running, succeeded, baseline: baselineSeconds, rss };
     };
     const first = await merge();
     const again = await merge();
@@ -282,6 +289,7 @@ async function main(): Promise<void> {
   console.log(
     `merge-job papa-all store=filesystem baseline=papa_merge_then_sync ${times("first", fsJob.first)} ${times("again", fsJob.again)}`,
   );
+  console.log(`merge-job-memory store=filesystem first: ${fsJob.first.rss} again: ${fsJob.again.rss}`);
   const s3Dir = await mkdtemp(join(tmpdir(), "papa-bench-s3-"));
   const s3 = await startS3rver(s3Dir);
   try {
@@ -292,6 +300,7 @@ async function main(): Promise<void> {
       console.log(
         `merge-job papa-all store=s3 baseline=plain_copy ${times("first", s3Job.first)} ${times("again", s3Job.again)}`,
       );
+      console.log(`merge-job-memory store=s3 first: ${s3Job.first.rss} again: ${s3Job.again.rss}`);
     } finally {
       await copy.close();
     }

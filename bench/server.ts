@@ -1,5 +1,6 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { once } from "node:events";
+import { readFile } from "node:fs/promises";
 import type { Readable } from "node:stream";
 import pg from "pg";
 import type { S3StoreOptions } from "../src/storage/object-store.js";
@@ -135,4 +136,31 @@ export function s3Settings(endpoint: string) {
     credentials: { accessKeyId: env.S3_ACCESS_KEY_ID, secretAccessKey: env.S3_SECRET_ACCESS_KEY },
   };
   return { env, options };
+}
+
+/** A process's resident memory in MiB (Linux's /proc). */
+async function rssMiB(pid: number): Promise<number> {
+  const status = await readFile(`/proc/${pid}/status`, "utf8");
+  return Number(status.match(/VmRSS:\s+(\d+) kB/)?.[1] ?? 0) / 1024;
+}
+
+/** The server's RSS sampled every 20 ms from now: the figures of `during`'s work. */
+export async function rssRise(pid: number, during: () => Promise<void>): Promise<string> {
+  const before = await rssMiB(pid);
+  let peak = before;
+  const sampler = setInterval(() => {
+    rssMiB(pid).then(
+      (v) => {
+        peak = Math.max(peak, v);
+      },
+      () => undefined,
+    );
+  }, 20);
+  try {
+    await during();
+  } finally {
+    clearInterval(sampler);
+  }
+  peak = Math.max(peak, await rssMiB(pid));
+  return `server_rss_before_mib=${before.toFixed(0)} server_rss_peak_mib=${peak.toFixed(0)} rss_rise_mib=${(peak - before).toFixed(0)}`;
 }

@@ -14,10 +14,11 @@
 import { spawn } from "node:child_process";
 import { once } from "node:events";
 import { createWriteStream } from "node:fs";
-import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
+import { mkdtemp, rm, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
-import { BENCH_KEY, s3Settings, startS3rver, startService } from "./server.js";
+import { BENCH_KEY, rssRise, s3Settings, startS3rver, startService } from "./server.js";
+import { median } from "./stats.js";
 
 const sizeMiB = Number(process.argv[2] ?? 1024);
 const RUNS = 3;
@@ -123,32 +124,6 @@ async function curl(args: string[]): Promise<string> {
   return out;
 }
 
-async function rssMiB(pid: number): Promise<number> {
-  const status = await readFile(`/proc/${pid}/status`, "utf8");
-  return Number(status.match(/VmRSS:\s+(\d+) kB/)?.[1] ?? 0) / 1024;
-}
-
-/** The server's RSS sampled every 20 ms from now: the figures of `during`'s work. */
-async function rssRise(pid: number, during: () => Promise<void>): Promise<string> {
-  const before = await rssMiB(pid);
-  let peak = before;
-  const sampler = setInterval(() => {
-    rssMiB(pid).then(
-      (v) => {
-        peak = Math.max(peak, v);
-      },
-      () => undefined,
-    );
-  }, 20);
-  try {
-    await during();
-  } finally {
-    clearInterval(sampler);
-  }
-  peak = Math.max(peak, await rssMiB(pid));
-  return `server_rss_before_mib=${before.toFixed(0)} server_rss_peak_mib=${peak.toFixed(0)} rss_rise_mib=${(peak - before).toFixed(0)}`;
-}
-
 const mbPerSecond = (bytes: number, started: number) => bytes / 1e6 / ((performance.now() - started) / 1000);
 
 /** The `papa` CLI's resumable upload (presigned parts straight to S3, then the service's check). */
@@ -188,10 +163,9 @@ async function measure(store: "filesystem" | "s3", dir: string, file: string, si
         runs.push(mbPerSecond(size, started));
       }
     });
-    const sorted = [...runs].sort((a, b) => a - b);
     console.log(
       `upload store=${store} size_mib=${(size / 1048576).toFixed(0)} runs_MB/s=${runs.map((r) => r.toFixed(0)).join(",")} ` +
-        `median_MB/s=${(sorted[Math.floor(sorted.length / 2)] ?? 0).toFixed(0)} ${rss}`,
+        `median_MB/s=${median(runs).toFixed(0)} ${rss}`,
     );
     if (s3) {
       let rate = 0;
