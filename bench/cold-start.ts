@@ -8,7 +8,8 @@
  * embedded default (PGlite and the filesystem store in a data dir) and on Postgres (a fresh
  * database on DATABASE_URL's server) with s3rver, migrated by a first start that is not
  * counted; the API process also with its in-process worker. Prints the median of RUNS runs, and
- * whether the Lambda process loaded TensorFlow.js (its engine in the global namespace).
+ * whether the Lambda process loaded TensorFlow.js (its engine in the global namespace), and each
+ * process's resident memory once it answered.
  * Target: the Lambda handler's init (import and first invocation) under 500 ms.
  *
  * usage: npm run bench:cold [-- RUNS]   (default 5)
@@ -19,7 +20,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import S3rver from "s3rver";
-import { freshDatabase, listeningUrl } from "./server.js";
+import { freshDatabase, listeningUrl, rssMiB } from "./server.js";
 import { median } from "./stats.js";
 
 const runs = Number(process.argv[2] ?? 5);
@@ -61,8 +62,8 @@ async function deployment<T>(
   }
 }
 
-/** Milliseconds from spawning the API process to its first answer to GET /healthz. */
-async function serverStart(env: Env): Promise<number> {
+/** Milliseconds from spawning the API process to its first answer to GET /healthz, and its RSS then. */
+async function serverStart(env: Env): Promise<{ ms: number; rss: number }> {
   const started = performance.now();
   const server = spawn(process.execPath, ["dist/server.js"], {
     env: { ...env, PORT: "0", HOST: "127.0.0.1" },
@@ -72,7 +73,8 @@ async function serverStart(env: Env): Promise<number> {
     const base = await listeningUrl(server);
     const res = await fetch(`${base}/healthz`);
     if (!res.ok) throw new Error(`/healthz: ${res.status}`);
-    return performance.now() - started;
+    const ms = performance.now() - started;
+    return { ms, rss: await rssMiB(server.pid ?? 0) };
   } finally {
     server.kill("SIGTERM");
     if (server.exitCode === null) await once(server, "exit");
@@ -86,6 +88,8 @@ interface LambdaInit {
   answered: number;
   status: number;
   tfjs: boolean;
+  /** Resident memory once it answered, MiB. */
+  rss: number;
 }
 
 /** The handler's modules as tsc compiled them, and the bundle `npm run build:lambda` makes of them. */
@@ -103,7 +107,8 @@ const reply = await handler({
     requestId: "cold", routeKey: "$default", stage: "$default", time: "", timeEpoch: Date.now() },
 }, {});
 const answered = performance.now();
-process.stdout.write(JSON.stringify({ node, imported, answered, status: reply.statusCode, tfjs: "_tfengine" in globalThis }));
+const rss = process.memoryUsage().rss / 1048576;
+process.stdout.write(JSON.stringify({ node, imported, answered, status: reply.statusCode, tfjs: "_tfengine" in globalThis, rss }));
 process.exit(0);
 `;
 
@@ -136,16 +141,18 @@ const { port } = (await s3rver.run()) as { port: number };
 const s3 = `http://127.0.0.1:${port}`;
 try {
   console.log(`# cold start, median of ${runs} runs (ms)`);
-  console.log("| process | setup | Node started | handler imported | first answer | TF.js loaded |");
-  console.log("|---|---|---|---|---|---|");
+  console.log(
+    "| process | setup | Node started | handler imported | first answer | TF.js loaded | RSS then, MiB |",
+  );
+  console.log("|---|---|---|---|---|---|---|");
   const setups = ["embedded", "postgres+s3"] as const;
   for (const setup of setups) {
     for (const [form, entry] of Object.entries(ENTRIES)) {
       const inits = await deployment(setup, s3, (env) => lambdaInit(entry, env));
-      const at = (k: "node" | "imported" | "answered") => median(inits.map((i) => i[k])).toFixed(0);
+      const at = (k: "node" | "imported" | "answered" | "rss") => median(inits.map((i) => i[k])).toFixed(0);
       const tfjs = inits.some((i) => i.tfjs) ? "yes" : "no";
       console.log(
-        `| Lambda handler (${form}) | ${setup} | ${at("node")} | ${at("imported")} | ${at("answered")} | ${tfjs} |`,
+        `| Lambda handler (${form}) | ${setup} | ${at("node")} | ${at("imported")} | ${at("answered")} | ${tfjs} | ${at("rss")} |`,
       );
     }
   }
@@ -155,8 +162,10 @@ try {
     ["postgres+s3, API only", "postgres+s3", { PAPA_IN_PROCESS_WORKER: "false" }],
   ] as const;
   for (const [label, setup, extra] of servers) {
-    const times = await deployment(setup, s3, (env) => serverStart({ ...env, ...extra }));
-    console.log(`| API process (spawn to answer) | ${label} | - | - | ${median(times).toFixed(0)} | - |`);
+    const starts = await deployment(setup, s3, (env) => serverStart({ ...env, ...extra }));
+    const ms = median(starts.map((s) => s.ms)).toFixed(0);
+    const rss = median(starts.map((s) => s.rss)).toFixed(0);
+    console.log(`| API process (spawn to answer) | ${label} | - | - | ${ms} | - | ${rss} |`);
   }
 } finally {
   await s3rver.close();

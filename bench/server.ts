@@ -139,7 +139,7 @@ export function s3Settings(endpoint: string) {
 }
 
 /** A process's resident memory in MiB (Linux's /proc). */
-async function rssMiB(pid: number): Promise<number> {
+export async function rssMiB(pid: number): Promise<number> {
   const status = await readFile(`/proc/${pid}/status`, "utf8");
   return Number(status.match(/VmRSS:\s+(\d+) kB/)?.[1] ?? 0) / 1024;
 }
