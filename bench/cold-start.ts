@@ -20,11 +20,10 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import S3rver from "s3rver";
-import { freshDatabase, listeningUrl, rssMiB } from "./server.js";
+import { BENCH_KEY, freshDatabase, listeningUrl, rssMiB } from "./server.js";
 import { median } from "./stats.js";
 
 const runs = Number(process.argv[2] ?? 5);
-const KEY = "papa_bench-key-0123456789abcdefghijklmnop";
 
 type Env = Record<string, string>;
 
@@ -39,7 +38,7 @@ async function deployment<T>(
   measure: (env: Env) => Promise<T>,
 ): Promise<T[]> {
   const dir = await mkdtemp(join(tmpdir(), "papa-bench-cold-"));
-  const env: Env = { PATH: process.env.PATH ?? "", PAPA_DATA_DIR: dir, PAPA_API_KEY: KEY };
+  const env: Env = { PATH: process.env.PATH ?? "", PAPA_DATA_DIR: dir, PAPA_API_KEY: BENCH_KEY };
   const database = setup === "postgres+s3" ? await freshDatabase() : null;
   if (database) {
     Object.assign(env, {

@@ -14,11 +14,10 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { listeningUrl } from "./server.js";
+import { BENCH_KEY, listeningUrl } from "./server.js";
 
 const { values } = parseArgs({ options: { checkout: { type: "string" } } });
 const checkout = resolve(values.checkout ?? ".");
-const KEY = "papa_bench-key-0123456789abcdefghijklmnop";
 
 const percentile = (sorted: number[], p: number) =>
   sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? Number.NaN;
@@ -27,12 +26,18 @@ async function main(): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), "papa-health-"));
   const server = spawn(process.execPath, ["--import", "tsx", "src/server.ts"], {
     cwd: checkout,
-    env: { PATH: process.env.PATH, PORT: "0", HOST: "127.0.0.1", PAPA_DATA_DIR: dir, PAPA_API_KEY: KEY },
+    env: {
+      PATH: process.env.PATH,
+      PORT: "0",
+      HOST: "127.0.0.1",
+      PAPA_DATA_DIR: dir,
+      PAPA_API_KEY: BENCH_KEY,
+    },
     stdio: ["ignore", "pipe", "inherit"],
   });
   try {
     const base = await listeningUrl(server);
-    const auth = { Authorization: `Bearer ${KEY}`, "Content-Type": "application/json" };
+    const auth = { Authorization: `Bearer ${BENCH_KEY}`, "Content-Type": "application/json" };
     const created = await fetch(`${base}/v1/trainings`, {
       method: "POST",
       headers: auth,

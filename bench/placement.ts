@@ -21,7 +21,7 @@ import { createWriteStream } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { freshDatabase, listeningUrl } from "./server.js";
+import { BENCH_KEY, freshDatabase, listeningUrl } from "./server.js";
 import { median } from "./stats.js";
 
 const maxTrain = Number(process.argv[2] ?? 6000);
@@ -30,7 +30,6 @@ const variants = (process.argv[4] ?? "papa-all,papa").split(",");
 const workerCounts = (process.argv[5] ?? "1,2").split(",").map(Number);
 const size = Number(process.argv[6] ?? 4);
 const repeats = Number(process.argv[7] ?? 1);
-const KEY = "papa_bench-key-0123456789abcdefghijklmnop";
 
 interface Result {
   members: { accuracy: number }[];
@@ -78,7 +77,7 @@ async function run(variant: string, workers: number): Promise<{ seconds: number;
   const dir = await mkdtemp(join(tmpdir(), "papa-bench-placement-"));
   const logs = join(tmpdir(), `papa-bench-placement-${variant}-${workers}w`);
   const database = await freshDatabase();
-  const shared = { DATABASE_URL: database.url, PAPA_DATA_DIR: dir, PAPA_API_KEY: KEY };
+  const shared = { DATABASE_URL: database.url, PAPA_DATA_DIR: dir, PAPA_API_KEY: BENCH_KEY };
   const server = start("src/server.ts", {
     ...shared,
     PORT: "0",
@@ -98,7 +97,7 @@ async function run(variant: string, workers: number): Promise<{ seconds: number;
     }
     // The clock starts once every worker has probed its backend and listens.
     await Promise.all(ready);
-    const auth = { Authorization: `Bearer ${KEY}`, "Content-Type": "application/json" };
+    const auth = { Authorization: `Bearer ${BENCH_KEY}`, "Content-Type": "application/json" };
     const started = performance.now();
     const created = await fetch(`${base}/v1/trainings`, {
       method: "POST",

@@ -16,6 +16,7 @@ import { type Database, openDatabase, schema } from "../src/db/client.js";
 import { type CheckpointSearch, listCheckpoints } from "../src/services/checkpoints/checkpoints.js";
 import type { ServiceContext } from "../src/services/context.js";
 import { emptyPostgresDatabase } from "../test/helpers/backends.js";
+import { median } from "./stats.js";
 
 const rows = Number(process.argv[2] ?? 1_000_000);
 const databases = (process.argv[3] ?? "postgres,pglite").split(",");
@@ -141,9 +142,8 @@ for (const kind of databases) {
         times.push(performance.now() - t0);
       }
       const { query, params } = db.last();
-      times.sort((a, b) => a - b);
       console.log(
-        `search db=${kind} query="${label}" rows=${found} p50_ms=${(times[Math.floor(runs / 2)] ?? 0).toFixed(1)} max_ms=${(times.at(-1) ?? 0).toFixed(1)}`,
+        `search db=${kind} query="${label}" rows=${found} p50_ms=${median(times).toFixed(1)} max_ms=${Math.max(...times).toFixed(1)}`,
       );
       // The plan of the page's own rows; the parents' and metrics' subqueries run per row found.
       for (const line of await db.explain(query, params)) console.log(`    ${line}`);
