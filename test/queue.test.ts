@@ -41,11 +41,11 @@ describe.each<DatabaseKind>(["pglite", "postgres"])("the job queue on %s, stoppi
     for (const r of open.splice(0).reverse()) await r.close();
   });
 
-  async function queueOn(slow: string, ms: number) {
+  async function queueOn(slow: string, ms: number, log = logger) {
     const database = await testDatabase(kind);
     open.push(database);
     const { handle, settled } = withSlowQueries(database.value, slow, ms);
-    const queue = new JobQueue(handle, { policy: POLICY, maintenanceIntervalSeconds: 60 }, logger);
+    const queue = new JobQueue(handle, { policy: POLICY, maintenanceIntervalSeconds: 60 }, log);
     open.push({ close: () => queue.stop(0) });
     await queue.start();
     const id = randomUUID();
@@ -64,6 +64,25 @@ describe.each<DatabaseKind>(["pglite", "postgres"])("the job queue on %s, stoppi
     await queue.stop(0);
     expect(settled).toEqual(["state = 'completed'"]);
     expect(await stateOf(database, id)).toBe("completed");
+  });
+
+  it("does not call a lease lost when its last renewal lands after the job completed", async () => {
+    const lines: string[] = [];
+    const { database, queue, settled, id } = await queueOn(
+      "SET started_on",
+      300,
+      createJsonLogger("warn", (l) => lines.push(l)),
+    );
+    let signal!: AbortSignal;
+    await queue.work("merge", 1, async (job) => {
+      signal = job.signal;
+    });
+    // The renewal issued at the fetch is held back past the handler's return and the completion.
+    while (settled.length === 0) await new Promise((r) => setTimeout(r, 20));
+    await queue.stop(0);
+    expect(await stateOf(database, id)).toBe("completed");
+    expect(lines).toEqual([]);
+    expect(signal.aborted).toBe(false);
   });
 
   it("fails a job fetched while it stops, for another worker to retry, without running it", async () => {

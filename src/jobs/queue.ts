@@ -152,7 +152,7 @@ export class JobQueue {
           if (this.stopped) throw new Error("worker shutting down");
           const controller = new AbortController();
           this.active.set(job.id, controller);
-          const lease = this.holdLease(queue, job.id, controller);
+          const releaseLease = this.holdLease(queue, job.id, controller);
           try {
             await handler({
               id: job.id,
@@ -161,7 +161,7 @@ export class JobQueue {
               signal: controller.signal,
             });
           } finally {
-            clearInterval(lease);
+            releaseLease();
             this.active.delete(job.id);
           }
         },
@@ -246,9 +246,12 @@ export class JobQueue {
    * anyway: a stall longer than the lease) aborts the handler, since another attempt may start.
    * pg-boss expires a job at `started_on + expire_in` (its maintenance: a dead worker's job), but
    * its worker also fails a handler still running `expire_in` after the fetch, so `expire_in`
-   * stays `MAX_RUN_SECONDS` and the lease moves `started_on` instead.
+   * stays `MAX_RUN_SECONDS` and the lease moves `started_on` instead. Returns the release, called
+   * once the handler has returned: a renewal still in flight then may land after the job's
+   * completion and find it no longer active, which is not a lost lease.
    */
-  private holdLease(queue: QueueName, id: string, controller: AbortController): NodeJS.Timeout {
+  private holdLease(queue: QueueName, id: string, controller: AbortController): () => void {
+    let held = true;
     const renew = () =>
       this.track(
         this.database.executeSql(
@@ -258,7 +261,7 @@ export class JobQueue {
         ),
       ).then(
         ({ rows }) => {
-          if (rows.length > 0 || controller.signal.aborted) return;
+          if (rows.length > 0 || !held || controller.signal.aborted) return;
           this.logger.warn("job lease lost; stopping this attempt", { job_id: id });
           controller.abort(new Error("the job's lease ran out"));
         },
@@ -267,7 +270,10 @@ export class JobQueue {
     void renew();
     const timer = setInterval(renew, (this.policy.leaseSeconds * 1000) / 4);
     timer.unref();
-    return timer;
+    return () => {
+      held = false;
+      clearInterval(timer);
+    };
   }
 
   private async whileActive(ms: number): Promise<void> {
