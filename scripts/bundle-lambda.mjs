@@ -10,6 +10,7 @@ import { build } from "esbuild";
 const threads = {
   "header-thread": "src/tensors/header-thread.ts",
   "plan-thread": "src/merge/plan-thread.ts",
+  "pglite-thread": "src/db/pglite-thread.ts",
 };
 
 await build({

@@ -1,7 +1,7 @@
 import { randomUUID } from "node:crypto";
 import pg from "pg";
-import { afterEach, describe, expect, it } from "vitest";
-import { type DatabaseHandle, openDatabase } from "../src/db/client.js";
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { type DatabaseHandle, openDatabase, schema } from "../src/db/client.js";
 import { JobQueue } from "../src/jobs/queue.js";
 import { createJsonLogger } from "../src/logger.js";
 import { type DatabaseKind, emptyPostgresDatabase, POSTGRES_URL, testDatabase } from "./helpers/backends.js";
@@ -120,5 +120,39 @@ describe("the database pool", () => {
       await database.close();
       await empty.close();
     }
+  });
+});
+
+describe("the embedded database (PGlite)", () => {
+  let database: DatabaseHandle;
+  beforeAll(async () => {
+    database = await openDatabase({ pgliteDir: null });
+  });
+  afterAll(() => database.close());
+
+  it("runs statements on its own thread: a long one leaves the event loop idle", async () => {
+    const before = performance.eventLoopUtilization();
+    await database.executeSql("select count(*) from generate_series(1, 3000000)");
+    // On the service's thread, PGlite's WebAssembly kept the loop busy the whole statement (1.0).
+    expect(performance.eventLoopUtilization(before).utilization).toBeLessThan(0.25);
+  });
+
+  it("rolls back a transaction that throws, and a database error keeps its code and constraint", async () => {
+    const id = randomUUID();
+    await database.db.insert(schema.tenants).values({ id, name: "t" });
+    const other = randomUUID();
+    const failed = await database.db
+      .transaction(async (tx) => {
+        await tx.insert(schema.tenants).values({ id: other, name: "u" });
+        await tx.insert(schema.tenants).values({ id, name: "again" });
+      })
+      .catch((err: unknown) => err);
+    expect((failed as Error).cause).toMatchObject({ code: "23505", constraint: "tenants_pkey" });
+    const rows = await database.db.select().from(schema.tenants);
+    expect(rows.map((r) => r.id)).toEqual([id]);
+    await database.db.transaction(async (tx) => {
+      await tx.insert(schema.tenants).values({ id: other, name: "u" });
+    });
+    expect(await database.db.$count(schema.tenants)).toBe(2);
   });
 });

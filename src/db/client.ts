@@ -1,5 +1,6 @@
 import { mkdir } from "node:fs/promises";
 import { fileURLToPath } from "node:url";
+import type { PGlite } from "@electric-sql/pglite";
 import { drizzle as drizzlePg } from "drizzle-orm/node-postgres";
 import { migrate as migratePg } from "drizzle-orm/node-postgres/migrator";
 import type { PgDatabase, PgQueryResultHKT } from "drizzle-orm/pg-core";
@@ -57,15 +58,13 @@ export async function openDatabase(target: DatabaseTarget, logger?: Logger): Pro
   }
   if (target.pgliteDir) await mkdir(target.pgliteDir, { recursive: true });
   // Loaded only here: a service on Postgres (a Lambda's cold start) does without PGlite's import.
-  const [{ PGlite }, { drizzle: drizzlePglite }, { migrate: migratePglite }] = await Promise.all([
-    import("@electric-sql/pglite"),
+  const [{ PgliteThread }, { drizzle: drizzlePglite }] = await Promise.all([
+    import("./pglite.js"),
     import("drizzle-orm/pglite"),
-    import("drizzle-orm/pglite/migrator"),
   ]);
-  const client = new PGlite(target.pgliteDir ?? "memory://");
-  const pglite = drizzlePglite({ client, schema });
-  await migratePglite(pglite, { migrationsFolder });
-  const db: Database = pglite;
+  const client = await PgliteThread.open(target.pgliteDir, migrationsFolder);
+  // drizzle calls `query` and `transaction` of its client, and `query` of a transaction.
+  const db: Database = drizzlePglite({ client: client as unknown as PGlite, schema });
   return {
     db,
     kind: "pglite",

@@ -1,0 +1,147 @@
+import type { Worker } from "node:worker_threads";
+import { startThread } from "../threads.js";
+
+/** A request to the embedded database's thread (`pglite-thread.ts`). */
+export type PgliteRequest =
+  | { op: "open"; dataDir: string | null; migrationsFolder: string }
+  | {
+      op: "query";
+      text: string;
+      params: unknown[];
+      rowMode: "array" | "object" | undefined;
+      /** Types whose values stay text (the caller's parsers that keep the text). */
+      textTypes: number[];
+      tx: number | undefined;
+    }
+  | { op: "exec"; text: string; tx: number | undefined }
+  | { op: "begin" }
+  | { op: "end"; tx: number; commit: boolean }
+  | { op: "close" };
+
+export interface ThreadError {
+  name: string;
+  message: string;
+  fields: Record<string, unknown>;
+}
+
+export type PgliteReply = { id: number; result: unknown } | { id: number; error: ThreadError };
+
+interface Results {
+  rows: unknown[];
+  fields: { name: string; dataTypeID: number }[];
+  affectedRows?: number;
+}
+
+interface QueryOptions {
+  rowMode?: "array" | "object";
+  parsers?: Record<number, (text: string, typeId: number) => unknown>;
+}
+
+/** What drizzle's PGlite driver and pg-boss call on a PGlite or on one of its transactions. */
+export interface PgliteCalls {
+  query(text: string, params?: unknown[], options?: QueryOptions): Promise<Results>;
+  exec(text: string): Promise<Results[]>;
+}
+
+/**
+ * PGlite (the embedded Postgres) in a thread of its own, behind the calls the service makes of
+ * it: PGlite runs each statement synchronously in its WebAssembly, and on the service's thread a
+ * page of rows held the event loop for milliseconds at a time, every request behind it waiting.
+ * Here the statements run beside the event loop, on another core. A thread that dies fails every
+ * call in flight and every later one (the database is gone; /readyz says so).
+ */
+export class PgliteThread implements PgliteCalls {
+  private readonly pending = new Map<number, { resolve(r: unknown): void; reject(e: Error): void }>();
+  private nextId = 0;
+  private failure: Error | null = null;
+
+  private constructor(private readonly worker: Worker) {
+    worker.unref();
+    worker.on("message", (reply: PgliteReply) => {
+      const call = this.pending.get(reply.id);
+      this.pending.delete(reply.id);
+      if (this.pending.size === 0) worker.unref();
+      if ("error" in reply) {
+        const { name, message, fields } = reply.error;
+        call?.reject(Object.assign(new Error(message), fields, { name }));
+      } else {
+        call?.resolve(reply.result);
+      }
+    });
+    const fail = (err: Error) => {
+      this.failure ??= err;
+      for (const call of this.pending.values()) call.reject(this.failure);
+      this.pending.clear();
+    };
+    worker.on("error", fail);
+    worker.on("exit", (code) => fail(new Error(`the embedded database's thread exited (code ${code})`)));
+  }
+
+  /** Opens PGlite in `dataDir` (in memory when null) on a new thread and applies the migrations. */
+  static async open(dataDir: string | null, migrationsFolder: string): Promise<PgliteThread> {
+    const thread = new PgliteThread(startThread(import.meta.url, "pglite-thread"));
+    try {
+      await thread.call({ op: "open", dataDir, migrationsFolder });
+    } catch (err) {
+      await thread.worker.terminate();
+      throw err;
+    }
+    return thread;
+  }
+
+  async query(
+    text: string,
+    params: unknown[] = [],
+    options: QueryOptions = {},
+    tx?: number,
+  ): Promise<Results> {
+    const textTypes = Object.entries(options.parsers ?? {}).map(([oid, parse]) => {
+      if (parse("text", Number(oid)) !== "text") {
+        throw new Error(`a parser of type ${oid} that changes the value cannot run in the database's thread`);
+      }
+      return Number(oid);
+    });
+    const request = { op: "query" as const, text, params, rowMode: options.rowMode, textTypes, tx };
+    return (await this.call(request)) as Results;
+  }
+
+  exec(text: string, tx?: number): Promise<Results[]> {
+    return this.call({ op: "exec", text, tx }) as Promise<Results[]>;
+  }
+
+  /**
+   * Runs `callback` in a transaction (PGlite's: other statements wait until it ends), committed
+   * when the callback resolves and rolled back when it throws.
+   */
+  async transaction<T>(callback: (tx: PgliteCalls) => Promise<T>): Promise<T> {
+    const tx = (await this.call({ op: "begin" })) as number;
+    let result: T;
+    try {
+      result = await callback({
+        query: (text, params, options) => this.query(text, params, options, tx),
+        exec: (text) => this.exec(text, tx),
+      });
+    } catch (err) {
+      await this.call({ op: "end", tx, commit: false });
+      throw err;
+    }
+    await this.call({ op: "end", tx, commit: true });
+    return result;
+  }
+
+  async close(): Promise<void> {
+    if (!this.failure) await this.call({ op: "close" });
+    await this.worker.terminate();
+  }
+
+  private call(request: PgliteRequest): Promise<unknown> {
+    if (this.failure) return Promise.reject(this.failure);
+    const id = this.nextId++;
+    // Held open while a call is in flight: a caller awaiting the database keeps the process alive.
+    this.worker.ref();
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      this.worker.postMessage({ id, request });
+    });
+  }
+}
