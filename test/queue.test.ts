@@ -156,3 +156,25 @@ describe("the embedded database (PGlite)", () => {
     expect(await database.db.$count(schema.tenants)).toBe(2);
   });
 });
+
+describe("closing the embedded database", () => {
+  it("lets the statements in flight finish, then refuses new ones", async () => {
+    const database = await openDatabase({ pgliteDir: null });
+    const count = "select count(*)::int as n from generate_series(1, 1000000)";
+    const inFlight = [
+      database.executeSql(count),
+      database.executeSql("select 2 as n"),
+      database.executeSql(count),
+    ];
+    const closed = database.close();
+    const late = database.executeSql("select 1").catch((err: Error) => err.message);
+    await closed;
+    expect((await Promise.all(inFlight)).map((r) => r.rows)).toEqual([
+      [{ n: 1000000 }],
+      [{ n: 2 }],
+      [{ n: 1000000 }],
+    ]);
+    expect(await late).toBe("the embedded database is closed");
+    await expect(database.executeSql("select 1")).rejects.toThrow("the embedded database is closed");
+  });
+});

@@ -1,6 +1,9 @@
 import type { Worker } from "node:worker_threads";
 import { startThread } from "../threads.js";
 
+/** How long closing waits for the calls in flight. */
+const CLOSE_WAIT_MS = 5000;
+
 /** A request to the embedded database's thread (`pglite-thread.ts`). */
 export type PgliteRequest =
   | { op: "open"; dataDir: string | null; migrationsFolder: string }
@@ -54,6 +57,7 @@ export class PgliteThread implements PgliteCalls {
   private readonly pending = new Map<number, { resolve(r: unknown): void; reject(e: Error): void }>();
   private nextId = 0;
   private failure: Error | null = null;
+  private closing = false;
 
   private constructor(private readonly worker: Worker) {
     worker.unref();
@@ -74,7 +78,15 @@ export class PgliteThread implements PgliteCalls {
       this.pending.clear();
     };
     worker.on("error", fail);
-    worker.on("exit", (code) => fail(new Error(`the embedded database's thread exited (code ${code})`)));
+    worker.on("exit", (code) =>
+      fail(
+        new Error(
+          this.closing
+            ? "the embedded database is closed"
+            : `the embedded database's thread exited (code ${code})`,
+        ),
+      ),
+    );
   }
 
   /** Opens PGlite in `dataDir` (in memory when null) on a new thread and applies the migrations. */
@@ -129,13 +141,30 @@ export class PgliteThread implements PgliteCalls {
     return result;
   }
 
+  /**
+   * Lets the calls in flight finish (for up to CLOSE_WAIT_MS) and open transactions end, refusing
+   * new ones as a closed PGlite does, then closes PGlite and ends the thread.
+   */
   async close(): Promise<void> {
-    if (!this.failure) await this.call({ op: "close" });
-    await this.worker.terminate();
+    this.closing = true;
+    const deadline = Date.now() + CLOSE_WAIT_MS;
+    while (this.pending.size > 0 && !this.failure && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    try {
+      if (!this.failure) await this.call({ op: "close" });
+    } finally {
+      await this.worker.terminate();
+    }
   }
 
   private call(request: PgliteRequest): Promise<unknown> {
     if (this.failure) return Promise.reject(this.failure);
+    // Statements of a transaction already open may still run (and end it) while closing.
+    const ofOpenTransaction = "tx" in request && request.tx !== undefined;
+    if (this.closing && request.op !== "close" && !ofOpenTransaction) {
+      return Promise.reject(new Error("the embedded database is closed"));
+    }
     const id = this.nextId++;
     // Held open while a call is in flight: a caller awaiting the database keeps the process alive.
     this.worker.ref();
