@@ -16,7 +16,7 @@
  */
 import { spawn } from "node:child_process";
 import { once } from "node:events";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import S3rver from "s3rver";
@@ -92,7 +92,10 @@ interface LambdaInit {
 }
 
 /** The handler's modules as tsc compiled them, and the bundle `npm run build:lambda` makes of them. */
-const ENTRIES = { modules: "./dist/lambda.js", bundle: "./dist/bundle/lambda.js" } as const;
+const ENTRIES = {
+  modules: new URL("../dist/lambda.js", import.meta.url).href,
+  bundle: new URL("../dist/bundle/lambda.js", import.meta.url).href,
+} as const;
 
 const lambdaProbe = (entry: string) => `
 const node = performance.now();
@@ -113,7 +116,11 @@ process.exit(0);
 
 /** The Lambda handler's init in a new process, as its own clock measures it. */
 async function lambdaInit(entry: string, env: Env): Promise<LambdaInit> {
-  const probe = spawn(process.execPath, ["--input-type=module", "-e", lambdaProbe(entry)], {
+  // A file, not `-e`: worker threads inherit the process's flags, and `--input-type` fails them.
+  const dir = await mkdtemp(join(tmpdir(), "papa-lambda-probe-"));
+  const file = join(dir, "probe.mjs");
+  await writeFile(file, lambdaProbe(entry));
+  const probe = spawn(process.execPath, [file], {
     env: { ...env, PAPA_IN_PROCESS_WORKER: "false" },
     stdio: ["ignore", "pipe", "inherit"],
   });
@@ -122,6 +129,7 @@ async function lambdaInit(entry: string, env: Env): Promise<LambdaInit> {
     out += d.toString();
   });
   const [code] = await once(probe, "exit");
+  await rm(dir, { recursive: true, force: true });
   if (code !== 0) throw new Error(`the Lambda probe exited with ${code}`);
   const init = JSON.parse(out.slice(out.lastIndexOf("{"))) as LambdaInit;
   if (init.status !== 200) throw new Error(`the Lambda's /healthz: ${init.status}`);
