@@ -2,7 +2,8 @@ import { parentPort } from "node:worker_threads";
 import { PGlite, type Transaction } from "@electric-sql/pglite";
 import { drizzle } from "drizzle-orm/pglite";
 import { migrate } from "drizzle-orm/pglite/migrator";
-import type { PgliteReply, PgliteRequest, ThreadError } from "./pglite.js";
+import { serveThread } from "../threads.js";
+import type { PgliteRequest } from "./pglite.js";
 
 /**
  * The embedded database's thread (see `pglite.ts`): PGlite runs every statement synchronously in
@@ -87,18 +88,4 @@ async function handle(request: PgliteRequest): Promise<unknown> {
   }
 }
 
-/** An error as it crosses to the service: its message and its primitive fields (`code`, `detail`...). */
-function threadError(err: unknown): ThreadError {
-  if (!(err instanceof Error)) return { name: "Error", message: String(err), fields: {} };
-  const fields = Object.fromEntries(
-    Object.entries(err).filter(([, value]) => ["string", "number", "boolean"].includes(typeof value)),
-  );
-  return { name: err.name, message: err.message, fields };
-}
-
-parentPort?.on("message", ({ id, request }: { id: number; request: PgliteRequest }) => {
-  handle(request).then(
-    (result) => parentPort?.postMessage({ id, result } satisfies PgliteReply),
-    (err: unknown) => parentPort?.postMessage({ id, error: threadError(err) } satisfies PgliteReply),
-  );
-});
+serveThread(parentPort, handle);

@@ -1,5 +1,5 @@
-import type { Worker } from "node:worker_threads";
-import { startThread } from "../threads.js";
+import { setTimeout as sleep } from "node:timers/promises";
+import { startThread, ThreadCalls } from "../threads.js";
 
 /** How long closing waits for the calls in flight. */
 const CLOSE_WAIT_MS = 5000;
@@ -20,14 +20,6 @@ export type PgliteRequest =
   | { op: "begin" }
   | { op: "end"; tx: number; commit: boolean }
   | { op: "close" };
-
-export interface ThreadError {
-  name: string;
-  message: string;
-  fields: Record<string, unknown>;
-}
-
-export type PgliteReply = { id: number; result: unknown } | { id: number; error: ThreadError };
 
 interface Results {
   rows: unknown[];
@@ -54,48 +46,26 @@ export interface PgliteCalls {
  * call in flight and every later one (the database is gone; /readyz says so).
  */
 export class PgliteThread implements PgliteCalls {
-  private readonly pending = new Map<number, { resolve(r: unknown): void; reject(e: Error): void }>();
-  private nextId = 0;
-  private failure: Error | null = null;
   private closing = false;
-
-  private constructor(private readonly worker: Worker) {
-    worker.unref();
-    worker.on("message", (reply: PgliteReply) => {
-      const call = this.pending.get(reply.id);
-      this.pending.delete(reply.id);
-      if (this.pending.size === 0) worker.unref();
-      if ("error" in reply) {
-        const { name, message, fields } = reply.error;
-        call?.reject(Object.assign(new Error(message), fields, { name }));
-      } else {
-        call?.resolve(reply.result);
-      }
-    });
-    const fail = (err: Error) => {
-      this.failure ??= err;
-      for (const call of this.pending.values()) call.reject(this.failure);
-      this.pending.clear();
-    };
-    worker.on("error", fail);
-    worker.on("exit", (code) =>
-      fail(
-        new Error(
-          this.closing
-            ? "the embedded database is closed"
-            : `the embedded database's thread exited (code ${code})`,
-        ),
+  private readonly calls = new ThreadCalls<PgliteRequest, unknown>(
+    startThread(import.meta.url, "pglite-thread"),
+    (code) =>
+      new Error(
+        this.closing
+          ? "the embedded database is closed"
+          : `the embedded database's thread exited (code ${code})`,
       ),
-    );
-  }
+  );
+
+  private constructor() {}
 
   /** Opens PGlite in `dataDir` (in memory when null) on a new thread and applies the migrations. */
   static async open(dataDir: string | null, migrationsFolder: string): Promise<PgliteThread> {
-    const thread = new PgliteThread(startThread(import.meta.url, "pglite-thread"));
+    const thread = new PgliteThread();
     try {
       await thread.call({ op: "open", dataDir, migrationsFolder });
     } catch (err) {
-      await thread.worker.terminate();
+      await thread.calls.worker.terminate();
       throw err;
     }
     return thread;
@@ -147,30 +117,20 @@ export class PgliteThread implements PgliteCalls {
    */
   async close(): Promise<void> {
     this.closing = true;
-    const deadline = Date.now() + CLOSE_WAIT_MS;
-    while (this.pending.size > 0 && !this.failure && Date.now() < deadline) {
-      await new Promise((r) => setTimeout(r, 10));
-    }
+    await Promise.race([this.calls.idle(), sleep(CLOSE_WAIT_MS, undefined, { ref: false })]);
     try {
-      if (!this.failure) await this.call({ op: "close" });
+      if (!this.calls.failure) await this.call({ op: "close" });
     } finally {
-      await this.worker.terminate();
+      await this.calls.worker.terminate();
     }
   }
 
   private call(request: PgliteRequest): Promise<unknown> {
-    if (this.failure) return Promise.reject(this.failure);
     // Statements of a transaction already open may still run (and end it) while closing.
     const ofOpenTransaction = "tx" in request && request.tx !== undefined;
-    if (this.closing && request.op !== "close" && !ofOpenTransaction) {
+    if (this.closing && request.op !== "close" && !ofOpenTransaction && !this.calls.failure) {
       return Promise.reject(new Error("the embedded database is closed"));
     }
-    const id = this.nextId++;
-    // Held open while a call is in flight: a caller awaiting the database keeps the process alive.
-    this.worker.ref();
-    return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject });
-      this.worker.postMessage({ id, request });
-    });
+    return this.calls.call(request);
   }
 }
