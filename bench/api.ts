@@ -6,7 +6,9 @@
  * 2 s warm-up) asks, with one API key:
  *   /healthz first (no database, no key: the server's own ceiling), then
  *   GET /v1/checkpoints?limit=50, GET /v1/checkpoints/{id} and GET /v1/jobs/{id}. Prints requests/s, p50, p99 and non-2xx
- * answers per URL. The key's rate limit is raised out of the way (it is still counted).
+ * answers per URL. The API serves a checkpoint's body or a page again while the tenant's
+ * checkpoints have not changed; the list once more, each request a search never asked before
+ * (a new cursor, the same rows), shows a page made anew. The key's rate limit is raised out of the way (it is still counted).
  * On Postgres, the list once more after giving every checkpoint the TF.js topology of a
  * ResNet-20 (37 KB of JSON), as the checkpoints a training makes have: a listing shows only
  * whether a checkpoint has one.
@@ -72,8 +74,28 @@ function resnetTopology(): string {
   return JSON.stringify(modelToSafetensors(model, {}).topology);
 }
 
-async function load(url: string, headers: Record<string, string>, seconds: number) {
-  return autocannon({ url, connections: 50, duration: seconds, headers });
+/**
+ * Loads `url`; with `fresh`, each request asks for `url` with a cursor never asked before (after
+ * an id above every id: the same first page), so that no answer kept for an earlier one serves it.
+ */
+async function load(url: string, headers: Record<string, string>, seconds: number, fresh = false) {
+  let n = 0;
+  const cursor = () =>
+    Buffer.from(JSON.stringify(`ffffffff-ffff-ffff-ffff-${(n++).toString(16).padStart(12, "0")}`)).toString(
+      "base64url",
+    );
+  const { pathname, search } = new URL(url);
+  const requests = fresh
+    ? [
+        {
+          setupRequest: (req: autocannon.Request) => ({
+            ...req,
+            path: `${pathname}${search}&cursor=${cursor()}`,
+          }),
+        },
+      ]
+    : undefined;
+  return autocannon({ url, connections: 50, duration: seconds, headers, requests });
 }
 
 async function measure(db: "pglite" | "postgres"): Promise<void> {
@@ -92,14 +114,20 @@ async function measure(db: "pglite" | "postgres"): Promise<void> {
       ["/v1/checkpoints/{id}", `${base}/v1/checkpoints/${checkpointId}`, auth],
       ["/v1/jobs/{id}", `${base}/v1/jobs/${jobId}`, auth],
     ];
-    const measureUrl = async (label: string, url: string, headers: Record<string, string>) => {
-      await load(url, headers, 2);
-      const r = await load(url, headers, duration);
+    const measureUrl = async (label: string, url: string, headers: Record<string, string>, fresh = false) => {
+      await load(url, headers, 2, fresh);
+      const r = await load(url, headers, duration, fresh);
       console.log(
         `api db=${db} url=${label} rps=${r.requests.average.toFixed(0)} p50_ms=${r.latency.p50} p99_ms=${r.latency.p99} non2xx=${r.non2xx} errors=${r.errors}`,
       );
     };
     for (const [label, url, headers] of targets) await measureUrl(label, url, headers);
+    await measureUrl(
+      "/v1/checkpoints?limit=50 (a new search each time)",
+      `${base}/v1/checkpoints?limit=50`,
+      auth,
+      true,
+    );
     if (database) {
       const client = new pg.Client({ connectionString: database.url });
       await client.connect();

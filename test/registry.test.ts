@@ -1,3 +1,4 @@
+import { sql } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { DatabaseKind, StoreKind } from "./helpers/backends.js";
 import { type Harness, startHarness, upload } from "./helpers/harness.js";
@@ -301,5 +302,58 @@ describe.each<[DatabaseKind, StoreKind]>([
       h.request(`/v1/checkpoints?${metric}&sort=-metric&limit=1`),
     );
     await json(h.request(`/v1/checkpoints?cursor=${page.next_cursor}`), 422);
+  });
+
+  it("serves a listing and a checkpoint again only until something they show changes, however it changed", async () => {
+    const [a, b] = [await created("listed", 41), await created("listed", 42)];
+    type Listed = CheckpointBody & {
+      status: string;
+      parents: { checkpoint_id: string }[];
+      metrics: MetricBody[];
+    };
+    const list = async () =>
+      (await json<{ items: Listed[] }>(h.request("/v1/checkpoints?name=listed"))).items;
+    const get = (id: string) => json<Listed>(h.request(`/v1/checkpoints/${id}`));
+    expect((await list()).map((x) => x.id)).toEqual([b.id, a.id]);
+    expect((await get(a.id)).description).toBeNull();
+    // Changed behind the count (its trigger off), the bodies are the ones kept: they are served again.
+    const trigger = (on: "ENABLE" | "DISABLE") =>
+      h.ctx.db.execute(sql.raw(`ALTER TABLE checkpoints ${on} TRIGGER checkpoints_updated`));
+    await trigger("DISABLE");
+    await h.ctx.db.execute(sql`update checkpoints set description = 'unseen' where id = ${a.id}`);
+    await trigger("ENABLE");
+    expect((await list())[1]?.description).toBeNull();
+    expect((await get(a.id)).description).toBeNull();
+    // Each change shows at once, whether the API made it or not (another process, SQL by hand).
+    await h.ctx.db.execute(sql`update checkpoints set description = 'by hand' where id = ${a.id}`);
+    expect((await list())[1]?.description).toBe("by hand");
+    expect((await get(a.id)).description).toBe("by hand");
+    await json(send(`/v1/checkpoints/${a.id}`, "PATCH", { tags: ["kept"] }));
+    expect((await list())[1]?.tags).toEqual(["kept"]);
+    await json(
+      send(`/v1/checkpoints/${b.id}/metrics`, "POST", {
+        dataset: "d",
+        split: "test",
+        name: "acc",
+        value: 0.5,
+      }),
+      201,
+    );
+    expect((await get(b.id)).metrics.map((m) => m.value)).toEqual([0.5]);
+    expect((await list())[0]?.metrics.map((m) => m.value)).toEqual([0.5]);
+    await h.ctx.db.execute(
+      sql`insert into lineage_edges (parent_id, child_id, coefficient, method) values (${a.id}, ${b.id}, 1, 'by-hand')`,
+    );
+    expect((await get(b.id)).parents.map((p) => p.checkpoint_id)).toEqual([a.id]);
+    expect((await list())[0]?.parents.map((p) => p.checkpoint_id)).toEqual([a.id]);
+    const c = await created("listed", 43);
+    expect((await list()).map((x) => x.id)).toEqual([c.id, b.id, a.id]);
+    expect((await h.request(`/v1/checkpoints/${c.id}`, { method: "DELETE" })).status).toBe(204);
+    expect((await list()).map((x) => x.id)).toEqual([b.id, a.id]);
+    expect((await get(c.id)).status).toBe("deleted");
+    // Another tenant's reads are its own: the same id is not found, and its listing is empty.
+    expect((await h.request(`/v1/checkpoints/${a.id}`, { key: h.keyB })).status).toBe(404);
+    const theirs = await json<{ items: Listed[] }>(h.request("/v1/checkpoints?name=listed", { key: h.keyB }));
+    expect(theirs.items).toEqual([]);
   });
 });

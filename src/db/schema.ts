@@ -147,6 +147,18 @@ export const checkpointTags = pgTable(
   ],
 );
 
+/**
+ * Each tenant's count of changes to its checkpoints as the API shows them (their rows, tags,
+ * lineage and metrics), bumped by triggers in the transaction of each change (migration 0010):
+ * a body read while the count did not move is exact for as long as it does not move.
+ */
+export const checkpointChanges = pgTable("checkpoint_changes", {
+  tenantId: uuid("tenant_id")
+    .primaryKey()
+    .references(() => tenants.id),
+  changes: bigint("changes", { mode: "number" }).notNull(),
+});
+
 /** child = sum over parents of coefficient x parent, produced by `method` in `job`. */
 export const lineageEdges = pgTable(
   "lineage_edges",

@@ -4,6 +4,7 @@ import {
   assertTfjs,
   type Checkpoint,
   type CheckpointSearch,
+  checkpointChangeCount,
   checkpointFile,
   createCheckpoint,
   deleteCheckpoint,
@@ -30,6 +31,10 @@ import { multipartFiles } from "../multipart.js";
 import { operation, type ValidRequest } from "../openapi.js";
 import { checkpointBody, metricBody } from "../presenters.js";
 import { resolveRange } from "../range.js";
+import { VersionedBodies } from "../versioned-bodies.js";
+
+/** How many bytes of checkpoints' bodies an API process keeps, to serve them again while nothing changed. */
+const KEPT_BODIES_BYTES = 32 * 1024 * 1024;
 
 export function checkpointRoutes(app: Hono<AppEnv>): void {
   operation(app, "createCheckpoint", async (c, req) => {
@@ -54,23 +59,42 @@ export function checkpointRoutes(app: Hono<AppEnv>): void {
     return c.json(checkpointBody(checkpoint), 201);
   });
 
-  operation(app, "listCheckpoints", async (c, req) => {
-    const page = await listCheckpoints({
-      ctx: c.get("ctx"),
-      principal: c.get("principal"),
-      input: searchOf(req.query),
-    });
-    return c.json({ items: page.items.map(checkpointBody), next_cursor: page.nextCursor });
-  });
+  const kept = new VersionedBodies(KEPT_BODIES_BYTES);
+  /**
+   * Answers with the JSON that `make` gives for `resource`, kept and served again while the
+   * caller's tenant's checkpoints have not changed (`checkpoint_changes`): then one small read.
+   */
+  const keptJson = async (c: Context<AppEnv>, resource: string, make: () => Promise<unknown>) => {
+    const call = { ctx: c.get("ctx"), principal: c.get("principal") };
+    const key = `${call.principal.tenantId} ${resource}`;
+    const changes = await checkpointChangeCount(call);
+    let body = kept.get(key, changes);
+    if (!body) {
+      body = Buffer.from(JSON.stringify(await make()));
+      // Kept only if nothing changed while it was made: it then shows the checkpoints at `changes`.
+      if ((await checkpointChangeCount(call)) === changes) kept.set(key, changes, body);
+    }
+    return c.body(body, 200, { "content-type": "application/json" });
+  };
 
-  operation(app, "getCheckpoint", async (c, req) => {
-    const checkpoint = await getCheckpoint({
-      ctx: c.get("ctx"),
-      principal: c.get("principal"),
-      input: req.path,
-    });
-    return c.json(checkpointBody(checkpoint));
-  });
+  operation(app, "listCheckpoints", (c, req) =>
+    keptJson(c, new URL(c.req.url).search, async () => {
+      const page = await listCheckpoints({
+        ctx: c.get("ctx"),
+        principal: c.get("principal"),
+        input: searchOf(req.query),
+      });
+      return { items: page.items.map(checkpointBody), next_cursor: page.nextCursor };
+    }),
+  );
+
+  operation(app, "getCheckpoint", (c, req) =>
+    keptJson(c, req.path.id, async () =>
+      checkpointBody(
+        await getCheckpoint({ ctx: c.get("ctx"), principal: c.get("principal"), input: req.path }),
+      ),
+    ),
+  );
 
   operation(app, "deleteCheckpoint", async (c, req) => {
     await deleteCheckpoint({ ctx: c.get("ctx"), principal: c.get("principal"), input: req.path });

@@ -437,6 +437,24 @@ export async function listCheckpoints({
   };
 }
 
+const changesOfTenant = preparedQuery((db) =>
+  db
+    .select({ changes: schema.checkpointChanges.changes })
+    .from(schema.checkpointChanges)
+    .where(eq(schema.checkpointChanges.tenantId, sql.placeholder("tenantId")))
+    .prepare("checkpoint_changes_of_tenant"),
+);
+
+/**
+ * How many times the caller's tenant's checkpoints have changed as the API shows them (rows,
+ * tags, lineage, metrics; `checkpoint_changes`): two reads that return the same count saw no
+ * change between them.
+ */
+export async function checkpointChangeCount({ ctx, principal }: Omit<TenantCall, "input">): Promise<number> {
+  const [row] = await changesOfTenant(ctx.db).execute({ tenantId: principal.tenantId });
+  return row?.changes ?? 0;
+}
+
 const checkpointOfTenant = preparedQuery((db) =>
   db
     .select(withRelations)
