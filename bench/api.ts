@@ -8,7 +8,8 @@
  *   GET /v1/checkpoints?limit=50, GET /v1/checkpoints/{id} and GET /v1/jobs/{id}. Prints requests/s, p50, p99 and non-2xx
  * answers per URL. The API serves a checkpoint's body or a page again while the tenant's
  * checkpoints have not changed; the list once more, each request a search never asked before
- * (a new cursor, the same rows), shows a page made anew. The key's rate limit is raised out of the way (it is still counted).
+ * (a new cursor, the same rows), shows a page made anew. The key's rate limit is raised out of
+ * the way (it is still counted).
  * On Postgres, the list once more after giving every checkpoint the TF.js topology of a
  * ResNet-20 (37 KB of JSON), as the checkpoints a training makes have: a listing shows only
  * whether a checkpoint has one.

@@ -1,8 +1,8 @@
 /**
  * Response bodies kept by key with the version of the data they were made from, at most
  * `maxBytes` in all, keys included (the least recently used go first: a flood of distinct long
- * keys cannot hold more). A body is served only at the version it
- * was made at: the caller reads the data's current version (one small query) and asks with it.
+ * keys cannot hold more). A body is served only at the version it was made at: the caller reads
+ * the data's current version (one small query) and asks with it.
  */
 export class VersionedBodies {
   private readonly entries = new Map<string, { version: number; body: Uint8Array<ArrayBuffer> }>();

@@ -23,6 +23,7 @@ import {
   completeUploadSession,
   createUploadSession,
 } from "../../services/checkpoints/upload-sessions.js";
+import type { TenantCall } from "../../services/context.js";
 import { InvalidInputError } from "../../services/errors.js";
 import { attachmentDisposition } from "../../storage/object-store.js";
 import type { AppEnv } from "../env.js";
@@ -64,13 +65,17 @@ export function checkpointRoutes(app: Hono<AppEnv>): void {
    * Answers with the JSON that `make` gives for `resource`, kept and served again while the
    * caller's tenant's checkpoints have not changed (`checkpoint_changes`): then one small read.
    */
-  const keptJson = async (c: Context<AppEnv>, resource: string, make: () => Promise<unknown>) => {
+  const keptJson = async (
+    c: Context<AppEnv>,
+    resource: string,
+    make: (call: Omit<TenantCall, "input">) => Promise<unknown>,
+  ) => {
     const call = { ctx: c.get("ctx"), principal: c.get("principal") };
     const key = `${call.principal.tenantId} ${resource}`;
     const changes = await checkpointChangeCount(call);
     let body = kept.get(key, changes);
     if (!body) {
-      body = Buffer.from(JSON.stringify(await make()));
+      body = Buffer.from(JSON.stringify(await make(call)));
       // Kept only if nothing changed while it was made: it then shows the checkpoints at `changes`.
       if ((await checkpointChangeCount(call)) === changes) kept.set(key, changes, body);
     }
@@ -78,21 +83,15 @@ export function checkpointRoutes(app: Hono<AppEnv>): void {
   };
 
   operation(app, "listCheckpoints", (c, req) =>
-    keptJson(c, new URL(c.req.url).search, async () => {
-      const page = await listCheckpoints({
-        ctx: c.get("ctx"),
-        principal: c.get("principal"),
-        input: searchOf(req.query),
-      });
+    keptJson(c, new URL(c.req.url).search, async (call) => {
+      const page = await listCheckpoints({ ...call, input: searchOf(req.query) });
       return { items: page.items.map(checkpointBody), next_cursor: page.nextCursor };
     }),
   );
 
   operation(app, "getCheckpoint", (c, req) =>
-    keptJson(c, req.path.id, async () =>
-      checkpointBody(
-        await getCheckpoint({ ctx: c.get("ctx"), principal: c.get("principal"), input: req.path }),
-      ),
+    keptJson(c, req.path.id, async (call) =>
+      checkpointBody(await getCheckpoint({ ...call, input: req.path })),
     ),
   );
 
