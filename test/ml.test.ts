@@ -23,7 +23,7 @@ import {
   trainPopulation,
 } from "../src/ml/population.js";
 import { learningRate, papaBeta } from "../src/ml/schedule.js";
-import { greedySoupIngredients } from "../src/ml/soups.js";
+import { greedySoupOf } from "../src/ml/soups.js";
 import { trainStep } from "../src/ml/step.js";
 import { seededRandom, streamSeed } from "../src/random.js";
 
@@ -283,22 +283,41 @@ describe("population training rules", () => {
     expect(drawDiversity(sets, 4, 3)).toEqual(drawn);
   });
 
-  it("greedy soup adds a member only if held-out accuracy strictly improves", () => {
+  it("greedy soup adds a member only if held-out accuracy strictly improves, and keeps the soup it accepted last", () => {
     const soupAcc: Record<string, number> = { "1": 0.9, "1,2": 0.91, "1,2,0": 0.91, "1,2,3": 0.95 };
-    const calls: string[] = [];
-    const chosen = greedySoupIngredients([0.5, 0.9, 0.7, 0.6], (ingredients) => {
-      calls.push(ingredients.join(","));
-      return soupAcc[ingredients.join(",")] ?? 0;
-    });
-    expect(calls).toEqual(["1", "1,2", "1,2,3", "1,2,3,0"]);
-    expect(chosen).toEqual([1, 2, 3]);
+    const made: string[] = [];
+    const discarded: string[] = [];
+    const greedy = greedySoupOf(
+      [0.5, 0.9, 0.7, 0.6],
+      (ingredients) => {
+        const soup = ingredients.join(",");
+        made.push(soup);
+        return { soup, accuracy: soupAcc[soup] ?? 0 };
+      },
+      (soup) => discarded.push(soup),
+    );
+    // Each candidate is made once: the kept soup is the "1,2,3" candidate, not made again.
+    expect(made).toEqual(["1", "1,2", "1,2,3", "1,2,3,0"]);
+    expect(greedy).toEqual({ soup: "1,2,3", ingredients: [1, 2, 3] });
+    expect(discarded.sort()).toEqual(["1", "1,2", "1,2,3,0"]);
   });
 
   it("greedy soup scores the first member as a soup too, under the candidates' BatchNorm treatment", () => {
     // Member 1 scores 0.9 with its own statistics but 0.8 as a soup of one (re-estimated); the
     // two-member soup's 0.85 beats the like-for-like incumbent, not the member's own 0.9.
     const soupAcc: Record<string, number> = { "1": 0.8, "1,0": 0.85 };
-    expect(greedySoupIngredients([0.7, 0.9], (ids) => soupAcc[ids.join(",")] ?? 0)).toEqual([1, 0]);
+    const scored = (ids: number[]) => ({ soup: ids, accuracy: soupAcc[ids.join(",")] ?? 0 });
+    expect(greedySoupOf([0.7, 0.9], scored, () => {}).ingredients).toEqual([1, 0]);
+  });
+
+  it("greedy soup discards the soup it kept when making a candidate fails", () => {
+    const discarded: string[] = [];
+    const scored = (ids: number[]) => {
+      if (ids.length > 1) throw new Error("out of memory");
+      return { soup: ids.join(","), accuracy: 0.9 };
+    };
+    expect(() => greedySoupOf([0.7, 0.9], scored, (soup) => discarded.push(soup))).toThrow("out of memory");
+    expect(discarded).toEqual(["1"]);
   });
 
   it("holds out a fixed 2% of the training split, disjoint from what trains", () => {

@@ -25,26 +25,34 @@ export function soupOf(
 /**
  * Greedy soup: members sorted by held-out accuracy; start from the best; add the next member to
  * the running average only if held-out accuracy strictly improves. Every candidate, the first
- * one-member soup included, is scored by `accuracyWith` (the same BatchNorm treatment for all).
- * Returns the chosen indices.
+ * one-member soup included, is made and scored by `scored` (the same BatchNorm treatment for
+ * all). The soup kept is the last candidate accepted, not made again; every other candidate goes
+ * to `discard`. Returns the kept soup and its members' indices.
  */
-export function greedySoupIngredients(
+export function greedySoupOf<Soup>(
   heldOut: number[],
-  accuracyWith: (ingredients: number[]) => number,
-): number[] {
-  const order = heldOut.map((acc, i) => ({ acc, i })).sort((a, b) => b.acc - a.acc || a.i - b.i);
-  const first = order[0];
-  if (!first) return [];
-  const chosen = [first.i];
-  let best = accuracyWith(chosen);
-  for (const { i } of order.slice(1)) {
-    const acc = accuracyWith([...chosen, i]);
-    if (acc > best) {
-      chosen.push(i);
-      best = acc;
+  scored: (ingredients: number[]) => { soup: Soup; accuracy: number },
+  discard: (soup: Soup) => void,
+): { soup: Soup; ingredients: number[] } {
+  const [first, ...rest] = heldOut.map((acc, i) => ({ acc, i })).sort((a, b) => b.acc - a.acc || a.i - b.i);
+  if (!first) throw new Error("a greedy soup needs at least one member");
+  let best = { ...scored([first.i]), ingredients: [first.i] };
+  try {
+    for (const { i } of rest) {
+      const ingredients = [...best.ingredients, i];
+      const candidate = scored(ingredients);
+      if (candidate.accuracy > best.accuracy) {
+        discard(best.soup);
+        best = { ...candidate, ingredients };
+      } else {
+        discard(candidate.soup);
+      }
     }
+  } catch (err) {
+    discard(best.soup);
+    throw err;
   }
-  return chosen;
+  return { soup: best.soup, ingredients: best.ingredients };
 }
 
 /** The greedy soup of `members`, each candidate soup scored on the held-out split. */
@@ -56,18 +64,18 @@ export function greedySoup(
   data: Dataset,
   calibration: tf.Tensor[],
 ): { model: tf.LayersModel; ingredients: number[] } {
-  const soupOfSome = (ids: number[]) =>
-    soupOf(
-      ids.map((i) => members[i] as tf.LayersModel),
-      spec,
-      data,
-      calibration,
-    );
-  const ingredients = greedySoupIngredients(heldOutAccuracy, (ids) => {
-    const candidate = soupOfSome(ids);
-    const acc = evaluate(candidate, heldOut, data.shape);
-    candidate.dispose();
-    return acc;
-  });
-  return { model: soupOfSome(ingredients), ingredients };
+  const { soup, ingredients } = greedySoupOf(
+    heldOutAccuracy,
+    (ids) => {
+      const soup = soupOf(
+        ids.map((i) => members[i] as tf.LayersModel),
+        spec,
+        data,
+        calibration,
+      );
+      return { soup, accuracy: evaluate(soup, heldOut, data.shape) };
+    },
+    (soup) => soup.dispose(),
+  );
+  return { model: soup, ingredients };
 }
