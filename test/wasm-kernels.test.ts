@@ -1,5 +1,6 @@
 import * as tf from "@tensorflow/tfjs";
 import { beforeAll, describe, expect, it } from "vitest";
+import { reestimateBatchNorm } from "../src/ml/averaging.js";
 import { selectBackend } from "../src/ml/backend.js";
 import { buildModel } from "../src/ml/models.js";
 import { MemberOptimizer } from "../src/ml/optimizer.js";
@@ -14,6 +15,8 @@ function values(n: number, seed: number): Float32Array {
 interface Input {
   shape: number[];
   seed: number;
+  /** Added to every value (a variance must be positive). */
+  plus?: number;
 }
 
 /** Runs one kernel on a backend, from fresh inputs, and reads the result back. */
@@ -25,9 +28,12 @@ async function runOn(
 ): Promise<{ shape: number[]; data: Float32Array }> {
   await tf.setBackend(backend);
   const tensors = Object.fromEntries(
-    Object.entries(inputs).map(([name, { shape, seed }]) => [
+    Object.entries(inputs).map(([name, { shape, seed, plus = 0 }]) => [
       name,
-      tf.tensor(values(tf.util.sizeFromShape(shape), seed), shape),
+      tf.tensor(
+        values(tf.util.sizeFromShape(shape), seed).map((v) => v + plus),
+        shape,
+      ),
     ]),
   );
   const out = tf.engine().runKernel(kernel, tensors as never, attrs as never) as tf.Tensor;
@@ -240,6 +246,51 @@ describe("our wasm kernels agree with the cpu backend", () => {
       }
     },
   );
+
+  it.each([
+    [[3, 5, 5, 8], [8], true],
+    [[7, 4], [4], false], // no offset, no scale
+    [[2, 3, 8], [1, 1, 8], true],
+    // wasm's own kernel: channels not a multiple of 4, statistics not one per channel
+    [[2, 4, 4, 6], [6], true],
+    [[2, 3, 8], [1], true],
+  ])("FusedBatchNorm (inference) of %j with statistics %j, offset and scale %s", async (x, stats, affine) => {
+    await expectSameAsCpu(
+      "FusedBatchNorm",
+      {
+        x: { shape: x, seed: 27 },
+        mean: { shape: stats, seed: 28 },
+        variance: { shape: stats, seed: 29, plus: 1.5 },
+        ...(affine ? { offset: { shape: stats, seed: 30 }, scale: { shape: stats, seed: 31 } } : {}),
+      },
+      { varianceEpsilon: 1e-3 },
+    );
+  });
+
+  it("re-estimates the CNN's BatchNorm statistics as the cpu backend does, layer after layer", async () => {
+    const run = async (backend: "wasm" | "cpu") => {
+      await tf.setBackend(backend);
+      const model = buildModel({ kind: "cnn", channels: [8, 16] }, [12, 12, 1], 10, 3);
+      const batches = [0, 1].map((b) =>
+        tf.tensor4d(
+          values(5 * 144, 40 + b).map((v) => 3 + v),
+          [5, 12, 12, 1],
+        ),
+      );
+      reestimateBatchNorm(model, batches);
+      const moving = model.nonTrainableWeights.map((w) => Array.from(w.read().dataSync()));
+      tf.dispose(batches);
+      model.dispose();
+      return moving;
+    };
+    const wasm = await run("wasm");
+    const cpu = await run("cpu");
+    expect(wasm.length).toBe(4); // 2 BN (moving mean, moving variance)
+    for (const [i, want] of cpu.entries()) {
+      expect(want.some((v) => Math.abs(v) > 0.01 && Math.abs(v - 1) > 0.01)).toBe(true); // not the initial 0 and 1
+      for (const [j, v] of want.entries()) expect(wasm[i]?.[j]).toBeCloseTo(v, 4);
+    }
+  });
 
   it("shares an Identity's memory with its input, which lives until both are disposed", async () => {
     await tf.setBackend("wasm");

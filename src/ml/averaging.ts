@@ -1,4 +1,5 @@
 import * as tf from "@tensorflow/tfjs";
+import { channelSums } from "./batch-norm.js";
 import { namedWeights } from "./models.js";
 
 /** For each float weight (in `namedWeights` order), that weight of every model: [weight][model]. */
@@ -84,9 +85,9 @@ export async function pullToward(
 
 /**
  * Re-estimates every BatchNorm layer's moving mean and variance from `batches` (no augmentation),
- * layer after layer, as exact averages over all examples (not an exponential average): reset,
- * then for each layer the statistics of its input, computed with the earlier layers already
- * re-estimated. Weights other than the statistics are unchanged.
+ * layer after layer, as exact averages over all examples (not an exponential average; summed in
+ * float64, `channelSums`): reset, then for each layer the statistics of its input, computed with
+ * the earlier layers already re-estimated. Weights other than the statistics are unchanged.
  */
 export function reestimateBatchNorm(model: tf.LayersModel, batches: tf.Tensor[]): void {
   const layers = model.layers.filter((l) => l.getClassName() === "BatchNormalization");
@@ -96,24 +97,31 @@ export function reestimateBatchNorm(model: tf.LayersModel, batches: tf.Tensor[])
       tf.LayerVariable,
       tf.LayerVariable,
     ];
-    const { mean, variance } = tf.tidy(() => {
-      let sum: tf.Tensor | null = null;
-      let sumSq: tf.Tensor | null = null;
-      let n = 0;
-      for (const batch of batches) {
-        const h = probe.predict(batch) as tf.Tensor;
-        const axes = Array.from({ length: h.rank - 1 }, (_, i) => i);
-        const s = tf.sum(h, axes);
-        const sq = tf.sum(tf.square(h), axes);
-        sum = sum ? tf.add(sum, s) : s;
-        sumSq = sumSq ? tf.add(sumSq, sq) : sq;
-        n += h.size / (h.shape.at(-1) ?? 1);
+    const channels = meanVar.shape.at(-1) ?? 0;
+    const sum = new Float64Array(channels);
+    const squares = new Float64Array(channels);
+    let n = 0;
+    for (const batch of batches) {
+      const h = probe.predict(batch, { batchSize: batch.shape[0] }) as tf.Tensor;
+      let sums: ReturnType<typeof channelSums>;
+      try {
+        sums = channelSums(h);
+      } finally {
+        h.dispose();
       }
-      if (!sum || !sumSq) throw new Error("no batches to re-estimate BatchNorm statistics");
-      const m = tf.div(sum, n);
-      // E[x^2] - E[x]^2 can round below 0 for a near-constant channel: clamp, as the fused kernel does.
-      return { mean: m, variance: tf.relu(tf.sub(tf.div(sumSq, n), tf.square(m))) };
-    });
+      n += h.size / channels;
+      for (let c = 0; c < channels; c++) {
+        sum[c] = (sum[c] as number) + (sums.sum[c] as number);
+        squares[c] = (squares[c] as number) + (sums.squares[c] as number);
+      }
+    }
+    if (n === 0) throw new Error("no batches to re-estimate BatchNorm statistics");
+    const m = sum.map((s) => s / n);
+    // E[x^2] - E[x]^2 can round below 0 for a near-constant channel: clamp, as the fused kernel does.
+    const mean = tf.tensor1d(Float32Array.from(m));
+    const variance = tf.tensor1d(
+      Float32Array.from(squares, (q, c) => Math.max(0, q / n - (m[c] as number) ** 2)),
+    );
     meanVar.write(mean);
     varVar.write(variance);
     mean.dispose();

@@ -33,7 +33,9 @@ export function calibrationBatches(
 /** Class probabilities of `model` on a split, as one [count, classes] tensor. */
 function predictAll(model: tf.LayersModel, split: Split, shape: Shape): tf.Tensor2D {
   return tf.tidy(() => {
-    const parts = batchesOf(split, shape, 256).map((b) => model.predict(b) as tf.Tensor2D);
+    const parts = batchesOf(split, shape, 256).map(
+      (b) => model.predict(b, { batchSize: 256 }) as tf.Tensor2D,
+    );
     return tf.concat(parts, 0);
   });
 }

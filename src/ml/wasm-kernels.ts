@@ -1,6 +1,6 @@
 import * as tf from "@tensorflow/tfjs";
 import type { BackendWasm } from "@tensorflow/tfjs-backend-wasm";
-import { registerBatchNormKernels } from "./batch-norm.js";
+import { batchNormInferenceWith, registerBatchNormKernels } from "./batch-norm.js";
 import { SGD_STEP_KERNEL } from "./optimizer.js";
 import { type KernelCall, simdOn, windowOf } from "./simd.js";
 
@@ -396,8 +396,9 @@ let registered = false;
  * Registers our wasm kernels through TensorFlow.js's kernel registry, where the wasm backend
  * lacks one (Conv2DBackpropFilter: conv nets could not train) or where profiling a training step
  * showed it slow (BatchMatMul, Conv2DBackpropInput, Tile, leading-axis Sum and Mean,
- * MaxPoolGrad, Identity, batch normalisation's training pass: batch-norm.ts, and the SGD step,
- * eight ops where one pass does). Call after the wasm backend's package is imported; idempotent.
+ * MaxPoolGrad, Identity, batch normalisation in training and inference: batch-norm.ts, and the
+ * SGD step, eight ops where one pass does). Call after the wasm backend's package is imported;
+ * idempotent.
  */
 export function registerWasmKernels(): void {
   if (registered) return;
@@ -414,6 +415,7 @@ export function registerWasmKernels(): void {
   replace("Mean", (original) => reduceLeadingWith(original, true));
   replace("MaxPoolGrad", () => maxPoolGrad);
   replace("Identity", identityWith);
+  replace("FusedBatchNorm", batchNormInferenceWith);
   tf.registerKernel({ kernelName: SGD_STEP_KERNEL, backendName: "wasm", kernelFunc: sgdStep as never });
   tf.registerKernel({
     kernelName: "Conv2DBackpropFilter",
