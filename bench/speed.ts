@@ -9,16 +9,23 @@
  * libopenblas0-pthread (with only the reference libblas3, PyTorch's MLP step is ~17x slower).
  * Our wasm backend runs one thread (see the README), so PyTorch gets one thread too.
  *
+ * Then, ours alone, what a training's evaluation repeats: a test evaluation (inference in batches
+ * of 256) and a BatchNorm re-estimation (CALIBRATION_BATCHES batches of 128), medians of ROUNDS.
+ *
  * usage: npm run bench:speed [-- --backend wasm|cpu] [--steps N] [--rounds R] [--profile] [--models mlp,cnn]
- * --profile prints where our time goes, by kernel. Ends with one line per model:
+ * --profile prints where our time goes, by kernel. Ends with two lines per model:
  *   mlp step_ms ours=.. torch=.. ratio=..
+ *   mlp evaluate_ms_per_1k=.. reestimate_ms=..
  */
 import { execFileSync } from "node:child_process";
 import { parseArgs } from "node:util";
 import * as tf from "@tensorflow/tfjs";
+import { reestimateBatchNorm } from "../src/ml/averaging.js";
 import { type BackendName, selectBackend } from "../src/ml/backend.js";
+import { evaluate } from "../src/ml/evaluation.js";
 import { buildModel, logitsModel, type ModelSpec } from "../src/ml/models.js";
 import { MemberOptimizer } from "../src/ml/optimizer.js";
+import { CALIBRATION_BATCHES } from "../src/ml/population.js";
 import { trainStep } from "../src/ml/step.js";
 import { median } from "./stats.js";
 
@@ -39,6 +46,8 @@ const models: Record<string, ModelSpec> = {
 const BATCH = 128;
 /** Steps run before measuring: V8 moves our wasm loops to its optimising tier only after they have run a while. */
 const WARMUP = 10;
+/** Examples of a timed test evaluation. */
+const EVALUATED = 2048;
 
 const backend = await selectBackend({ forced: values.backend as BackendName });
 const threads = backend === "wasm" ? wasmThreads() : 1;
@@ -95,7 +104,24 @@ async function ours(spec: ModelSpec) {
       );
     }
   }
+  const split = {
+    x: new Float32Array(EVALUATED * 784).map((_, i) => ((i * 7919) % 256) / 255),
+    count: EVALUATED,
+  };
+  const examples = { ...split, y: new Int32Array(EVALUATED).map((_, i) => i % 10) };
+  const calibration = Array.from({ length: CALIBRATION_BATCHES }, (_, b) =>
+    tf.tensor4d(split.x.subarray(b * BATCH * 784, (b + 1) * BATCH * 784), [BATCH, 28, 28, 1]),
+  );
+  const timed = (f: () => unknown) => {
+    const start = performance.now();
+    f();
+    return performance.now() - start;
+  };
   return {
+    evaluation: () => ({
+      evaluate: (1000 * timed(() => evaluate(model, examples, [28, 28, 1]))) / EVALUATED,
+      reestimate: timed(() => reestimateBatchNorm(model, calibration)),
+    }),
     measure: () => {
       const times: number[] = [];
       for (let i = 0; i < steps; i++) {
@@ -106,6 +132,7 @@ async function ours(spec: ModelSpec) {
       return median(times);
     },
     dispose: () => {
+      tf.dispose(calibration);
       optimizer.dispose();
       model.dispose();
     },
@@ -142,10 +169,15 @@ for (const name of values.models.split(",")) {
       `${name} round ${r + 1}: ours ${oursRounds.at(-1)?.toFixed(1)} ms, torch ${torchRounds.at(-1)?.toFixed(1)} ms`,
     );
   }
+  const evaluations = Array.from({ length: ROUNDS }, () => mine.evaluation());
   mine.dispose();
   const o = median(oursRounds);
   const t = median(torchRounds);
   lines.push(`${name} step_ms ours=${o.toFixed(1)} torch=${t.toFixed(1)} ratio=${(o / t).toFixed(2)}`);
+  lines.push(
+    `${name} evaluate_ms_per_1k=${median(evaluations.map((e) => e.evaluate)).toFixed(0)} ` +
+      `reestimate_ms=${median(evaluations.map((e) => e.reestimate)).toFixed(0)}`,
+  );
 }
 console.log("");
 for (const line of lines) console.log(line);
