@@ -103,13 +103,13 @@ export function reestimateBatchNorm(model: tf.LayersModel, batches: tf.Tensor[])
     let n = 0;
     for (const batch of batches) {
       const h = probe.predict(batch, { batchSize: batch.shape[0] }) as tf.Tensor;
+      n += h.size / channels;
       let sums: ReturnType<typeof channelSums>;
       try {
         sums = channelSums(h);
       } finally {
         h.dispose();
       }
-      n += h.size / channels;
       for (let c = 0; c < channels; c++) {
         sum[c] = (sum[c] as number) + (sums.sum[c] as number);
         squares[c] = (squares[c] as number) + (sums.squares[c] as number);

@@ -29,39 +29,66 @@ function start(backend: BackendWasm, x: TensorInfo) {
   return { channels, count, rows: count / channels, outputs, simd: simdOn(backend) };
 }
 
+type Simd = ReturnType<typeof simdOn>;
+
+/**
+ * Per-channel (last axis) sums of u and of u * v, float32 tensors of one shape in the backend's
+ * memory, in float64: one SIMD pass.
+ */
+function sumsOf(simd: Simd, u: TensorInfo, v: TensorInfo): { sum: Float64Array; products: Float64Array } {
+  const channels = u.shape.at(-1) as number;
+  const rows = tf.util.sizeFromShape(u.shape) / channels;
+  return simd.withScratch(channels * 16, (at, buffer) => {
+    const sums = new Float64Array(buffer, at, 2 * channels).fill(0);
+    simd.channel_sums(simd.address(u), simd.address(v), rows, channels, at);
+    return { sum: sums.slice(0, channels), products: sums.slice(channels) };
+  });
+}
+
+/**
+ * y = gamma * (x - mean) / sqrt(variance + epsilon) + beta per channel (last axis), as one SIMD
+ * pass of y = x * scale + shift, scale and shift computed per channel. Without gamma, 1; without
+ * beta, 0.
+ */
+function normalise(
+  backend: BackendWasm,
+  simd: Simd,
+  x: TensorInfo,
+  y: TensorInfo,
+  stats: { mean: ArrayLike<number>; variance: ArrayLike<number> },
+  gamma: TensorInfo | undefined,
+  beta: TensorInfo | undefined,
+  epsilon: number,
+): void {
+  const channels = stats.mean.length;
+  simd.withScratch(channels * 8, (at, buffer) => {
+    const scale = new Float32Array(buffer, at, channels);
+    const shift = new Float32Array(buffer, at + channels * 4, channels);
+    const [g, b] = [gamma, beta].map((t) => (t ? heapOf(backend, t) : null));
+    for (let c = 0; c < channels; c++) {
+      const m = stats.mean[c] as number;
+      scale[c] = (g ? (g[c] as number) : 1) / Math.sqrt((stats.variance[c] as number) + epsilon);
+      shift[c] = (b ? (b[c] as number) : 0) - m * (scale[c] as number);
+    }
+    const count = tf.util.sizeFromShape(x.shape);
+    simd.affine(simd.address(x), simd.address(y), count, channels, at, at + channels * 4);
+  });
+}
+
 /**
  * Inputs x, gamma, beta; outputs y, mean, variance (biased, as tf.moments). Two SIMD passes:
  * the per-channel sums of x and x^2 (float64), then y = x * scale + shift.
  */
 function forward({ inputs, backend, attrs }: KernelCall): TensorInfo[] {
   const { x, gamma, beta } = inputs as { x: TensorInfo; gamma: TensorInfo; beta: TensorInfo };
-  const epsilon = attrs.epsilon as number;
-  const { channels, count, rows, outputs, simd } = start(backend, x);
+  const { rows, outputs, simd } = start(backend, x);
   const [y, mean, variance] = outputs as [TensorInfo, TensorInfo, TensorInfo];
-  const [px, py] = [simd.address(x), simd.address(y)];
-  // Scratch: the sums (float64), then scale and shift.
-  simd.withScratch(channels * 24, (at, buffer) => {
-    const [scaleAt, shiftAt] = [at + channels * 16, at + channels * 20];
-    const sums = new Float64Array(buffer, at, 2 * channels).fill(0);
-    const scale = new Float32Array(buffer, scaleAt, channels);
-    const shift = new Float32Array(buffer, shiftAt, channels);
-    simd.channel_sums(px, px, rows, channels, at);
-    const [g, b, m, v] = [gamma, beta, mean, variance].map((t) => heapOf(backend, t)) as [
-      Float32Array,
-      Float32Array,
-      Float32Array,
-      Float32Array,
-    ];
-    for (let c = 0; c < channels; c++) {
-      const mc = (sums[c] as number) / rows;
-      const vc = Math.max(0, (sums[channels + c] as number) / rows - mc * mc);
-      m[c] = mc;
-      v[c] = vc;
-      scale[c] = (g[c] as number) / Math.sqrt(vc + epsilon);
-      shift[c] = (b[c] as number) - mc * (scale[c] as number);
-    }
-    simd.affine(px, py, count, channels, scaleAt, shiftAt);
-  });
+  const { sum, products } = sumsOf(simd, x, x);
+  const m = sum.map((s) => s / rows);
+  const v = products.map((p, c) => Math.max(0, p / rows - (m[c] as number) * (m[c] as number)));
+  heapOf(backend, mean).set(m);
+  heapOf(backend, variance).set(v);
+  normalise(backend, simd, x, y, { mean: m, variance: v }, gamma, beta, attrs.epsilon as number);
   return outputs;
 }
 
@@ -77,17 +104,15 @@ function backward({ inputs, backend, attrs }: KernelCall): TensorInfo[] {
   const epsilon = attrs.epsilon as number;
   const { channels, count, rows, outputs, simd } = start(backend, x);
   const [dx, dgamma, dbeta] = outputs as [TensorInfo, TensorInfo, TensorInfo];
-  const [pdy, px, pdx] = [simd.address(dy), simd.address(x), simd.address(dx)];
-  // Scratch: the sums (float64), then the coefficients a, b and k.
-  simd.withScratch(channels * 28, (at, buffer) => {
-    const [aAt, bAt, kAt] = [at + channels * 16, at + channels * 20, at + channels * 24];
-    const sums = new Float64Array(buffer, at, 2 * channels).fill(0);
+  const sums = sumsOf(simd, dy, x);
+  // Scratch: the coefficients a, b and k.
+  simd.withScratch(channels * 12, (at, buffer) => {
+    const [aAt, bAt, kAt] = [at, at + channels * 4, at + channels * 8];
     const [a, b, k] = [aAt, bAt, kAt].map((offset) => new Float32Array(buffer, offset, channels)) as [
       Float32Array,
       Float32Array,
       Float32Array,
     ];
-    simd.channel_sums(pdy, px, rows, channels, at);
     const [gamma, mean, variance, dmean, dvariance, dg, db] = [
       inputs.gamma,
       inputs.mean,
@@ -108,15 +133,15 @@ function backward({ inputs, backend, attrs }: KernelCall): TensorInfo[] {
     for (let c = 0; c < channels; c++) {
       const m = mean[c] as number;
       const s = 1 / Math.sqrt((variance[c] as number) + epsilon);
-      const sumDy = sums[c] as number;
-      const sumDyXhat = s * ((sums[channels + c] as number) - m * sumDy);
+      const sumDy = sums.sum[c] as number;
+      const sumDyXhat = s * ((sums.products[c] as number) - m * sumDy);
       db[c] = sumDy;
       dg[c] = sumDyXhat;
       a[c] = (gamma[c] as number) * s;
       b[c] = (-(a[c] as number) * s * sumDyXhat + 2 * (dvariance[c] as number)) / rows;
       k[c] = (-(a[c] as number) * sumDy + (dmean[c] as number)) / rows - (b[c] as number) * m;
     }
-    simd.affine2(pdy, px, pdx, count, channels, aAt, bAt, kAt);
+    simd.affine2(simd.address(dy), simd.address(x), simd.address(dx), count, channels, aAt, bAt, kAt);
   });
   return outputs;
 }
@@ -147,27 +172,13 @@ export function batchNormInferenceWith(original: tf.KernelFunc) {
       [x, ...parameters].every((t) => t.dtype === "float32") &&
       parameters.every((t) => tf.util.sizeFromShape(t.shape) === channels);
     if (!ours) return original(call as never) as TensorInfo;
-    const epsilon = attrs.varianceEpsilon as number;
     const y = backend.makeOutput(x.shape, "float32");
-    const simd = simdOn(backend);
-    simd.withScratch(channels * 8, (at, buffer) => {
-      const a = new Float32Array(buffer, at, channels);
-      const b = new Float32Array(buffer, at + channels * 4, channels);
-      const [m, v] = [mean, variance].map((t) => heapOf(backend, t)) as [Float32Array, Float32Array];
-      const [o, g] = [offset, scale].map((t) => (t ? heapOf(backend, t) : null));
-      for (let c = 0; c < channels; c++) {
-        a[c] = (g ? (g[c] as number) : 1) / Math.sqrt((v[c] as number) + epsilon);
-        b[c] = (o ? (o[c] as number) : 0) - (m[c] as number) * (a[c] as number);
-      }
-      simd.affine(
-        simd.address(x),
-        simd.address(y),
-        tf.util.sizeFromShape(x.shape),
-        channels,
-        at,
-        at + channels * 4,
-      );
-    });
+    // Copies: the scratch `normalise` takes may grow (and detach) the memory under these views.
+    const stats = {
+      mean: Float32Array.from(heapOf(backend, mean)),
+      variance: Float32Array.from(heapOf(backend, variance)),
+    };
+    normalise(backend, simdOn(backend), x, y, stats, scale, offset, attrs.varianceEpsilon as number);
     return y;
   };
 }
@@ -188,13 +199,8 @@ export function channelSums(x: tf.Tensor): { sum: Float64Array; squares: Float64
       squares.dispose();
     }
   }
-  const backend = tf.backend() as BackendWasm;
-  const simd = simdOn(backend);
-  return simd.withScratch(channels * 16, (at, buffer) => {
-    const sums = new Float64Array(buffer, at, 2 * channels).fill(0);
-    simd.channel_sums(simd.address(x), simd.address(x), x.size / channels, channels, at);
-    return { sum: sums.slice(0, channels), squares: sums.slice(channels) };
-  });
+  const { sum, products } = sumsOf(simdOn(tf.backend() as BackendWasm), x, x);
+  return { sum, squares: products };
 }
 
 /** Registers both kernels on wasm and the forward kernel's gradient. Called with our wasm kernels. */

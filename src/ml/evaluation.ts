@@ -30,11 +30,14 @@ export function calibrationBatches(
   return batchesOf(take(split, drawn), shape, batchSize);
 }
 
+/** Examples a prediction takes at once. */
+const PREDICT_BATCH = 256;
+
 /** Class probabilities of `model` on a split, as one [count, classes] tensor. */
 function predictAll(model: tf.LayersModel, split: Split, shape: Shape): tf.Tensor2D {
   return tf.tidy(() => {
-    const parts = batchesOf(split, shape, 256).map(
-      (b) => model.predict(b, { batchSize: 256 }) as tf.Tensor2D,
+    const parts = batchesOf(split, shape, PREDICT_BATCH).map(
+      (b) => model.predict(b, { batchSize: PREDICT_BATCH }) as tf.Tensor2D,
     );
     return tf.concat(parts, 0);
   });
